@@ -1,0 +1,137 @@
+"""Backbone (torchvision ResNet without fc) and the IMSVD projector."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+STEMS = ("standard", "small", "small_s2")
+# blocks per stage, and whether the arch uses bottleneck blocks
+_LAYOUT = {
+    "resnet18": ((2, 2, 2, 2), False),
+    "resnet34": ((3, 4, 6, 3), False),
+    "resnet50": ((3, 4, 6, 3), True),
+    "resnet101": ((3, 4, 23, 3), True),
+}
+
+
+def build_backbone(
+    arch: str = "resnet50", zero_init_residual: bool = True, stem: str = "standard"
+) -> nn.Module:
+    """Build a torchvision ResNet whose ``fc`` is an Identity (output: pooled features).
+
+    Args:
+        arch: one of resnet18/34/50/101.
+        zero_init_residual: zero the last BN gamma of each residual block (the recipe's setting).
+        stem: "standard" (7x7/2 conv + max-pool), "small" (3x3/1 conv, no max-pool: for 28-64 px
+            images) or "small_s2" (3x3/2 conv + max-pool).
+
+    Returns:
+        The backbone; ``.num_features`` holds the output width (512 or 2048).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown backbone arch '{arch}' (choose from {', '.join(ARCHS)})")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem '{stem}' (choose from {', '.join(STEMS)})")
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    if stem != "standard":
+        stride = 1 if stem == "small" else 2
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stride, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if stem == "small":
+            net.maxpool = nn.Identity()
+    net.num_features = net.fc.in_features
+    net.fc = nn.Identity()
+    net.arch = arch
+    net.stem = stem
+    return net
+
+
+def parse_projector_spec(spec: str) -> list[int]:
+    """Parse "8192-8160" into [8192, 8160] with a clear error."""
+    try:
+        dims = [int(x) for x in str(spec).split("-")]
+    except ValueError:
+        raise ValueError(f"projector spec '{spec}' must look like '8192-8160'") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"projector spec '{spec}' must list positive widths")
+    return dims
+
+
+class Projector(nn.Sequential):
+    """MLP projector: (Linear + BatchNorm1d + ReLU) x (k-1), then Linear without bias."""
+
+    def __init__(self, in_dim: int, spec: str = "8192-8160") -> None:
+        dims = [in_dim] + parse_projector_spec(spec)
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-2], dims[1:-1]):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+        super().__init__(*layers)
+        self.in_dim = in_dim
+        self.out_dim = dims[-1]
+        self.spec = str(spec)
+
+
+class IMSVDModel(nn.Module):
+    """Backbone followed by the projector."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def build_model(model_cfg: Mapping) -> IMSVDModel:
+    """Build backbone + projector from the config's ``model`` section.
+
+    Args:
+        model_cfg: mapping with keys arch, stem, zero_init_residual, projector.
+    """
+    backbone = build_backbone(
+        model_cfg["arch"],
+        zero_init_residual=bool(model_cfg.get("zero_init_residual", True)),
+        stem=model_cfg.get("stem", "standard"),
+    )
+    projector = Projector(backbone.num_features, model_cfg["projector"])
+    return IMSVDModel(backbone, projector)
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Guess the ResNet arch of a torchvision-named backbone state_dict.
+
+    Raises:
+        ValueError: when the keys do not look like a torchvision ResNet.
+    """
+    counts = []
+    for stage in range(1, 5):
+        idx = {
+            int(k.split(".")[1])
+            for k in state_dict
+            if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()
+        }
+        counts.append(len(idx))
+    bottleneck = any(k.endswith("conv3.weight") for k in state_dict if k.startswith("layer"))
+    for arch, (layout, is_bottleneck) in _LAYOUT.items():
+        if tuple(counts) == layout and bottleneck == is_bottleneck:
+            return arch
+    sample = ", ".join(list(state_dict)[:5])
+    raise ValueError(
+        f"state_dict is not a torchvision ResNet-18/34/50/101 backbone (blocks per stage "
+        f"{counts}, bottleneck={bottleneck}; first keys: {sample})"
+    )
+
+
+def infer_stem(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Guess the stem from conv1's kernel (3x3 -> "small"; the max-pool is not visible)."""
+    w = state_dict.get("conv1.weight")
+    if w is None:
+        raise ValueError("state_dict has no 'conv1.weight': not a torchvision ResNet backbone")
+    return "standard" if w.shape[-1] == 7 else "small"
