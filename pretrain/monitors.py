@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from pretrain.loss import soft_discretize
 
 __all__ = [
     "soft_codes",
@@ -31,31 +32,22 @@ __all__ = [
 ]
 
 
-def soft_codes(
-    z: torch.Tensor, bin_size: int, temperature: float = 1.0, eps: float = 1e-8
-) -> torch.Tensor:
-    """Soft discretisation: per-variable softmax of the projector output, in fp32.
+def soft_codes(z: torch.Tensor, bin_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Soft discretisation of the loss (per-variable softmax, clamp 1e-8), shaped (N, M, B).
 
     Args:
         z: projector output, shape (N, D) with D divisible by ``bin_size``.
         bin_size: units per variable (B).
         temperature: softmax temperature (the loss's ``temperature``).
-        eps: lower clamp, as in the loss (keeps logs finite).
 
     Returns:
-        q of shape (N, M, B); each q[i, m, :] sums to ~1.
+        q of shape (N, M, B), fp32 (fp64 for fp64 input); each q[i, m, :] sums to ~1.
     """
     if z.dim() != 2:
         raise ValueError(f"soft_codes expects z of shape (N, D), got {tuple(z.shape)}")
-    if bin_size <= 0 or z.shape[1] % bin_size != 0:
-        raise ValueError(
-            f"embedding width {z.shape[1]} is not a multiple of bin_size={bin_size}: "
-            "check bin_size against the projector spec"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    q = F.softmax(z.float().reshape(z.shape[0], -1, bin_size) / temperature, dim=-1)
-    return q.clamp_min(eps)
+    if bin_size <= 0 or temperature <= 0:
+        raise ValueError(f"bin_size={bin_size} and temperature={temperature} must be positive")
+    return soft_discretize(z, bin_size, temperature).reshape(z.shape[0], -1, bin_size)
 
 
 def onehot_rate(q: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
