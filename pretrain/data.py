@@ -17,10 +17,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pretrain.transforms import (
+    AugmentConfig,
+    device_augment,
+    fast_crops,
+    params_to_tensors,
+    reference_two_views,
+    sample_two_views,
+)
 
 logger = logging.getLogger("imsvd.data")
 
@@ -239,3 +250,349 @@ def build_image_dataset(
         raise DataError("build_image_dataset needs data root (ImageFolder tree) or a list_file")
     samples, classes = scan_image_folder(str(root))
     return ImageDataset(samples, transform=transform, strict=strict, classes=classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic images (smoke runs, throughput benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+class SyntheticImages:
+    """Random textured RGB images, a pure function of the index (labels: index % num_classes).
+
+    Args:
+        length: number of samples.
+        size: side of the square images.
+        num_classes: number of labels.
+    """
+
+    def __init__(self, length: int = 1024, size: int = 64, num_classes: int = 10) -> None:
+        if length < 1 or size < 1:
+            raise DataError(f"synthetic data needs length >= 1 and size >= 1, got {length}, {size}")
+        self.length, self.size, self.num_classes = int(length), int(size), int(num_classes)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def label(self, index: int) -> int:
+        """Label of sample ``index``."""
+        return index % self.num_classes
+
+    def image(self, index: int) -> Image.Image:
+        """The RGB image of sample ``index``."""
+        rng = np.random.default_rng([index, 0x5E7])
+        coarse = max(2, self.size // 8)
+        base = Image.fromarray(rng.integers(0, 256, (coarse, coarse, 3), dtype=np.uint8))
+        img = np.asarray(base.resize((self.size, self.size), Image.BILINEAR), dtype=np.int16)
+        noise = rng.integers(-24, 25, img.shape, dtype=np.int16)
+        return Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# Two-view pretraining dataset and loader
+# --------------------------------------------------------------------------------------------
+
+DATA_CFG_DEFAULTS: Dict[str, Any] = {
+    "kind": "imagefolder",  # imagefolder | list | synthetic
+    "root": None,
+    "list_file": None,
+    "image_size": 224,
+    "crop_scale": [0.08, 1.0],
+    "interpolation": "bicubic",  # the reference code's RandomResizedCrop interpolation
+    "pipeline": "fast",  # fast | pil
+    "num_workers": 8,
+    "strict": False,
+    "synthetic_size": 64,
+    "synthetic_length": 1024,
+    "pin_memory": True,
+    "channels_last": False,
+    "blur_prob": [1.0, 0.1],
+    "solarize_prob": [0.0, 0.2],
+}
+
+
+class TwoViewDataset(Dataset):
+    """Both views of a sample; indexed by (epoch, index) so augmentations are pure functions of
+    (seed, epoch, index) whatever process computes them.
+
+    Items are dicts; an unreadable image yields None (non-strict), dropped by the collate.
+    """
+
+    def __init__(self, source: Any, cfg: AugmentConfig, seed: int, pipeline: str) -> None:
+        if pipeline not in ("fast", "pil"):
+            raise DataError(f"data.pipeline={pipeline!r}: expected 'fast' or 'pil'")
+        self.source, self.cfg, self.seed, self.pipeline = source, cfg, int(seed), pipeline
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _open(self, index: int) -> Tuple[Optional[Image.Image], int]:
+        src = self.source
+        if isinstance(src, SyntheticImages):
+            return src.image(index), src.label(index)
+        path, label = src.samples[index]
+        try:
+            # Lazy open: the fast pipeline may still choose a reduced JPEG decoding scale.
+            img = Image.open(path)
+            if self.pipeline == "pil":
+                with img:
+                    img = _load_opened(img)
+            return img, label
+        except _DECODE_ERRORS as exc:
+            err = CorruptImageError(f"cannot read image {path!r}: {exc}")
+            if src.strict:
+                raise err from exc
+            src.note_bad(index, err)
+            return None, label
+
+    def __getitem__(self, key: Tuple[int, int]) -> Optional[Dict[str, Any]]:
+        epoch, index = key
+        img, label = self._open(index)
+        if img is None:
+            return None
+        w, h = img.size
+        params = sample_two_views(self.seed, epoch, index, w, h, self.cfg)
+        try:
+            if self.pipeline == "pil":
+                v1, v2 = reference_two_views(img, params, self.cfg)
+            else:
+                a1, a2 = fast_crops(img, params, self.cfg)
+                v1, v2 = torch.from_numpy(a1.copy()), torch.from_numpy(a2.copy())
+        except _DECODE_ERRORS as exc:  # truncated data surfaces at decode time
+            if isinstance(self.source, SyntheticImages):
+                raise
+            path = self.source.samples[index][0]
+            err = CorruptImageError(f"cannot read image {path!r}: {exc}")
+            if self.source.strict:
+                raise err from exc
+            self.source.note_bad(index, err)
+            return None
+        finally:
+            if hasattr(img, "close"):
+                img.close()
+        return {"view1": v1, "view2": v2, "params": params, "index": index, "label": label}
+
+
+def _load_opened(img: Image.Image) -> Image.Image:
+    img.load()
+    return img.convert("RGB")
+
+
+def collate_two_views(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Stack the readable items of a batch; ``skipped`` counts the unreadable ones.
+
+    Returns:
+        dict with view1, view2 (uint8 (N,H,W,3) for the fast pipeline, normalised float
+        (N,3,H,W) for the pil one), params1/params2 (device-stage tensors), index, label,
+        skipped. N may be 0.
+    """
+    good = [it for it in items if it is not None]
+    batch: Dict[str, Any] = {"skipped": len(items) - len(good), "size": len(good)}
+    if not good:
+        return batch
+    batch["view1"] = torch.stack([it["view1"] for it in good])
+    batch["view2"] = torch.stack([it["view2"] for it in good])
+    batch["params1"] = params_to_tensors([it["params"][0] for it in good])
+    batch["params2"] = params_to_tensors([it["params"][1] for it in good])
+    batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.int64)
+    batch["label"] = torch.tensor([it["label"] for it in good], dtype=torch.int64)
+    return batch
+
+
+class EpochBatchSampler(Sampler):
+    """Per-rank batches of (epoch, index) keys for one epoch.
+
+    The epoch's permutation is a pure function of (seed, epoch); it is cut to a multiple of
+    world_size * batch_size (drop_last), rank r takes every world_size-th index, and the first
+    ``start_iter`` batches are skipped without being touched.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True
+    ) -> None:
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle = int(seed), shuffle
+        self.epoch, self.start_iter = 0, 0
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size) - self.start_iter
+
+    def num_batches(self) -> int:
+        """Batches per epoch (full epoch, ignoring start_iter)."""
+        return self.n // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & (2**63 - 1))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.num_batches() * self.batch_size
+        mine = order[: per_rank * self.world_size][self.rank :: self.world_size]
+        for b in range(self.start_iter, self.num_batches()):
+            chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(self.epoch, i) for i in chunk]
+
+
+class PretrainLoader:
+    """Two-view batches for one rank; see :func:`build_pretrain_loader`.
+
+    Attributes:
+        skipped: unreadable images met so far (as reported by the batches).
+        dataset: the :class:`TwoViewDataset`.
+        aug: the :class:`AugmentConfig`.
+    """
+
+    def __init__(
+        self,
+        dataset: TwoViewDataset,
+        sampler: EpochBatchSampler,
+        num_workers: int,
+        pin_memory: bool,
+        channels_last: bool,
+    ) -> None:
+        self.dataset, self.sampler = dataset, sampler
+        self.aug = dataset.cfg
+        self.num_workers, self.pin_memory, self.channels_last = (
+            num_workers,
+            pin_memory,
+            channels_last,
+        )
+        self.skipped = 0
+        self._since_last = 0
+
+    def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
+        """Select the epoch; skip its first ``start_iter`` batches (resume) without decoding."""
+        if not 0 <= start_iter <= self.sampler.num_batches():
+            raise DataError(
+                f"start_iter={start_iter} outside [0, {self.sampler.num_batches()}] batches/epoch"
+            )
+        self.sampler.epoch, self.sampler.start_iter = int(epoch), int(start_iter)
+
+    def __len__(self) -> int:
+        """Batches per (full) epoch, drop_last."""
+        return self.sampler.num_batches()
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_two_views,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+        for batch in loader:
+            self.skipped += batch["skipped"]
+            self._since_last += batch["skipped"]
+            if batch["size"] == 0:
+                logger.warning("skipping a batch whose images were all unreadable")
+                continue
+            yield batch
+
+    def pop_skipped(self) -> int:
+        """Unreadable images since the previous call (for logging)."""
+        n, self._since_last = self._since_last, 0
+        return n
+
+    def prepare(
+        self, batch: Dict[str, Any], device: Union[str, torch.device]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Finish both views on ``device``: normalised float32 (N, 3, S, S) each.
+
+        Args:
+            batch: a batch from iterating this loader.
+            device: where the model runs; the fast pipeline's colour ops run there.
+        Returns:
+            (x1, x2), channels_last if data.channels_last.
+        """
+        device = torch.device(device)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.dataset.pipeline == "pil":
+            return tuple(  # type: ignore[return-value]
+                batch[k].to(device, non_blocking=True).contiguous(memory_format=fmt)
+                for k in ("view1", "view2")
+            )
+        out = []
+        for k in ("1", "2"):
+            views = batch["view" + k].to(device, non_blocking=True)
+            out.append(
+                device_augment(
+                    views, batch["params" + k], self.aug, channels_last=self.channels_last
+                )
+            )
+        return out[0], out[1]
+
+
+def _pair(cfg: Dict[str, Any], key: str) -> Tuple[float, float]:
+    v = cfg[key]
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise DataError(f"data.{key}={v!r}: expected a list of two numbers")
+    return float(v[0]), float(v[1])
+
+
+def build_pretrain_loader(
+    data_cfg: Dict[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    batch_size_per_rank: int,
+    device: Union[str, torch.device] = "cpu",
+) -> PretrainLoader:
+    """Build the two-view pretraining loader of one rank.
+
+    Args:
+        data_cfg: the ``data`` section (keys of DATA_CFG_DEFAULTS; missing keys take defaults,
+            unknown keys are an error).
+        rank, world_size: this process's shard of each epoch.
+        seed: global seed; augmentations and shuffling are functions of (seed, epoch, index).
+        batch_size_per_rank: images per batch on this rank (drop_last).
+        device: training device (kept for symmetry with prepare(); pinning needs CUDA).
+    Returns:
+        A :class:`PretrainLoader`.
+    Raises:
+        DataError: unknown key, bad value, missing data.
+    """
+    unknown = sorted(set(data_cfg) - set(DATA_CFG_DEFAULTS))
+    if unknown:
+        raise DataError(f"unknown data config key(s) {unknown}; known: {sorted(DATA_CFG_DEFAULTS)}")
+    cfg = {**DATA_CFG_DEFAULTS, **data_cfg}
+    kind = cfg["kind"]
+    if kind == "synthetic":
+        source: Any = SyntheticImages(int(cfg["synthetic_length"]), int(cfg["synthetic_size"]))
+    elif kind == "imagefolder":
+        source = build_image_dataset(root=cfg["root"], strict=bool(cfg["strict"]))
+    elif kind == "list":
+        if not cfg["list_file"]:
+            raise DataError("data.kind='list' needs data.list_file")
+        source = build_image_dataset(
+            root=cfg["root"], list_file=cfg["list_file"], strict=bool(cfg["strict"])
+        )
+    else:
+        raise DataError(f"data.kind={kind!r}: expected imagefolder, list or synthetic")
+    try:
+        aug = AugmentConfig(
+            size=int(cfg["image_size"]),
+            scale=_pair(cfg, "crop_scale"),
+            interpolation=str(cfg["interpolation"]),
+            blur_prob=_pair(cfg, "blur_prob"),
+            solarize_prob=_pair(cfg, "solarize_prob"),
+        )
+    except ValueError as exc:
+        raise DataError(f"data config: {exc}") from exc
+    if batch_size_per_rank < 1 or not 0 <= rank < world_size:
+        raise DataError(f"bad batch_size_per_rank={batch_size_per_rank} / rank={rank}/{world_size}")
+    if len(source) < batch_size_per_rank * world_size:
+        raise DataError(
+            f"dataset has {len(source)} images, fewer than one global batch "
+            f"({batch_size_per_rank} x {world_size})"
+        )
+    dataset = TwoViewDataset(source, aug, seed, str(cfg["pipeline"]))
+    sampler = EpochBatchSampler(len(source), batch_size_per_rank, rank, world_size, seed)
+    return PretrainLoader(
+        dataset,
+        sampler,
+        num_workers=int(cfg["num_workers"]),
+        pin_memory=bool(cfg["pin_memory"]) and torch.device(device).type == "cuda",
+        channels_last=bool(cfg["channels_last"]),
+    )
