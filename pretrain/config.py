@@ -91,6 +91,12 @@ def _merge(schema: dict, base: dict, update: Mapping, source: str, prefix: str =
                 )
             out[key] = _merge(default, out.get(key, {}), value, source, prefix=f"{dotted}.")
             continue
+        if isinstance(default, float) and not isinstance(default, bool) and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the float it means
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(default, value):
             raise ConfigError(
                 f"config key '{dotted}' in {source} expects {type(default).__name__} "

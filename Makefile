@@ -1,0 +1,18 @@
+# The two set-up commands of the README; each installs what it needs first.
+.PHONY: demo test setup lint smoke
+
+setup:
+	bash tools/setup_env.sh
+
+demo: setup
+	.venv/bin/python tools/demo.py
+
+test: setup
+	.venv/bin/python -m pytest -q -ra
+
+smoke: setup
+	bash tools/pretrain.sh configs/pretrain/imsvd_smoke.yaml
+
+lint: setup
+	.venv/bin/python -m flake8 pretrain transfer tools tests benchmarks
+	.venv/bin/python -m isort --check-only pretrain transfer tools tests benchmarks

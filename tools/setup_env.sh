@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install everything the toolkit, its tests and its demo need:
+# torch/torchvision (pinned), the package with its dev extras, and Detectron2 (pure-Python build,
+# cached wheel; skipped when a working Detectron2 is already installed).
+# Re-running is cheap: a stamp keyed on setup.cfg and the Detectron2 recipe skips finished work.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+PY_BOOT=${PYTHON_BOOTSTRAP:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY_BOOT --version)"
+  "$PY_BOOT" -m venv .venv
+fi
+stamp=".venv/.imsvd-setup-$(cat setup.cfg pyproject.toml tools/install_detectron2.py | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, torchvision" || { echo "[setup] torch install failed" >&2; exit 1; }
+echo "[setup] installing the imsvd package (editable) with dev extras"
+.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import pretrain, transfer, sklearn, yaml" || { echo "[setup] package install failed" >&2; exit 1; }
+echo "[setup] Detectron2"
+.venv/bin/python tools/install_detectron2.py --python .venv/bin/python
+rm -f .venv/.imsvd-setup-*
+touch "$stamp"
+echo "[setup] done"
