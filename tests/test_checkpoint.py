@@ -1,0 +1,545 @@
+"""Checkpoint artifacts: round trips, hashes, atomic writes, RNG streams and foreign formats."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import pretrain.checkpoint as ckpt
+from pretrain.checkpoint import CheckpointError
+from pretrain.model import IMSVDModel, Projector, build_backbone
+
+CONFIG = {"model": {"arch": "resnet18", "stem": "small", "projector": "64-32"}, "seed": 0}
+
+
+def _tiny_model(spec: str = "64-32", stem: str = "small") -> IMSVDModel:
+    return IMSVDModel(build_backbone("resnet18", stem=stem), Projector(512, spec))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def tv18() -> "OrderedDict[str, torch.Tensor]":
+    """A torchvision ResNet-18 state_dict with fc and non-trivial BN statistics."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    sd = net.state_dict()
+    for k, v in sd.items():
+        if k.endswith("running_mean"):
+            v.normal_()
+        elif k.endswith("num_batches_tracked"):
+            v.fill_(7)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny IMSVD model after one fp16-scaler-style SGD step, with its optimizer and scaler."""
+    torch.manual_seed(1)
+    model = _tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+    loss = model(torch.randn(4, 3, 16, 16)).pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return model, opt, scaler
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_save_roundtrip_weights_only(tmp_path: Path) -> None:
+    obj = {"a": torch.arange(5), "b": [1, 2.5, None, "x"], "c": {"d": True}}
+    p = ckpt.atomic_torch_save(obj, tmp_path / "sub" / "x.pth")
+    back = torch.load(p, weights_only=True)
+    assert torch.equal(back["a"], obj["a"]) and back["b"] == obj["b"] and back["c"] == obj["c"]
+    assert [f.name for f in p.parent.iterdir()] == ["x.pth"]
+
+
+def test_atomic_save_failure_keeps_previous_file(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "state.pth"
+    ckpt.atomic_torch_save({"v": torch.tensor([1.0])}, target)
+    before = target.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial garbage")  # a write that dies half way (disk full, killed, ...)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.atomic_torch_save({"v": torch.tensor([2.0])}, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["state.pth"]  # temp file cleaned up
+    assert torch.equal(torch.load(target, weights_only=True)["v"], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"x": np.zeros(3)}, "['x']"),
+        ({"lr": np.float64(0.1)}, "['lr']"),
+        ({"groups": [{"params": [0], "filter": len}]}, "['groups'][0]['filter']"),
+    ],
+)
+def test_atomic_save_rejects_objects_weights_only_cannot_load(tmp_path, bad, where) -> None:
+    target = tmp_path / "s.pth"
+    ckpt.atomic_torch_save({"ok": 1}, target)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.atomic_torch_save(bad, target)
+    assert where in str(e.value) and "weights_only" in str(e.value)
+    assert torch.load(target, weights_only=True) == {"ok": 1}
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def test_training_state_roundtrip(tmp_path: Path, trained) -> None:
+    model, opt, scaler = trained
+    path = tmp_path / ckpt.checkpoint_name(3, 120)
+    ckpt.save_training_state(
+        path,
+        model=nn.DataParallel(model),  # wrapper must be removed from the key names
+        optimizer=opt,
+        scaler=scaler,
+        epoch=3,
+        step=120,
+        step_in_epoch=20,
+        config=CONFIG,
+        extra={"meter": 1.5},
+    )
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "imsvd-train-state" and raw["format_version"] == 1
+    assert (raw["arch"], raw["stem"]) == ("resnet18", "small")
+    assert (raw["epoch"], raw["step"], raw["step_in_epoch"]) == (3, 120, 20)
+    assert raw["config"] == CONFIG and raw["extra"] == {"meter": 1.5}
+    assert raw["torch_version"] == torch.__version__ and raw["created"].endswith("Z")
+    assert all(k.startswith(("backbone.", "projector.")) for k in raw["model"])
+    _assert_same(raw["model"], model.state_dict())
+    assert raw["scaler"]["scale"] == scaler.get_scale()
+
+    state = ckpt.load_training_state(path)
+    torch.manual_seed(5)
+    model2 = _tiny_model()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler2 = torch.amp.GradScaler("cpu")
+    pos = ckpt.restore_training_state(state, model=model2, optimizer=opt2, scaler=scaler2)
+    assert pos == {"epoch": 3, "step": 120, "step_in_epoch": 20}
+    _assert_same(model2.state_dict(), model.state_dict())
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for i in s1["state"]:
+        assert torch.equal(s1["state"][i]["momentum_buffer"], s2["state"][i]["momentum_buffer"])
+    assert scaler2.get_scale() == scaler.get_scale()
+
+
+def test_restore_names_mismatched_keys(tmp_path: Path, trained) -> None:
+    model, opt, scaler = trained
+    path = tmp_path / "c.pth"
+    ckpt.save_training_state(
+        path,
+        model=model,
+        optimizer=opt,
+        scaler=None,
+        epoch=0,
+        step=1,
+        step_in_epoch=1,
+        config=CONFIG,
+    )
+    state = ckpt.load_training_state(path)
+    assert state["scaler"] is None
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore_training_state(state, model=_tiny_model(spec="64-16"))
+    assert "projector.3.weight: (32, 64) vs expected (16, 64)" in str(e.value)
+    deeper = _tiny_model(spec="64-64-32")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore_training_state(state, model=deeper)
+    assert "missing keys" in str(e.value) and "projector.6.weight" in str(e.value)
+    other_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(CheckpointError, match="optimizer state does not match"):
+        ckpt.restore_training_state(state, model=_tiny_model(), optimizer=other_opt)
+
+
+def test_save_training_state_rejects_non_imsvd_model(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="backbone.\\* and projector"):
+        ckpt.save_training_state(
+            tmp_path / "x.pth",
+            model=nn.Linear(2, 2),
+            optimizer=None,
+            scaler=None,
+            epoch=0,
+            step=0,
+            step_in_epoch=0,
+            config=CONFIG,
+        )
+
+
+def test_load_training_state_errors(tmp_path: Path, trained) -> None:
+    model = trained[0]
+    path = tmp_path / "c.pth"
+    ckpt.save_training_state(
+        path,
+        model=model,
+        optimizer=None,
+        scaler=None,
+        epoch=0,
+        step=0,
+        step_in_epoch=0,
+        config=CONFIG,
+    )
+    raw = torch.load(path, weights_only=True)
+    raw["format_version"] = 99
+    torch.save(raw, tmp_path / "newer.pth")
+    with pytest.raises(CheckpointError, match="version 99 was written by a newer"):
+        ckpt.load_training_state(tmp_path / "newer.pth")
+    raw["format_version"] = 1
+    del raw["rng"]
+    torch.save(raw, tmp_path / "norng.pth")
+    with pytest.raises(CheckpointError, match=r"lacks required field\(s\) \['rng'\]"):
+        ckpt.load_training_state(tmp_path / "norng.pth")
+    ckpt.export_backbone(
+        tmp_path / "bb.pth",
+        model.backbone.state_dict(),
+        arch="resnet18",
+        stem="small",
+        epoch=1,
+        config=CONFIG,
+    )
+    with pytest.raises(CheckpointError, match="exported backbone"):
+        ckpt.load_training_state(tmp_path / "bb.pth")
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _draw() -> tuple:
+    return (
+        torch.rand(5),
+        torch.randn(3),
+        np.random.rand(4),
+        np.random.randn(3),  # odd count leaves a cached gaussian in numpy's state
+        [random.random() for _ in range(3)],
+        random.gauss(0, 1),
+    )
+
+
+def _same_draws(a: tuple, b: tuple) -> bool:
+    return (
+        torch.equal(a[0], b[0])
+        and torch.equal(a[1], b[1])
+        and np.array_equal(a[2], b[2])
+        and np.array_equal(a[3], b[3])
+        and a[4] == b[4]
+        and a[5] == b[5]
+    )
+
+
+def test_rng_capture_restore_reproduces_streams(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    np.random.randn(1)  # cached gaussian present at capture time
+    random.gauss(0, 1)
+    state = ckpt.capture_rng_state()
+    first = _draw()
+    ckpt.atomic_torch_save({"rng": state}, tmp_path / "rng.pth")
+    loaded = torch.load(tmp_path / "rng.pth", weights_only=True)["rng"]
+    assert not _same_draws(first, _draw())  # the streams really moved on
+    ckpt.restore_rng_state(loaded)
+    assert _same_draws(first, _draw())
+
+
+def test_rng_state_for_rank() -> None:
+    a, b = {"torch": 1}, {"torch": 2}
+    assert ckpt.rng_state_for_rank({"rng": a, "rng_per_rank": [a, b]}, 1, 2) is b
+    assert ckpt.rng_state_for_rank({"rng": a}, 0, 1) is a
+    assert ckpt.rng_state_for_rank({"rng": a}, 1, 2) is None  # do not clone rank 0's streams
+    with pytest.raises(CheckpointError, match="invalid RNG state"):
+        ckpt.restore_rng_state({"torch": torch.get_rng_state()})
+
+
+# --------------------------------------------------------------------------- exported backbone
+
+
+def test_export_backbone_roundtrip_and_hash(tmp_path: Path, trained) -> None:
+    backbone = trained[0].backbone
+    path = tmp_path / "backbone.pth"
+    digest = ckpt.export_backbone(
+        path, backbone.state_dict(), arch="resnet18", stem="small_s2", epoch=7, config=CONFIG
+    )
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "imsvd-backbone" and raw["format_version"] == 1
+    assert raw["sha256"] == digest == ckpt.tensor_sha256(backbone.state_dict())
+    assert raw["hash_scheme"] == "imsvd-tensor-sha256-v1" and raw["config"] == CONFIG
+    assert not any(k.startswith("fc.") for k in raw["state_dict"])
+    sd, meta = ckpt.load_backbone(path)
+    _assert_same(sd, backbone.state_dict())
+    assert meta["source_format"] == "imsvd-backbone"
+    assert (meta["arch"], meta["stem"], meta["epoch"]) == ("resnet18", "small_s2", 7)
+    assert meta["stem_source"] == "metadata" and meta["sha256"] == digest
+
+    raw["state_dict"]["layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    torch.save(raw, tmp_path / "tampered.pth")
+    with pytest.raises(CheckpointError, match="content hash mismatch"):
+        ckpt.load_backbone(tmp_path / "tampered.pth")
+    _, meta2 = ckpt.load_backbone(tmp_path / "tampered.pth", verify_hash=False)
+    assert meta2["sha256"] != digest
+
+
+def test_tensor_hash_definition() -> None:
+    import hashlib
+
+    sd = {"b": torch.tensor([1.0, 2.0]), "a": torch.tensor(3, dtype=torch.int64)}
+    h = hashlib.sha256()
+    h.update(b"a\0int64\0\0" + (3).to_bytes(8, "little"))
+    h.update(b"b\0float32\0" + b"2\0" + np.array([1.0, 2.0], "<f4").tobytes())
+    assert ckpt.tensor_sha256(sd) == h.hexdigest()
+    assert ckpt.tensor_sha256({"b": sd["b"].double(), "a": sd["a"]}) != h.hexdigest()
+
+
+def test_export_rejects_wrong_keys(tmp_path: Path, tv18) -> None:
+    with pytest.raises(CheckpointError) as e:
+        ckpt.export_backbone(
+            tmp_path / "x.pth", tv18, arch="resnet18", stem="standard", epoch=0, config=None
+        )
+    assert "unexpected keys (2): fc.bias, fc.weight" in str(e.value)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_load_backbone_from_training_state(tmp_path: Path, trained) -> None:
+    model, opt, scaler = trained
+    path = tmp_path / ckpt.checkpoint_name(1, 10)
+    ckpt.save_training_state(
+        path,
+        model=model,
+        optimizer=opt,
+        scaler=scaler,
+        epoch=1,
+        step=10,
+        step_in_epoch=0,
+        config=CONFIG,
+    )
+    sd, meta = ckpt.load_backbone(path)
+    _assert_same(sd, model.backbone.state_dict())
+    assert meta["source_format"] == "imsvd-train-state"
+    assert (meta["arch"], meta["stem"], meta["epoch"], meta["step"]) == ("resnet18", "small", 1, 10)
+    assert meta["config"] == CONFIG
+
+
+# --------------------------------------------------------------------------- foreign formats
+
+
+def _no_fc(sd):
+    return OrderedDict((k, v) for k, v in sd.items() if not k.startswith("fc."))
+
+
+def _foreign(kind: str, tv: "OrderedDict[str, torch.Tensor]") -> object:
+    bb = _no_fc(tv)
+    proj = Projector(512, "64-32").state_dict()
+    if kind == "reference-model":
+        model = {f"module.backbone.{k}": v for k, v in bb.items()}
+        model.update({f"module.projector.{k}": v for k, v in proj.items()})
+        return {"epoch": 5, "model": model, "optimizer": {"state": {}, "param_groups": []}}
+    if kind in ("reference-final", "vicreg"):
+        return dict(bb)
+    if kind == "supervised":
+        return dict(tv)
+    if kind == "ddp-bare":
+        return {f"module.{k}": v for k, v in bb.items()}
+    if kind in ("moco-v1", "moco-v2"):
+        if kind == "moco-v1":
+            head = {"fc.weight": torch.randn(128, 512), "fc.bias": torch.randn(128)}
+        else:
+            head = {
+                "fc.0.weight": torch.randn(512, 512),
+                "fc.0.bias": torch.randn(512),
+                "fc.2.weight": torch.randn(128, 512),
+                "fc.2.bias": torch.randn(128),
+            }
+        sd = {}
+        for enc in ("encoder_q", "encoder_k"):
+            sd.update({f"module.{enc}.{k}": v.clone() for k, v in bb.items()})
+            sd.update({f"module.{enc}.{k}": v.clone() for k, v in head.items()})
+        sd["module.encoder_k.conv1.weight"] += 1.0  # key encoder differs: must not be read
+        sd["module.queue"] = torch.randn(128, 16)
+        sd["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+        return {"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, source, epoch, note",
+    [
+        ("reference-model", "imsvd-reference-model", 5, "module."),
+        ("reference-final", "torchvision-state-dict", None, None),
+        ("vicreg", "torchvision-state-dict", None, None),
+        ("supervised", "torchvision-state-dict", None, "classifier (fc.weight, fc.bias)"),
+        ("ddp-bare", "torchvision-state-dict", None, "module."),
+        ("moco-v1", "moco", 200, "projection head (fc.weight, fc.bias)"),
+        ("moco-v2", "moco", 200, "fc.0.weight, fc.0.bias, fc.2.weight, fc.2.bias"),
+    ],
+)
+def test_load_backbone_foreign(tmp_path: Path, tv18, kind, source, epoch, note) -> None:
+    path = tmp_path / "weights.pth"  # same file name for every kind: detection is by content
+    torch.save(_foreign(kind, tv18), path)
+    sd, meta = ckpt.load_backbone(path)
+    _assert_same(sd, _no_fc(tv18))
+    assert meta["source_format"] == source and meta["epoch"] == epoch
+    assert (meta["arch"], meta["stem"], meta["stem_source"]) == ("resnet18", "standard", "inferred")
+    if note:
+        assert any(note in n for n in meta["notes"]), meta["notes"]
+    net = build_backbone("resnet18")
+    net.load_state_dict(sd, strict=True)
+
+
+def test_load_backbone_resnet50_keysets(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        ref = torchvision.models.resnet50(weights=None).state_dict()
+    full = OrderedDict((k, torch.zeros(v.shape, dtype=v.dtype)) for k, v in ref.items())
+    torch.save(full, tmp_path / "r50.pth")
+    sd, meta = ckpt.load_backbone(tmp_path / "r50.pth")
+    assert meta["arch"] == "resnet50" and set(sd) == set(_no_fc(ref))
+    # pre-2018 torchvision files lack num_batches_tracked: filled so strict loading works
+    old = OrderedDict((k, v) for k, v in full.items() if not k.endswith("num_batches_tracked"))
+    torch.save(old, tmp_path / "r50_old.pth")
+    sd, meta = ckpt.load_backbone(tmp_path / "r50_old.pth")
+    assert set(sd) == set(_no_fc(ref))
+    assert any("filled 53" in n for n in meta["notes"]), meta["notes"]
+    with torch.device("meta"):
+        build_backbone("resnet50").load_state_dict(sd, strict=True, assign=True)
+
+
+def test_load_backbone_key_mismatch_is_named(tmp_path: Path, tv18) -> None:
+    bad = _no_fc(tv18)
+    del bad["layer4.1.bn2.weight"]
+    bad["layer4.1.extra.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_backbone(tmp_path / "bad.pth")
+    msg = str(e.value)
+    assert "missing keys (1): layer4.1.bn2.weight" in msg
+    assert "unexpected keys (1): layer4.1.extra.weight" in msg and "resnet18" in msg
+
+
+def test_pickled_objects_refused_unless_allowed(tmp_path: Path, tv18) -> None:
+    path = tmp_path / "with_args.pth"
+    torch.save({"state_dict": _no_fc(tv18), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_backbone(path)
+    assert "argparse.Namespace" in str(e.value) and "allow_unsafe=True" in str(e.value)
+    sd, meta = ckpt.load_backbone(path, allow_unsafe=True)
+    _assert_same(sd, _no_fc(tv18))
+    assert any("'state_dict' entry" in n for n in meta["notes"])
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"hello, this is not a checkpoint", "not a readable PyTorch checkpoint"),
+        (b"", "is empty"),
+        ([1, 2, 3], "object of type list"),
+        ({"weights": {"w": torch.zeros(2)}, "step": 3}, "top-level keys ['weights', 'step']"),
+        ({"encoder.0.weight": torch.zeros(2)}, "a dict of 1 tensors, e.g. ['encoder.0.weight']"),
+        ({"format": "imsvd-something", "format_version": 1}, "unknown checkpoint format"),
+    ],
+)
+def test_unrecognised_files_give_clear_errors(tmp_path: Path, content, needle) -> None:
+    path = tmp_path / "thing.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_backbone(path)
+    msg = str(e.value)
+    assert needle in msg and str(path) in msg
+    if not isinstance(content, bytes) and "format" not in content:
+        assert "Accepted inputs" in msg and "MoCo" in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        ckpt.load_backbone(tmp_path / "nope.pth")
+
+
+# --------------------------------------------------------------------------- projector
+
+
+def test_load_projector(tmp_path: Path, trained, tv18) -> None:
+    model = trained[0]
+    path = tmp_path / "state.pth"
+    ckpt.save_training_state(
+        path,
+        model=model,
+        optimizer=None,
+        scaler=None,
+        epoch=2,
+        step=5,
+        step_in_epoch=0,
+        config=CONFIG,
+    )
+    sd, meta = ckpt.load_projector(path)
+    _assert_same(sd, model.projector.state_dict())
+    assert (meta["spec"], meta["in_dim"], meta["out_dim"]) == ("64-32", 512, 32)
+    assert meta["matches_projector"] and meta["linear_bias"] == [True, False]
+    assert meta["source_format"] == "imsvd-train-state" and meta["epoch"] == 2
+
+    torch.save(_foreign("reference-model", tv18), tmp_path / "model.pth")
+    sd, meta = ckpt.load_projector(tmp_path / "model.pth")
+    assert meta["source_format"] == "imsvd-reference-model" and meta["spec"] == "64-32"
+    Projector(meta["in_dim"], meta["spec"]).load_state_dict(sd, strict=True)
+
+    ckpt.export_backbone(
+        tmp_path / "bb.pth",
+        model.backbone.state_dict(),
+        arch="resnet18",
+        stem="small",
+        epoch=2,
+        config=CONFIG,
+    )
+    with pytest.raises(CheckpointError, match="carries no projector"):
+        ckpt.load_projector(tmp_path / "bb.pth")
+    torch.save(_no_fc(tv18), tmp_path / "vicreg.pth")
+    with pytest.raises(CheckpointError, match="backbone only, no projector"):
+        ckpt.load_projector(tmp_path / "vicreg.pth")
+
+
+# --------------------------------------------------------------------------- file management
+
+
+def test_latest_and_prune(tmp_path: Path) -> None:
+    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    assert ckpt.checkpoint_name(3, 1200) == "checkpoint_e0003_s00001200.pth"
+    for e, s in [(0, 50), (1, 100), (1, 150), (2, 200)]:
+        (tmp_path / ckpt.checkpoint_name(e, s)).write_bytes(b"x")
+    (tmp_path / ".checkpoint_e0009_s00009999.pth.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / "checkpoint_e0009_s00009999.pth.bak").write_bytes(b"x")
+    (tmp_path / "backbone.pth").write_bytes(b"x")
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_e0002_s00000200.pth"
+    assert ckpt.prune_checkpoints(tmp_path, 0) == []
+    deleted = ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in deleted) == [
+        "checkpoint_e0000_s00000050.pth",
+        "checkpoint_e0001_s00000100.pth",
+    ]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "checkpoint_e0001_s00000150.pth" in left and "backbone.pth" in left
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "checkpoint_e0001_s00000150.pth",
+        "checkpoint_e0002_s00000200.pth",
+    ]
