@@ -252,7 +252,6 @@ class _OffBlockEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         grad1, grad2 = ctx.grads
-        del ctx.grads
         return grad1 * grad_out, grad2 * grad_out, None, None, None, None, None
 
 
