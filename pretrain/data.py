@@ -299,7 +299,10 @@ DATA_CFG_DEFAULTS: Dict[str, Any] = {
     "image_size": 224,
     "crop_scale": [0.08, 1.0],
     "interpolation": "bicubic",  # the reference code's RandomResizedCrop interpolation
-    "pipeline": "fast",  # fast | pil
+    # auto | fast | pil. auto = fast when training on an accelerator (colour ops run there),
+    # pil on CPU-only machines, where the PIL ops are cheaper than batched float ops (see
+    # benchmarks/README.md).
+    "pipeline": "auto",
     "num_workers": 8,
     "strict": False,
     "synthetic_size": 64,
@@ -320,7 +323,7 @@ class TwoViewDataset(Dataset):
 
     def __init__(self, source: Any, cfg: AugmentConfig, seed: int, pipeline: str) -> None:
         if pipeline not in ("fast", "pil"):
-            raise DataError(f"data.pipeline={pipeline!r}: expected 'fast' or 'pil'")
+            raise DataError(f"data.pipeline={pipeline!r}: expected 'auto', 'fast' or 'pil'")
         self.source, self.cfg, self.seed, self.pipeline = source, cfg, int(seed), pipeline
 
     def __len__(self) -> int:
@@ -587,7 +590,10 @@ def build_pretrain_loader(
             f"dataset has {len(source)} images, fewer than one global batch "
             f"({batch_size_per_rank} x {world_size})"
         )
-    dataset = TwoViewDataset(source, aug, seed, str(cfg["pipeline"]))
+    pipeline = str(cfg["pipeline"])
+    if pipeline == "auto":
+        pipeline = "pil" if torch.device(device).type == "cpu" else "fast"
+    dataset = TwoViewDataset(source, aug, seed, pipeline)
     sampler = EpochBatchSampler(len(source), batch_size_per_rank, rank, world_size, seed)
     return PretrainLoader(
         dataset,

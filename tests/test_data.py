@@ -101,6 +101,7 @@ def _cfg(**kw):
         "synthetic_length": 24,
         "num_workers": 0,
         "pin_memory": False,
+        "pipeline": "fast",
     }
     base.update(kw)
     return base
@@ -207,6 +208,14 @@ def test_data_config_errors(tree):
     ld = build_pretrain_loader(_cfg(), **kw)
     with pytest.raises(DataError, match="start_iter"):
         ld.set_epoch(0, start_iter=99)
+
+
+def test_auto_pipeline_is_pil_on_cpu():
+    kw = dict(rank=0, world_size=1, seed=0, batch_size_per_rank=4)
+    assert build_pretrain_loader(_cfg(pipeline="auto"), **kw).dataset.pipeline == "pil"
+    assert (
+        build_pretrain_loader(_cfg(pipeline="auto"), device="cuda", **kw).dataset.pipeline == "fast"
+    )
 
 
 def test_channels_last_option():
