@@ -543,3 +543,57 @@ def test_latest_and_prune(tmp_path: Path) -> None:
         "checkpoint_e0001_s00000150.pth",
         "checkpoint_e0002_s00000200.pth",
     ]
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_roundtrip(tmp_path: Path) -> None:
+    dev = torch.device("cuda")
+    torch.manual_seed(2)
+    model = _tiny_model().to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = model(torch.randn(4, 3, 16, 16, device=dev)).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    rng = ckpt.capture_rng_state()
+    assert len(rng["cuda"]) == torch.cuda.device_count() >= 1
+    first = torch.rand(8, device=dev)
+    path = tmp_path / ckpt.checkpoint_name(0, 1)
+    ckpt.save_training_state(
+        path,
+        model=model,
+        optimizer=opt,
+        scaler=scaler,
+        epoch=0,
+        step=1,
+        step_in_epoch=1,
+        config=CONFIG,
+        rng=rng,
+    )
+    state = ckpt.load_training_state(path)  # map_location="cpu"
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    assert state["scaler"]["scale"] == scaler.get_scale()
+    ckpt.restore_rng_state(state["rng"])
+    assert torch.equal(torch.rand(8, device=dev), first)
+    model2 = _tiny_model().to(dev)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    ckpt.restore_training_state(state, model=model2, optimizer=opt2, scaler=None)
+    _assert_same(model2.state_dict(), model.state_dict())
+    digest = ckpt.export_backbone(
+        tmp_path / "bb.pth",
+        model.backbone.state_dict(),
+        arch="resnet18",
+        stem="small",
+        epoch=0,
+        config=CONFIG,
+    )
+    cpu_sd = {k: v.cpu() for k, v in model.backbone.state_dict().items()}
+    assert digest == ckpt.tensor_sha256(cpu_sd)
+    sd, meta = ckpt.load_backbone(tmp_path / "bb.pth", map_location="cuda")
+    assert meta["sha256"] == digest and next(iter(sd.values())).is_cuda
