@@ -49,6 +49,9 @@ class GradCAM:
                 f"Grad-CAM layer {type(module).__name__} must output (N, C, H, W), got "
                 f"{getattr(output, 'shape', type(output))}"
             )
+        if not output.requires_grad:  # a forward pass outside Grad-CAM (e.g. under no_grad)
+            self._acts = None
+            return
         output.retain_grad()
         self._acts = output
 

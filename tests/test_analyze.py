@@ -1,0 +1,189 @@
+"""End-to-end: the analysis CLI on a tiny image tree with a tiny saved model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.checkpoint import export_backbone, save_training_state
+from pretrain.model import build_model
+from pretrain.transforms import eval_transform
+from transfer import analyze
+from transfer.codes import joint_matrix, soft_codes
+
+B = 8
+CFG = {
+    "model": {
+        "arch": "resnet18",
+        "stem": "small_s2",
+        "zero_init_residual": True,
+        "projector": "32-40",
+    },
+    "loss": {"bin_size": B, "temperature": 1.0},
+    "data": {"image_size": 32, "crop_scale": [0.2, 1.0]},
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze")
+    rng = np.random.default_rng(0)
+    paths = []
+    for c in range(2):
+        d = root / "data" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            img = rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)
+            img[4 + 8 * c : 12 + 8 * c, 6:20] = 255  # a bright bar whose position depends on class
+            paths.append(d / f"{i}.png")
+            Image.fromarray(img).save(paths[-1])
+    torch.manual_seed(0)
+    model = build_model(CFG["model"])
+    with torch.no_grad():  # sharper codes than the default init, so statistics are not trivial
+        model.projector[-1].weight.mul_(20)
+    ckpt = root / "ckpt.pth"
+    save_training_state(
+        ckpt, model=model, optimizer=None, scaler=None, epoch=1, step=1, step_in_epoch=0, config=CFG
+    )
+    return {"root": root, "data": root / "data", "ckpt": ckpt, "model": model, "paths": paths}
+
+
+def run(args, capsys):
+    code = analyze.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    with Image.open(path) as img:
+        assert img.width >= 200 and img.height >= 100, (path, img.size)
+
+
+def test_cli_writes_every_output(tiny, capsys):
+    out = tiny["root"] / "out"
+    code, stdout, stderr = run(
+        [
+            "--weights",
+            tiny["ckpt"],
+            "--data-root",
+            tiny["data"],
+            "--output-dir",
+            out,
+            "--batch-size",
+            3,
+            "--num-workers",
+            0,
+            "--variables",
+            0,
+            2,
+            "--units-per-variable",
+            2,
+            "--exemplars",
+            3,
+            "--corner-vars",
+            3,
+            "--gradcam-images",
+            tiny["paths"][0],
+            tiny["paths"][5],
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    names = [
+        "joint_corner.png",
+        "views.png",
+        "exemplars_var0.png",
+        "exemplars_var2.png",
+        "gradcam_var0.png",
+        "gradcam_var2.png",
+        "gradcam_images.png",
+    ]
+    for name in names:
+        assert_png(out / name)
+        assert str(out / name) in stdout  # the summary names every output
+    assert "off-block MI" in stdout and "stats.json" in stdout
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["num_images"] == 8 and stats["num_variables"] == 5 and stats["bin_size"] == B
+    assert 0.0 <= stats["onehot_0.99"] <= stats["onehot_0.9"] <= 1.0
+    assert 0.0 <= stats["marginal_entropy_mean"] <= math.log(B) + 1e-6
+    assert len(stats["marginal_entropy_per_variable"]) == 5
+    assert 0.0 <= stats["offblock_mi_mean"] <= stats["offblock_mi_max"]
+    assert 0.0 <= stats["agreement"] <= 1.0
+    assert stats["views"] == "two" and stats["gradcam_layer"] == "layer2"
+    corner = np.load(out / "joint_corner.npy")
+    assert corner.shape == (3 * B, 3 * B) and corner.dtype == np.float32
+    # every B x B block of P is a joint distribution
+    blocks = corner.reshape(3, B, 3, B).sum(axis=(1, 3))
+    assert np.allclose(blocks, 1.0, atol=1e-4)
+    npz = np.load(out / "code_stats.npz")
+    assert npz["mi"].shape == (5, 5) and npz["marginals"].shape == (5, B)
+
+
+def test_same_view_matrix_equals_direct_computation(tiny, capsys):
+    out = tiny["root"] / "same"
+    code, _, stderr = run(
+        [
+            "--weights",
+            tiny["ckpt"],
+            "--data-root",
+            tiny["data"],
+            "--output-dir",
+            out,
+            "--views",
+            "same",
+            "--save-full-joint",
+            "--batch-size",
+            3,
+            "--num-workers",
+            0,
+            "--num-images",
+            5,
+            "--variables",
+            1,
+            "--units-per-variable",
+            1,
+            "--exemplars",
+            1,
+            "--gradcam-layer",
+            "layer3",
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["agreement"] is None and stats["num_images"] == 5
+    # the same seeded subset, through the same clean transform, in one shot
+    idx = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:5].sort().values
+    files = sorted(tiny["data"].glob("*/*.png"))
+    tf = eval_transform(resize=37, crop=32)
+    x = torch.stack([tf(Image.open(files[i]).convert("RGB")) for i in idx])
+    model = tiny["model"].eval()
+    with torch.no_grad():
+        expected = joint_matrix(soft_codes(model(x), B)).numpy()
+    assert np.allclose(np.load(out / "joint_full.npy"), expected, atol=1e-5)
+    # same view: every diagonal block is the self-joint, whose MI is the soft marginal entropy
+    # of one-hot codes at most
+    assert stats["diag_trace_mean"] > 0 and stats["crossview_mi_mean"] <= math.log(B) + 1e-5
+
+
+def test_clear_errors(tiny, capsys):
+    base = ["--data-root", tiny["data"], "--output-dir", tiny["root"] / "err"]
+    code, _, err = run(["--weights", "random", *base], capsys)
+    assert code == 2 and "--config" in err
+    code, _, err = run(["--weights", tiny["root"] / "missing.pth", *base], capsys)
+    assert code == 2 and "missing.pth" in err
+    code, _, err = run(["--weights", tiny["ckpt"], "--variables", 9, *base], capsys)
+    assert code == 2 and "out of range" in err
+    exported = tiny["root"] / "backbone.pth"
+    backbone_sd = tiny["model"].backbone.state_dict()
+    export_backbone(exported, backbone_sd, arch="resnet18", stem="small_s2", epoch=1, config=CFG)
+    code, _, err = run(["--weights", exported, *base], capsys)
+    assert code == 2 and "projector" in err  # an exported backbone carries no projector
+    code, _, err = run(["--weights", tiny["ckpt"], "--bin-size", 7, *base], capsys)
+    assert code == 2 and "multiple" in err
