@@ -390,15 +390,18 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     # Separable Gaussian, one kernel per image, radius 3 sigma of the widest in the group;
     # edges replicated like PIL's blur. Depthwise conv: each (image, channel) is a group.
     n, c, hgt, wid = x.shape
+    sigma = sigma.detach().cpu()
     radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
     radius = min(radius, hgt - 1, wid - 1) if min(hgt, wid) > 1 else 0
     if radius == 0:
         return x
-    d = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(d.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    # Kernels are built on the CPU (sigma is a CPU tensor) and then moved: no device sync.
+    d = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(d.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1).float() ** 2))
     k = k / k.sum(dim=1, keepdim=True)
     # Far tails of narrow kernels underflow to denormals, which are very slow on CPUs.
     k = torch.where(k < 1e-7, torch.zeros_like(k), k).repeat_interleave(c, dim=0)
+    k = k.to(device=x.device, dtype=x.dtype)
     y = x.reshape(1, n * c, hgt, wid)
     y = torch.nn.functional.pad(y, (radius, radius, radius, radius), mode="replicate")
     y = torch.nn.functional.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
@@ -406,12 +409,16 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, hgt, wid)
 
 
-def _masked(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+def _apply_where(
+    x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    # mask lives on the CPU, so deciding what to run never waits for the accelerator.
+    if not bool(mask.any()):
+        return x
     if bool(mask.all()):
-        return fn(x)
+        return fn(x, torch.arange(mask.numel()))
     idx = mask.nonzero().flatten()
-    if idx.numel():
-        x[idx] = fn(x[idx])
+    x[idx.to(x.device)] = fn(x[idx.to(x.device)], idx)
     return x
 
 
@@ -426,7 +433,7 @@ def device_augment(
 
     Args:
         views: uint8 (N, H, W, 3) crops from :func:`fast_crops`, already on the target device.
-        params: :func:`params_to_tensors` of the same views (any device).
+        params: :func:`params_to_tensors` of the same views (CPU tensors).
         cfg: augmentation config (normalisation constants).
         chunk: images processed together; small chunks stay in CPU caches (default: 4 on CPU,
             the whole batch on an accelerator).
@@ -438,28 +445,29 @@ def device_augment(
     dev = views.device
     if chunk is None:
         chunk = 4 if dev.type == "cpu" else max(n, 1)
-    p = {k: v.to(dev, non_blocking=True) for k, v in params.items()}
+    p = {k: v.cpu() for k, v in params.items()}
+    factors = p["factors"].to(dev, non_blocking=True)
     mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
     inv_std = 1.0 / torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)
     out = torch.empty((n, 3) + tuple(views.shape[1:3]), device=dev, dtype=torch.float32)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
+    solar = 128.0 / 255.0
     for s in range(0, n, chunk):
-        sl = slice(s, min(n, s + chunk))
-        x = views[sl].permute(0, 3, 1, 2).float().div_(255.0)
-        jit, fac, order = p["jitter"][sl], p["factors"][sl], p["order"][sl]
+        e = min(n, s + chunk)
+        x = views[s:e].permute(0, 3, 1, 2).float().div_(255.0)
+        fac = factors[s:e]
+        jit, order = p["jitter"][s:e], p["order"][s:e]
         for step in range(4):
             for op in range(4):
-                m = jit & (order[:, step] == op)
-                if bool(m.any()):
-                    f = fac[:, op]
-                    idx = m.nonzero().flatten()
-                    x[idx] = _jitter_op(x[idx], op, f[idx])
-        x = _masked(x, p["gray"][sl], lambda t: _gray(t).repeat(1, 3, 1, 1))
-        bl = p["blur"][sl]
-        if bool(bl.any()):
-            idx = bl.nonzero().flatten()
-            x[idx] = _gaussian_blur(x[idx], p["sigma"][sl][idx])
-        x = _masked(x, p["solarize"][sl], lambda t: torch.where(t >= 128.0 / 255.0, 1.0 - t, t))
-        out[sl] = (x - mean) * inv_std
+                x = _apply_where(
+                    x,
+                    jit & (order[:, step] == op),
+                    lambda t, i, op=op: _jitter_op(t, op, fac[i.to(dev), op]),
+                )
+        x = _apply_where(x, p["gray"][s:e], lambda t, i: _gray(t).repeat(1, 3, 1, 1))
+        sigma = p["sigma"][s:e]
+        x = _apply_where(x, p["blur"][s:e], lambda t, i: _gaussian_blur(t, sigma[i]))
+        x = _apply_where(x, p["solarize"][s:e], lambda t, i: torch.where(t >= solar, 1.0 - t, t))
+        out[s:e] = (x - mean) * inv_std
     return out
