@@ -1,0 +1,282 @@
+"""VOC07 linear-SVM evaluation of a frozen backbone (PROTOCOLS section 3).
+
+    python -m transfer.voc07_svm --data-root VOCdevkit/VOC2007 --weights W --output-dir OUT
+    torchrun --nproc_per_node 8 -m transfer.voc07_svm --data-root ... --weights ... --output-dir ...
+
+Features of trainval and test (Resize 256 + CenterCrop 224, pool5) are cached in
+``OUT/features``; one SVM per class is cross-validated over the cost list (3-fold, AP), refit on
+trainval at the chosen cost and scored by VOC AP on test (difficult images excluded).
+``OUT/voc07_svm_results.json`` holds per-class AP, the chosen costs, every CV score and the mAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pretrain.config import ConfigError, load_config, resolve_config_path, save_config
+
+logger = logging.getLogger("imsvd.voc07")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
+COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+RESULTS_NAME = "voc07_svm_results.json"
+
+
+class VOCError(ValueError):
+    """The VOC tree is missing files or holds malformed lines."""
+
+
+def find_voc2007(root: str | Path) -> Path:
+    """Accept ``VOCdevkit/VOC2007`` or its ``VOCdevkit`` parent; return the VOC2007 folder."""
+    root = Path(root)
+    for cand in (root, root / "VOC2007"):
+        if (cand / "ImageSets" / "Main").is_dir() and (cand / "JPEGImages").is_dir():
+            return cand
+    raise VOCError(
+        f"{root} is not a VOC2007 folder: expected ImageSets/Main and JPEGImages in it "
+        "(or in its VOC2007 subfolder)"
+    )
+
+
+def discover_classes(voc_dir: Path, split: str) -> list[str]:
+    """Classes with an ImageSets/Main/<class>_<split>.txt file, in the standard VOC order."""
+    main = voc_dir / "ImageSets" / "Main"
+    found = {p.name[: -len(f"_{split}.txt")] for p in main.glob(f"*_{split}.txt")}
+    if not found:
+        raise VOCError(f"no ImageSets/Main/<class>_{split}.txt files in {voc_dir}")
+    standard = [c for c in VOC_CLASSES if c in found]
+    return standard + sorted(found - set(standard))
+
+
+def read_split(voc_dir: Path, split: str, classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Image ids and the (n, K) label matrix (1 / -1 / 0) of one split.
+
+    Args:
+        voc_dir: the VOC2007 folder.
+        split: "trainval" or "test".
+        classes: class names (one file each).
+    Returns:
+        (ids in the order of the first class file, labels int8 (n, K)).
+    """
+    ids: list[str] = []
+    index: dict[str, int] = {}
+    columns = []
+    for ci, cls in enumerate(classes):
+        path = voc_dir / "ImageSets" / "Main" / f"{cls}_{split}.txt"
+        if not path.is_file():
+            raise VOCError(f"missing label file {path}")
+        col: dict[str, int] = {}
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[1] not in ("1", "-1", "0"):
+                raise VOCError(f"{path}:{lineno}: expected '<image id> <1|-1|0>', got {line!r}")
+            col[parts[0]] = int(parts[1])
+        if ci == 0:
+            ids = list(col)
+            index = {i: n for n, i in enumerate(ids)}
+        elif set(col) != set(index):
+            raise VOCError(f"{path} lists different images than {classes[0]}_{split}.txt")
+        columns.append(col)
+    labels = np.zeros((len(ids), len(classes)), dtype=np.int8)
+    for ci, col in enumerate(columns):
+        for img, lab in col.items():
+            labels[index[img], ci] = lab
+    return ids, labels
+
+
+def voc_dataset(voc_dir: Path, ids: Sequence[str], transform: Any):
+    """Dataset of (image, row index) over JPEGImages/<id>.jpg."""
+    from pretrain.data import ImageDataset
+
+    samples = []
+    for n, img in enumerate(ids):
+        path = voc_dir / "JPEGImages" / f"{img}.jpg"
+        if not path.is_file():
+            raise VOCError(f"image {path} listed in ImageSets is missing")
+        samples.append((str(path), n))
+    return ImageDataset(samples, transform=transform, strict=True)
+
+
+def l2_normalize(feats: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Per-row f / (||f|| + eps) in float64 (the protocol's normalisation)."""
+    f = np.asarray(feats, dtype=np.float64)
+    return f / (np.linalg.norm(f, axis=1, keepdims=True) + eps)
+
+
+def train_and_test_svms(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    classes: Sequence[str],
+    svm_cfg: Mapping[str, Any],
+) -> dict:
+    """The classifier stage: normalise, cross-validate costs, refit, test AP.
+
+    Args:
+        train_feats, test_feats: raw features (n, d).
+        train_labels, test_labels: (n, K) in {1, -1, 0}.
+        classes: K class names.
+        svm_cfg: the ``svm`` section of the config.
+    Returns:
+        The results dict (per-class AP and chosen cost, CV scores, mAP, timings).
+    """
+    from transfer.ap import voc_ap
+    from transfer.svm import cross_validate_liblinear, cross_validate_svms, decision_scores
+
+    xtr, xte = l2_normalize(train_feats), l2_normalize(test_feats)
+    weights = {1: float(svm_cfg["positive_weight"]), -1: float(svm_cfg["negative_weight"])}
+    costs = [float(c) for c in svm_cfg["costs"]]
+    t0 = time.perf_counter()
+    solver = svm_cfg["solver"]
+    if solver == "newton":
+        res = cross_validate_svms(
+            xtr, train_labels, costs, weights, int(svm_cfg["folds"]),
+            float(svm_cfg["intercept_scaling"]), float(svm_cfg["newton_tol"]),
+        )  # fmt: skip
+    elif solver == "liblinear":
+        res = cross_validate_liblinear(
+            xtr, train_labels, costs, weights, int(svm_cfg["folds"]),
+            float(svm_cfg["intercept_scaling"]), float(svm_cfg["tol"]), int(svm_cfg["max_iter"]),
+            int(svm_cfg["n_jobs"]),
+        )  # fmt: skip
+    else:
+        raise ConfigError(f"svm.solver must be 'newton' or 'liblinear', got {solver!r}")
+    fit_s = time.perf_counter() - t0
+    scores = decision_scores(xte, res.weights, float(svm_cfg["intercept_scaling"]))
+    per_class = {}
+    for j, cls in enumerate(classes):
+        per_class[cls] = {
+            "ap": 100.0 * voc_ap(scores[:, j], test_labels[:, j]),
+            "cost": costs[int(res.best_cost_index[j])],
+            "cv_ap": {
+                str(c): {
+                    "mean": 100.0 * float(res.cv_ap[j, ci].mean()),
+                    "folds": [100.0 * float(a) for a in res.cv_ap[j, ci]],
+                }
+                for ci, c in enumerate(costs)
+            },
+        }
+    mean_ap = float(np.mean([v["ap"] for v in per_class.values()]))
+    return {
+        "mAP": mean_ap,
+        "classes": per_class,
+        "solver": solver,
+        "fit_seconds": fit_s,
+        "solver_stats": res.stats,
+        "num_train": int(xtr.shape[0]),
+        "num_test": int(xte.shape[0]),
+        "feature_dim": int(xtr.shape[1]),
+    }
+
+
+def run(cfg: dict) -> dict:
+    """Full VOC07 SVM evaluation from a resolved config.
+
+    Args:
+        cfg: config of the voc07_svm schema (data.root, weights and output_dir required).
+    Returns:
+        The results dict (also written to output_dir/voc07_svm_results.json on rank 0); other
+        ranks return an empty dict after feature extraction.
+    """
+    from pretrain.dist import init_distributed
+    from pretrain.log import print_table, setup_logging, write_json_atomic
+    from pretrain.transforms import eval_transform
+    from transfer.features import backbone_from_weights, cached_features
+
+    for key in ("weights", "output_dir"):
+        if not cfg[key]:
+            raise ConfigError(f"config key '{key}' is required (use --{key.replace('_', '-')})")
+    if not cfg["data"]["root"]:
+        raise ConfigError("config key 'data.root' is required (use --data-root)")
+    out = Path(cfg["output_dir"])
+    info = init_distributed(cfg["device"])
+    setup_logging(str(out), rank=info.rank)
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    voc_dir = find_voc2007(cfg["data"]["root"])
+    dcfg, fcfg = cfg["data"], cfg["features"]
+    classes = discover_classes(voc_dir, dcfg["trainval_split"])
+    transform = eval_transform(int(dcfg["resize"]), int(dcfg["crop"]))
+    model, meta = backbone_from_weights(cfg["weights"], info.device)
+    arrays = {}
+    for split in (dcfg["trainval_split"], dcfg["test_split"]):
+        ids, labels = read_split(voc_dir, split, classes)
+        ds = voc_dataset(voc_dir, ids, transform)
+        feats, rows = cached_features(
+            out / "features", split, model, ds, meta["sha256"], fcfg["layer"],
+            int(fcfg["batch_size"]), info.device, int(fcfg["num_workers"]),
+        )  # fmt: skip
+        arrays[split] = (feats, labels[rows])
+    if not info.is_main:
+        return {}
+    (xtr, ytr), (xte, yte) = arrays[dcfg["trainval_split"]], arrays[dcfg["test_split"]]
+    results = train_and_test_svms(xtr, ytr, xte, yte, classes, cfg["svm"])
+    results.update(weights=str(cfg["weights"]), weights_sha256=meta["sha256"],
+                   layer=fcfg["layer"], arch=meta["arch"])  # fmt: skip
+    write_json_atomic(results, out / RESULTS_NAME)
+    rows = [{"class": c, "AP": v["ap"], "C": v["cost"]} for c, v in results["classes"].items()]
+    rows.append({"class": "mAP", "AP": results["mAP"], "C": ""})
+    print_table(rows, title=f"VOC07 SVM ({fcfg['layer']}, {meta['arch']})")
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``--config`` + the three common flags + trailing ``key.sub=value`` overrides."""
+    p = argparse.ArgumentParser(
+        description="VOC07 linear-SVM evaluation of frozen features",
+        epilog="Overrides: dotted config keys, e.g. features.layer=res5 svm.solver=liblinear",
+    )
+    p.add_argument("--config", default="voc07_svm", help="path, or a name in configs/eval/")
+    p.add_argument("--data-root", help="VOCdevkit/VOC2007 (or VOCdevkit)")
+    p.add_argument("--weights", help="backbone checkpoint (any kind load_backbone reads)")
+    p.add_argument("--output-dir", help="features cache, results JSON, log")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return p.parse_args(argv)
+
+
+def load_eval_config(args: argparse.Namespace, flags: Mapping[str, str]) -> dict:
+    """Load ``args.config`` with overrides, then apply the convenience flags (flag -> key)."""
+    cfg = load_config(resolve_config_path(args.config, CONFIG_DIR), args.overrides)
+    for flag, dotted in flags.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        node = cfg
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors)."""
+    args = parse_args(argv)
+    try:
+        cfg = load_eval_config(
+            args, {"data_root": "data.root", "weights": "weights", "output_dir": "output_dir"}
+        )
+        run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # config, data, checkpoint errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
