@@ -113,7 +113,7 @@ class Trainer:
         tr = cfg["train"]
         self.batch_per_rank = tr["batch_size"] // info.world_size
         self.loader = build_pretrain_loader(
-            cfg["data"],
+            {**cfg["data"], "channels_last": tr["channels_last"]},
             rank=info.rank,
             world_size=info.world_size,
             seed=tr["seed"],
@@ -137,7 +137,10 @@ class Trainer:
 
         model = build_model(cfg["model"])
         if info.distributed and tr["sync_bn"]:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if info.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # torch's SyncBatchNorm has no CPU kernel: per-process BN statistics
+                self.log.warning("train.sync_bn: SyncBatchNorm needs CUDA; using BatchNorm on CPU")
         model = model.to(info.device)
         if tr["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
@@ -175,8 +178,11 @@ class Trainer:
         ckpt.restore_training_state(
             state, model=self.model, optimizer=self.optimizer, scaler=self.scaler
         )
-        if state.get("rng") is not None:
-            ckpt.restore_rng_state(state["rng"])
+        rng = ckpt.rng_state_for_rank(state, self.info.rank, self.info.world_size)
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
+        else:  # per-rank streams were not saved for this world size: fresh, rank-distinct seeds
+            torch.manual_seed(self.cfg["train"]["seed"] + self.info.rank + int(state["step"]))
         self.log.info(
             "resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"]
         )
@@ -245,9 +251,6 @@ class Trainer:
                     )
                     set_lr(self.optimizer, lr)
                     x1, x2 = self.loader.prepare(batch, info.device)
-                    if tr["channels_last"]:
-                        x1 = x1.contiguous(memory_format=torch.channels_last)
-                        x2 = x2.contiguous(memory_format=torch.channels_last)
                     with _autocast(info.device, tr["precision"]):
                         z1 = self.forward(x1)
                         z2 = self.forward(x2)
@@ -282,7 +285,7 @@ class Trainer:
                         last.update(
                             lr=lr, epoch=epoch + i / self.steps_per_epoch,
                             images_per_s=imgs_since / max(now - t_log, 1e-9),
-                            skipped_images=getattr(self.loader, "skipped", 0),
+                            skipped_images=self.loader.pop_skipped(),
                         )
                         if self.scaler.is_enabled():
                             last["loss_scale"] = self.scaler.get_scale()

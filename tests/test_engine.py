@@ -1,0 +1,181 @@
+"""Pretraining engine end to end on CPU: smoke run, resume, preemption, non-finite loss."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain import engine
+from pretrain.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
+
+
+def _cfg(out: Path, *extra: str) -> dict:
+    return load_config(SMOKE, [f"checkpoint.output_dir={out}", *extra])
+
+
+def _final_state(out: Path) -> dict:
+    sd, meta = ckpt.load_backbone(out / engine.FINAL_BACKBONE)
+    return sd
+
+
+def test_smoke_through_launcher(tmp_path):
+    """tools/pretrain.sh (torchrun) leaves checkpoints that load with weights_only=True."""
+    out = tmp_path / "smoke"
+    env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    res = subprocess.run(
+        ["bash", str(REPO / "tools/pretrain.sh"), str(SMOKE), f"checkpoint.output_dir={out}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "pretraining finished at step 4" in res.stdout
+    raw = torch.load(out / engine.FINAL_BACKBONE, weights_only=True, map_location="cpu")
+    assert raw["format"] == "imsvd-backbone"
+    sd, meta = ckpt.load_backbone(out / engine.FINAL_BACKBONE)
+    assert meta["arch"] == "resnet18" and meta["stem"] == "small"
+    assert not any(k.startswith("fc.") for k in sd)
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    assert state["step"] == 4 and state["epoch"] == 2
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+    # keep_last: 2 training states remain
+    assert len(ckpt.list_checkpoints(out)) == 2
+    # the saved backbone equals the training state's backbone
+    for k, v in sd.items():
+        assert torch.equal(v, state["model"]["backbone." + k])
+
+
+def test_training_changes_weights_and_logs_metrics(tmp_path):
+    cfg = _cfg(tmp_path / "a")
+    torch.manual_seed(cfg["train"]["seed"])
+    from pretrain.model import build_model
+
+    init = build_model(cfg["model"]).backbone.state_dict()
+    summary = engine.train(cfg)
+    assert summary["status"] == "finished" and summary["step"] == 4
+    final = _final_state(tmp_path / "a")
+    changed = [k for k in final if final[k].dtype.is_floating_point
+               and not torch.equal(final[k], init[k])]
+    assert len(changed) > 10
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    import json
+
+    row = json.loads(lines[-1])
+    for key in ("loss", "loss_ti", "loss_dia", "loss_off", "lr", "mon/onehot_0.9",
+                "mon/marginal_entropy"):
+        assert key in row
+
+
+def test_preempt_and_resume_is_identical(tmp_path, monkeypatch):
+    """SIGTERM at step 2 writes a checkpoint; resuming reproduces the uninterrupted run."""
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    engine.train(_cfg(ref_out, "checkpoint.every_steps=0"))
+    reference = _final_state(ref_out)
+
+    real_lr_at = engine.lr_at
+
+    def lr_at_with_signal(step, *args):
+        if step == 2 and not (cut_out / "signalled").exists():
+            (cut_out / "signalled").touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, *args)
+
+    cut_out.mkdir()
+    monkeypatch.setattr(engine, "lr_at", lr_at_with_signal)
+    first = engine.train(_cfg(cut_out, "checkpoint.every_steps=0"))
+    assert first["status"] == "preempted" and first["step"] == 3
+    assert not (cut_out / engine.FINAL_BACKBONE).exists()
+    second = engine.train(_cfg(cut_out, "checkpoint.every_steps=0"))
+    assert second["status"] == "finished" and second["step"] == 4
+    resumed = _final_state(cut_out)
+    for k in reference:
+        assert torch.equal(reference[k], resumed[k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    real_forward = engine.IMSVDLoss.forward
+    calls = {"n": 0}
+
+    def nan_on_third(self, z1, z2):
+        out_ = real_forward(self, z1, z2)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out_["loss"] = out_["loss"] * float("nan")
+        return out_
+
+    monkeypatch.setattr(engine.IMSVDLoss, "forward", nan_on_third)
+    with pytest.raises(engine.NonFiniteLossError, match="non-finite loss at epoch 1, step 2"):
+        engine.train(_cfg(out))
+    latest = ckpt.latest_checkpoint(out)
+    state = ckpt.load_training_state(latest)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_config_errors_are_clear(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "pretrain.main", "--config", str(SMOKE), "train.batchsize=4"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert res.returncode == 2 and "unknown config key 'train.batchsize'" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "pretrain.main", "--config", str(SMOKE),
+         f"checkpoint.output_dir={tmp_path}", "data.kind=imagefolder",
+         f"data.root={tmp_path / 'missing'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(ValueError, match="multiple of bin_size"):
+        engine.train(_cfg(tmp_path / "b", "model.projector=128-100"))
+
+
+@pytest.mark.slow
+def test_sigterm_subprocess_exits_cleanly(tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.main", "--config", str(SMOKE),
+         f"checkpoint.output_dir={out}", "train.epochs=50", "checkpoint.every_steps=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )
+    deadline = time.time() + 300
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "step 1/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-2000:]
+    assert "pretraining preempted" in text
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    assert state["step"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_process_gloo_run(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
+    res = subprocess.run(
+        ["bash", str(REPO / "tools/pretrain.sh"), str(SMOKE), f"checkpoint.output_dir={out}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "process 0/2" in res.stdout
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    assert state["step"] == 4
+    # SyncBatchNorm is converted back to plain BatchNorm names: keys are torchvision's
+    sd, meta = ckpt.load_backbone(out / engine.FINAL_BACKBONE)
+    assert meta["arch"] == "resnet18"
