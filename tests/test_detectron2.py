@@ -1,0 +1,302 @@
+"""Detectron2 transfer: loading check, instant training + evaluation + resume on CPU.
+
+Skipped when Detectron2 is not installed (tools/install_detectron2.py installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+pytest.importorskip("detectron2")
+pytestmark = pytest.mark.detectron2
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from pycocotools import mask as mask_util  # noqa: E402
+
+from transfer import train_net  # noqa: E402
+from transfer.d2_ext import single_process_norm  # noqa: E402
+from transfer.d2_weights import (  # noqa: E402
+    convert_torchvision_to_d2,
+    torchvision_key_to_d2,
+    write_d2_pickle,
+)
+
+# The only parameters a converted backbone cannot provide: the untrained heads.
+HEAD_PREFIXES = (
+    "proposal_generator.rpn_head.",
+    "roi_heads.box_predictor.",
+    "roi_heads.mask_head.",
+    "roi_heads.res5.norm.",  # the extra norm after res5 (Res5ROIHeadsExtraNorm)
+)
+
+
+def _source_resnet50() -> dict:
+    """A torchvision ResNet-50 state_dict with non-default BN statistics."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if k.endswith(("running_mean", "running_var")):
+            v.copy_(torch.rand_like(v) + 0.5)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    sd = _source_resnet50()
+    blobs, report = convert_torchvision_to_d2(sd)
+    path = str(tmp_path_factory.mktemp("w") / "r50.pkl")
+    write_d2_pickle(blobs, path)
+    return sd, blobs, report, path
+
+
+def _cfg_from(name: str, *opts: str):
+    cfg = get_cfg()
+    cfg.merge_from_file(train_net.resolve_config(name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    single_process_norm(cfg)
+    return cfg
+
+
+def test_resolve_config_names_and_paths():
+    path = train_net.resolve_config("mask_rcnn_C4_1x.yaml")
+    assert path.endswith(os.path.join("transfer", "configs", "mask_rcnn_C4_1x.yaml"))
+    assert train_net.resolve_config("mask_rcnn_C4_1x") == path
+    assert train_net.resolve_config(path) == path
+    with pytest.raises(train_net.TrainNetError, match="nope.yaml"):
+        train_net.resolve_config("nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mask_rcnn_C4_1x.yaml", "mask_rcnn_C4_2x.yaml", "faster_rcnn_C4_voc0712.yaml"],
+)
+def test_configs_match_protocol(name):
+    cfg = get_cfg()
+    cfg.merge_from_file(train_net.resolve_config(name))
+    assert cfg.MODEL.RESNETS.NORM == "SyncBN"
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
+    assert cfg.TEST.PRECISE_BN.ENABLED
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53]
+    assert cfg.MODEL.PIXEL_STD == [58.395, 57.12, 57.375]
+    assert cfg.SOLVER.IMS_PER_BATCH == 16
+    assert cfg.SOLVER.WARMUP_ITERS > 0
+    if name.startswith("mask"):
+        assert cfg.MODEL.MASK_ON and cfg.SOLVER.BASE_LR == 0.1
+        assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+    if name == "mask_rcnn_C4_1x.yaml":
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (90000, (60000, 80000))
+    if name == "mask_rcnn_C4_2x.yaml":
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (180000, (120000, 160000))
+    if name.startswith("faster"):
+        assert not cfg.MODEL.MASK_ON and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20
+
+
+def test_single_process_norm_replaces_syncbn():
+    cfg = get_cfg()
+    cfg.merge_from_file(train_net.resolve_config("mask_rcnn_C4_1x.yaml"))
+    assert single_process_norm(cfg) == ["MODEL.RESNETS.NORM"]
+    assert cfg.MODEL.RESNETS.NORM == "BN"
+
+
+def test_loading_check_only_heads_missing(converted):
+    """Build Mask R-CNN C4 from the 1x config and load the pkl: only untrained heads are left."""
+    sd, blobs, _, path = converted
+    model = build_model(_cfg_from("mask_rcnn_C4_1x.yaml"))
+    checkpointer = DetectionCheckpointer(model)
+    incompatible = checkpointer._load_model(checkpointer._load_file(path))
+    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+    assert missing, "the heads must be missing"
+    assert all(k.startswith(HEAD_PREFIXES) for k in missing), missing
+    for prefix in HEAD_PREFIXES:
+        assert any(k.startswith(prefix) for k in missing), prefix
+    assert incompatible.unexpected_keys == []
+    assert incompatible.incorrect_shapes == []
+
+    # Every converted tensor landed, with the source values: res5 in the ROI head (C4).
+    model_sd = model.state_dict()
+    assert "roi_heads.res5.0.conv1.weight" in model_sd
+    assert not any(k.startswith("backbone.res5") for k in model_sd)
+    n_checked = 0
+    for tv_key, value in sd.items():
+        if tv_key.startswith("fc.") or tv_key.endswith("num_batches_tracked"):
+            continue
+        d2_key = next(k for k in model_sd if k.endswith(_d2_name(tv_key)))
+        assert d2_key.startswith(("backbone.", "roi_heads.res5.")), d2_key
+        torch.testing.assert_close(model_sd[d2_key], value, rtol=0, atol=0)
+        n_checked += 1
+    assert n_checked == len(blobs) == 265
+    print(f"\nloading check: {n_checked} tensors loaded, missing (untrained heads): {len(missing)}")
+
+
+def _d2_name(tv_key: str) -> str:
+    return "." + torchvision_key_to_d2(tv_key)
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny COCO-format dataset: a few 64x80 images with rectangles (polygon masks) and ellipses
+# (RLE masks, one compressed and one uncompressed), two categories with non-contiguous ids.
+# ------------------------------------------------------------------------------------------
+
+
+def _make_tiny_coco(root: str, n_images: int = 4) -> str:
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    images, anns = [], []
+    h, w = 64, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n_images):
+        img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+        # Rectangle, category 1, polygon mask.
+        x0, y0 = int(rng.integers(2, 30)), int(rng.integers(2, 25))
+        rw, rh = int(rng.integers(15, 35)), int(rng.integers(12, 30))
+        img[y0 : y0 + rh, x0 : x0 + rw] = (220, 40, 40)
+        poly = [x0, y0, x0 + rw, y0, x0 + rw, y0 + rh, x0, y0 + rh]
+        anns.append(
+            dict(image_id=i + 1, category_id=1, segmentation=[[float(v) for v in poly]],
+                 bbox=[x0, y0, rw, rh], area=float(rw * rh), iscrowd=0)
+        )  # fmt: skip
+        # Ellipse, category 3, RLE mask.
+        cx, cy = int(rng.integers(20, 60)), int(rng.integers(15, 50))
+        ax, ay = int(rng.integers(6, 14)), int(rng.integers(5, 12))
+        m = (((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2) <= 1.0
+        img[m] = (40, 200, 60)
+        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        if i % 2 == 0:
+            segm = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+        else:  # uncompressed RLE: run lengths in column-major order
+            flat = m.astype(np.uint8).flatten(order="F")
+            counts, prev, run = [], 0, 0
+            for v in flat:
+                if v != prev:
+                    counts.append(run)
+                    run, prev = 0, v
+                run += 1
+            counts.append(run)
+            segm = {"size": [h, w], "counts": counts}
+        x, y, bw, bh = mask_util.toBbox(rle).tolist()
+        anns.append(
+            dict(image_id=i + 1, category_id=3, segmentation=segm, bbox=[x, y, bw, bh],
+                 area=float(m.sum()), iscrowd=0)
+        )  # fmt: skip
+        name = f"img{i}.png"
+        Image.fromarray(img).save(os.path.join(root, "images", name))
+        images.append(dict(id=i + 1, file_name=name, height=h, width=w))
+    for k, a in enumerate(anns):
+        a["id"] = k + 1
+    coco = dict(
+        images=images,
+        annotations=anns,
+        categories=[dict(id=1, name="box"), dict(id=3, name="blob")],
+    )
+    path = os.path.join(root, "annotations.json")
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny_coco"))
+    ann = _make_tiny_coco(root)
+    name = "imsvd_tiny_coco"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, ann, os.path.join(root, "images"))
+    records = DatasetCatalog.get(name)
+    assert len(records) == 4 and all(len(r["annotations"]) == 2 for r in records)
+    return name
+
+
+def _instant_args(weights: str, out: str, dataset: str, *extra: str, resume=False, eval_only=False):
+    argv = ["--config", "mask_rcnn_C4_instant_test.yaml"]
+    argv += ["--resume"] if resume else []
+    argv += ["--eval-only"] if eval_only else []
+    argv += [
+        "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out, "MODEL.DEVICE", "cpu",
+        "DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", f"('{dataset}',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES", "2", "SEED", "1",
+        # Object masks given as RLE (not only polygons) need bitmask format in training.
+        "INPUT.MASK_FORMAT", "bitmask", *extra,
+    ]  # fmt: skip
+    return train_net.build_parser().parse_args(argv)
+
+
+def _check_results(results, dataset):
+    # Detectron2 returns {task: metrics} directly when there is a single test dataset.
+    res = results.get(dataset, results)
+    for task in ("bbox", "segm"):
+        assert {"AP", "AP50", "AP75"} <= set(res[task]), res[task]
+        for metric in ("AP", "AP50", "AP75"):  # APm/APl are NaN: there are no large objects
+            assert 0.0 <= res[task][metric] <= 100.0, res[task]
+    return res
+
+
+def _train_iters(out: str) -> list:
+    """Iterations logged with a training loss in OUTPUT_DIR/metrics.json."""
+    with open(os.path.join(out, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["iteration"] for r in rows if "total_loss" in r]
+
+
+@pytest.mark.slow
+def test_instant_train_eval_resume(converted, tiny_coco, tmp_path):
+    """convert -> train (instant config) -> COCO eval (bbox+segm) -> resume -> eval-only."""
+    _, _, _, weights = converted
+    out = str(tmp_path / "out")
+    wall, cpu = time.perf_counter(), time.process_time()
+    results = train_net.main(_instant_args(weights, out, tiny_coco))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    res = _check_results(results, tiny_coco)
+    print(f"\ninstant test (4 iters + precise BN + eval): wall {wall:.1f} s, CPU {cpu:.1f} s")
+    print("bbox AP %.2f  segm AP %.2f" % (res["bbox"]["AP"], res["segm"]["AP"]))
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_final.pth"
+    first_run = _train_iters(out)
+    assert first_run and max(first_run) == 3
+
+    # Resume: continues at iteration 4 from model_final.pth, trains to 6.
+    results = train_net.main(
+        _instant_args(weights, out, tiny_coco, "SOLVER.MAX_ITER", "6", resume=True)
+    )
+    _check_results(results, tiny_coco)
+    resumed = _train_iters(out)[len(first_run) :]
+    # Training went on from iteration 4 (a restart from scratch would log iterations < 4 again).
+    assert resumed and min(resumed) >= 4 and max(resumed) == 5, resumed
+
+    # Eval-only on the trained model.
+    final = os.path.join(out, "model_final.pth")
+    results = train_net.main(
+        _instant_args(final, str(tmp_path / "eval"), tiny_coco, eval_only=True)
+    )
+    _check_results(results, tiny_coco)
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    args = train_net.build_parser().parse_args(
+        ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", str(tmp_path / "x.pkl"),
+         "OUTPUT_DIR", str(tmp_path)]
+    )  # fmt: skip
+    with pytest.raises(train_net.TrainNetError, match="x.pkl"):
+        train_net.setup(args)
+    args = train_net.build_parser().parse_args(
+        ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path)]
+    )
+    with pytest.raises(train_net.TrainNetError, match="MODEL.WEIGHTS is empty"):
+        train_net.setup(args)

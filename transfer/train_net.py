@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Fine-tune a converted backbone with Detectron2 (Mask R-CNN / Faster R-CNN R50-C4).
+
+Examples::
+
+    python tools/convert_to_d2.py backbone.pth imsvd_r50.pkl
+    python transfer/train_net.py --config mask_rcnn_C4_1x.yaml --num-gpus 8 \\
+        MODEL.WEIGHTS imsvd_r50.pkl
+    python transfer/train_net.py --config mask_rcnn_C4_1x.yaml --eval-only \\
+        MODEL.WEIGHTS output/mask_rcnn_C4_1x/model_final.pth
+
+A bare config name resolves inside transfer/configs/; a path works too. Trailing ``KEY VALUE``
+pairs override the config as in Detectron2's own tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import detectron2.utils.comm as comm
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluator,
+    PascalVOCDetectionEvaluator,
+    verify_results,
+)
+
+from transfer.d2_ext import has_cpp_ops, single_process_norm
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+logger = logging.getLogger("imsvd.train_net")
+
+
+class TrainNetError(ValueError):
+    """Raised for a bad command line or config (missing config file, missing weights)."""
+
+
+def resolve_config(name: str) -> str:
+    """Find a config: an existing path as given, else a file of that name in transfer/configs/.
+
+    Args:
+        name: "mask_rcnn_C4_1x.yaml", "mask_rcnn_C4_1x" or a path.
+
+    Returns:
+        Path of the YAML file.
+
+    Raises:
+        TrainNetError: if neither exists.
+    """
+    if os.path.isfile(name):
+        return name
+    for candidate in (name, name + ".yaml"):
+        path = os.path.join(CONFIG_DIR, candidate)
+        if os.path.isfile(path):
+            return path
+    available = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+    raise TrainNetError(f"config {name!r} not found (as a path or in {CONFIG_DIR}: {available})")
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the evaluators of the transfer benchmarks."""
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+    ) -> DatasetEvaluator:
+        """COCO (bbox, segm when MASK_ON) or PASCAL VOC evaluator, by the dataset's metadata."""
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type == "coco":
+            # The fast evaluator needs Detectron2's C++ ops; the official COCO API gives the
+            # same numbers, only slower.
+            return COCOEvaluator(
+                dataset_name, output_dir=output_folder, use_fast_impl=has_cpp_ops()
+            )
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise TrainNetError(f"dataset {dataset_name!r}: no evaluator for type {evaluator_type!r}")
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """Build the frozen config from the file, the overrides and the launch arguments.
+
+    Args:
+        args: parsed command line.
+
+    Returns:
+        The config (also written to OUTPUT_DIR/config.yaml by default_setup).
+    """
+    # default_setup copies the config file next to the outputs: give it the resolved path.
+    args.config_file = resolve_config(args.config_file)
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    if args.num_gpus * args.num_machines == 1 or cfg.MODEL.DEVICE == "cpu":
+        changed = single_process_norm(cfg)
+        if changed:
+            logger.warning("one process: SyncBN -> BN for %s", ", ".join(changed))
+    if not cfg.MODEL.WEIGHTS and not args.resume:
+        # Never train from random weights by accident.
+        raise TrainNetError(
+            "MODEL.WEIGHTS is empty: pass MODEL.WEIGHTS path/to/weights.pkl "
+            "(made by tools/convert_to_d2.py) or a trained model_final.pth"
+        )
+    if (
+        cfg.MODEL.WEIGHTS
+        and "://" not in cfg.MODEL.WEIGHTS
+        and not os.path.isfile(cfg.MODEL.WEIGHTS)
+    ):
+        raise TrainNetError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS!r} does not exist")
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args: argparse.Namespace) -> Dict:
+    """Train (or evaluate with --eval-only) and return the evaluation results.
+
+    Args:
+        args: parsed command line.
+
+    Returns:
+        Results dict (dataset -> task -> metric -> value) on the main process.
+    """
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # The final evaluation hook stores its results on the trainer.
+    return getattr(trainer, "_last_eval_results", None) or OrderedDict()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Detectron2's argument parser, with ``--config`` as the documented spelling.
+
+    Returns:
+        The parser (--config/--config-file, --num-gpus, --num-machines, --machine-rank,
+        --dist-url, --resume, --eval-only, trailing KEY VALUE opts).
+    """
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--config", dest="config_file", metavar="FILE",
+        help="config name in transfer/configs/ (e.g. mask_rcnn_C4_1x.yaml) or a path",
+    )  # fmt: skip
+    return parser
+
+
+def cli(argv: Optional[list] = None) -> int:
+    """Parse arguments and launch one process per GPU (Detectron2's launch).
+
+    Args:
+        argv: arguments (defaults to sys.argv[1:]).
+
+    Returns:
+        Exit code: 0 on success, 2 on a bad config or weights path.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error("--config is required")
+    try:
+        resolve_config(args.config_file)  # fail before spawning workers
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except TrainNetError as exc:
+        print(f"train_net: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
