@@ -103,7 +103,11 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
     if isinstance(device, torch.device):
         dev = device
     elif device == "auto":
-        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        dev = (
+            torch.device("cuda", local_rank)
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     elif device == "cuda":
         dev = torch.device("cuda", local_rank)
     else:
@@ -116,7 +120,9 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
             ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DistributedSetupError(f"device={str(device)!r} requested but CUDA is not available")
+            raise DistributedSetupError(
+                f"device={str(device)!r} requested but CUDA is not available"
+            )
         index = dev.index if dev.index is not None else local_rank
         if index >= torch.cuda.device_count():
             raise DistributedSetupError(
@@ -162,7 +168,9 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     if not dist.is_available():
         raise DistributedSetupError("this torch build has no torch.distributed support")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=rank, world_size=world
+    )
     return DistInfo(rank, world, local, dev, backend)
 
 

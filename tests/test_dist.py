@@ -7,8 +7,14 @@ from pretrain import dist as pdist
 from pretrain.dist import DistributedSetupError, init_distributed
 
 LAUNCH_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-    "MASTER_ADDR", "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
 )
 
 
@@ -21,10 +27,19 @@ def clean_env(monkeypatch):
 
 def test_single_process_without_env(clean_env):
     info = init_distributed("auto")
-    assert (info.rank, info.world_size, info.local_rank, info.backend) == (0, 1, 0, None)
+    assert (info.rank, info.world_size, info.local_rank, info.backend) == (
+        0,
+        1,
+        0,
+        None,
+    )
     assert info.is_main and not info.distributed
     assert info.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert pdist.get_rank() == 0 and pdist.get_world_size() == 1 and pdist.is_main_process()
+    assert (
+        pdist.get_rank() == 0
+        and pdist.get_world_size() == 1
+        and pdist.is_main_process()
+    )
     pdist.barrier()
     x = torch.randn(3, 2, requires_grad=True)
     assert pdist.all_gather_with_grad(x) is x
@@ -41,7 +56,11 @@ def test_torchrun_world_of_one(clean_env):
     clean_env.setenv("WORLD_SIZE", "1")
     clean_env.setenv("LOCAL_RANK", "0")
     info = init_distributed("cpu")
-    assert (info.world_size, info.backend, info.device) == (1, None, torch.device("cpu"))
+    assert (info.world_size, info.backend, info.device) == (
+        1,
+        None,
+        torch.device("cpu"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,7 +68,10 @@ def test_torchrun_world_of_one(clean_env):
     [
         ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "MASTER_ADDR"),
         ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
-        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}, "MASTER_ADDR"),
+        (
+            {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"},
+            "MASTER_ADDR",
+        ),
     ],
 )
 def test_multi_process_env_needs_master(clean_env, env, missing):
@@ -74,11 +96,17 @@ def test_slurm_env_is_read(clean_env):
     clean_env.setenv("SLURM_NTASKS", "1")
     clean_env.setenv("SLURM_LOCALID", "0")
     assert init_distributed("cpu").world_size == 1
-    assert pdist._read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8",
-                                   "SLURM_LOCALID": "1"})[:3] == (5, 8, 1)
+    assert pdist._read_launch_env(
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    )[:3] == (5, 8, 1)
     # torchrun variables win over SLURM's when both are present.
-    both = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-            "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}
+    both = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+    }
     assert pdist._read_launch_env(both)[:3] == (1, 2, 0)
 
 

@@ -18,8 +18,16 @@ from pretrain.loss import (
 KEYS = ("loss", "loss_ti", "loss_dia", "loss_off")
 
 
-def loop_imsvd_loss(z1, z2, bin_size, temperature=1.0, ti_coeff=1.0, dia_coeff=1.0,
-                    off_coeff=1.0, ti_mode="inner"):
+def loop_imsvd_loss(
+    z1,
+    z2,
+    bin_size,
+    temperature=1.0,
+    ti_coeff=1.0,
+    dia_coeff=1.0,
+    off_coeff=1.0,
+    ti_mode="inner",
+):
     """PROTOCOLS section 1 written with explicit loops over samples, variables and blocks."""
     z1, z2 = z1.double(), z2.double()
     n, d = z1.shape
@@ -29,18 +37,23 @@ def loop_imsvd_loss(z1, z2, bin_size, temperature=1.0, ti_coeff=1.0, dia_coeff=1
         q = torch.empty_like(z)
         for i in range(n):
             for v in range(m):
-                e = torch.exp(z[i, v * bin_size:(v + 1) * bin_size] / temperature)
-                q[i, v * bin_size:(v + 1) * bin_size] = torch.clamp(e / e.sum(), min=1e-8)
+                e = torch.exp(z[i, v * bin_size : (v + 1) * bin_size] / temperature)
+                q[i, v * bin_size : (v + 1) * bin_size] = torch.clamp(
+                    e / e.sum(), min=1e-8
+                )
         return q
 
     q1, q2 = discretize(z1), discretize(z2)
     ti = 0.0
     for i in range(n):
         for v in range(m):
-            a = q1[i, v * bin_size:(v + 1) * bin_size]
-            b = q2[i, v * bin_size:(v + 1) * bin_size]
-            ti = ti + (-math.log(float((a * b).sum())) if ti_mode == "inner"
-                       else -float((a * torch.log(b)).sum()))
+            a = q1[i, v * bin_size : (v + 1) * bin_size]
+            b = q2[i, v * bin_size : (v + 1) * bin_size]
+            ti = ti + (
+                -math.log(float((a * b).sum()))
+                if ti_mode == "inner"
+                else -float((a * torch.log(b)).sum())
+            )
     ti = ti / (n * m)
     dia, off = 0.0, 0.0
     for m1 in range(m):
@@ -66,7 +79,9 @@ def loop_imsvd_loss(z1, z2, bin_size, temperature=1.0, ti_coeff=1.0, dia_coeff=1
 def _inputs(n, d, seed=0, scale=1.0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     z1 = (scale * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
-    z2 = (z1.double() + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    z2 = (z1.double() + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(
+        dtype
+    )
     return z1.requires_grad_(), z2.requires_grad_()
 
 
@@ -96,7 +111,9 @@ def test_gradcheck_off_block_sum_float64():
     q2 = (torch.rand(4, 15, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
     for rows in (None, (0, 6), (6, 15), (3, 3)):
         assert torch.autograd.gradcheck(
-            lambda a, b: off_block_entropy_sum(a, b, 3, rows=rows, block_elems=2 * 3 * 15),
+            lambda a, b: off_block_entropy_sum(
+                a, b, 3, rows=rows, block_elems=2 * 3 * 15
+            ),
             (q1, q2),
         )
 
@@ -114,7 +131,12 @@ def _grads(out, z1, z2):
 
 @pytest.mark.parametrize(
     "n,d,b,block_elems",
-    [(32, 800, 80, 1 << 23), (24, 720, 80, 2 * 80 * 720 + 5), (17, 96, 8, 5 * 8 * 96), (64, 240, 16, 1)],
+    [
+        (32, 800, 80, 1 << 23),
+        (24, 720, 80, 2 * 80 * 720 + 5),
+        (17, 96, 8, 5 * 8 * 96),
+        (64, 240, 16, 1),
+    ],
 )
 @pytest.mark.parametrize(
     "kw",
@@ -144,11 +166,17 @@ def test_sharded_row_partials_add_up():
     full = off_block_entropy_sum(q1, q2, 8, block_elems=8 * 64)
     g_full = torch.autograd.grad(full, (q1, q2), retain_graph=True)
     for world in (2, 3, 8, 11):
-        parts = [off_block_entropy_sum(q1, q2, 8, rows=shard_rows(64, 8, r, world),
-                                       block_elems=8 * 64) for r in range(world)]
+        parts = [
+            off_block_entropy_sum(
+                q1, q2, 8, rows=shard_rows(64, 8, r, world), block_elems=8 * 64
+            )
+            for r in range(world)
+        ]
         total = sum(parts)
         torch.testing.assert_close(total, full, rtol=1e-6, atol=0)
-        for a, b in zip(torch.autograd.grad(total, (q1, q2), retain_graph=True), g_full):
+        for a, b in zip(
+            torch.autograd.grad(total, (q1, q2), retain_graph=True), g_full
+        ):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -190,7 +218,9 @@ def test_zero_coefficient_skips_joint_compute(monkeypatch):
     z1, z2 = _inputs(4, 16)
     out = IMSVDLoss(bin_size=8, off_coeff=0.0)(z1, z2)
     assert out["loss_off"].item() == 0.0
-    assert out["loss"].item() == pytest.approx((out["loss_ti"] + out["loss_dia"]).item())
+    assert out["loss"].item() == pytest.approx(
+        (out["loss_ti"] + out["loss_dia"]).item()
+    )
     with pytest.raises(AssertionError, match="off_coeff=0"):
         IMSVDLoss(bin_size=8)(z1, z2)
 
