@@ -251,3 +251,29 @@ def test_clear_errors():
     # One variable is fine when the off-block term is disabled.
     out = IMSVDLoss(bin_size=100, off_coeff=0.0)(z, z)
     assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast_dtype", [None, torch.float16, torch.bfloat16])
+def test_lean_equals_reference_cuda(autocast_dtype):
+    z1, z2 = (
+        z.detach().cuda().requires_grad_() for z in _inputs(64, 1600, seed=5, scale=3.0)
+    )
+    lean_crit = IMSVDLoss(bin_size=80, block_elems=3 * 80 * 1600)
+    ref_crit = IMSVDLoss(bin_size=80, impl="reference")
+    with torch.autocast(
+        "cuda",
+        dtype=autocast_dtype or torch.float16,
+        enabled=autocast_dtype is not None,
+    ):
+        w = torch.eye(1600, device="cuda")
+        a1, a2 = z1 @ w, z2 @ w  # in the autocast dtype when enabled
+        lean, ref = lean_crit(a1, a2), ref_crit(a1, a2)
+    for k in KEYS:
+        assert lean[k].dtype == torch.float32 and torch.isfinite(lean[k]), k
+        torch.testing.assert_close(lean[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+    for g_ref, g_lean in zip(_grads(ref, z1, z2), _grads(lean, z1, z2)):
+        torch.testing.assert_close(
+            g_lean, g_ref, rtol=1e-5, atol=1e-5 * g_ref.abs().max().item()
+        )
