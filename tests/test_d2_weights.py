@@ -1,0 +1,233 @@
+"""Torchvision -> Detectron2 weight conversion (no Detectron2 needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from pretrain.checkpoint import export_backbone, save_training_state
+from pretrain.model import IMSVDModel, Projector, build_backbone
+from transfer.d2_weights import (
+    D2ConversionError,
+    convert_torchvision_to_d2,
+    read_d2_pickle,
+    torchvision_key_to_d2,
+    write_d2_pickle,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_tool(name: str):
+    """Import a script of tools/ (not a package) by path."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_main = _load_tool("convert_to_d2").main
+
+
+def _randomised(sd: dict, seed: int = 0) -> dict:
+    """Random values everywhere (BN statistics included) so that equality checks mean something."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            out[k] = torch.rand(v.shape, generator=g) + 0.1
+        else:
+            out[k] = v.clone()
+    return out
+
+
+@pytest.mark.parametrize(
+    "tv_key, d2_key",
+    [
+        ("conv1.weight", "stem.conv1.weight"),
+        ("bn1.running_var", "stem.conv1.norm.running_var"),
+        ("layer1.0.conv2.weight", "res2.0.conv2.weight"),
+        ("layer2.3.bn3.bias", "res3.3.conv3.norm.bias"),
+        ("layer3.0.downsample.0.weight", "res4.0.shortcut.weight"),
+        ("layer4.0.downsample.1.running_mean", "res5.0.shortcut.norm.running_mean"),
+        ("layer4.2.bn1.weight", "res5.2.conv1.norm.weight"),
+        ("fc.weight", None),
+        ("layer1.0.bn1.num_batches_tracked", None),
+        ("module.conv1.weight", None),
+        ("layer5.0.conv1.weight", None),
+    ],
+)
+def test_key_renaming_table(tv_key, d2_key):
+    assert torchvision_key_to_d2(tv_key) == d2_key
+
+
+def test_round_trip_resnet50():
+    """torchvision -> d2 names -> back: a bijection on the backbone, values untouched."""
+    src = torchvision.models.resnet50()
+    sd = _randomised(src.state_dict())
+    blobs, report = convert_torchvision_to_d2(sd)
+
+    backbone_keys = [k for k in sd if not k.startswith("fc.") and "num_batches" not in k]
+    assert report.converted == len(blobs) == len(backbone_keys) == 265
+    assert sorted(report.dropped) == ["fc", "num_batches_tracked"]
+    assert report.dropped["fc"] == ["fc.weight", "fc.bias"]
+    assert len(report.dropped["num_batches_tracked"]) == 53
+    assert not any("num_batches_tracked" in k or k.startswith("fc") for k in blobs)
+    assert [k.split(".")[0] for k in blobs][:2] == ["stem", "stem"]
+    assert sum(report.stage_params.values()) == sum(int(sd[k].numel()) for k in backbone_keys)
+
+    inverse = {torchvision_key_to_d2(k): k for k in backbone_keys}
+    assert len(inverse) == len(backbone_keys)  # injective
+    restored = {inverse[name]: torch.from_numpy(arr) for name, arr in blobs.items()}
+    dst = torchvision.models.resnet50()
+    result = dst.load_state_dict(restored, strict=False)
+    assert result.unexpected_keys == []
+    # BatchNorm tolerates an absent num_batches_tracked (recent torch does not list it).
+    assert {"fc.weight", "fc.bias"} <= set(result.missing_keys)
+    assert all(k.startswith("fc.") or "num_batches" in k for k in result.missing_keys)
+    for k in backbone_keys:
+        assert blobs[torchvision_key_to_d2(k)].dtype == np.float32
+        torch.testing.assert_close(dst.state_dict()[k], sd[k], rtol=0, atol=0)
+
+
+def test_projector_dropped_and_half_precision_widened():
+    sd = {k: v.half() for k, v in torchvision.models.resnet18().state_dict().items()}
+    sd["projector.0.weight"] = torch.zeros(3, 3)
+    blobs, report = convert_torchvision_to_d2(sd)
+    assert report.dropped["projector"] == ["projector.0.weight"]
+    assert all(a.dtype == np.float32 for a in blobs.values())
+
+
+def test_unknown_keys_are_named():
+    sd = torchvision.models.resnet18().state_dict()
+    sd = {"module." + k: v for k, v in sd.items()}
+    with pytest.raises(D2ConversionError, match=r"module\.conv1\.weight"):
+        convert_torchvision_to_d2(sd)
+
+
+def test_incomplete_backbone_is_an_error():
+    sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "layer4" not in k}
+    with pytest.raises(D2ConversionError, match="res5"):
+        convert_torchvision_to_d2(sd)
+
+
+def test_pickle_format_atomic_and_no_overwrite(tmp_path):
+    blobs, _ = convert_torchvision_to_d2(torchvision.models.resnet18().state_dict())
+    out = tmp_path / "w.pkl"
+    write_d2_pickle(blobs, str(out))
+    with open(out, "rb") as f:
+        data = pickle.load(f)
+    assert set(data) == {"model", "__author__", "matching_heuristics"}
+    assert data["matching_heuristics"] is True and data["__author__"] == "IMSVD"
+    assert list(data["model"]) == list(blobs)
+    assert os.listdir(tmp_path) == ["w.pkl"]  # no temporary file left behind
+    with pytest.raises(D2ConversionError, match="already exists"):
+        write_d2_pickle(blobs, str(out))
+    write_d2_pickle({"stem.conv1.weight": np.zeros(1, np.float32)}, str(out), force=True)
+    assert list(read_d2_pickle(str(out))["model"]) == ["stem.conv1.weight"]
+    with pytest.raises(D2ConversionError, match="does not exist"):
+        write_d2_pickle(blobs, str(tmp_path / "missing" / "w.pkl"))
+
+
+# ------------------------------------------------------------------------------------------
+# The CLI on every checkpoint kind load_backbone accepts (ResNet-18 keeps the files small).
+# ------------------------------------------------------------------------------------------
+
+
+def _backbone_sd(seed: int = 1) -> dict:
+    return _randomised(build_backbone("resnet18", stem="standard").state_dict(), seed)
+
+
+def _write_kind(kind: str, path: str, sd: dict) -> None:
+    if kind == "exported":
+        export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
+    elif kind == "train_state":
+        model = IMSVDModel(build_backbone("resnet18"), Projector(512, "64-32"))
+        model.backbone.load_state_dict(sd)
+        cfg = {"model": {"arch": "resnet18", "stem": "standard", "projector": "64-32"}}
+        save_training_state(
+            path, model=model, optimizer=None, scaler=None, epoch=1, step=10, step_in_epoch=0,
+            config=cfg,
+        )  # fmt: skip
+    elif kind == "reference_model":  # IMSVD reference model.pth
+        model = {f"module.backbone.{k}": v for k, v in sd.items()}
+        model["module.projector.0.weight"] = torch.zeros(8, 512)
+        torch.save({"epoch": 5, "model": model, "optimizer": {"state": {}}}, path)
+    elif kind == "model_final":  # reference model_final.pth: bare backbone, no fc
+        torch.save(sd, path)
+    elif kind == "torchvision":  # e.g. VICReg / Barlow Twins resnet50.pth, or with fc
+        torch.save({**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, path)
+    elif kind == "moco":
+        state = {f"module.encoder_q.{k}": v for k, v in sd.items()}
+        state.update({f"module.encoder_k.{k}": v for k, v in sd.items()})
+        state["module.encoder_q.fc.0.weight"] = torch.zeros(512, 512)
+        state["module.encoder_q.fc.2.weight"] = torch.zeros(128, 512)
+        state["module.queue"] = torch.zeros(128, 16)
+        torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["exported", "train_state", "reference_model", "model_final", "torchvision", "moco"]
+)
+def test_convert_cli_each_kind(kind, tmp_path, capsys):
+    sd = _backbone_sd()
+    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pkl")
+    _write_kind(kind, src, sd)
+    assert convert_main([src, out]) == 0
+    printed = capsys.readouterr().out
+    expected = {torchvision_key_to_d2(k): v for k, v in sd.items() if "num_batches" not in k}
+    assert len(expected) == 100  # ResNet-18: 20 convs + 20 norms x 4 tensors
+    assert "converted 100 tensors" in printed and "arch resnet18" in printed
+
+    model = read_d2_pickle(out)["model"]
+    assert set(model) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(model[name], value.numpy())
+
+    # A second run refuses to overwrite, --force replaces the file.
+    assert convert_main([src, out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert convert_main([src, out, "--force"]) == 0
+
+
+def test_convert_cli_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    assert convert_main([str(bad), str(tmp_path / "o.pkl")]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o.pkl").exists()
+
+    missing = tmp_path / "nothing.pth"
+    assert convert_main([str(missing), str(tmp_path / "o.pkl")]) == 2
+    assert "nothing.pth" in capsys.readouterr().err
+
+    # A CIFAR-style 3x3 stem has no Detectron2 counterpart.
+    small = tmp_path / "small.pth"
+    sd = build_backbone("resnet18", stem="small").state_dict()
+    export_backbone(str(small), sd, arch="resnet18", stem="small", epoch=1, config=None)
+    assert convert_main([str(small), str(tmp_path / "o.pkl")]) == 2
+    assert "stem" in capsys.readouterr().err
+    assert not (tmp_path / "o.pkl").exists()
+
+
+def test_convert_script_runs_as_a_command(tmp_path):
+    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pkl")
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_to_d2.py"), src, out],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "converted 100 tensors" in proc.stdout and os.path.isfile(out)
