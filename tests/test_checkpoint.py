@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +29,7 @@ def _assert_same(a: dict, b: dict) -> None:
     assert list(a) == list(b) or set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_training_state_roundtrip(tmp_path: Path, trained) -> None:
     path = tmp_path / ckpt.checkpoint_name(3, 120)
     ckpt.save_training_state(
         path,
-        model=nn.DataParallel(model),  # wrapper must be removed from the key names
+        # the wrapper must vanish from the key names (a copy: DataParallel moves it to a GPU)
+        model=nn.DataParallel(copy.deepcopy(model)),
         optimizer=opt,
         scaler=scaler,
         epoch=3,
