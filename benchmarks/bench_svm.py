@@ -44,14 +44,26 @@ def run_reference(xtr, ytr, xte, yte, costs):
         means = []
         for cost in costs:
             clf = LinearSVC(
-                C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
-                loss="squared_hinge", tol=1e-4, max_iter=2000, dual=True,
+                C=cost,
+                class_weight={1: 2, -1: 1},
+                intercept_scaling=1.0,
+                penalty="l2",
+                loss="squared_hinge",
+                tol=1e-4,
+                max_iter=2000,
+                dual=True,
             )
             means.append(cross_val_score(clf, xtr, yb, cv=3, scoring="average_precision").mean())
         best = int(np.argmax(means))
         clf = LinearSVC(
-            C=costs[best], class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2",
-            loss="squared_hinge", tol=1e-4, max_iter=2000, dual=True,
+            C=costs[best],
+            class_weight={1: 2, -1: 1},
+            intercept_scaling=1.0,
+            penalty="l2",
+            loss="squared_hinge",
+            tol=1e-4,
+            max_iter=2000,
+            dual=True,
         ).fit(xtr, yb)
         aps.append(voc_ap(clf.decision_function(xte), yte[:, j]))
         chosen.append(best)
@@ -92,7 +104,9 @@ def main() -> None:
         warnings.simplefilter("ignore")  # liblinear ConvergenceWarning at large costs
         ref_map, ref_c = run_reference(xtr, ytr, xte, yte, costs)
     t_ref = time.perf_counter() - t0
-    print(f"features: train {xtr.shape}, test {xte.shape}, {args.classes} classes, {len(costs)} costs")
+    print(
+        f"features: train {xtr.shape}, test {xte.shape}, {args.classes} classes, {len(costs)} costs"
+    )
     print(f"reference (serial LinearSVC): {t_ref:8.2f} s   mAP {ref_map:.3f}")
     print(f"batched Newton (this repo):   {t_new:8.2f} s   mAP {new_map:.3f}")
     print(f"speed ratio ref/new: {t_ref / t_new:.2f}x   mAP difference: {new_map - ref_map:+.3f}")

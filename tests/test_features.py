@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from eval_helpers import make_image_tree, make_weights
+
 from pretrain.data import build_image_dataset
 from pretrain.transforms import eval_transform
 from transfer import features as feat_mod

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from eval_helpers import make_image_tree, make_weights, run_module
+
 from transfer.knn import knn_accuracy, knn_classify, main
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from eval_helpers import REPO, make_image_tree, make_weights, run_module
+
 from pretrain.config import load_config
 from transfer import linear
 from transfer.linear import LinearEvalError, LinearHead, lr_at_epoch, main, topk_accuracy
@@ -55,8 +55,10 @@ def tiny(tmp_path_factory):
 
 
 def _args(root, weights, out, *extra):
-    return ["--config", "linear_tiny", "--weights", str(weights), "--output-dir", str(out),
-            f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}", *extra]  # fmt: skip
+    return [
+        "--config", "linear_tiny", "--weights", str(weights), "--output-dir", str(out),
+        f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}", *extra,
+    ]  # fmt: skip
 
 
 def test_train_resume_and_results(tiny, tmp_path):

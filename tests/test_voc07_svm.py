@@ -7,11 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
+from eval_helpers import VOC_TINY_CLASSES, make_voc_tree, make_weights
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-from eval_helpers import VOC_TINY_CLASSES, make_voc_tree, make_weights
 from transfer.ap import step_ap, voc_ap
 from transfer.svm import SVMError, augment, cross_validate_svms, fit_batched
 from transfer.voc07_svm import COSTS, VOCError, find_voc2007, l2_normalize, main, read_split

@@ -223,8 +223,11 @@ def cached_features(
     """
     cache_dir = Path(cache_dir)
     stem = cache_dir / f"{split}_{layer}"
-    f_path, y_path, m_path = (Path(f"{stem}.feats.npy"), Path(f"{stem}.labels.npy"),
-                              Path(f"{stem}.json"))
+    f_path, y_path, m_path = (
+        Path(f"{stem}.feats.npy"),
+        Path(f"{stem}.labels.npy"),
+        Path(f"{stem}.json"),
+    )
     meta: dict[str, Any] = {
         "version": CACHE_VERSION,
         "weights_sha256": weights_sha256,

@@ -99,7 +99,9 @@ def _datasets(cfg: dict):
         raise ConfigError("linear eval needs data.train_root (or train_list) and data.val_root")
     train = build_image_dataset(d["train_root"] or None, d["train_list"] or None, train_tf)
     val = build_image_dataset(
-        d["val_root"] or None, d["val_list"] or None, eval_transform(int(d["resize"]), int(d["crop"]))
+        d["val_root"] or None,
+        d["val_list"] or None,
+        eval_transform(int(d["resize"]), int(d["crop"])),
     )
     return train, val
 
@@ -145,7 +147,9 @@ def train_linear(cfg: dict) -> dict:
     t = cfg["train"]
     world = info.world_size
     if int(t["batch_size"]) % world:
-        raise ConfigError(f"train.batch_size={t['batch_size']} is not divisible by {world} processes")
+        raise ConfigError(
+            f"train.batch_size={t['batch_size']} is not divisible by {world} processes"
+        )
     local_bs = int(t["batch_size"]) // world
     torch.manual_seed(int(cfg["seed"]))
     if info.is_main:

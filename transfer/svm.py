@@ -128,7 +128,12 @@ def _apply_precond(precond, r, idx):
 
 
 def _pcg(
-    xa: np.ndarray, dmask: np.ndarray, b: np.ndarray, precond: np.ndarray, rtol: float, max_iter: int
+    xa: np.ndarray,
+    dmask: np.ndarray,
+    b: np.ndarray,
+    precond: np.ndarray,
+    rtol: float,
+    max_iter: int,
 ) -> tuple[np.ndarray, int]:
     """Batched preconditioned CG for (I + 2 X^T diag(d_p) X) s_p = b_p, one column per problem."""
     s = np.zeros_like(b)
@@ -391,7 +396,13 @@ def cross_validate_liblinear(
     jobs = [(j, ci) for j in range(k) for ci in range(len(costs))]
     out = Parallel(n_jobs=n_jobs)(
         delayed(_liblinear_cv_job)(
-            feats, yb_all[:, j], folds[j], costs[ci], class_weight, intercept_scaling, tol,
+            feats,
+            yb_all[:, j],
+            folds[j],
+            costs[ci],
+            class_weight,
+            intercept_scaling,
+            tol,
             max_iter,
         )
         for j, ci in jobs
