@@ -5,8 +5,11 @@ Skipped when Detectron2 is not installed (tools/install_detectron2.py installs i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -25,13 +28,12 @@ from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
+from pretrain.checkpoint import export_backbone  # noqa: E402
 from transfer import train_net  # noqa: E402
 from transfer.d2_ext import single_process_norm  # noqa: E402
-from transfer.d2_weights import (  # noqa: E402
-    convert_torchvision_to_d2,
-    torchvision_key_to_d2,
-    write_d2_pickle,
-)
+from transfer.d2_weights import read_d2_pickle, torchvision_key_to_d2  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The only parameters a converted backbone cannot provide: the untrained heads.
 HEAD_PREFIXES = (
@@ -55,11 +57,21 @@ def _source_resnet50() -> dict:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    """This project's exported ResNet-50 backbone, converted by tools/convert_to_d2.py."""
     sd = _source_resnet50()
-    blobs, report = convert_torchvision_to_d2(sd)
-    path = str(tmp_path_factory.mktemp("w") / "r50.pkl")
-    write_d2_pickle(blobs, path)
-    return sd, blobs, report, path
+    folder = tmp_path_factory.mktemp("w")
+    exported, path = str(folder / "backbone.pth"), str(folder / "r50.pkl")
+    backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    export_backbone(exported, backbone, arch="resnet50", stem="standard", epoch=1, config=None)
+    spec = importlib.util.spec_from_file_location(
+        "convert_to_d2", os.path.join(REPO, "tools", "convert_to_d2.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    summary = tool.convert(exported, path)
+    print("\n" + summary)
+    blobs = read_d2_pickle(path)["model"]
+    return sd, blobs, summary, path
 
 
 def _cfg_from(name: str, *opts: str):
@@ -300,3 +312,12 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     )
     with pytest.raises(train_net.TrainNetError, match="MODEL.WEIGHTS is empty"):
         train_net.setup(args)
+
+
+def test_cli_bad_config_and_help():
+    script = os.path.join(REPO, "transfer", "train_net.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--config", "nope.yaml"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "config 'nope.yaml' not found" in proc.stderr
