@@ -231,3 +231,43 @@ def test_convert_script_runs_as_a_command(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "converted 100 tensors" in proc.stdout and os.path.isfile(out)
+
+
+# ------------------------------------------------------------------------------------------
+# tools/install_detectron2.py: the parts that need no download.
+# ------------------------------------------------------------------------------------------
+
+
+def test_install_numpy_alias_patch():
+    inst = _load_tool("install_detectron2")
+    src = (
+        "a = np.zeros(3).astype(np.bool)\nb = np.int64(1) + np.float32(2) + np.int(3)\nc = np.bool_"
+    )
+    out = inst._numpy2_aliases(src, "x.py")
+    assert (
+        out
+        == "a = np.zeros(3).astype(bool)\nb = np.int64(1) + np.float32(2) + int(3)\nc = np.bool_"
+    )
+    with pytest.raises(inst.InstallError, match="x.py"):
+        inst._numpy2_aliases("nothing here", "x.py")
+
+
+def test_install_c_import_patch_and_strictness():
+    inst = _load_tool("install_detectron2")
+    out = inst._tolerant_c_import("import torch\nfrom detectron2 import _C\n", "deform_conv.py")
+    namespace: dict = {}
+    exec(out.replace("import torch\n", ""), namespace)  # no detectron2._C here: must not raise
+    with pytest.raises(inst.InstallError, match="deform_conv.py"):
+        inst._tolerant_c_import("import torch\n", "deform_conv.py")
+
+
+def test_install_refuses_bad_sdist_hash(tmp_path, monkeypatch):
+    inst = _load_tool("install_detectron2")
+    fake = tmp_path / "pb1-detectron2-0.6.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    monkeypatch.setenv("IMSVD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(inst.InstallError, match="SHA-256"):
+        inst.main(["--python", sys.executable, "--force", "--rebuild", "--sdist", str(fake)])
+    assert not (tmp_path / "cache" / "wheels").exists() or not os.listdir(
+        tmp_path / "cache" / "wheels"
+    )
