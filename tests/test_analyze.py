@@ -152,6 +152,8 @@ def test_same_view_matrix_equals_direct_computation(tiny, capsys):
             1,
             "--gradcam-layer",
             "layer3",
+            "--device",
+            "cpu",  # the reference below runs on the CPU (CUDA convolutions may use TF32)
         ],
         capsys,
     )

@@ -481,9 +481,14 @@ def run_analysis(args: argparse.Namespace) -> dict[str, Any]:
     else:
         indices = list(range(n_total))
     views = AnalysisViews(base, indices, clean_tf, augment, args.seed)
+    # Shuffled: the independence floor pairs each sample with the one streamed before it, which
+    # in a class-sorted tree would be an image of the same class (a dependent pair). Every other
+    # statistic is a sum and does not depend on the order.
     loader = DataLoader(
         views,
         batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
     )

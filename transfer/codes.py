@@ -194,7 +194,9 @@ class JointAccumulator:
 
     Also streams the independence "floor" matrix (view 1 of sample i with view 2 of sample i - 1
     across batches; the first sample pairs with the last of its batch) and, when two distinct
-    views are given, the argmax agreement.
+    views are given, the argmax agreement. The floor assumes samples arrive in random order:
+    streaming a class-sorted folder in order pairs images of the same class, which are not
+    independent (the analysis CLI shuffles).
 
     Args:
         dim: D.
