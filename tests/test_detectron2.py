@@ -278,6 +278,9 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path):
     print("bbox AP %.2f  segm AP %.2f" % (res["bbox"]["AP"], res["segm"]["AP"]))
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     assert os.path.isfile(os.path.join(out, "config.yaml"))
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)["results"][tiny_coco]
+    assert saved["bbox"]["AP"] == res["bbox"]["AP"] and saved["segm"]["APl"] is None
     with open(os.path.join(out, "last_checkpoint")) as f:
         assert f.read().strip() == "model_final.pth"
     first_run = _train_iters(out)
@@ -321,3 +324,35 @@ def test_cli_bad_config_and_help():
     )
     assert proc.returncode == 2
     assert "config 'nope.yaml' not found" in proc.stderr
+
+
+def test_evaluator_scores_ground_truth_as_perfect(tiny_coco, tmp_path):
+    """The evaluator train_net builds (official COCO API without the C++ ops) gives AP 100 on GT."""
+    from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
+
+    cfg = _cfg_from("mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path))
+    evaluator = train_net.Trainer.build_evaluator(cfg, tiny_coco)
+    evaluator.reset()
+    for record in DatasetCatalog.get(tiny_coco):
+        h, w = record["height"], record["width"]
+        anns = record["annotations"]
+        inst = Instances((h, w))
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        inst.scores = torch.ones(len(anns))
+        inst.pred_classes = torch.tensor([a["category_id"] for a in anns])
+        masks = []
+        for a in anns:
+            segm = a["segmentation"]
+            if isinstance(segm, list):
+                rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
+            elif isinstance(segm["counts"], list):
+                rle = mask_util.frPyObjects(segm, h, w)
+            else:
+                rle = segm
+            masks.append(torch.from_numpy(mask_util.decode(rle).astype(bool)))
+        inst.pred_masks = BitMasks(torch.stack(masks)).tensor
+        evaluator.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    res = evaluator.evaluate()
+    assert res["bbox"]["AP"] == pytest.approx(100.0)
+    assert res["segm"]["AP"] == pytest.approx(100.0)

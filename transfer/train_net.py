@@ -35,6 +35,7 @@ from detectron2.evaluation import (
     verify_results,
 )
 
+from pretrain.log import print_table, write_json_atomic
 from transfer.d2_ext import has_cpp_ops, single_process_norm
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -127,6 +128,38 @@ def setup(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
+def save_results(cfg: CfgNode, results: Dict, config_file: str = "") -> None:
+    """Write the evaluation results to OUTPUT_DIR/results.json and print the headline table.
+
+    Args:
+        cfg: the run's config.
+        config_file: the config file the run started from (recorded).
+        results: Detectron2's results ({dataset: {task: metrics}} or, for a single test
+            dataset, {task: metrics}).
+    """
+    if not results or not comm.is_main_process():
+        return
+    if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        results = {cfg.DATASETS.TEST[0]: results}
+    # NaN (e.g. APl on a set without large objects) is not valid JSON: write null instead.
+    clean = {
+        ds: {
+            task: {k: (None if v != v else float(v)) for k, v in m.items()} for task, m in r.items()
+        }
+        for ds, r in results.items()
+    }
+    write_json_atomic(
+        {"config_file": config_file, "weights": cfg.MODEL.WEIGHTS, "results": clean},
+        os.path.join(cfg.OUTPUT_DIR, "results.json"),
+    )  # fmt: skip
+    rows = [
+        {"dataset": ds, "task": task, **{k: m.get(k) for k in ("AP", "AP50", "AP75")}}
+        for ds, r in clean.items()
+        for task, m in r.items()
+    ]
+    print_table(rows, title="Detectron2 evaluation (results.json)")
+
+
 def main(args: argparse.Namespace) -> Dict:
     """Train (or evaluate with --eval-only) and return the evaluation results.
 
@@ -145,12 +178,15 @@ def main(args: argparse.Namespace) -> Dict:
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
+        save_results(cfg, results, args.config_file)
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     # The final evaluation hook stores its results on the trainer.
-    return getattr(trainer, "_last_eval_results", None) or OrderedDict()
+    results = getattr(trainer, "_last_eval_results", None) or OrderedDict()
+    save_results(cfg, results, args.config_file)
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
