@@ -315,6 +315,12 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     )
     with pytest.raises(train_net.TrainNetError, match="MODEL.WEIGHTS is empty"):
         train_net.setup(args)
+    # --resume without a checkpoint to resume from is no excuse for random weights either.
+    args = train_net.build_parser().parse_args(
+        ["--config", "mask_rcnn_C4_instant_test.yaml", "--resume", "OUTPUT_DIR", str(tmp_path)]
+    )
+    with pytest.raises(train_net.TrainNetError, match="last_checkpoint"):
+        train_net.setup(args)
 
 
 def test_cli_bad_config_and_help():

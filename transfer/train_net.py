@@ -111,11 +111,13 @@ def setup(args: argparse.Namespace) -> CfgNode:
         changed = single_process_norm(cfg)
         if changed:
             logger.warning("one process: SyncBN -> BN for %s", ", ".join(changed))
-    if not cfg.MODEL.WEIGHTS and not args.resume:
-        # Never train from random weights by accident.
+    resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not cfg.MODEL.WEIGHTS and not resumable:
+        # Never train from random weights by accident (Detectron2 would, silently).
         raise TrainNetError(
-            "MODEL.WEIGHTS is empty: pass MODEL.WEIGHTS path/to/weights.pkl "
-            "(made by tools/convert_to_d2.py) or a trained model_final.pth"
+            "MODEL.WEIGHTS is empty and there is no OUTPUT_DIR/last_checkpoint to resume: pass "
+            "MODEL.WEIGHTS path/to/weights.pkl (made by tools/convert_to_d2.py) or a trained "
+            "model_final.pth"
         )
     if (
         cfg.MODEL.WEIGHTS
@@ -133,9 +135,9 @@ def save_results(cfg: CfgNode, results: Dict, config_file: str = "") -> None:
 
     Args:
         cfg: the run's config.
-        config_file: the config file the run started from (recorded).
         results: Detectron2's results ({dataset: {task: metrics}} or, for a single test
             dataset, {task: metrics}).
+        config_file: the config file the run started from (recorded).
     """
     if not results or not comm.is_main_process():
         return
