@@ -90,16 +90,10 @@ def single_worker(args: argparse.Namespace) -> Dict[str, float]:
         _step(crit, z1, z2)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return {
-        "loss": loss,
-        "first_s": first,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "peak_mib": peak / 2**20,
-    }
+    return {"loss": loss, "first_s": first, "times": times, "peak_mib": peak / 2**20}
 
 
-def _run_single(args: argparse.Namespace, impl: str, dim: int) -> Dict[str, float]:
+def _run_single(args: argparse.Namespace, impl: str, dim: int) -> Dict:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -122,9 +116,17 @@ def _run_single(args: argparse.Namespace, impl: str, dim: int) -> Dict[str, floa
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _dist_worker(
-    rank: int, world: int, port: int, args: argparse.Namespace, queue
-) -> None:
+def _summary(runs: List[Dict]) -> Dict[str, float]:
+    times = [t for r in runs for t in r["times"]]
+    return {
+        "loss": runs[0]["loss"],
+        "median_s": statistics.median(times),
+        "first_s": statistics.median(r["first_s"] for r in runs),
+        "peak_mib": max(r["peak_mib"] for r in runs),
+    }
+
+
+def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
     # The benchmark acts as the launcher here (as torchrun would): it sets the rendezvous env.
     os.environ.update(
         RANK=str(rank),
@@ -141,23 +143,24 @@ def _dist_worker(
     z1, z2 = _inputs(args.n, args.dist_dim, info.device)
     z1 = z1.detach()[rank * local_n : (rank + 1) * local_n].clone().requires_grad_()
     z2 = z2.detach()[rank * local_n : (rank + 1) * local_n].clone().requires_grad_()
-    result = {}
-    for name, impl, shard in (
-        ("lean_unsharded", "lean", False),
-        ("lean_sharded", "lean", True),
-        ("reference", "reference", False),
-    ):
-        crit = IMSVDLoss(bin_size=args.bin_size, impl=impl, shard=shard)
+    crits = {
+        "lean_unsharded": IMSVDLoss(bin_size=args.bin_size, impl="lean", shard=False),
+        "lean_sharded": IMSVDLoss(bin_size=args.bin_size, impl="lean", shard=True),
+        "reference": IMSVDLoss(bin_size=args.bin_size, impl="reference"),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in crits}
+    for crit in crits.values():
         _step(crit, z1, z2)  # warm-up
-        times = []
-        for _ in range(args.repeats):
+    # Interleave the variants so that load from other work on the machine hits them alike.
+    for _ in range(args.repeats * args.rounds):
+        for name, crit in crits.items():
             pdist.barrier()
             _sync(info.device)
             t0 = time.perf_counter()
             _step(crit, z1, z2)
             _sync(info.device)
-            times.append(time.perf_counter() - t0)
-        result[name] = statistics.median(times)
+            times[name].append(time.perf_counter() - t0)
+    result = {name: statistics.median(t) for name, t in times.items()}
     queue.put((rank, result))
     pdist.barrier()
     pdist.cleanup()
@@ -194,14 +197,13 @@ def _load() -> str:
 
 
 def main(argv: List[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--n", type=int, default=256, help="global batch size")
     p.add_argument("--dims", type=int, nargs="+", default=[16320, 8160])
     p.add_argument("--bin-size", type=int, default=80)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per process")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per variant")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--dist-dim", type=int, default=8160)
     p.add_argument(
@@ -223,17 +225,22 @@ def main(argv: List[str] | None = None) -> None:
 
     print(
         f"device={args.device} N={args.n} B={args.bin_size} repeats={args.repeats} "
-        f"torch threads={torch.get_num_threads()} load avg at start: {_load()}"
+        f"rounds={args.rounds} torch threads={torch.get_num_threads()} load avg at start: {_load()}"
     )
     if not args.skip_single:
         print(
             "\n[one process] forward+backward of the loss; median time of the repeats, "
-            "peak memory of the first call"
+            "peak memory of the first call (max over rounds)"
         )
         print(f"{'D':>6} {'metric':>12} {'reference':>11} {'lean':>11} {'ratio':>7}")
         for dim in args.dims:
-            ref = _run_single(args, "reference", dim)
-            lean = _run_single(args, "lean", dim)
+            # Alternate fresh processes (ref, lean, ref, lean, ...) so that load from other work
+            # on the machine hits both variants alike; pool the timed repeats of all rounds.
+            runs: Dict[str, List[Dict]] = {"reference": [], "lean": []}
+            for _ in range(args.rounds):
+                for impl in runs:
+                    runs[impl].append(_run_single(args, impl, dim))
+            ref, lean = _summary(runs["reference"]), _summary(runs["lean"])
             rel = abs(lean["loss"] - ref["loss"]) / abs(ref["loss"])
             for key, label in (
                 ("median_s", "time [s]"),
@@ -257,12 +264,8 @@ def main(argv: List[str] | None = None) -> None:
                 f"per-rank time of forward+backward (slowest rank, median)"
             )
             print(f"  reference (all rows, materialised P): {res['reference']:.3f} s")
-            print(
-                f"  lean, unsharded (reference figure):   {res['lean_unsharded']:.3f} s"
-            )
-            print(
-                f"  lean, sharded (new figure):           {res['lean_sharded']:.3f} s"
-            )
+            print(f"  lean, unsharded (reference figure):   {res['lean_unsharded']:.3f} s")
+            print(f"  lean, sharded (new figure):           {res['lean_sharded']:.3f} s")
             print(
                 f"  ratio sharded / unsharded:            "
                 f"{res['lean_sharded'] / res['lean_unsharded']:.3f}"
