@@ -35,8 +35,12 @@ def run_variant(args, precision: str, channels_last: bool, compile_: bool) -> fl
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(
-        {"arch": args.arch, "stem": args.stem, "projector": args.projector,
-         "zero_init_residual": True}
+        {
+            "arch": args.arch,
+            "stem": args.stem,
+            "projector": args.projector,
+            "zero_init_residual": True,
+        }
     ).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -45,13 +49,17 @@ def run_variant(args, precision: str, channels_last: bool, compile_: bool) -> fl
     opt = LARS(param_groups(model), lr=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     x1 = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(
-        memory_format=fmt)
+        memory_format=fmt
+    )
     x2 = torch.randn_like(x1)
     dtype = DTYPES[precision]
 
     def step():
-        ctx = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
         with ctx:
             z1, z2 = fwd(x1), fwd(x2)
         loss = crit(z1.float(), z2.float())["loss"]
@@ -99,8 +107,10 @@ def main() -> None:
         variants.append(("fp16", True, False))
     if args.compile:
         variants += [(prec, True, True) for prec in ("bf16",)]
-    print(f"device {args.device}, {args.arch} ({args.stem}) {args.size}px, batch {args.batch} x 2 "
-          f"views, projector {args.projector}, torch {torch.__version__}")
+    print(
+        f"device {args.device}, {args.arch} ({args.stem}) {args.size}px, batch {args.batch} x 2 "
+        f"views, projector {args.projector}, torch {torch.__version__}"
+    )
     ref = None
     print(f"{'variant':34s} {'images/s':>10s} {'ratio':>7s}")
     for prec, cl, comp in variants:

@@ -103,7 +103,11 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         self.log.info(
             "process %d/%d on %s (backend %s); output %s",
-            self.info.rank, self.info.world_size, self.info.device, self.info.backend, self.out,
+            self.info.rank,
+            self.info.world_size,
+            self.info.device,
+            self.info.backend,
+            self.out,
         )
         torch.manual_seed(cfg["train"]["seed"] + self.info.rank)
 
@@ -183,9 +187,7 @@ class Trainer:
             ckpt.restore_rng_state(rng)
         else:  # per-rank streams were not saved for this world size: fresh, rank-distinct seeds
             torch.manual_seed(self.cfg["train"]["seed"] + self.info.rank + int(state["step"]))
-        self.log.info(
-            "resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"]
-        )
+        self.log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
         return int(state["epoch"]), int(state["step_in_epoch"]), int(state["step"])
 
     def _save(self, epoch: int, step_in_epoch: int, step: int) -> None:
@@ -224,8 +226,12 @@ class Trainer:
         self.log.info(
             "training %d steps (%d per epoch, %d per process per step, peak lr %.4g, "
             "warm-up %d steps) from step %d",
-            self.total_steps, self.steps_per_epoch, self.batch_per_rank, self.peak_lr,
-            self.warmup_steps, step,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.batch_per_rank,
+            self.peak_lr,
+            self.warmup_steps,
+            step,
         )
         meters: dict[str, AverageMeter] = {}
         last: dict[str, float] = {}
@@ -234,8 +240,11 @@ class Trainer:
         imgs_since = 0
         self.ddp.train()
         bar = progress(
-            range(step, self.total_steps), total=self.total_steps, desc="pretrain",
-            rank=info.rank, initial=step,
+            range(step, self.total_steps),
+            total=self.total_steps,
+            desc="pretrain",
+            rank=info.rank,
+            initial=step,
         )
         bar_iter = iter(bar)
         try:
@@ -246,7 +255,10 @@ class Trainer:
                     if step >= self.total_steps:
                         break
                     lr = lr_at(
-                        step, self.total_steps, self.warmup_steps, self.peak_lr,
+                        step,
+                        self.total_steps,
+                        self.warmup_steps,
+                        self.peak_lr,
                         cfg["optim"]["final_lr_ratio"],
                     )
                     set_lr(self.optimizer, lr)
@@ -258,8 +270,10 @@ class Trainer:
                     loss = losses["loss"]
                     # one collective per step: [ranks with a non-finite loss, ranks signalled]
                     flags = torch.stack(
-                        [(~torch.isfinite(loss.detach())).float(),
-                         torch.tensor(float(stop.local), device=loss.device)]
+                        [
+                            (~torch.isfinite(loss.detach())).float(),
+                            torch.tensor(float(stop.local), device=loss.device),
+                        ]
                     )
                     bad, stop_now = dist.all_reduce_sum(flags).tolist()
                     if bad > 0:
@@ -283,7 +297,8 @@ class Trainer:
                         now = time.perf_counter()
                         last = {k: m.avg for k, m in meters.items()}
                         last.update(
-                            lr=lr, epoch=epoch + i / self.steps_per_epoch,
+                            lr=lr,
+                            epoch=epoch + i / self.steps_per_epoch,
                             images_per_s=imgs_since / max(now - t_log, 1e-9),
                             skipped_images=self.loader.pop_skipped(),
                         )
@@ -292,16 +307,26 @@ class Trainer:
                         if tr["monitors"]:
                             last.update(
                                 code_monitors(
-                                    z1.detach(), z2.detach(), cfg["loss"]["bin_size"],
-                                    cfg["loss"]["temperature"], step=step,
+                                    z1.detach(),
+                                    z2.detach(),
+                                    cfg["loss"]["bin_size"],
+                                    cfg["loss"]["temperature"],
+                                    step=step,
                                 )
                             )
                         writer.write(step, last)
                         self.log.info(
                             "ep %d step %d/%d loss %.4f (ti %.4f dia %.4f off %.4f) lr %.4g "
                             "%.1f img/s",
-                            epoch, step, self.total_steps, last["loss"], last["loss_ti"],
-                            last["loss_dia"], last["loss_off"], lr, last["images_per_s"],
+                            epoch,
+                            step,
+                            self.total_steps,
+                            last["loss"],
+                            last["loss_ti"],
+                            last["loss_dia"],
+                            last["loss_off"],
+                            lr,
+                            last["images_per_s"],
                         )
                         meters = {}
                         t_log, imgs_since = now, 0
@@ -311,7 +336,8 @@ class Trainer:
                         status = "preempted"
                         self.log.warning(
                             "signal %s received: checkpoint written at step %d; exiting cleanly",
-                            stop.signum, step,
+                            stop.signum,
+                            step,
                         )
                         break
                     if every_steps > 0 and step % every_steps == 0 and i < self.steps_per_epoch:
@@ -350,8 +376,9 @@ class Trainer:
             "step": step,
             "epoch": epoch,
             "backbone": str(backbone_path) if backbone_path else None,
-            "last_metrics": {k: v for k, v in last.items() if not isinstance(v, float)
-                             or math.isfinite(v)},
+            "last_metrics": {
+                k: v for k, v in last.items() if not isinstance(v, float) or math.isfinite(v)
+            },
         }
 
 

@@ -21,8 +21,16 @@ from PIL import Image
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_PACKAGE = "dataset-fashion-mnist"
 CLASSES = (
-    "t-shirt_top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+    "t-shirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
 )
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -56,9 +64,10 @@ def ensure_installed(data_dir: Path = DEFAULT_DIR, allow_install: bool = True) -
     if allow_install and shutil.which("apt-get"):
         if os.geteuid() == 0:
             cmd = ["apt-get", "install", "-y", APT_PACKAGE]
-        elif shutil.which("sudo") and subprocess.run(
-            ["sudo", "-n", "true"], capture_output=True
-        ).returncode == 0:
+        elif (
+            shutil.which("sudo")
+            and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+        ):
             cmd = ["sudo", "-n", "apt-get", "install", "-y", APT_PACKAGE]
         else:
             cmd = None
@@ -81,7 +90,7 @@ def read_idx(path: Path) -> np.ndarray:
     """Read a gzipped idx file (images: N x 28 x 28 uint8; labels: N uint8)."""
     with gzip.open(path, "rb") as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise ValueError(f"{path}: not an idx uint8 file (magic {magic:#x})")

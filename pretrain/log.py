@@ -41,9 +41,7 @@ def setup_logging(
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         fname = "log.txt" if rank == 0 else f"log_rank{rank}.txt"
         fh = logging.FileHandler(Path(output_dir) / fname)
-        fh.setFormatter(
-            logging.Formatter(f"[%(asctime)s rank{rank} %(levelname)s] %(message)s")
-        )
+        fh.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank} %(levelname)s] %(message)s"))
         logger.addHandler(fh)
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())

@@ -1,6 +1,6 @@
 """Command line for IMSVD pretraining (launched by tools/pretrain.sh through torchrun).
 
-    python -m pretrain.main --config configs/pretrain/imsvd_r50_100ep.yaml data.root=/imagenet/train
+python -m pretrain.main --config configs/pretrain/imsvd_r50_100ep.yaml data.root=/imagenet/train
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
     return base_lr * global_batch / reference_batch
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float) -> float:
+def lr_at(
+    step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float
+) -> float:
     """Learning rate at ``step`` (0-based): linear warm-up from 0, then cosine to final_ratio*peak.
 
     Args:

@@ -17,9 +17,15 @@ def test_paper_recipe_values():
     assert cfg["model"]["projector"] == "8192-8160"
     assert cfg["loss"]["bin_size"] == 80
     assert cfg["optim"] == {
-        "name": "lars", "base_lr": 0.6, "reference_batch": 256, "momentum": 0.9,
-        "weight_decay": 1e-6, "eta": 0.001, "exclude_bias_and_norm": True,
-        "warmup_epochs": 10.0, "final_lr_ratio": 0.001,
+        "name": "lars",
+        "base_lr": 0.6,
+        "reference_batch": 256,
+        "momentum": 0.9,
+        "weight_decay": 1e-6,
+        "eta": 0.001,
+        "exclude_bias_and_norm": True,
+        "warmup_epochs": 10.0,
+        "final_lr_ratio": 0.001,
     }
     assert cfg["train"]["batch_size"] == 2048 and cfg["train"]["epochs"] == 100
     assert cfg["train"]["precision"] == "fp16" and cfg["train"]["sync_bn"] is True

@@ -33,7 +33,10 @@ def test_smoke_through_launcher(tmp_path):
     env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     res = subprocess.run(
         ["bash", str(REPO / "tools/pretrain.sh"), str(SMOKE), f"checkpoint.output_dir={out}"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "pretraining finished at step 4" in res.stdout
@@ -61,16 +64,24 @@ def test_training_changes_weights_and_logs_metrics(tmp_path):
     summary = engine.train(cfg)
     assert summary["status"] == "finished" and summary["step"] == 4
     final = _final_state(tmp_path / "a")
-    changed = [k for k in final if final[k].dtype.is_floating_point
-               and not torch.equal(final[k], init[k])]
+    changed = [
+        k for k in final if final[k].dtype.is_floating_point and not torch.equal(final[k], init[k])
+    ]
     assert len(changed) > 10
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
     import json
 
     row = json.loads(lines[-1])
-    for key in ("loss", "loss_ti", "loss_dia", "loss_off", "lr", "mon/onehot_0.9",
-                "mon/marginal_entropy"):
+    for key in (
+        "loss",
+        "loss_ti",
+        "loss_dia",
+        "loss_off",
+        "lr",
+        "mon/onehot_0.9",
+        "mon/marginal_entropy",
+    ):
         assert key in row
 
 
@@ -124,15 +135,28 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
 def test_config_errors_are_clear(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "pretrain.main", "--config", str(SMOKE), "train.batchsize=4"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert res.returncode == 2 and "unknown config key 'train.batchsize'" in res.stderr
     assert "Traceback" not in res.stderr
     res = subprocess.run(
-        [sys.executable, "-m", "pretrain.main", "--config", str(SMOKE),
-         f"checkpoint.output_dir={tmp_path}", "data.kind=imagefolder",
-         f"data.root={tmp_path / 'missing'}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pretrain.main",
+            "--config",
+            str(SMOKE),
+            f"checkpoint.output_dir={tmp_path}",
+            "data.kind=imagefolder",
+            f"data.root={tmp_path / 'missing'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(ValueError, match="multiple of bin_size"):
@@ -143,9 +167,20 @@ def test_config_errors_are_clear(tmp_path):
 def test_sigterm_subprocess_exits_cleanly(tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pretrain.main", "--config", str(SMOKE),
-         f"checkpoint.output_dir={out}", "train.epochs=50", "checkpoint.every_steps=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "pretrain.main",
+            "--config",
+            str(SMOKE),
+            f"checkpoint.output_dir={out}",
+            "train.epochs=50",
+            "checkpoint.every_steps=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
     )
     deadline = time.time() + 300
     lines = []
@@ -170,7 +205,10 @@ def test_two_process_gloo_run(tmp_path):
     env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
     res = subprocess.run(
         ["bash", str(REPO / "tools/pretrain.sh"), str(SMOKE), f"checkpoint.output_dir={out}"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "process 0/2" in res.stdout

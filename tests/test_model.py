@@ -54,8 +54,9 @@ def test_projector_layout():
 
 
 def test_build_model_forward():
-    m = build_model({"arch": "resnet18", "stem": "small", "projector": "64-160",
-                     "zero_init_residual": True})
+    m = build_model(
+        {"arch": "resnet18", "stem": "small", "projector": "64-160", "zero_init_residual": True}
+    )
     out = m(torch.randn(4, 3, 16, 16))
     assert out.shape == (4, 160)
 

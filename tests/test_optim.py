@@ -12,8 +12,13 @@ from pretrain.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr
 def test_lars_step_by_hand():
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     b = nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}],
-               lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.01)
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}],
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=0.1,
+        eta=0.01,
+    )
     gw = torch.tensor([[0.6, 0.8]])
     gb = torch.tensor([2.0])
     # step 1: g' = g + wd*w = [0.9, 1.2] (norm 1.5); trust = 0.01 * 5 / 1.5
@@ -53,8 +58,13 @@ def test_param_groups_exclude_bias_and_norm():
 
 def test_build_optimizer_and_errors():
     model = nn.Linear(3, 2)
-    cfg = {"name": "lars", "momentum": 0.9, "weight_decay": 1e-6, "eta": 0.001,
-           "exclude_bias_and_norm": True}
+    cfg = {
+        "name": "lars",
+        "momentum": 0.9,
+        "weight_decay": 1e-6,
+        "eta": 0.001,
+        "exclude_bias_and_norm": True,
+    }
     assert isinstance(build_optimizer(model, cfg, 0.1), LARS)
     assert isinstance(build_optimizer(model, {**cfg, "name": "sgd"}, 0.1), torch.optim.SGD)
     with pytest.raises(ValueError, match="optim.name"):

@@ -33,14 +33,17 @@ from pretrain.fashion_mnist import (  # noqa: E402
 from pretrain.log import print_table, write_json_atomic  # noqa: E402
 from pretrain.transforms import eval_transform  # noqa: E402
 from transfer.features import backbone_from_weights, extract_features  # noqa: E402
-from transfer.knn import knn_classify  # noqa: E402
+from transfer.knn import knn_accuracy  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs/pretrain/imsvd_demo.yaml"))
-    p.add_argument("--data-cache", default=str(ROOT / ".cache/fashion_mnist"),
-                   help="where the image tree is exported")
+    p.add_argument(
+        "--data-cache",
+        default=str(ROOT / ".cache/fashion_mnist"),
+        help="where the image tree is exported",
+    )
     p.add_argument("--bank", type=int, default=10000, help="kNN bank: first N train images")
     p.add_argument("--test", type=int, default=2000, help="first N test images")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
@@ -53,11 +56,7 @@ def _raw_pixel_knn(bank: int, test: int) -> dict:
     xtr = xtr[:bank].reshape(bank, -1).astype(np.float32)
     xte = xte[:test].reshape(test, -1).astype(np.float32)
     mean = xtr.mean(axis=0, keepdims=True)
-    res = knn_classify(
-        torch.from_numpy(xtr - mean), torch.from_numpy(ytr[:bank]),
-        torch.from_numpy(xte - mean), torch.from_numpy(yte[:test]), ks=(20, 200),
-    )
-    return res
+    return knn_accuracy(xtr - mean, ytr[:bank], xte - mean, yte[:test], ks=(20, 200))
 
 
 def _features_knn(weights: str | None, cfg: dict, tree: Path, bank: int, test: int) -> dict:
@@ -81,10 +80,7 @@ def _features_knn(weights: str | None, cfg: dict, tree: Path, bank: int, test: i
     test_idx = _indices_below(test_ds, test)
     ftr, ytr = extract_features(model, torch.utils.data.Subset(train_ds, bank_idx), batch_size=256)
     fte, yte = extract_features(model, torch.utils.data.Subset(test_ds, test_idx), batch_size=256)
-    return knn_classify(
-        torch.from_numpy(ftr), torch.from_numpy(ytr), torch.from_numpy(fte),
-        torch.from_numpy(yte), ks=(20, 200),
-    )
+    return knn_accuracy(ftr, ytr, fte, yte, ks=(20, 200))
 
 
 def _indices_below(ds, n: int) -> list[int]:
@@ -101,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tree = export_image_tree(Path(args.data_cache))
     try:
-        cfg = load_config(
-            args.config, [f"data.root={tree / 'train'}", *args.overrides]
-        )
+        cfg = load_config(args.config, [f"data.root={tree / 'train'}", *args.overrides])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -125,27 +119,37 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in [
         ("raw pixels (mean-centred)", lambda: _raw_pixel_knn(args.bank, args.test)),
         ("ResNet at random init", lambda: _features_knn(None, cfg, tree, args.bank, args.test)),
-        ("ResNet after IMSVD", lambda: _features_knn(summary["backbone"], cfg, tree,
-                                                      args.bank, args.test)),
+        (
+            "ResNet after IMSVD",
+            lambda: _features_knn(summary["backbone"], cfg, tree, args.bank, args.test),
+        ),
     ]:
         res = fn()
         results[name] = res
-        rows.append({"features": name, "kNN top-1 k=20 (%)": res["top1"][20],
-                     "k=200 (%)": res["top1"][200]})
+        rows.append(
+            {"features": name, "kNN top-1 k=20 (%)": res["top1_k20"], "k=200 (%)": res["top1_k200"]}
+        )
     t_eval = time.perf_counter() - t2
-    print_table(rows, title=f"\nFashion-MNIST weighted kNN (cosine, T=0.07), bank = first "
-                            f"{args.bank} train images, test = first {args.test} test images")
+    print_table(
+        rows,
+        title=f"\nFashion-MNIST weighted kNN (cosine, T=0.07), bank = first "
+        f"{args.bank} train images, test = first {args.test} test images",
+    )
     out = Path(cfg["checkpoint"]["output_dir"])
     report = {
-        "knn": {k: {"top1": {str(kk): vv for kk, vv in v["top1"].items()}} for k, v in
-                results.items()},
-        "bank": args.bank, "test": args.test, "steps": summary["step"],
-        "pretrain_minutes": round(t_train / 60, 2), "eval_minutes": round(t_eval / 60, 2),
+        "knn": results,
+        "bank": args.bank,
+        "test": args.test,
+        "steps": summary["step"],
+        "pretrain_minutes": round(t_train / 60, 2),
+        "eval_minutes": round(t_eval / 60, 2),
         "backbone": summary["backbone"],
     }
     write_json_atomic(report, out / "demo_results.json")
-    print(f"\n[demo] checkpoint: {summary['backbone']}\n[demo] results: {out / 'demo_results.json'}"
-          f"\n[demo] total {(time.perf_counter() - t0) / 60:.1f} min")
+    print(
+        f"\n[demo] checkpoint: {summary['backbone']}\n[demo] results: {out / 'demo_results.json'}"
+        f"\n[demo] total {(time.perf_counter() - t0) / 60:.1f} min"
+    )
     return 0
 
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the CUDA paths: engine training steps under fp16 (GradScaler) and bf16
+# autocast, the IMSVD loss benchmark, training-step throughput, and Detectron2 Mask R-CNN C4
+# (convert -> instant train -> COCO eval) on CUDA. Prints everything; writes logs to $OUT.
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+set -u
+OUT=${OUT:-/tmp/imsvd_gpu_check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi -L || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+for p in fp16 bf16; do
+  echo "== engine smoke on CUDA, $p"
+  timeout 90 $PY -m pretrain.main --config configs/pretrain/imsvd_smoke.yaml train.device=cuda \
+    train.precision=$p data.pipeline=fast train.channels_last=true \
+    checkpoint.output_dir="$OUT/smoke_$p" 2>&1 | grep -E "step 4/4|finished|error|Error" | tail -3
+done
+echo "== loss benchmark (CUDA)"
+timeout 100 $PY benchmarks/bench_loss.py --device cuda --repeats 3 --skip-dist 2>&1 | tail -12
+echo "== train-step throughput (CUDA, ResNet-50, 224 px, batch 64 x 2 views)"
+timeout 120 $PY benchmarks/bench_train_step.py --device cuda --arch resnet50 --stem standard \
+  --size 224 --batch 64 --projector 8192-8160 --steps 5 --rounds 3 2>&1 | tail -6
+echo "== Detectron2 Mask R-CNN C4 on CUDA (instant config)"
+timeout 150 $PY - "$OUT" <<'PYEOF' 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -12
+import importlib.util, os, sys, time
+out = sys.argv[1]
+spec = importlib.util.spec_from_file_location("t_d2", "tests/test_detectron2.py")
+t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+from pretrain.checkpoint import export_backbone
+from transfer import train_net
+sd = t._source_resnet50()
+bb = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+export_backbone(f"{out}/bb.pth", bb, arch="resnet50", stem="standard", epoch=1, config=None)
+spec2 = importlib.util.spec_from_file_location("c", "tools/convert_to_d2.py")
+c = importlib.util.module_from_spec(spec2); spec2.loader.exec_module(c)
+print(c.convert(f"{out}/bb.pth", f"{out}/r50.pkl"))
+ann = t._make_tiny_coco(f"{out}/coco")
+register_coco_instances("gpu_tiny", {}, ann, f"{out}/coco/images")
+t0 = time.perf_counter()
+res = train_net.main(t._instant_args(f"{out}/r50.pkl", f"{out}/d2", "gpu_tiny", "MODEL.DEVICE", "cuda"))
+print("d2 cuda instant train+eval: %.1f s" % (time.perf_counter() - t0))
+r = res.get("gpu_tiny", res)
+print("bbox AP %.2f segm AP %.2f" % (r["bbox"]["AP"], r["segm"]["AP"]))
+PYEOF
+echo "== done"
