@@ -103,11 +103,7 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
     if isinstance(device, torch.device):
         dev = device
     elif device == "auto":
-        dev = (
-            torch.device("cuda", local_rank)
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     elif device == "cuda":
         dev = torch.device("cuda", local_rank)
     else:
@@ -152,9 +148,7 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     rank, world, local, source = _read_launch_env(env)
     dev = _resolve_device(device, local)
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(
-            dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend()
-        )
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1:
@@ -168,9 +162,7 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     if not dist.is_available():
         raise DistributedSetupError("this torch build has no torch.distributed support")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend=backend, init_method="env://", rank=rank, world_size=world
-    )
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     return DistInfo(rank, world, local, dev, backend)
 
 

@@ -69,9 +69,7 @@ def _check_dim(d: int, bin_size: int) -> int:
     return d // bin_size
 
 
-def soft_discretize(
-    z: torch.Tensor, bin_size: int, temperature: float = 1.0
-) -> torch.Tensor:
+def soft_discretize(z: torch.Tensor, bin_size: int, temperature: float = 1.0) -> torch.Tensor:
     """Softmax over each group of ``bin_size`` units, clamped at 1e-8.
 
     Args:
@@ -89,9 +87,7 @@ def soft_discretize(
     return torch.clamp(q, min=CLAMP_MIN).reshape(n, d)
 
 
-def _ti_term(
-    q1: torch.Tensor, q2: torch.Tensor, bin_size: int, mode: str
-) -> torch.Tensor:
+def _ti_term(q1: torch.Tensor, q2: torch.Tensor, bin_size: int, mode: str) -> torch.Tensor:
     n, d = q1.shape
     q1 = q1.reshape(n, d // bin_size, bin_size)
     q2 = q2.reshape(n, d // bin_size, bin_size)
@@ -179,9 +175,7 @@ def shard_rows(dim: int, bin_size: int, rank: int, world_size: int) -> Tuple[int
         (start, stop) row indices, multiples of bin_size (possibly empty when M < world_size).
     """
     m = dim // bin_size
-    return (m * rank // world_size) * bin_size, (
-        m * (rank + 1) // world_size
-    ) * bin_size
+    return (m * rank // world_size) * bin_size, (m * (rank + 1) // world_size) * bin_size
 
 
 def _block_rows(dim: int, bin_size: int, block_elems: int) -> int:
@@ -218,9 +212,7 @@ class _OffBlockEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         n, d = q1.shape
         m = d // bin_size
-        q1s_t = (
-            (q1 / n).t().contiguous()
-        )  # D x N: row slices are contiguous (rows of P)
+        q1s_t = (q1 / n).t().contiguous()  # D x N: row slices are contiguous (rows of P)
         q2 = q2.contiguous()
         rows_per_block = _block_rows(d, bin_size, block_elems)
         buf_rows = min(rows_per_block, max(stop - start, 1))
@@ -237,30 +229,22 @@ class _OffBlockEntropy(torch.autograd.Function):
             logp = torch.log(p, out=lbuf[:rows])
             plogp = p.mul_(logp)
             # Diagonal blocks of the row variables v0..v0+nv: element [k, :, v0 + k, :].
-            plogp.view(nv, bin_size, m, bin_size).diagonal(
-                offset=v0, dim1=0, dim2=2
-            ).zero_()
+            plogp.view(nv, bin_size, m, bin_size).diagonal(offset=v0, dim1=0, dim2=2).zero_()
             total += plogp.sum()
             if want_grad:
-                logp.view(nv, bin_size, m, bin_size).diagonal(
-                    offset=v0, dim1=0, dim2=2
-                ).zero_()
+                logp.view(nv, bin_size, m, bin_size).diagonal(offset=v0, dim1=0, dim2=2).zero_()
                 torch.mm(logp, q2.t(), out=grad1_t[r0:r1])
                 grad2.addmm_(q1s_t[r0:r1].t(), logp)
         if want_grad:
             # "+1" part of G, see the class docstring.
             bins2 = q2.reshape(n, m, bin_size).sum(-1)  # n x M
-            plus1 = (bins2.sum(1, keepdim=True) - bins2).repeat_interleave(
-                bin_size, dim=1
-            )
+            plus1 = (bins2.sum(1, keepdim=True) - bins2).repeat_interleave(bin_size, dim=1)
             grad1_t[start:stop] += plus1[:, start:stop].t()
             grad1_t.div_(n)
             bins1 = q1s_t.t().reshape(n, m, bin_size).sum(-1)
             bins1[:, : start // bin_size] = 0
             bins1[:, stop // bin_size :] = 0
-            grad2 += (bins1.sum(1, keepdim=True) - bins1).repeat_interleave(
-                bin_size, dim=1
-            )
+            grad2 += (bins1.sum(1, keepdim=True) - bins1).repeat_interleave(bin_size, dim=1)
             ctx.grads = (grad1_t.t(), grad2)
         return total.to(q1.dtype)
 
@@ -291,9 +275,7 @@ def off_block_entropy_sum(
     """
     n, d = q1.shape
     if q2.shape != q1.shape:
-        raise LossConfigError(
-            f"q1 and q2 shapes differ: {tuple(q1.shape)} vs {tuple(q2.shape)}"
-        )
+        raise LossConfigError(f"q1 and q2 shapes differ: {tuple(q1.shape)} vs {tuple(q2.shape)}")
     _check_dim(d, bin_size)
     start, stop = rows if rows is not None else (0, d)
     if not (0 <= start <= stop <= d and start % bin_size == 0 and stop % bin_size == 0):
@@ -415,16 +397,12 @@ class IMSVDLoss(nn.Module):
         with torch.autocast(device_type=z1.device.type, enabled=False):
             return self._lean(z1, z2, m)
 
-    def _lean(
-        self, z1: torch.Tensor, z2: torch.Tensor, m: int
-    ) -> Dict[str, torch.Tensor]:
+    def _lean(self, z1: torch.Tensor, z2: torch.Tensor, m: int) -> Dict[str, torch.Tensor]:
         b = self.bin_size
         q1 = soft_discretize(z1, b, self.temperature)
         q2 = soft_discretize(z2, b, self.temperature)
         zero = q1.new_zeros(())
-        loss_ti = (
-            self.ti_coeff * _ti_term(q1, q2, b, self.ti_mode) if self.ti_coeff else zero
-        )
+        loss_ti = self.ti_coeff * _ti_term(q1, q2, b, self.ti_mode) if self.ti_coeff else zero
         loss_dia, loss_off = zero, zero
         if self.dia_coeff or self.off_coeff:
             g1, g2 = all_gather_with_grad(q1), all_gather_with_grad(q2)

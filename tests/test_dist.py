@@ -35,11 +35,7 @@ def test_single_process_without_env(clean_env):
     )
     assert info.is_main and not info.distributed
     assert info.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert (
-        pdist.get_rank() == 0
-        and pdist.get_world_size() == 1
-        and pdist.is_main_process()
-    )
+    assert pdist.get_rank() == 0 and pdist.get_world_size() == 1 and pdist.is_main_process()
     pdist.barrier()
     x = torch.randn(3, 2, requires_grad=True)
     assert pdist.all_gather_with_grad(x) is x
@@ -96,9 +92,9 @@ def test_slurm_env_is_read(clean_env):
     clean_env.setenv("SLURM_NTASKS", "1")
     clean_env.setenv("SLURM_LOCALID", "0")
     assert init_distributed("cpu").world_size == 1
-    assert pdist._read_launch_env(
-        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
-    )[:3] == (5, 8, 1)
+    assert pdist._read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})[
+        :3
+    ] == (5, 8, 1)
     # torchrun variables win over SLURM's when both are present.
     both = {
         "RANK": "1",

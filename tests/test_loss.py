@@ -38,9 +38,7 @@ def loop_imsvd_loss(
         for i in range(n):
             for v in range(m):
                 e = torch.exp(z[i, v * bin_size : (v + 1) * bin_size] / temperature)
-                q[i, v * bin_size : (v + 1) * bin_size] = torch.clamp(
-                    e / e.sum(), min=1e-8
-                )
+                q[i, v * bin_size : (v + 1) * bin_size] = torch.clamp(e / e.sum(), min=1e-8)
         return q
 
     q1, q2 = discretize(z1), discretize(z2)
@@ -79,9 +77,7 @@ def loop_imsvd_loss(
 def _inputs(n, d, seed=0, scale=1.0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     z1 = (scale * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
-    z2 = (z1.double() + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(
-        dtype
-    )
+    z2 = (z1.double() + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
     return z1.requires_grad_(), z2.requires_grad_()
 
 
@@ -111,9 +107,7 @@ def test_gradcheck_off_block_sum_float64():
     q2 = (torch.rand(4, 15, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
     for rows in (None, (0, 6), (6, 15), (3, 3)):
         assert torch.autograd.gradcheck(
-            lambda a, b: off_block_entropy_sum(
-                a, b, 3, rows=rows, block_elems=2 * 3 * 15
-            ),
+            lambda a, b: off_block_entropy_sum(a, b, 3, rows=rows, block_elems=2 * 3 * 15),
             (q1, q2),
         )
 
@@ -167,16 +161,12 @@ def test_sharded_row_partials_add_up():
     g_full = torch.autograd.grad(full, (q1, q2), retain_graph=True)
     for world in (2, 3, 8, 11):
         parts = [
-            off_block_entropy_sum(
-                q1, q2, 8, rows=shard_rows(64, 8, r, world), block_elems=8 * 64
-            )
+            off_block_entropy_sum(q1, q2, 8, rows=shard_rows(64, 8, r, world), block_elems=8 * 64)
             for r in range(world)
         ]
         total = sum(parts)
         torch.testing.assert_close(total, full, rtol=1e-6, atol=0)
-        for a, b in zip(
-            torch.autograd.grad(total, (q1, q2), retain_graph=True), g_full
-        ):
+        for a, b in zip(torch.autograd.grad(total, (q1, q2), retain_graph=True), g_full):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -218,9 +208,7 @@ def test_zero_coefficient_skips_joint_compute(monkeypatch):
     z1, z2 = _inputs(4, 16)
     out = IMSVDLoss(bin_size=8, off_coeff=0.0)(z1, z2)
     assert out["loss_off"].item() == 0.0
-    assert out["loss"].item() == pytest.approx(
-        (out["loss_ti"] + out["loss_dia"]).item()
-    )
+    assert out["loss"].item() == pytest.approx((out["loss_ti"] + out["loss_dia"]).item())
     with pytest.raises(AssertionError, match="off_coeff=0"):
         IMSVDLoss(bin_size=8)(z1, z2)
 
@@ -257,9 +245,7 @@ def test_clear_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast_dtype", [None, torch.float16, torch.bfloat16])
 def test_lean_equals_reference_cuda(autocast_dtype):
-    z1, z2 = (
-        z.detach().cuda().requires_grad_() for z in _inputs(64, 1600, seed=5, scale=3.0)
-    )
+    z1, z2 = (z.detach().cuda().requires_grad_() for z in _inputs(64, 1600, seed=5, scale=3.0))
     lean_crit = IMSVDLoss(bin_size=80, block_elems=3 * 80 * 1600)
     ref_crit = IMSVDLoss(bin_size=80, impl="reference")
     with torch.autocast(
@@ -274,6 +260,4 @@ def test_lean_equals_reference_cuda(autocast_dtype):
         assert lean[k].dtype == torch.float32 and torch.isfinite(lean[k]), k
         torch.testing.assert_close(lean[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
     for g_ref, g_lean in zip(_grads(ref, z1, z2), _grads(lean, z1, z2)):
-        torch.testing.assert_close(
-            g_lean, g_ref, rtol=1e-5, atol=1e-5 * g_ref.abs().max().item()
-        )
+        torch.testing.assert_close(g_lean, g_ref, rtol=1e-5, atol=1e-5 * g_ref.abs().max().item())

@@ -73,16 +73,11 @@ def _worker(rank, world, port, out_dir):
         results[i] = (values, grad)
 
     # Helpers with unequal first dims: rank r holds r + 1 rows.
-    local = (
-        torch.arange((rank + 1) * 3, dtype=torch.float32).reshape(rank + 1, 3)
-        + 10 * rank
-    )
+    local = torch.arange((rank + 1) * 3, dtype=torch.float32).reshape(rank + 1, 3) + 10 * rank
     results["gather"] = all_gather_tensor(local)
     leaf = local.clone().requires_grad_()
     gathered = all_gather_with_grad(leaf)
-    weights = torch.arange(gathered.numel(), dtype=torch.float32).reshape(
-        gathered.shape
-    )
+    weights = torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape)
     (weights * gathered).sum().backward()
     results["gather_grad"] = leaf.grad
     results["reduced"] = all_reduce_sum(torch.full((2,), float(rank + 1)))
@@ -104,9 +99,7 @@ def two_rank_results(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 
-@pytest.mark.parametrize(
-    "case", range(len(CASES)), ids=[f"{c[0]}-shard{c[1]}" for c in CASES]
-)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c[0]}-shard{c[1]}" for c in CASES])
 def test_two_ranks_equal_one_process(two_rank_results, case):
     impl, shard, kw = CASES[case]
     x1, x2, weight = _problem()
@@ -116,25 +109,18 @@ def test_two_ranks_equal_one_process(two_rank_results, case):
         # The joint terms use the gathered batch: every rank holds the whole-batch value.
         for k in ("loss_dia", "loss_off"):
             assert got_values[k] == pytest.approx(values[k], rel=1e-5, abs=1e-7), k
-        torch.testing.assert_close(
-            got_grad, grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item()
-        )
+        torch.testing.assert_close(got_grad, grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
     # TI is a per-rank mean over the local half: the mean over ranks (what DDP optimises) is the
     # whole-batch value, and so is the mean of the total loss.
     for k in ("loss_ti", "loss"):
         mean = sum(r[case][0][k] for r in two_rank_results) / len(two_rank_results)
         assert mean == pytest.approx(values[k], rel=1e-5, abs=1e-7), k
     if values["loss_ti"] != 0.0:
-        assert (
-            two_rank_results[0][case][0]["loss_ti"]
-            != two_rank_results[1][case][0]["loss_ti"]
-        )
+        assert two_rank_results[0][case][0]["loss_ti"] != two_rank_results[1][case][0]["loss_ti"]
 
 
 def test_two_rank_helpers(two_rank_results):
-    expected = torch.cat(
-        [torch.arange(3.0).reshape(1, 3), torch.arange(6.0).reshape(2, 3) + 10]
-    )
+    expected = torch.cat([torch.arange(3.0).reshape(1, 3), torch.arange(6.0).reshape(2, 3) + 10])
     for rank, res in enumerate(two_rank_results):
         torch.testing.assert_close(res["gather"], expected)
         torch.testing.assert_close(res["reduced"], torch.full((2,), 3.0))
