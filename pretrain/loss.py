@@ -187,9 +187,9 @@ class _OffBlockEntropy(torch.autograd.Function):
     """S = sum over off-diagonal blocks of p log p, for the rows [start, stop) of P = q1^T q2 / N.
 
     Forward sweeps P in blocks of whole variables (rows), so the diagonal B x B block of each row
-    variable lies inside the block and is masked out there (off-block sum = full row sum minus
-    the diagonal-block part). With G = dS/dP = (log P + 1) on off-block entries and 0 on
-    diagonal-block entries:
+    variable lies inside the block and is zeroed there before the block is summed (off-block
+    sum = full sum minus the diagonal blocks, without the cancellation of a subtraction).
+    With G = dS/dP = (log P + 1) on off-block entries and 0 on diagonal-block entries:
 
         dS/dq1[:, rows] = q2 G^T / N,        dS/dq2 = q1[:, rows] G / N.
 
