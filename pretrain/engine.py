@@ -167,6 +167,7 @@ class Trainer:
             off_coeff=lc["off_coeff"],
             ti_mode=lc["ti_mode"],
             impl=lc["impl"],
+            shard=lc["shard"],
         )
         use_scaler = tr["precision"] == "fp16"
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
