@@ -19,6 +19,7 @@ where c_ip = C * class_weight[y_ip] for training samples and 0 for samples outsi
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -44,16 +45,42 @@ def _objective(w: np.ndarray, viol: np.ndarray, c: np.ndarray) -> np.ndarray:
     return 0.5 * np.einsum("dp,dp->p", w, w) + np.einsum("np,np->p", c, viol * viol)
 
 
+class SolverSetup:
+    """Quantities shared by every problem on the same features (computed once per feature set).
+
+    Attributes:
+        xa: (n, D) float64 augmented features; xa32 / xa32t: float32 copies for CG products.
+        eig: leading eigenpairs (values, vectors) of xa^T xa, for the CG preconditioner.
+        kernel: (n, n) Gram matrix xa xa^T for the direct dual solves, or None when n is too
+            large to hold it (then only CG is used).
+    """
+
+    def __init__(self, xa: np.ndarray, max_kernel_rows: int = 12000) -> None:
+        self.xa = np.ascontiguousarray(xa, dtype=np.float64)
+        self.xa32 = self.xa.astype(np.float32)
+        self.xa32t = np.ascontiguousarray(self.xa32.T)
+        self.eig = _top_eig(self.xa, rank=min(64, self.xa.shape[1]))
+        n = self.xa.shape[0]
+        self.kernel = self.xa @ self.xa.T if n <= max_kernel_rows else None
+
+
 def fit_batched(
     xa: np.ndarray,
     y: np.ndarray,
     c: np.ndarray,
     w0: np.ndarray | None = None,
-    tol: float = 1e-4,
+    tol: float = 1e-6,
     max_newton: int = 100,
     max_cg: int = 500,
+    setup: SolverSetup | None = None,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Solve P squared-hinge linear SVMs on shared features by batched truncated Newton.
+    """Solve P squared-hinge linear SVMs on shared features by batched Newton iterations.
+
+    Each Newton direction is exact where the problem's margin-violating set A is small (the
+    minimiser of the quadratic on A, from an |A| x |A| dual system on the Gram matrix) and
+    approximate otherwise (preconditioned CG, batched over problems); an exact line search on
+    the true objective follows. Both give liblinear's optimum; only the path differs.
 
     Args:
         xa: (n, D) float64 augmented features (see :func:`augment`).
@@ -63,9 +90,15 @@ def fit_batched(
         tol: stop a problem when ||grad|| <= tol * ||grad at w=0||.
         max_newton: Newton iterations cap.
         max_cg: conjugate-gradient iterations cap per Newton step.
+        setup: precomputed :class:`SolverSetup` for ``xa`` (built here when None).
+        threads: parallel direct solves (default: every core).
     Returns:
-        (w, info): w is (D, P); info has "newton_iters", "cg_iters" and "converged" (P,) bool.
+        (w, info): w is (D, P); info has "newton_iters", "cg_iters", "direct_solves" and
+        "converged" (P,) bool.
     """
+    setup = setup or SolverSetup(xa)
+    threads = threads or os.cpu_count() or 1
+    xa = setup.xa
     n, dim = xa.shape
     if y.shape != c.shape or y.shape[0] != n:
         raise SVMError(f"fit_batched: xa {xa.shape}, y {y.shape}, c {c.shape} disagree")
@@ -74,15 +107,13 @@ def fit_batched(
     cy = c * y
     g0 = np.linalg.norm(2.0 * (xa.T @ cy), axis=0)
     g0 = np.where(g0 > 0, g0, 1.0)
-    xa2t = (xa * xa).T
-    eig = None
-    if PRECOND == "eig":
-        lam, vec = np.linalg.eigh(xa.T @ xa)
-        eig = (np.maximum(lam, 0.0), vec)
     z = xa @ w
     active = np.arange(p_all)
     converged = np.zeros(p_all, dtype=bool)
-    newton_iters = cg_total = 0
+    newton_iters = cg_total = direct_total = 0
+    # a direct solve costs ~|A|^3 / 3 flops, a CG solve ~ (iterations) * 4 n D: prefer the
+    # direct solve while it is cheaper than about 30 CG iterations
+    direct_max = int((3 * 30 * 4 * n * dim) ** (1 / 3)) if setup.kernel is not None else 0
     for _ in range(max_newton):
         if active.size == 0:
             break
@@ -100,67 +131,124 @@ def fit_batched(
             if active.size == 0:
                 break
             wa, ya, ca, cya = wa[:, keep], ya[:, keep], ca[:, keep], cya[:, keep]
-            m, viol, grad, gnorm = m[:, keep], viol[:, keep], grad[:, keep], gnorm[keep]
+            m, grad = m[:, keep], grad[:, keep]
         dmask = ca * (m < 1.0)
-        if eig is not None:
-            gamma = 2.0 * dmask.sum(axis=0) / n
-            precond = (eig[0], eig[1], gamma)
-        else:
-            precond = 1.0 + 2.0 * (xa2t @ dmask)
-        s, iters = _pcg(xa, dmask, -grad, precond, rtol=0.1, max_iter=max_cg)
-        cg_total += iters
+        n_act = (dmask > 0).sum(axis=0)
+        direct = n_act <= direct_max
+        s = np.empty_like(wa)
+        if direct.any():
+            cols = np.nonzero(direct)[0]
+            dirs = _map_threads(
+                lambda col: _direct_direction(setup, ya[:, col], dmask[:, col]), cols, threads
+            )
+            for col, d in zip(cols, dirs):
+                s[:, col] = d - wa[:, col]
+            direct_total += int(cols.size)
+        if (~direct).any():
+            cols = np.nonzero(~direct)[0]
+            precond = (setup.eig[0], setup.eig[1], 2.0 * dmask[:, cols].sum(axis=0) / n)
+            s[:, cols], iters = _pcg(setup, dmask[:, cols], -grad[:, cols], precond, 0.1, max_cg)
+            cg_total += iters
         u = ya * (xa @ s)
         t = _line_search(wa, s, m, u, ca)
         w[:, active] = wa + t * s
         z[:, active] += t * (ya * u)  # ya * ya = 1: back to raw scores
-    info = {"newton_iters": newton_iters, "cg_iters": cg_total, "converged": converged}
+    info = {
+        "newton_iters": newton_iters,
+        "cg_iters": cg_total,
+        "direct_solves": direct_total,
+        "converged": converged,
+    }
     return w, info
 
 
-PRECOND = "eig"
+def _map_threads(fn, items, threads: int) -> list:
+    """``[fn(i) for i in items]`` on a thread pool, BLAS single-threaded inside each task.
+
+    The direct solves are independent, moderate-size LAPACK calls (they release the GIL):
+    one per core beats one multi-threaded factorisation at a time.
+    """
+    if threads <= 1 or len(items) == 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
 
 
-def _apply_precond(precond, r, idx):
-    if isinstance(precond, tuple):
-        lam, vec, gamma = precond
-        return vec @ ((vec.T @ r) / (1.0 + np.outer(lam, gamma[idx])))
-    return r / precond[:, idx]
+def _direct_direction(setup: SolverSetup, y: np.ndarray, dcost: np.ndarray) -> np.ndarray:
+    """Minimiser of 0.5||w||^2 + sum_A c_i (1 - y_i w.x_i)^2 over the violating set A.
+
+    Stationarity gives w = sum_A alpha_i y_i x_i with (Q_AA + diag(1 / (2 c_A))) alpha = 1,
+    Q_ij = y_i y_j x_i.x_j: an |A| x |A| positive-definite system on the Gram matrix.
+    """
+    from scipy.linalg import cho_factor, cho_solve
+
+    a = np.nonzero(dcost > 0)[0]
+    if a.size == 0:
+        return np.zeros(setup.xa.shape[1])
+    ya = y[a]
+    q = setup.kernel[np.ix_(a, a)] * np.outer(ya, ya)
+    q[np.diag_indices_from(q)] += 1.0 / (2.0 * dcost[a])
+    alpha = cho_solve(cho_factor(q, lower=True, check_finite=False), np.ones(a.size))
+    return setup.xa[a].T @ (alpha * ya)
+
+
+def _top_eig(xa: np.ndarray, rank: int, iters: int = 4, seed: int = 0):
+    """Leading ``rank`` eigenpairs of xa^T xa by randomized subspace iteration (no D^3 work)."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(xa.T @ (xa @ rng.normal(size=(xa.shape[1], rank))))[0]
+    for _ in range(iters):
+        q = np.linalg.qr(xa.T @ (xa @ q))[0]
+    small = q.T @ (xa.T @ (xa @ q))
+    lam, u = np.linalg.eigh((small + small.T) / 2)
+    return np.maximum(lam, 0.0), q @ u
+
+
+def _apply_precond(precond, r: np.ndarray) -> np.ndarray:
+    # inverse of M_p = I + gamma_p V diag(lam) V^T: the leading eigen-directions of X^T X
+    # scaled by problem p's mean curvature weight gamma_p. Pooled CNN features are strongly
+    # correlated, and these few directions are what makes the Newton system ill-conditioned
+    lam, vec, gamma = precond
+    shrink = np.outer(lam, gamma) / (1.0 + np.outer(lam, gamma))
+    return r - vec @ (shrink * (vec.T @ r))
 
 
 def _pcg(
-    xa: np.ndarray,
+    setup: SolverSetup,
     dmask: np.ndarray,
     b: np.ndarray,
-    precond: np.ndarray,
+    precond: tuple,
     rtol: float,
     max_iter: int,
 ) -> tuple[np.ndarray, int]:
     """Batched preconditioned CG for (I + 2 X^T diag(d_p) X) s_p = b_p, one column per problem."""
     s = np.zeros_like(b)
-    xa32 = xa.astype(np.float32)
-    xa32t = np.ascontiguousarray(xa32.T)
     dmask32 = dmask.astype(np.float32)
     r = b.copy()
-    zr = _apply_precond(precond, r, np.arange(b.shape[1]))
+    zr = _apply_precond(precond, r)
     pdir = zr.copy()
     rz = np.einsum("dp,dp->p", r, zr)
     bnorm = np.linalg.norm(b, axis=0)
     live = np.ones(b.shape[1], dtype=bool)
+    lam, vec, gamma = precond
     it = 0
     for it in range(1, max_iter + 1):
         idx = np.nonzero(live)[0]
         pd = pdir[:, idx]
         # float32 products: the direction only needs to be approximate (the gradient, objective
         # and line search stay float64), and they halve the cost of the dominant operation
-        pd32 = pd.astype(np.float32)
-        hp = pd + 2.0 * (xa32t @ (dmask32[:, idx] * (xa32 @ pd32))).astype(np.float64)
+        prod = setup.xa32t @ (dmask32[:, idx] * (setup.xa32 @ pd.astype(np.float32)))
+        hp = pd + 2.0 * prod.astype(np.float64)
         php = np.einsum("dp,dp->p", pd, hp)
         alpha = rz[idx] / np.where(php > 0, php, 1.0)
         s[:, idx] += alpha * pd
         r[:, idx] -= alpha * hp
         rn = np.linalg.norm(r[:, idx], axis=0)
         finished = rn <= rtol * bnorm[idx]
-        zr_i = _apply_precond(precond, r[:, idx], idx)
+        zr_i = _apply_precond((lam, vec, gamma[idx]), r[:, idx])
         rz_new = np.einsum("dp,dp->p", r[:, idx], zr_i)
         beta = rz_new / np.where(rz[idx] > 0, rz[idx], 1.0)
         pdir[:, idx] = zr_i + beta * pd
@@ -225,7 +313,6 @@ class CVResult:
         cv_ap: (K, n_costs, n_folds) held-out AP per class, cost and fold.
         best_cost_index: (K,) index of the chosen cost (first maximum of the fold mean).
         weights: (K, D) refit weights on all training rows at the chosen cost (bias last).
-        refit_weights: (K, n_costs, D) refit weights at every cost.
         stats: solver iteration counts.
     """
 
@@ -233,7 +320,6 @@ class CVResult:
     cv_ap: np.ndarray
     best_cost_index: np.ndarray
     weights: np.ndarray
-    refit_weights: np.ndarray
     stats: dict
 
 
@@ -244,7 +330,7 @@ def cross_validate_svms(
     class_weight: Mapping[int, float] | None = None,
     n_folds: int = 3,
     intercept_scaling: float = 1.0,
-    tol: float = 1e-4,
+    tol: float = 1e-6,
     max_newton: int = 100,
 ) -> CVResult:
     """Per class: K-fold CV of every cost by held-out AP, pick the best, refit on all rows.
@@ -277,10 +363,10 @@ def cross_validate_svms(
     xa = augment(feats, intercept_scaling)
     yb = binary_labels(labels)  # (n, K)
     base_c = np.where(yb > 0, class_weight[1], class_weight[-1])
-    # problems: (class, fold) for each CV fold plus one "all rows" refit problem per class
+    # problems: one per (class, fold), column j * n_folds + f; all share the features
     folds = [stratified_folds(yb[:, j], n_folds) for j in range(k)]
-    nf = n_folds + 1
-    y_p = np.repeat(yb, nf, axis=1)  # column j * nf + f
+    nf = n_folds
+    y_p = np.repeat(yb, nf, axis=1)
     mask = np.ones((n, k * nf))
     for j in range(k):
         for f, test_idx in enumerate(folds[j]):
@@ -288,31 +374,43 @@ def cross_validate_svms(
     c_base = np.repeat(base_c, nf, axis=1) * mask
     order = np.argsort(costs, kind="stable")
     cv_ap = np.zeros((k, len(costs), n_folds))
-    refit = np.zeros((k, len(costs), xa.shape[1]))
+    fold_w = np.zeros((len(costs), xa.shape[1], k * nf))
     w = None
-    stats = {"newton_iters": 0, "cg_iters": 0, "unconverged": 0}
-    for ci in order:
-        w, info = fit_batched(xa, y_p, costs[ci] * c_base, w0=w, tol=tol, max_newton=max_newton)
-        stats["newton_iters"] += info["newton_iters"]
-        stats["cg_iters"] += info["cg_iters"]
+    setup = SolverSetup(xa)
+    stats = {"newton_iters": 0, "cg_iters": 0, "direct_solves": 0, "unconverged": 0}
+
+    def solve(y_cols, c_cols, w0):
+        w_out, info = fit_batched(
+            xa, y_cols, c_cols, w0=w0, tol=tol, max_newton=max_newton, setup=setup
+        )
+        for key in ("newton_iters", "cg_iters", "direct_solves"):
+            stats[key] += info[key]
         stats["unconverged"] += int((~info["converged"]).sum())
+        return w_out, info
+
+    for ci in order:  # increasing costs: each solution warm-starts the next
+        w, info = solve(y_p, costs[ci] * c_base, w)
+        fold_w[ci] = w
         scores = xa @ w
         for j in range(k):
             for f, test_idx in enumerate(folds[j]):
                 cv_ap[j, ci, f] = step_ap(scores[test_idx, j * nf + f], yb[test_idx, j])
-            refit[j, ci] = w[:, j * nf + n_folds]
         logger.info(
-            "C=%g: mean CV AP %.4f (%d Newton, %d CG iterations)",
+            "C=%g: mean CV AP %.4f (%d Newton iterations, %d CG iterations, %d direct solves)",
             costs[ci],
             cv_ap[:, ci].mean(),
             info["newton_iters"],
             info["cg_iters"],
+            info["direct_solves"],
         )
+    best = choose_cost(cv_ap)
+    # refit on all rows, only at each class's chosen cost, warm-started from its fold solutions
+    w0 = np.stack([fold_w[best[j]][:, j * nf : (j + 1) * nf].mean(axis=1) for j in range(k)], 1)
+    c_refit = base_c * np.array([costs[b] for b in best])[None, :]
+    weights, _ = solve(yb, c_refit, w0)
     if stats["unconverged"]:
         logger.warning("%d SVM problems stopped at max_newton", stats["unconverged"])
-    best = choose_cost(cv_ap)
-    weights = refit[np.arange(k), best]
-    return CVResult(costs, cv_ap, best, weights, refit, stats)
+    return CVResult(costs, cv_ap, best, weights.T.copy(), stats)
 
 
 def choose_cost(cv_ap: np.ndarray) -> np.ndarray:
@@ -334,34 +432,39 @@ def decision_scores(feats: np.ndarray, weights: np.ndarray, intercept_scaling: f
     return augment(feats, intercept_scaling) @ np.asarray(weights).T
 
 
-def _liblinear_cv_job(xa_plain, yb, folds, cost, class_weight, intercept_scaling, tol, max_iter):
+def _liblinear_svc(cost, class_weight, intercept_scaling, tol, max_iter):
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(
+        C=cost,
+        class_weight=class_weight,
+        intercept_scaling=intercept_scaling,
+        penalty="l2",
+        loss="squared_hinge",
+        dual=True,
+        tol=tol,
+        max_iter=max_iter,
+    )
+
+
+def _liblinear_job(x, yb, folds, cost, svc_args):
+    """Held-out APs of one (class, cost) over the folds; with folds=None, the refit weights."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.svm import LinearSVC
 
-    def make() -> LinearSVC:
-        return LinearSVC(
-            C=cost,
-            class_weight=class_weight,
-            intercept_scaling=intercept_scaling,
-            penalty="l2",
-            loss="squared_hinge",
-            dual=True,
-            tol=tol,
-            max_iter=max_iter,
-        )
-
-    aps = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        if folds is None:
+            clf = _liblinear_svc(cost, *svc_args).fit(x, yb)
+            return np.r_[clf.coef_.ravel(), clf.intercept_ / svc_args[1]]
+        aps = []
         for test_idx in folds:
             train = np.ones(yb.size, dtype=bool)
             train[test_idx] = False
-            clf = make().fit(xa_plain[train], yb[train])
-            aps.append(step_ap(clf.decision_function(xa_plain[test_idx]), yb[test_idx]))
-        clf = make().fit(xa_plain, yb)
-    return aps, np.r_[clf.coef_.ravel(), clf.intercept_ / intercept_scaling]
+            clf = _liblinear_svc(cost, *svc_args).fit(x[train], yb[train])
+            aps.append(step_ap(clf.decision_function(x[test_idx]), yb[test_idx]))
+        return aps
 
 
 def cross_validate_liblinear(
@@ -392,25 +495,20 @@ def cross_validate_liblinear(
         raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
     yb_all = binary_labels(labels)
     k = labels.shape[1]
+    svc_args = (class_weight, float(intercept_scaling), tol, max_iter)
     folds = [stratified_folds(yb_all[:, j], n_folds) for j in range(k)]
     jobs = [(j, ci) for j in range(k) for ci in range(len(costs))]
-    out = Parallel(n_jobs=n_jobs)(
-        delayed(_liblinear_cv_job)(
-            feats,
-            yb_all[:, j],
-            folds[j],
-            costs[ci],
-            class_weight,
-            intercept_scaling,
-            tol,
-            max_iter,
-        )
+    par = Parallel(n_jobs=n_jobs)
+    out = par(
+        delayed(_liblinear_job)(feats, yb_all[:, j], folds[j], costs[ci], svc_args)
         for j, ci in jobs
     )
     cv_ap = np.zeros((k, len(costs), n_folds))
-    refit = np.zeros((k, len(costs), feats.shape[1] + 1))
-    for (j, ci), (aps, w) in zip(jobs, out):
+    for (j, ci), aps in zip(jobs, out):
         cv_ap[j, ci] = aps
-        refit[j, ci] = w
     best = choose_cost(cv_ap)
-    return CVResult(costs, cv_ap, best, refit[np.arange(k), best], refit, {"fits": len(jobs)})
+    weights = par(
+        delayed(_liblinear_job)(feats, yb_all[:, j], None, costs[best[j]], svc_args)
+        for j in range(k)
+    )
+    return CVResult(costs, cv_ap, best, np.stack(weights), {"fits": len(jobs) * n_folds + k})
