@@ -156,3 +156,31 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["--config", "voc07_svm_tiny", "svm.costz=1"]) == 2
     assert "unknown config key 'svm.costz'" in capsys.readouterr().err
+
+
+def test_row_mask_equals_training_on_the_subset():
+    x, labels = _features(n=90)
+    rng = np.random.default_rng(1)
+    mask = rng.random(labels.shape) < 0.7
+    costs = [0.1, 1.0, 10.0]
+    res = cross_validate_svms(x, labels, costs, row_mask=mask)
+    for j in range(labels.shape[1]):
+        rows = np.nonzero(mask[:, j])[0]
+        sub = cross_validate_svms(x[rows], labels[rows, j], costs)
+        np.testing.assert_allclose(res.cv_ap[j], sub.cv_ap[0], atol=1e-9)
+        np.testing.assert_allclose(res.weights[j], sub.weights[0], rtol=1e-5, atol=1e-7)
+
+
+def test_low_shot_mode():
+    from transfer.voc07_svm import low_shot_svms
+
+    x, labels = _features(n=150, seed=0)
+    cfg = {"solver": "newton", "costs": [0.1, 1.0], "positive_weight": 2.0,
+           "negative_weight": 1.0, "folds": 3, "intercept_scaling": 1.0,
+           "newton_tol": 1e-6}  # fmt: skip
+    out = low_shot_svms(x[:100], labels[:100], x[100:], labels[100:], cfg, [1, 8], 2, seed=0)
+    assert set(out) == {"1", "8"} and all(len(v["mAPs"]) == 2 for v in out.values())
+    assert all(0.0 <= m <= 100.0 for v in out.values() for m in v["mAPs"])
+    assert out["8"]["mAP_mean"] > out["1"]["mAP_mean"] - 5.0  # more shots do not hurt much
+    again = low_shot_svms(x[:100], labels[:100], x[100:], labels[100:], cfg, [1, 8], 2, seed=0)
+    assert again == out

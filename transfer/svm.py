@@ -182,18 +182,19 @@ def _direct_direction(setup: SolverSetup, y: np.ndarray, dcost: np.ndarray) -> n
     """Minimiser of 0.5||w||^2 + sum_A c_i (1 - y_i w.x_i)^2 over the violating set A.
 
     Stationarity gives w = sum_A alpha_i y_i x_i with (Q_AA + diag(1 / (2 c_A))) alpha = 1,
-    Q_ij = y_i y_j x_i.x_j: an |A| x |A| positive-definite system on the Gram matrix.
+    Q_ij = y_i y_j x_i.x_j. As Q = D_y K D_y with D_y^2 = I, beta = y * alpha solves the
+    label-free system (K_AA + diag(1 / (2 c_A))) beta = y_A and w = sum_A beta_i x_i.
     """
     from scipy.linalg import cho_factor, cho_solve
 
     a = np.nonzero(dcost > 0)[0]
     if a.size == 0:
         return np.zeros(setup.xa.shape[1])
-    ya = y[a]
-    q = setup.kernel[np.ix_(a, a)] * np.outer(ya, ya)
+    q = setup.kernel[np.ix_(a, a)]
     q[np.diag_indices_from(q)] += 1.0 / (2.0 * dcost[a])
-    alpha = cho_solve(cho_factor(q, lower=True, check_finite=False), np.ones(a.size))
-    return setup.xa[a].T @ (alpha * ya)
+    factor = cho_factor(q, lower=True, overwrite_a=True, check_finite=False)
+    beta = cho_solve(factor, y[a], check_finite=False)
+    return setup.xa[a].T @ beta
 
 
 def _top_eig(xa: np.ndarray, rank: int, iters: int = 4, seed: int = 0):
@@ -332,6 +333,7 @@ def cross_validate_svms(
     intercept_scaling: float = 1.0,
     tol: float = 1e-6,
     max_newton: int = 100,
+    row_mask: np.ndarray | None = None,
 ) -> CVResult:
     """Per class: K-fold CV of every cost by held-out AP, pick the best, refit on all rows.
 
@@ -344,6 +346,8 @@ def cross_validate_svms(
         intercept_scaling: value of the constant bias feature.
         tol: relative gradient-norm tolerance of the solver.
         max_newton: Newton iterations cap per cost.
+        row_mask: optional (n, K) bool, the rows each class trains on (low-shot subsets);
+            folds and refit use only those rows.
     Returns:
         A :class:`CVResult`.
     """
@@ -363,8 +367,16 @@ def cross_validate_svms(
     xa = augment(feats, intercept_scaling)
     yb = binary_labels(labels)  # (n, K)
     base_c = np.where(yb > 0, class_weight[1], class_weight[-1])
+    if row_mask is None:
+        row_mask = np.ones((n, k), dtype=bool)
+    if row_mask.shape != (n, k):
+        raise SVMError(f"row_mask shape {row_mask.shape} must be {(n, k)}")
+    base_c = base_c * row_mask  # a zero cost removes a row from every problem of its class
     # problems: one per (class, fold), column j * n_folds + f; all share the features
-    folds = [stratified_folds(yb[:, j], n_folds) for j in range(k)]
+    folds = []
+    for j in range(k):
+        rows = np.nonzero(row_mask[:, j])[0]
+        folds.append([rows[t] for t in stratified_folds(yb[rows, j], n_folds)])
     nf = n_folds
     y_p = np.repeat(yb, nf, axis=1)
     mask = np.ones((n, k * nf))
