@@ -4,10 +4,13 @@ The VOC07 protocol fits one L2-regularised squared-hinge SVM per (class, cost, f
 problems plus 20 refits. liblinear's dual coordinate descent solves them one at a time and
 crawls at large costs (it often stops at max_iter). The objective is strictly convex, so its
 minimiser is unique and any solver that reaches it gives the same classifier. Here all
-problems that share a cost are solved together in the primal by a truncated Newton method
-(preconditioned conjugate gradients + exact line search on the piecewise-quadratic objective):
-every step is a dense matrix product over all problems at once, which keeps every core busy,
-and the solution at one cost warm-starts the next larger cost.
+problems that share a cost are solved together by Newton iterations on the primal with an exact
+line search on the piecewise-quadratic objective (Keerthi & DeCoste's finite Newton method).
+A Newton direction is computed exactly from an |A| x |A| system on the Gram matrix while the
+problem's margin-violating set A is small (large costs; the solves run on every core), and by
+conjugate gradients batched over problems otherwise (small costs; a low-rank preconditioner
+from the leading eigen-directions of the features). The solution at one cost warm-starts the
+next larger cost, and the refit on all rows runs only at each class's chosen cost.
 
 Problem p, with augmented features x~ = [x, intercept_scaling] (liblinear regularises the bias):
 
@@ -199,10 +202,17 @@ def _direct_direction(setup: SolverSetup, y: np.ndarray, dcost: np.ndarray) -> n
 
 def _top_eig(xa: np.ndarray, rank: int, iters: int = 4, seed: int = 0):
     """Leading ``rank`` eigenpairs of xa^T xa by randomized subspace iteration (no D^3 work)."""
+    from threadpoolctl import threadpool_limits
+
+    def orth(m: np.ndarray) -> np.ndarray:
+        # tall-skinny QR gains nothing from BLAS threads and stalls badly on a busy machine
+        with threadpool_limits(limits=1, user_api="blas"):
+            return np.linalg.qr(m)[0]
+
     rng = np.random.default_rng(seed)
-    q = np.linalg.qr(xa.T @ (xa @ rng.normal(size=(xa.shape[1], rank))))[0]
+    q = orth(xa.T @ (xa @ rng.normal(size=(xa.shape[1], rank))))
     for _ in range(iters):
-        q = np.linalg.qr(xa.T @ (xa @ q))[0]
+        q = orth(xa.T @ (xa @ q))
     small = q.T @ (xa.T @ (xa @ q))
     lam, u = np.linalg.eigh((small + small.T) / 2)
     return np.maximum(lam, 0.0), q @ u
