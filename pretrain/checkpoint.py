@@ -186,6 +186,12 @@ def _torch_load(path: str | os.PathLike, map_location: Any, allow_unsafe: bool) 
                 f"{msg.splitlines()[0][:200] if msg else 'no message'})"
             ) from None
         found = sorted(set(_UNSAFE_GLOBAL_RE.findall(msg)))
+        if not found and "Unsupported" not in msg:  # corrupt / not a torch.save file at all
+            first = next((ln for ln in msg.splitlines() if "rror" in ln), msg.splitlines()[0])
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or not written "
+                f"by torch.save: {first.strip()[:200]})"
+            ) from None
         if allow_unsafe:
             logger.warning(
                 "%s holds pickled Python objects (%s); loading it with weights_only=False "
@@ -206,6 +212,14 @@ def _torch_load(path: str | os.PathLike, map_location: Any, allow_unsafe: bool) 
             "code. If you trust the file, pass allow_unsafe=True (or re-save its tensors as a "
             "plain dict)."
         ) from None
+
+
+def load_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load an auxiliary artifact written with :func:`atomic_torch_save` (e.g. a linear head).
+
+    Always ``weights_only=True``; unreadable files raise :class:`CheckpointError` naming them.
+    """
+    return _torch_load(path, map_location, allow_unsafe=False)
 
 
 def _describe(obj: Any, limit: int = 8) -> str:

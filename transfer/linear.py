@@ -109,10 +109,12 @@ def _datasets(cfg: dict):
 def _load_head_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
+    from pretrain.checkpoint import CheckpointError, load_plain
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - reported with the file name
-        raise LinearEvalError(f"cannot read linear-head checkpoint {path}: {e}") from None
+        obj = load_plain(path)
+    except CheckpointError as e:
+        raise LinearEvalError(f"cannot read linear-head checkpoint: {e}") from None
     for key in ("epoch", "head", "optimizer", "weights_sha256"):
         if key not in obj:
             raise LinearEvalError(f"linear-head checkpoint {path} lacks field '{key}'")
