@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import build_image_dataset  # noqa: E402
 from pretrain.fashion_mnist import (  # noqa: E402
+    DEFAULT_DIR,
     DatasetMissingError,
     ensure_installed,
     export_image_tree,
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs/pretrain/imsvd_demo.yaml"))
     p.add_argument(
+        "--data-dir", default=str(DEFAULT_DIR), help="Fashion-MNIST idx files (Debian package)"
+    )
+    p.add_argument(
         "--data-cache",
         default=str(ROOT / ".cache/fashion_mnist"),
         help="where the image tree is exported",
@@ -50,17 +54,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _raw_pixel_knn(bank: int, test: int) -> dict:
-    xtr, ytr = load_split("train")
-    xte, yte = load_split("test")
+def _raw_pixel_knn(data_dir: Path, bank: int, test: int) -> dict:
+    xtr, ytr = load_split("train", data_dir)
+    xte, yte = load_split("test", data_dir)
+    bank, test = min(bank, len(ytr)), min(test, len(yte))
     xtr = xtr[:bank].reshape(bank, -1).astype(np.float32)
     xte = xte[:test].reshape(test, -1).astype(np.float32)
     mean = xtr.mean(axis=0, keepdims=True)
     return knn_accuracy(xtr - mean, ytr[:bank], xte - mean, yte[:test], ks=(20, 200))
 
 
-def _features_knn(weights: str | None, cfg: dict, tree: Path, bank: int, test: int) -> dict:
-    """kNN top-1 of a backbone (from a checkpoint, or at random init when weights is None)."""
+def _features_knn(
+    weights: str | None, cfg: dict, tree: Path, bank: int, test: int, zero_init: bool = True
+) -> dict:
+    """kNN top-1 of a backbone (from a checkpoint, or at random init when weights is None).
+
+    ``zero_init`` (random init only): zero the last BN gamma of each residual block, as the
+    recipe does (the run's starting point); False gives torchvision's default initialisation.
+    """
     size = cfg["data"]["image_size"]
     tf = eval_transform(resize=size, crop=size)
     train_ds = build_image_dataset(root=str(tree / "train"), transform=tf)
@@ -69,9 +80,7 @@ def _features_knn(weights: str | None, cfg: dict, tree: Path, bank: int, test: i
         from pretrain.model import build_backbone
 
         torch.manual_seed(cfg["train"]["seed"])  # the same initial weights the run started from
-        model = build_backbone(
-            cfg["model"]["arch"], cfg["model"]["zero_init_residual"], cfg["model"]["stem"]
-        )
+        model = build_backbone(cfg["model"]["arch"], zero_init, cfg["model"]["stem"])
     else:
         model, _ = backbone_from_weights(weights, torch.device("cpu"))
     model.eval()
@@ -91,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     try:
-        ensure_installed()
+        data_dir = ensure_installed(Path(args.data_dir))
     except DatasetMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    tree = export_image_tree(Path(args.data_cache))
+    tree = export_image_tree(Path(args.data_cache), data_dir)
     try:
         cfg = load_config(args.config, [f"data.root={tree / 'train'}", *args.overrides])
     except ConfigError as e:
@@ -116,14 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     t2 = time.perf_counter()
     rows = []
     results = {}
-    for name, fn in [
-        ("raw pixels (mean-centred)", lambda: _raw_pixel_knn(args.bank, args.test)),
-        ("ResNet at random init", lambda: _features_knn(None, cfg, tree, args.bank, args.test)),
+    zero_init = cfg["model"]["zero_init_residual"]
+    runs = [
+        ("raw pixels (mean-centred)", lambda: _raw_pixel_knn(data_dir, args.bank, args.test)),
+        (
+            "ResNet, random init (the run's start)",
+            lambda: _features_knn(None, cfg, tree, args.bank, args.test, zero_init),
+        ),
+    ]
+    if zero_init:  # also the plain torchvision init, a stronger random-feature baseline
+        runs.append(
+            (
+                "ResNet, random init (torchvision)",
+                lambda: _features_knn(None, cfg, tree, args.bank, args.test, False),
+            )
+        )
+    runs.append(
         (
             "ResNet after IMSVD",
             lambda: _features_knn(summary["backbone"], cfg, tree, args.bank, args.test),
-        ),
-    ]:
+        )
+    )
+    for name, fn in runs:
         res = fn()
         results[name] = res
         rows.append(
