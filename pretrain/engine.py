@@ -110,6 +110,7 @@ class Trainer:
             self.out,
         )
         torch.manual_seed(cfg["train"]["seed"] + self.info.rank)
+        self._saved_step: int | None = None
 
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
@@ -192,6 +193,9 @@ class Trainer:
         return int(state["epoch"]), int(state["step_in_epoch"]), int(state["step"])
 
     def _save(self, epoch: int, step_in_epoch: int, step: int) -> None:
+        if step == self._saved_step:  # already written at this step (e.g. every_steps + end)
+            return
+        self._saved_step = step
         if self.info.is_main:
             path = self.out / ckpt.checkpoint_name(epoch, step)
             ckpt.save_training_state(
