@@ -16,3 +16,4 @@ smoke: setup
 lint: setup
 	.venv/bin/python -m flake8 pretrain transfer tools tests benchmarks
 	.venv/bin/python -m isort --check-only pretrain transfer tools tests benchmarks
+	.venv/bin/python -m black --check -q pretrain transfer tools tests benchmarks
