@@ -27,18 +27,23 @@ def _final_state(out: Path) -> dict:
     return sd
 
 
-def test_smoke_through_launcher(tmp_path):
-    """tools/pretrain.sh (torchrun) leaves checkpoints that load with weights_only=True."""
-    out = tmp_path / "smoke"
-    env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+def _launch(out: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run the smoke recipe through tools/pretrain.sh (torchrun); fail with its output."""
     res = subprocess.run(
         ["bash", str(REPO / "tools/pretrain.sh"), str(SMOKE), f"checkpoint.output_dir={out}"],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **env},
         timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_smoke_through_launcher(tmp_path):
+    """tools/pretrain.sh (torchrun) leaves checkpoints that load with weights_only=True."""
+    out = tmp_path / "smoke"
+    res = _launch(out, MASTER_PORT=str(29500 + os.getpid() % 1000))
     assert "pretraining finished at step 4" in res.stdout
     raw = torch.load(out / engine.FINAL_BACKBONE, weights_only=True, map_location="cpu")
     assert raw["format"] == "imsvd-backbone"
@@ -202,18 +207,10 @@ def test_sigterm_subprocess_exits_cleanly(tmp_path):
 @pytest.mark.dist
 def test_two_process_gloo_run(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
-    res = subprocess.run(
-        ["bash", str(REPO / "tools/pretrain.sh"), str(SMOKE), f"checkpoint.output_dir={out}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = _launch(out, NPROC_PER_NODE="2", MASTER_PORT=str(30500 + os.getpid() % 1000))
     assert "process 0/2" in res.stdout
     state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
     assert state["step"] == 4
-    # SyncBatchNorm is converted back to plain BatchNorm names: keys are torchvision's
+    # the DDP-trained backbone exports with torchvision key names (no "module." prefix)
     sd, meta = ckpt.load_backbone(out / engine.FINAL_BACKBONE)
     assert meta["arch"] == "resnet18"
