@@ -196,6 +196,10 @@ class Trainer:
         if step == self._saved_step:  # already written at this step (e.g. every_steps + end)
             return
         self._saved_step = step
+        rng = None  # one process: save_training_state captures this process's streams
+        if self.info.distributed:  # every rank's streams, so each resumes its own
+            rng = [None] * self.info.world_size
+            torch.distributed.all_gather_object(rng, ckpt.capture_rng_state())
         if self.info.is_main:
             path = self.out / ckpt.checkpoint_name(epoch, step)
             ckpt.save_training_state(
@@ -207,6 +211,7 @@ class Trainer:
                 step=step,
                 step_in_epoch=step_in_epoch,
                 config=dict(self.cfg),
+                rng=rng,
             )
             ckpt.prune_checkpoints(self.out, self.cfg["checkpoint"]["keep_last"])
             self.log.info("saved %s", path)

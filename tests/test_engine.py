@@ -211,6 +211,8 @@ def test_two_process_gloo_run(tmp_path):
     assert "process 0/2" in res.stdout
     state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
     assert state["step"] == 4
+    assert len(state["rng_per_rank"]) == 2  # each rank's RNG streams, for an exact resume
+    assert ckpt.rng_state_for_rank(state, 1, 2) is state["rng_per_rank"][1]
     # the DDP-trained backbone exports with torchvision key names (no "module." prefix)
     sd, meta = ckpt.load_backbone(out / engine.FINAL_BACKBONE)
     assert meta["arch"] == "resnet18"
