@@ -261,3 +261,18 @@ def test_lean_equals_reference_cuda(autocast_dtype):
         torch.testing.assert_close(lean[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
     for g_ref, g_lean in zip(_grads(ref, z1, z2), _grads(lean, z1, z2)):
         torch.testing.assert_close(g_lean, g_ref, rtol=1e-5, atol=1e-5 * g_ref.abs().max().item())
+
+
+def test_paper_eq11_normalisation_is_a_coefficient_change():
+    """Eq. (11) (both sums / M^2) = dia_coeff 1/M, off_coeff (M-1)/M (README, base.yaml)."""
+    torch.manual_seed(3)
+    m, b, n = 5, 8, 16
+    z1 = torch.randn(n, m * b, dtype=torch.float64)
+    z2 = torch.randn(n, m * b, dtype=torch.float64)
+    out = IMSVDLoss(bin_size=b, ti_coeff=0.0, dia_coeff=1 / m, off_coeff=(m - 1) / m)(z1, z2)
+    q1, q2 = soft_discretize(z1, b), soft_discretize(z2, b)
+    p = q1.T @ q2 / n
+    in_diag_block = torch.block_diag(*[torch.ones(b, b, dtype=torch.bool)] * m)
+    keep = ~in_diag_block | torch.eye(m * b, dtype=torch.bool)
+    paper = (p[keep] * p[keep].log()).sum() / m**2
+    assert torch.allclose(out["loss"], paper, rtol=1e-12, atol=0)
