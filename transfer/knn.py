@@ -152,7 +152,7 @@ def run(cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors)."""
-    from transfer.voc07_svm import load_eval_config
+    from transfer.evalcfg import load_eval_config
 
     p = argparse.ArgumentParser(
         description="Weighted kNN (k=20, 200; T=0.07) on frozen features",

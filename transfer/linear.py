@@ -273,7 +273,7 @@ def head_predictions(head: LinearHead, feats: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors)."""
-    from transfer.voc07_svm import load_eval_config
+    from transfer.evalcfg import load_eval_config
 
     p = argparse.ArgumentParser(
         description="Linear probe on a frozen backbone (Places205 / ImageNet recipes)",

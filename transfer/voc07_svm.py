@@ -20,11 +20,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pretrain.config import ConfigError, load_config, resolve_config_path, save_config
+from pretrain.config import ConfigError, save_config
+from transfer.evalcfg import load_eval_config
 
 logger = logging.getLogger("imsvd.voc07")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
 COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -308,21 +308,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="features cache, results JSON, log")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return p.parse_args(argv)
-
-
-def load_eval_config(args: argparse.Namespace, flags: Mapping[str, str]) -> dict:
-    """Load ``args.config`` with overrides, then apply the convenience flags (flag -> key)."""
-    cfg = load_config(resolve_config_path(args.config, CONFIG_DIR), args.overrides)
-    for flag, dotted in flags.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        node = cfg
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
