@@ -7,9 +7,18 @@ Two on-disk layouts are supported:
 * a list file of ``path label`` lines (the official Places205 CSV style; ``path,label`` is also
   accepted), paths relative to ``root`` (or absolute). Blank lines and ``#`` comments are ignored.
 
-Unreadable or corrupt images never crash an epoch: in the default mode they are logged once,
-counted and skipped; with ``strict=True`` the first one raises :class:`CorruptImageError`
-naming the file.
+Unreadable or corrupt images never crash an epoch and are never replaced by another sample: in
+the default mode they are logged once, counted and dropped from their batch (the dataset yields
+None and :func:`collate_readable` / the two-view collate leave it out); with ``strict=True`` the
+first one raises :class:`CorruptImageError` naming the file.
+
+Every image goes through one decoder, :func:`load_rgb`, which turns any PIL mode into 8-bit RGB
+by its meaning (16-bit and float data rescaled, transparency composited over white), not by
+PIL's saturating ``convert("RGB")``.
+
+Directory symlinks below a class folder are not followed (a link back to an ancestor would list
+the same images forever); they are logged as skipped. A class folder that is itself a symlink is
+read (a common way to assemble a tree from several disks).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from pretrain.transforms import (
     AugmentConfig,
@@ -36,10 +45,6 @@ from pretrain.transforms import (
 logger = logging.getLogger("imsvd.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-# How many consecutive unreadable files a map-style dataset walks over before it gives up: a
-# whole directory of broken files is a configuration problem, not a few corrupt images.
-_MAX_CONSECUTIVE_BAD = 64
 
 # A list-file line: a path, then a separator (whitespace or one comma), then an integer label.
 _LIST_LINE = re.compile(r"^(?P<path>.+?)\s*(?:,|\s)\s*(?P<label>[+-]?\d+)$")
@@ -56,56 +61,173 @@ class CorruptImageError(DataError):
 # Exceptions PIL raises for unreadable / truncated / non-image files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
+# Composited behind transparent pixels: transparent regions of web images and icons are meant to
+# be seen on a light page, and a fixed colour keeps the result a pure function of the file.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Integer modes whose values span 0..65535 (16-bit PNG / TIFF grey levels).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes PIL converts to RGB by their meaning already (no range or alpha question).
+_DIRECT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any PIL mode to 8-bit RGB by what its values mean.
+
+    * ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N`` / ``I`` (16-bit grey, ``I`` clipped to
+      0..65535): v -> round(v / 257), so 65535 is 255 and mid-grey stays mid-grey (PIL's own
+      conversion saturates every value above 255 to white).
+    * ``F`` (float grey): taken as 0..1 (the convention of float image arrays), clipped,
+      v -> round(255 v).
+    * alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, a ``P``/``L``/``RGB`` image with a
+      transparency entry): composited over :data:`ALPHA_BACKGROUND` (white) with PIL's exact
+      ``alpha_composite``, instead of exposing whatever colour hides under transparent pixels.
+    * ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGBX``, ``HSV``: PIL's conversion (CMYK as
+      R = (255 - C)(255 - K) / 255, rounded); ``LAB`` through an sRGB colour transform.
+
+    Args:
+        img: a loaded PIL image.
+    Returns:
+        A new RGB image of the same size.
+    Raises:
+        CorruptImageError: a mode with no defined conversion to RGB (the message names it).
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        a = np.asarray(img)
+        if mode == "F":
+            a8 = np.rint(np.clip(np.nan_to_num(a.astype(np.float64)), 0.0, 1.0) * 255.0)
+        else:
+            # round(v / 257) in integers: 257 is odd, so v / 257 is never exactly x.5
+            a8 = (2 * np.clip(a.astype(np.int64), 0, 65535) + 257) // 514
+        return Image.fromarray(a8.astype(np.uint8), "L").convert("RGB")
+    try:
+        if _has_alpha(img):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        if mode in _DIRECT_MODES:
+            return img.convert("RGB")
+        if mode == "LAB":  # convert("RGB") would copy the L, a, b bytes as if they were R, G, B
+            from PIL import ImageCms
+
+            lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+            return ImageCms.applyTransform(img, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    except (ValueError, OSError) as exc:
+        raise CorruptImageError(f"image mode {mode!r} has no conversion to RGB: {exc}") from exc
+    raise CorruptImageError(f"image mode {mode!r} has no defined conversion to RGB")
+
 
 def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB.
+    """Open and fully decode an image as 8-bit RGB (any mode, see :func:`to_rgb`).
 
     Args:
         path: image file.
     Returns:
         A loaded RGB PIL image.
     Raises:
-        CorruptImageError: the file is missing, truncated or not an image.
+        CorruptImageError: the file is missing, truncated, not an image, or of a mode with no
+            RGB meaning; the message names the file.
     """
     try:
         with Image.open(path) as img:
             img.load()  # decode now so truncation errors surface here, not in a transform
-            return img.convert("RGB")
+            return to_rgb(img)
+    except CorruptImageError as exc:
+        raise CorruptImageError(f"cannot read image {path!r}: {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise CorruptImageError(f"cannot read image {path!r}: {exc}") from exc
 
 
-def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """List ``root/<class>/**/<image>`` samples, classes sorted by name.
+def scan_image_folder(
+    root: str, class_names: Optional[Sequence[str]] = None
+) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """List ``root/<class>/**/<image>`` samples.
+
+    Without ``class_names`` the classes are the sorted sub-folder names and a label is the
+    position in that order. With ``class_names`` (the classes of a training split) each folder
+    is labelled by the position of its NAME in that list, so a split that lacks some classes
+    still agrees with the training labels; a folder that is not in the list is an error.
+
+    Directory symlinks inside a class folder are not followed (logged as skipped); a class folder
+    that is a symlink is read, unless it points at ``root`` or one of its ancestors.
 
     Args:
         root: dataset root with one sub-folder per class.
+        class_names: optional class list to label by (e.g. the train split's ``classes``).
     Returns:
-        (samples as (path, label) sorted by class then path, class names).
+        (samples as (path, label) sorted by class folder then path, class names: ``class_names``
+        when given, else the folders found).
     Raises:
-        DataError: root missing, no class folders, or no images at all.
+        DataError: root missing, no class folders, a folder not in ``class_names``, or no images.
     """
     if not os.path.isdir(root):
         raise DataError(f"data root {root!r} does not exist or is not a directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    root_real = os.path.realpath(root)
+    folders = []
+    for e in sorted(os.scandir(root), key=lambda e: e.name):
+        if e.name.startswith(".") or not e.is_dir():
+            continue
+        real = os.path.realpath(e.path)
+        if e.is_symlink() and (real == root_real or root_real.startswith(real + os.sep)):
+            logger.warning(
+                "%s: class folder %r links to the root or above it; skipped", root, e.name
+            )
+            continue
+        folders.append(e.name)
+    if not folders:
         raise DataError(f"data root {root!r} has no class sub-folders (expected root/<class>/img)")
+    if class_names is None:
+        classes = folders
+    else:
+        classes = list(class_names)
+        unknown = [f for f in folders if f not in classes]
+        if unknown:
+            raise DataError(
+                f"data root {root!r}: class folder(s) {unknown} are not classes of the training "
+                f"split ({len(classes)} classes: {_preview(classes)})"
+            )
+        missing = sorted(set(classes) - set(folders))
+        if missing:
+            logger.info(
+                "%s has %d of the %d training classes (absent: %s)",
+                root, len(folders), len(classes), _preview(missing),
+            )  # fmt: skip
+    index = {name: i for i, name in enumerate(classes)}
     samples: List[Tuple[str, int]] = []
-    for label, cls in enumerate(classes):
-        cls_dir = os.path.join(root, cls)
+    links: List[str] = []
+    for name in folders:
         files = []
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=False):
             dirnames.sort()
-            for name in filenames:
-                if name.lower().endswith(IMG_EXTENSIONS):
-                    files.append(os.path.join(dirpath, name))
-        samples.extend((p, label) for p in sorted(files))
+            links += [
+                os.path.join(dirpath, d)
+                for d in dirnames
+                if os.path.islink(os.path.join(dirpath, d))
+            ]
+            files += [
+                os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS)
+            ]
+        samples.extend((p, index[name]) for p in sorted(files))
+    if links:
+        logger.warning(
+            "%s: %d symlinked director%s inside class folders not followed: %s",
+            root, len(links), "y" if len(links) == 1 else "ies", _preview(links),
+        )  # fmt: skip
     if not samples:
         raise DataError(
-            f"data root {root!r} has {len(classes)} class folders but no images with extensions "
+            f"data root {root!r} has {len(folders)} class folders but no images with extensions "
             f"{', '.join(IMG_EXTENSIONS)}"
         )
     return samples, classes
+
+
+def _preview(items: Sequence[Any], n: int = 5) -> str:
+    shown = ", ".join(str(x) for x in list(items)[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def parse_list_file(list_file: str, root: Optional[str] = None) -> List[Tuple[str, int]]:
@@ -149,18 +271,18 @@ def parse_list_file(list_file: str, root: Optional[str] = None) -> List[Tuple[st
 
 
 class ImageDataset(Dataset):
-    """(image, label) samples from a list of files, robust to corrupt images.
+    """(image, label) samples from a list of files; an unreadable file is dropped, never replaced.
 
-    Map-style datasets must return something for every index, so in non-strict mode a sample
-    whose file cannot be decoded is replaced by the next readable one (index + 1, wrapping); the
-    bad file is logged once per process and counted in ``num_skipped``. The pretraining loader
-    uses :meth:`try_load` instead, which drops bad files from the batch.
+    In non-strict mode an item whose file cannot be decoded is ``None`` (logged once per file
+    and counted in ``num_skipped`` of the process that met it); batch such items with
+    :func:`collate_readable`, which leaves them out and reports how many it left out. With
+    ``strict=True`` the first unreadable file raises :class:`CorruptImageError` naming it.
 
     Attributes:
         samples: list of (path, label).
         classes: class names (ImageFolder) or None (list file).
         transform: applied to the RGB PIL image.
-        strict: raise CorruptImageError instead of skipping.
+        strict: raise CorruptImageError instead of dropping.
         num_skipped: unreadable files met by this process.
     """
 
@@ -184,7 +306,7 @@ class ImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (class folders, or max label + 1 for list files)."""
+        """Number of classes (class names, or max label + 1 for list files)."""
         if self.classes is not None:
             return len(self.classes)
         return max(self.targets) + 1
@@ -195,7 +317,7 @@ class ImageDataset(Dataset):
         if index not in self._bad:
             self._bad.add(index)
             logger.warning(
-                "skipping unreadable image (%d so far in this process): %s", self.num_skipped, exc
+                "dropping unreadable image (%d so far in this process): %s", self.num_skipped, exc
             )
 
     def try_load(self, index: int) -> Optional[Image.Image]:
@@ -209,19 +331,30 @@ class ImageDataset(Dataset):
             self.note_bad(index, exc)
             return None
 
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        n = len(self.samples)
-        for step in range(min(n, _MAX_CONSECUTIVE_BAD)):
-            i = (index + step) % n
-            img = self.try_load(i)
-            if img is not None:
-                if self.transform is not None:
-                    img = self.transform(img)
-                return img, self.samples[i][1]
-        raise DataError(
-            f"{min(n, _MAX_CONSECUTIVE_BAD)} consecutive unreadable images starting at "
-            f"{self.samples[index][0]!r}: check the data root"
-        )
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        img = self.try_load(index)
+        if img is None:
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.samples[index][1]
+
+
+def collate_readable(items: Sequence[Any]) -> Tuple[Any, Any, int]:
+    """Batch the readable items of a batch of (input, label) items.
+
+    Args:
+        items: dataset items; ``None`` marks an unreadable sample (see :class:`ImageDataset`).
+    Returns:
+        (inputs, labels, dropped): the default-collated readable items (both None when no item
+        was readable) and the number of None items left out.
+    """
+    good = [it for it in items if it is not None]
+    dropped = len(items) - len(good)
+    if not good:
+        return None, None, dropped
+    inputs, labels = default_collate(good)
+    return inputs, labels, dropped
 
 
 def build_image_dataset(
@@ -229,6 +362,7 @@ def build_image_dataset(
     list_file: Optional[str] = None,
     transform: Optional[Callable[[Image.Image], Any]] = None,
     strict: bool = False,
+    class_names: Optional[Sequence[str]] = None,
 ) -> ImageDataset:
     """Build an (image, label) dataset from an ImageFolder tree or a list file.
 
@@ -237,19 +371,75 @@ def build_image_dataset(
         list_file: optional ``path label`` file; when given, ``root`` is only the path prefix
             (default: the list file's directory).
         transform: callable applied to each RGB PIL image.
-        strict: raise CorruptImageError on the first unreadable image instead of skipping it.
+        strict: raise CorruptImageError on the first unreadable image instead of dropping it.
+        class_names: ImageFolder only: label folders by their position in this list (the
+            training split's classes) instead of their own sorted order.
     Returns:
         An :class:`ImageDataset`.
     Raises:
-        DataError: neither root nor list_file, missing paths, empty tree, malformed list line.
+        DataError: neither root nor list_file, missing paths, empty tree, malformed list line,
+            a class folder not in ``class_names``.
     """
     if list_file:
         samples = parse_list_file(str(list_file), None if root is None else str(root))
         return ImageDataset(samples, transform=transform, strict=strict)
     if not root:
         raise DataError("build_image_dataset needs data root (ImageFolder tree) or a list_file")
-    samples, classes = scan_image_folder(str(root))
+    samples, classes = scan_image_folder(str(root), class_names)
     return ImageDataset(samples, transform=transform, strict=strict, classes=classes)
+
+
+def build_train_val_datasets(
+    train_root: Optional[str],
+    train_list: Optional[str],
+    val_root: Optional[str],
+    val_list: Optional[str],
+    train_transform: Optional[Callable[[Image.Image], Any]] = None,
+    val_transform: Optional[Callable[[Image.Image], Any]] = None,
+    strict: bool = False,
+) -> Tuple[ImageDataset, ImageDataset]:
+    """A train/val pair whose labels mean the same classes.
+
+    Labels come from the TRAIN split: a val ImageFolder is labelled by the train split's class
+    names (a val tree missing some classes keeps the train labels of the others); a val class
+    the train split lacks is an error naming it. List files carry integer labels: every val
+    label must occur in the train split (a train ImageFolder's labels are 0..classes-1).
+
+    Args:
+        train_root, train_list, val_root, val_list: as ``root`` / ``list_file`` of
+            :func:`build_image_dataset` for each split (empty values count as absent).
+        train_transform, val_transform: per-split transforms.
+        strict: raise on the first unreadable image instead of dropping it.
+    Returns:
+        (train, val) datasets; ``val.classes`` is the train class list for ImageFolder pairs.
+    Raises:
+        DataError: a split is missing, a val class or label absent from train, or a val tree
+            paired with a train list file (folder names cannot be matched to integer labels).
+    """
+    if not (train_root or train_list):
+        raise DataError("the train split needs data.train_root (ImageFolder) or data.train_list")
+    if not (val_root or val_list):
+        raise DataError("the val split needs data.val_root (ImageFolder) or data.val_list")
+    train = build_image_dataset(train_root or None, train_list or None, train_transform, strict)
+    if not val_list:
+        if train.classes is None:
+            raise DataError(
+                f"val ImageFolder {val_root!r} cannot be labelled like the train list file "
+                f"{train_list!r} (folder names vs integer labels): give data.val_list too"
+            )
+        val = build_image_dataset(val_root, None, val_transform, strict, train.classes)
+        return train, val
+    val = build_image_dataset(val_root or None, val_list, val_transform, strict)
+    extra = sorted(set(val.targets) - set(train.targets))
+    if extra:
+        where = f"{train_list!r}" if train_list else f"train root {train_root!r}"
+        raise DataError(
+            f"val list {val_list!r} has label(s) {_preview(extra)} that the train split "
+            f"({where}) does not have"
+        )
+    if train.classes is not None:
+        val.classes = train.classes
+    return train, val
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +527,9 @@ class TwoViewDataset(Dataset):
         try:
             # Lazy open: the fast pipeline may still choose a reduced JPEG decoding scale.
             img = Image.open(path)
-            if self.pipeline == "pil":
+            if self.pipeline == "pil" or img.mode not in ("RGB", "L"):
+                # the fast pipeline decodes lazily (JPEG draft) and converts with PIL, which is
+                # right for RGB and L only: any other mode is decoded now through to_rgb
                 with img:
                     img = _load_opened(img)
             return img, label
@@ -378,7 +570,7 @@ class TwoViewDataset(Dataset):
 
 def _load_opened(img: Image.Image) -> Image.Image:
     img.load()
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def collate_two_views(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:

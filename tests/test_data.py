@@ -1,4 +1,4 @@
-"""Datasets, list files, corrupt-image handling and the pretraining loader."""
+"""Datasets, list files, corrupt images, image modes, symlinks, train/val labels, the loader."""
 
 import os
 
@@ -10,11 +10,17 @@ from PIL import Image
 from pretrain.data import (
     CorruptImageError,
     DataError,
+    TwoViewDataset,
     build_image_dataset,
     build_pretrain_loader,
+    build_train_val_datasets,
+    collate_readable,
+    load_rgb,
     parse_list_file,
+    scan_image_folder,
+    to_rgb,
 )
-from pretrain.transforms import eval_transform, train_linear_transform
+from pretrain.transforms import AugmentConfig, eval_transform, train_linear_transform
 
 
 def _save(path, size=(40, 30), seed=0):
@@ -80,17 +86,261 @@ def test_list_file_formats_and_errors(tree):
         parse_list_file(str(tree / "missing.txt"))
 
 
-def test_corrupt_images_skipped_counted_or_strict(tree, caplog):
+def test_corrupt_images_dropped_never_substituted(tree, caplog):
     _corrupt(tree)
+    (tree / "cat" / "empty.png").write_bytes(b"")
     ds = build_image_dataset(str(tree), transform=eval_transform(32, 32))
-    assert len(ds) == 12
-    labels = [ds[i][1] for i in range(len(ds))]  # never raises
-    assert ds.num_skipped == 2 and len(labels) == 12
-    assert "bad.jpg" in caplog.text and "trunc.jpg" in caplog.text
+    assert len(ds) == 13
+    bad = {i for i, (p, _) in enumerate(ds.samples) if os.path.basename(p) in BAD_NAMES}
+    assert len(bad) == 3
+    for i in range(len(ds)):
+        item = ds[i]  # never raises
+        if i in bad:
+            assert item is None  # not the next image under this file's label
+        else:
+            assert item[1] == ds.samples[i][1]
+    assert ds.num_skipped == 3
+    for name in BAD_NAMES:
+        assert name in caplog.text
+    # batched: the unreadable items are left out and counted, every label is its own image's
+    for workers in (0, 1):
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=4, collate_fn=collate_readable, num_workers=workers
+        )
+        rows, dropped, labels = 0, 0, []
+        for images, y, n_bad in loader:
+            if images is not None:
+                assert images.shape[0] == y.shape[0]
+                rows += images.shape[0]
+                labels += y.tolist()
+            dropped += n_bad
+        assert (rows, dropped) == (10, 3)
+        assert labels == [t for i, t in enumerate(ds.targets) if i not in bad]
     strict = build_image_dataset(str(tree), strict=True)
-    bad = [i for i, (p, _) in enumerate(strict.samples) if p.endswith("bad.jpg")][0]
-    with pytest.raises(CorruptImageError, match="bad.jpg"):
-        strict[bad]
+    for i in sorted(bad):
+        with pytest.raises(CorruptImageError, match=os.path.basename(strict.samples[i][0])):
+            strict[i]
+
+
+BAD_NAMES = ("bad.jpg", "trunc.jpg", "empty.png")
+
+
+def test_collate_readable_all_unreadable_batch():
+    x = torch.zeros(3)
+    assert collate_readable([None, None]) == (None, None, 2)
+    images, labels, dropped = collate_readable([(x, 1), None, (x + 1, 2)])
+    assert images.shape == (2, 3) and labels.tolist() == [1, 2] and dropped == 1
+
+
+# ------------------------------------------------------------------------ image modes -> RGB
+
+
+def _frombytes(mode, arr):
+    """A PIL image of ``mode`` holding exactly the bytes of ``arr`` (h, w[, bands])."""
+    arr = np.ascontiguousarray(arr)
+    return Image.frombytes(mode, (arr.shape[1], arr.shape[0]), arr.tobytes())
+
+
+def _grid16(h=4, w=5):
+    """16-bit values covering the range, including 0, 65535 and values that round up/down."""
+    v = np.array([0, 1, 128, 129, 256, 257, 385, 386, 1000, 32767, 32768, 40000, 65278, 65407,
+                  65408, 65535, 12345, 54321, 300, 60000], dtype=np.int64)  # fmt: skip
+    return v.reshape(h, w)
+
+
+def _expect16(v):
+    out = np.array([[round(x / 257) for x in row] for row in v.tolist()], dtype=np.uint8)
+    return np.repeat(out[..., None], 3, axis=2)
+
+
+def _composite(rgb, alpha):
+    # over white, rounded to nearest, computed in floats independently of the code under test
+    a = alpha[..., None].astype(np.float64) / 255.0
+    return np.round(rgb.astype(np.float64) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
+def _mode_cases():
+    rng = np.random.default_rng(0)
+    v16 = _grid16()
+    rgb = rng.integers(0, 256, (4, 5, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (4, 5)).astype(np.uint8)
+    alpha[0, :3] = [0, 255, 128]
+    grey = rng.integers(0, 256, (4, 5)).astype(np.uint8)
+    cases = {}
+    cases["I;16"] = (_frombytes("I;16", v16.astype("<u2")), _expect16(v16))
+    cases["I;16B"] = (_frombytes("I;16B", v16.astype(">u2")), _expect16(v16))
+    big = v16.copy()
+    big[0, 0], big[0, 1] = -5, 70000  # clipped to 0..65535
+    cases["I"] = (_frombytes("I", big.astype(np.int32)), _expect16(np.clip(big, 0, 65535)))
+    f = np.linspace(-0.2, 1.2, 20).reshape(4, 5).astype(np.float32)
+    f_exp = np.array([[round(min(max(float(x), 0.0), 1.0) * 255) for x in r] for r in f.tolist()])
+    cases["F"] = (_frombytes("F", f), np.repeat(f_exp.astype(np.uint8)[..., None], 3, 2))
+    cases["L"] = (_frombytes("L", grey), np.repeat(grey[..., None], 3, 2))
+    bits = grey > 127
+    one = _frombytes("L", bits.astype(np.uint8) * 255).convert("1")
+    cases["1"] = (one, np.repeat(bits[..., None].astype(np.uint8) * 255, 3, 2))
+    cases["RGBA"] = (_frombytes("RGBA", np.dstack([rgb, alpha])), _composite(rgb, alpha))
+    cases["LA"] = (
+        _frombytes("LA", np.dstack([grey, alpha])),
+        _composite(np.repeat(grey[..., None], 3, 2), alpha),
+    )
+    palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    idx = rng.integers(0, 4, (4, 5)).astype(np.uint8)
+    p = _frombytes("P", idx)
+    p.putpalette(palette.ravel().tolist())
+    cases["P"] = (p, palette[idx])
+    pt = p.copy()
+    pt.info["transparency"] = 2  # palette entry 2 fully transparent
+    cases["P+transparency"] = (pt, np.where((idx == 2)[..., None], 255, palette[idx]))
+    pa = _frombytes("PA", np.dstack([idx, alpha]))
+    pa.putpalette(palette.ravel().tolist())
+    cases["PA"] = (pa, _composite(palette[idx], alpha))
+    cmyk = rng.integers(0, 256, (4, 5, 4)).astype(np.uint8)
+    k = cmyk[..., 3:].astype(np.float64)
+    exp = np.round((255.0 - cmyk[..., :3]) * (255.0 - k) / 255.0).astype(np.uint8)
+    cases["CMYK"] = (_frombytes("CMYK", cmyk), exp)
+    cases["RGB"] = (_frombytes("RGB", rgb), rgb)
+    return cases
+
+
+MODE_CASES = _mode_cases()
+# file formats that store each mode as itself (the loader path, not only the conversion)
+FILE_FORMATS = {"I;16": "png", "I;16B": "tiff", "I": "tiff", "F": "tiff", "L": "png",
+                "1": "png", "RGBA": "png", "LA": "png", "P": "png", "P+transparency": "png",
+                "CMYK": "tiff", "RGB": "png"}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_CASES))
+def test_every_mode_converts_to_the_expected_8bit_rgb(mode, tmp_path):
+    img, expected = MODE_CASES[mode]
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    fmt = FILE_FORMATS.get(mode)
+    if fmt:
+        path = tmp_path / f"img.{fmt}"
+        kw = {"transparency": 2} if mode == "P+transparency" else {}
+        img.save(path, **kw)
+        with Image.open(path) as check:  # the file really holds this mode
+            assert check.mode == img.mode
+        np.testing.assert_array_equal(np.asarray(load_rgb(str(path))), expected)
+
+
+def test_sixteen_bit_png_is_not_saturated(tmp_path):
+    # the reported case: a mid-grey 16-bit PNG came out (almost) all white
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    out = np.asarray(load_rgb(str(tmp_path / "ramp.png")))
+    assert (out == 255).mean() < 0.01
+    np.testing.assert_array_equal(out[..., 0], np.round(ramp / 257.0).astype(np.uint8))
+    # and the pretraining loader decodes it the same way in both pipelines
+    os.makedirs(tmp_path / "tree" / "a")
+    for i in range(2):
+        Image.fromarray(ramp).save(tmp_path / "tree" / "a" / f"{i}.png")
+    ds = build_image_dataset(str(tmp_path / "tree"))
+    for pipeline in ("fast", "pil"):
+        img, _ = TwoViewDataset(ds, AugmentConfig(size=16), 0, pipeline)._open(0)
+        assert img.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(img), out)
+
+
+def test_lab_and_unknown_modes():
+    lab = Image.new("LAB", (1, 1), (255, 128, 128))  # L = 100, a = b = 0: white
+    assert all(c >= 250 for c in to_rgb(lab).getpixel((0, 0)))
+    with pytest.raises(CorruptImageError, match="'La'"):
+        to_rgb(Image.new("La", (1, 1)))
+
+
+# ------------------------------------------------------------------------ symlinks
+
+
+def _link_tree(tmp_path):
+    root = tmp_path / "root"
+    for cls in ("a", "b"):
+        os.makedirs(root / cls / "sub")
+        for i in range(3):
+            _save(root / cls / f"{i}.png", size=(8, 8), seed=i)
+        _save(root / cls / "sub" / "deep.png", size=(8, 8))
+    return root
+
+
+@pytest.mark.parametrize(
+    "target", ["self", "class_parent", "root", "sibling_class", "outside_loop"]
+)
+def test_directory_symlinks_are_not_followed(tmp_path, caplog, target):
+    root = _link_tree(tmp_path)
+    real_count = 8
+    link = root / "a" / "sub" / "loop"
+    dest = {
+        "self": root / "a" / "sub",
+        "class_parent": root / "a",
+        "root": root,
+        "sibling_class": root / "b",
+        "outside_loop": tmp_path,
+    }[target]
+    os.symlink(dest, link, target_is_directory=True)
+    samples, classes = scan_image_folder(str(root))
+    assert classes == ["a", "b"] and len(samples) == real_count
+    assert [lab for _, lab in samples].count(0) == 4  # no image of b under a's label
+    assert "not followed" in caplog.text and "loop" in caplog.text
+
+
+def test_class_folder_symlinks(tmp_path, caplog):
+    root = _link_tree(tmp_path)
+    elsewhere = tmp_path / "disk2" / "c"
+    os.makedirs(elsewhere)
+    _save(elsewhere / "x.png", size=(8, 8))
+    os.symlink(elsewhere, root / "c", target_is_directory=True)  # assembled tree: read
+    os.symlink(root, root / "z", target_is_directory=True)  # the root itself: skipped
+    samples, classes = scan_image_folder(str(root))
+    assert classes == ["a", "b", "c"] and len(samples) == 9
+    assert "links to the root" in caplog.text
+
+
+# ------------------------------------------------------------------------ train / val labels
+
+
+def _tree(root, classes, n=2):
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            _save(root / c / f"{i}.png", size=(8, 8), seed=i)
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "val_classes", [["cat", "dog"], ["ant", "dog"], ["dog"], ["ant"], ["ant", "bee", "cat", "dog"]]
+)
+def test_val_labels_follow_the_train_class_names(tmp_path, val_classes):
+    train = _tree(tmp_path / "train", ["ant", "bee", "cat", "dog"])
+    val = _tree(tmp_path / "val", val_classes)
+    tr, va = build_train_val_datasets(train, None, val, None)
+    assert va.classes == tr.classes == ["ant", "bee", "cat", "dog"]
+    for path, label in va.samples:
+        assert tr.classes[label] == os.path.basename(os.path.dirname(path))
+
+
+@pytest.mark.parametrize("extra", ["emu", "aardvark"])
+def test_val_class_missing_from_train_is_an_error(tmp_path, extra):
+    train = _tree(tmp_path / "train", ["ant", "bee"])
+    val = _tree(tmp_path / "val", ["ant", extra])
+    with pytest.raises(DataError, match=f"{extra}.*not classes of the training split"):
+        build_train_val_datasets(train, None, val, None)
+
+
+def test_train_val_with_list_files(tmp_path):
+    train = _tree(tmp_path / "train", ["ant", "bee", "cat"])
+    (tmp_path / "val.txt").write_text("train/ant/0.png 0\ntrain/cat/1.png 2\n")
+    tr, va = build_train_val_datasets(train, None, str(tmp_path), str(tmp_path / "val.txt"))
+    assert va.targets == [0, 2] and va.classes == tr.classes
+    (tmp_path / "val.txt").write_text("train/ant/0.png 0\ntrain/cat/1.png 5\n")
+    with pytest.raises(DataError, match=r"val.txt.*label\(s\) 5"):
+        build_train_val_datasets(train, None, str(tmp_path), str(tmp_path / "val.txt"))
+    (tmp_path / "train.txt").write_text("train/ant/0.png 0\ntrain/bee/0.png 1\n")
+    with pytest.raises(DataError, match="give data.val_list"):
+        build_train_val_datasets(str(tmp_path), str(tmp_path / "train.txt"), train, None)
+    with pytest.raises(DataError, match="val split needs"):
+        build_train_val_datasets(train, None, "", "")
 
 
 def _cfg(**kw):
