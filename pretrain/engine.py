@@ -17,10 +17,11 @@ from pretrain import dist
 from pretrain.config import save_config
 from pretrain.data import build_pretrain_loader
 from pretrain.log import AverageMeter, MetricWriter, progress, setup_logging
-from pretrain.loss import IMSVDLoss
+from pretrain.loss import build_loss
 from pretrain.model import build_model
 from pretrain.monitors import code_monitors
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from pretrain.probe import build_probe
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 FINAL_BACKBONE = "backbone_final.pth"
@@ -159,17 +160,11 @@ class Trainer:
         )
         self.forward = torch.compile(self.ddp) if tr["compile"] else self.ddp
         self.optimizer = build_optimizer(model, cfg["optim"], self.peak_lr)
-        lc = cfg["loss"]
-        self.criterion = IMSVDLoss(
-            bin_size=lc["bin_size"],
-            temperature=lc["temperature"],
-            ti_coeff=lc["ti_coeff"],
-            dia_coeff=lc["dia_coeff"],
-            off_coeff=lc["off_coeff"],
-            ti_mode=lc["ti_mode"],
-            impl=lc["impl"],
-            shard=lc["shard"],
-        )
+        self.criterion = build_loss(cfg["loss"])
+        # the online kNN probe runs on the main process only (eval-mode BN needs no collective)
+        self.probe = None
+        if cfg["eval"]["every_steps"] > 0 and info.is_main:
+            self.probe = build_probe(cfg["eval"], cfg["data"])
         use_scaler = tr["precision"] == "fp16"
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
 
@@ -217,6 +212,26 @@ class Trainer:
             self.log.info("saved %s", path)
         dist.barrier()
 
+    # ----------------------------------------------------------------- probe
+    def _train_seconds(self) -> float:
+        """Wall time of this process's training so far, probes excluded (resets on resume)."""
+        return time.perf_counter() - self._t_start - self._probe_seconds
+
+    def _probe_due(self, step: int) -> bool:
+        every = self.cfg["eval"]["every_steps"]
+        return every > 0 and (step % every == 0 or step == self.total_steps)
+
+    def _run_probe(self, step: int, writer: MetricWriter) -> None:
+        """Online kNN probe on the main process (logged to metrics.jsonl / TensorBoard)."""
+        if self.probe is not None:
+            res = self.probe(self.model.backbone)
+            self._probe_seconds += res["knn/seconds"]
+            res["train_seconds"] = self._train_seconds()
+            writer.write(step, res)
+            accs = " ".join(f"{k[4:]} {v:.2f}%" for k, v in res.items() if k.startswith("knn/top1"))
+            self.log.info("step %d kNN probe: %s (%.1f s)", step, accs, res["knn/seconds"])
+        dist.barrier()
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         """Train until the configured epochs / max_steps; returns a summary dict.
@@ -257,6 +272,9 @@ class Trainer:
             initial=step,
         )
         bar_iter = iter(bar)
+        self._t_start, self._probe_seconds = time.perf_counter(), 0.0
+        if step == 0 and self._probe_due(0):
+            self._run_probe(0, writer)  # the starting point of the learning curve
         try:
             while step < self.total_steps and epoch < tr["epochs"]:
                 self.loader.set_epoch(epoch, start_iter)
@@ -311,10 +329,11 @@ class Trainer:
                             epoch=epoch + i / self.steps_per_epoch,
                             images_per_s=imgs_since / max(now - t_log, 1e-9),
                             skipped_images=self.loader.pop_skipped(),
+                            train_seconds=self._train_seconds(),
                         )
                         if self.scaler.is_enabled():
                             last["loss_scale"] = self.scaler.get_scale()
-                        if tr["monitors"]:
+                        if tr["monitors"] and cfg["loss"]["name"] == "imsvd":
                             last.update(
                                 code_monitors(
                                     z1.detach(),
@@ -325,21 +344,23 @@ class Trainer:
                                 )
                             )
                         writer.write(step, last)
+                        terms = " ".join(
+                            f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss_")
+                        )
                         self.log.info(
-                            "ep %d step %d/%d loss %.4f (ti %.4f dia %.4f off %.4f) lr %.4g "
-                            "%.1f img/s",
+                            "ep %d step %d/%d loss %.4f (%s) lr %.4g %.1f img/s",
                             epoch,
                             step,
                             self.total_steps,
                             last["loss"],
-                            last["loss_ti"],
-                            last["loss_dia"],
-                            last["loss_off"],
+                            terms,
                             lr,
                             last["images_per_s"],
                         )
                         meters = {}
                         t_log, imgs_since = now, 0
+                    if self._probe_due(step):
+                        self._run_probe(step, writer)
                     every_steps = cfg["checkpoint"]["every_steps"]
                     if stop_now > 0:
                         self._save(epoch, i, step)

@@ -77,16 +77,34 @@ class Projector(nn.Sequential):
         self.spec = str(spec)
 
 
-class IMSVDModel(nn.Module):
-    """Backbone followed by the projector."""
+OUT_NORMS = ("none", "bn")
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+
+class IMSVDModel(nn.Module):
+    """Backbone followed by the projector (and, optionally, a norm of the projector output).
+
+    Args:
+        backbone: image -> pooled features.
+        projector: pooled features -> N x D embedding.
+        out_norm: "none" (paper) or "bn": ``BatchNorm1d(D, affine=False)`` on the embedding,
+            i.e. each logit standardised over the batch before the loss (beyond the paper).
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, out_norm: str = "none") -> None:
         super().__init__()
+        if out_norm not in OUT_NORMS:
+            raise ValueError(
+                f"config key 'model.out_norm': {out_norm!r} is not one of {', '.join(OUT_NORMS)}"
+            )
         self.backbone = backbone
         self.projector = projector
+        if out_norm == "bn":
+            self.out_norm = nn.BatchNorm1d(projector.out_dim, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))
+        z = self.projector(self.backbone(x))
+        norm = getattr(self, "out_norm", None)
+        return z if norm is None else norm(z)
 
 
 def build_model(model_cfg: Mapping) -> IMSVDModel:
@@ -101,7 +119,7 @@ def build_model(model_cfg: Mapping) -> IMSVDModel:
         stem=model_cfg.get("stem", "standard"),
     )
     projector = Projector(backbone.num_features, model_cfg["projector"])
-    return IMSVDModel(backbone, projector)
+    return IMSVDModel(backbone, projector, out_norm=model_cfg.get("out_norm", "none"))
 
 
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -1,0 +1,236 @@
+"""Online kNN probe: how good the backbone's features are, measured while pretraining runs.
+
+Every ``eval.every_steps`` steps (and at the end) the engine calls :class:`KNNProbe`, which
+extracts the pooled backbone features of a fixed labelled *bank* and *query* set in eval mode and
+reports weighted kNN top-1 (cosine, T = 0.07; :mod:`pretrain.knn`), as solo-learn and DINO do.
+The images are decoded once, resized and centre-cropped to the training size and kept in memory
+as uint8 (10k + 2k images at 32 px take 37 MB), so a probe costs one forward pass over them.
+
+The sets come either from two labelled image folders (``eval.bank_root`` / ``eval.query_root``;
+query classes are matched to the bank's by name) or, by default, from a seeded split of the
+pretraining folder ``data.root`` into two disjoint subsets, so choices can be made on the
+training data without looking at a test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from torch import nn
+
+from pretrain.data import (
+    CorruptImageError,
+    DataError,
+    SyntheticImages,
+    build_image_dataset,
+    load_rgb,
+)
+from pretrain.knn import knn_accuracy
+from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger("imsvd.probe")
+
+__all__ = ["KNNProbe", "ProbeSet", "build_probe"]
+
+
+class ProbeSet:
+    """Decoded, resized images (uint8, N x 3 x S x S) with integer labels (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, skipped: int = 0) -> None:
+        self.images = images
+        self.labels = labels
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _to_uint8(img, size: int) -> torch.Tensor:
+    img = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.BILINEAR)(img))
+    return T.PILToTensor()(img)
+
+
+def _decode(paths_labels: Sequence[tuple[str, int]], size: int, where: str) -> ProbeSet:
+    images, labels, skipped = [], [], 0
+    for path, label in paths_labels:
+        try:
+            images.append(_to_uint8(load_rgb(path), size))
+        except CorruptImageError as exc:
+            skipped += 1
+            logger.warning("probe %s: skipping unreadable image: %s", where, exc)
+            continue
+        labels.append(label)
+    if not images:
+        raise DataError(f"probe {where}: no readable image")
+    return ProbeSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
+
+
+def _synthetic(source: SyntheticImages, index: np.ndarray, size: int) -> ProbeSet:
+    images = [_to_uint8(source.image(int(i)), size) for i in index]
+    labels = [source.label(int(i)) for i in index]
+    return ProbeSet(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+
+def _match_classes(
+    bank_classes: Sequence[str] | None, query_classes: Sequence[str] | None, root: str
+) -> dict[int, int] | None:
+    """Map query folder labels onto the bank's, by class name."""
+    if bank_classes is None or query_classes is None:
+        return None
+    index = {name: i for i, name in enumerate(bank_classes)}
+    missing = [c for c in query_classes if c not in index]
+    if missing:
+        raise DataError(
+            f"config key 'eval.query_root' ({root}): classes {missing} are not in the bank's "
+            f"classes {list(bank_classes)}"
+        )
+    return {i: index[c] for i, c in enumerate(query_classes)}
+
+
+class KNNProbe:
+    """Weighted kNN top-1 of the pooled backbone features on a fixed bank / query pair.
+
+    Args:
+        bank: labelled bank (:class:`ProbeSet`).
+        queries: labelled queries.
+        ks: neighbour counts (top-1 is reported for each).
+        temperature: vote temperature (0.07).
+        batch_size: images per forward pass.
+
+    Calling the probe with a backbone (N x 3 x S x S -> N x C pooled features) returns
+    ``{"knn/top1_k20": float (percent), ..., "knn/seconds": float}``; the backbone's train/eval
+    mode is restored afterwards.
+    """
+
+    def __init__(
+        self,
+        bank: ProbeSet,
+        queries: ProbeSet,
+        ks: Sequence[int] = (20,),
+        temperature: float = 0.07,
+        batch_size: int = 256,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"config key 'eval.batch_size': {batch_size} must be positive")
+        self.bank, self.queries = bank, queries
+        self.ks = tuple(int(k) for k in ks)
+        self.temperature = float(temperature)
+        self.batch_size = int(batch_size)
+        self.num_classes = int(max(bank.labels.max(), queries.labels.max())) + 1
+        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+
+    @torch.no_grad()
+    def features(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N x C, fp32, CPU) of uint8 images (N x 3 x S x S)."""
+        device = next(backbone.parameters()).device
+        out = []
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start : start + self.batch_size].to(device).float()
+            x = (x - self._mean.to(device)) / self._std.to(device)
+            out.append(torch.flatten(backbone(x), 1).float().cpu())
+        return torch.cat(out)
+
+    def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        t0 = time.perf_counter()
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            fb = self.features(backbone, self.bank.images)
+            fq = self.features(backbone, self.queries.images)
+        finally:
+            backbone.train(was_training)
+        acc = knn_accuracy(
+            fb,
+            self.bank.labels,
+            fq,
+            self.queries.labels,
+            ks=self.ks,
+            temperature=self.temperature,
+            num_classes=self.num_classes,
+        )
+        out = {f"knn/{k}": v for k, v in acc.items()}
+        out["knn/seconds"] = time.perf_counter() - t0
+        return out
+
+
+def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNNProbe:
+    """Build the probe from the config's ``eval`` and ``data`` sections.
+
+    With ``eval.bank_root`` and ``eval.query_root`` both set, those labelled folders are used
+    (the first ``bank_size`` / ``query_size`` images of a seeded permutation of each). Otherwise
+    a seeded permutation of the pretraining data (``data.root`` / ``data.list_file``, or the
+    synthetic images) is split into a bank of ``eval.bank_size`` and, disjoint from it,
+    ``eval.query_size`` queries.
+
+    Raises:
+        DataError: missing folders, too few images, classes of the queries unknown to the bank.
+    """
+    size = int(eval_cfg.get("image_size") or data_cfg["image_size"])
+    n_bank, n_query = int(eval_cfg["bank_size"]), int(eval_cfg["query_size"])
+    if n_bank <= 0 or n_query <= 0:
+        raise DataError(
+            f"config keys 'eval.bank_size' / 'eval.query_size' must be positive, got "
+            f"{n_bank} / {n_query}"
+        )
+    rng = np.random.default_rng(int(eval_cfg["seed"]))
+    t0 = time.perf_counter()
+    kw = dict(ks=eval_cfg["ks"], temperature=eval_cfg["temperature"])
+    kw["batch_size"] = eval_cfg["batch_size"]
+    bank_root, query_root = eval_cfg.get("bank_root"), eval_cfg.get("query_root")
+    if bool(bank_root) != bool(query_root):
+        raise DataError("config keys 'eval.bank_root' and 'eval.query_root' must be set together")
+    if bank_root:
+        bank_ds = build_image_dataset(root=str(bank_root))
+        query_ds = build_image_dataset(root=str(query_root))
+        mapping = _match_classes(bank_ds.classes, query_ds.classes, str(query_root))
+        bank_idx = rng.permutation(len(bank_ds))[:n_bank]
+        query_idx = rng.permutation(len(query_ds))[:n_query]
+        bank = _decode([bank_ds.samples[i] for i in bank_idx], size, "bank")
+        qs = [query_ds.samples[i] for i in query_idx]
+        if mapping is not None:
+            qs = [(p, mapping[y]) for p, y in qs]
+        queries = _decode(qs, size, "queries")
+    elif data_cfg["kind"] == "synthetic":
+        source = SyntheticImages(data_cfg["synthetic_length"], data_cfg["synthetic_size"])
+        perm = rng.permutation(len(source))
+        if n_bank + n_query > len(perm):
+            n_bank, n_query = _shrink(n_bank, n_query, len(perm))
+        bank = _synthetic(source, perm[:n_bank], size)
+        queries = _synthetic(source, perm[n_bank : n_bank + n_query], size)
+    else:
+        ds = build_image_dataset(root=data_cfg.get("root"), list_file=data_cfg.get("list_file"))
+        perm = rng.permutation(len(ds))
+        if n_bank + n_query > len(perm):
+            n_bank, n_query = _shrink(n_bank, n_query, len(perm))
+        bank = _decode([ds.samples[i] for i in perm[:n_bank]], size, "bank")
+        queries = _decode([ds.samples[i] for i in perm[n_bank : n_bank + n_query]], size, "queries")
+    logger.info(
+        "kNN probe: bank %d, queries %d images at %d px (%.1f s to load)",
+        len(bank),
+        len(queries),
+        size,
+        time.perf_counter() - t0,
+    )
+    return KNNProbe(bank, queries, **kw)
+
+
+def _shrink(n_bank: int, n_query: int, available: int) -> tuple[int, int]:
+    """Scale a bank / query request down to the images available (keeping both non-empty)."""
+    if available < 2:
+        raise DataError(f"the kNN probe needs at least 2 images, the data has {available}")
+    q = max(1, round(available * n_query / (n_bank + n_query)))
+    logger.warning(
+        "kNN probe: %d + %d images requested, %d available; using %d + %d",
+        n_bank,
+        n_query,
+        available,
+        available - q,
+        q,
+    )
+    return available - q, q
