@@ -168,13 +168,14 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
 
 
 def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
-    """Write a resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(dict(cfg), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    """Write a resolved config as YAML, atomically (``pretrain.checkpoint.atomic_write``)."""
+    from pretrain.checkpoint import atomic_write
+
+    atomic_write(
+        path,
+        lambda f: yaml.safe_dump(dict(cfg), f, sort_keys=False, default_flow_style=None),
+        mode="w",
+    )
 
 
 def get(cfg: Mapping, dotted: str) -> Any:

@@ -145,16 +145,14 @@ def progress(
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to ``path`` through a temp file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write JSON to ``path`` atomically (``pretrain.checkpoint.atomic_write``)."""
+    from pretrain.checkpoint import atomic_write
+
+    def write(f) -> None:
         json.dump(obj, f, indent=2, default=_jsonable)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write, mode="w")
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:

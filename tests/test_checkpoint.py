@@ -80,13 +80,37 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path: Path, monkeypatch) ->
         f.write(b"partial garbage")  # a write that dies half way (disk full, killed, ...)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="No space"):
         ckpt.atomic_torch_save({"v": torch.tensor([2.0])}, target)
     monkeypatch.undo()
     assert target.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["state.pth"]  # temp file cleaned up
     assert torch.equal(torch.load(target, weights_only=True)["v"], torch.tensor([1.0]))
+
+
+def test_atomic_write_text_and_cleanup_on_interrupt(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "a" / "r.json"
+    ckpt.atomic_write(target, lambda f: f.write("{\"x\": 1}\n"), mode="w")
+    assert target.read_text(encoding="utf-8") == '{"x": 1}\n'
+    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+    synced = []
+    monkeypatch.setattr(ckpt.atomic.os, "fsync", lambda fd: synced.append(fd))
+    ckpt.atomic_write(target, lambda f: f.write("{}"), mode="w")
+    assert len(synced) == 2  # the file, then its folder
+
+    def interrupted(f):
+        f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write(target, interrupted, mode="w")
+    assert target.read_text(encoding="utf-8") == "{}"
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+    with pytest.raises(ValueError, match="mode must be"):
+        ckpt.atomic_write(target, lambda f: None, mode="a")
+    with pytest.raises(OSError):
+        ckpt.atomic_write(tmp_path / "missing" / "x", lambda f: None, make_parents=False)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +149,7 @@ def test_training_state_roundtrip(tmp_path: Path, trained) -> None:
         extra={"meter": 1.5},
     )
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "imsvd-train-state" and raw["format_version"] == 1
+    assert raw["format"] == "imsvd-train-state" and raw["format_version"] == 2
     assert (raw["arch"], raw["stem"]) == ("resnet18", "small")
     assert (raw["epoch"], raw["step"], raw["step_in_epoch"]) == (3, 120, 20)
     assert raw["config"] == CONFIG and raw["extra"] == {"meter": 1.5}
@@ -208,7 +232,7 @@ def test_load_training_state_errors(tmp_path: Path, trained) -> None:
     torch.save(raw, tmp_path / "newer.pth")
     with pytest.raises(CheckpointError, match="version 99 was written by a newer"):
         ckpt.load_training_state(tmp_path / "newer.pth")
-    raw["format_version"] = 1
+    raw["format_version"] = 2
     del raw["rng"]
     torch.save(raw, tmp_path / "norng.pth")
     with pytest.raises(CheckpointError, match=r"lacks required field\(s\) \['rng'\]"):

@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+
+from pretrain.checkpoint import atomic_write
 
 __all__ = [
     "D2ConversionError",
@@ -195,7 +196,7 @@ def write_d2_pickle(
     force: bool = False,
     author: str = D2_AUTHOR,
 ) -> None:
-    """Write Detectron2's weight pickle atomically (temp file in the same folder + os.replace).
+    """Write Detectron2's weight pickle atomically (``pretrain.checkpoint.atomic_write``).
 
     The file is ``{"model": blobs, "__author__": author, "matching_heuristics": True}``: with an
     ``__author__`` Detectron2 takes the names as its own (otherwise it assumes Caffe2 names), and
@@ -217,15 +218,11 @@ def write_d2_pickle(
     if not os.path.isdir(folder):
         raise D2ConversionError(f"output folder {folder!r} does not exist")
     payload = {"model": dict(blobs), "__author__": author, "matching_heuristics": True}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(
+        path,
+        lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL),
+        make_parents=False,
+    )
 
 
 def read_d2_pickle(path: str) -> Dict[str, object]:

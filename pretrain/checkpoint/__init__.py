@@ -1,0 +1,105 @@
+"""The one reader and writer of checkpoint artifacts (spec: pretrain/CHECKPOINT_FORMAT.md).
+
+Two artifacts are written by this project:
+
+* the training state (``"imsvd-train-state"``): everything needed to resume a run exactly
+  (model with backbone + projector, optimizer, gradient scaler, position, RNG streams, config),
+  with a content hash of its tensors;
+* the exported backbone (``"imsvd-backbone"``): torchvision-named ResNet weights without ``fc``,
+  with metadata and a content hash, the artifact every downstream evaluation reads.
+
+Every file written here loads with ``torch.load(path, weights_only=True)``. Reading never runs
+code from a file unless ``allow_unsafe`` is given. Modules:
+
+* ``common``: format constants, :class:`CheckpointError`, the content hash, key-diff helpers;
+* ``atomic``: :func:`atomic_write` (every writer of the project) and :func:`atomic_torch_save`;
+* ``safe_load``: reading torch files and weight pickles without executing code;
+* ``rng``: RNG streams; ``train_state``: the training state and run-folder files;
+* ``readers``: one reader per checkpoint layout, in one ordered table;
+* ``backbone``: exported backbones, :func:`load_backbone`, :func:`load_projector`,
+  :func:`model_from_checkpoint`; ``cli``: the shared ``--allow-unsafe`` / ``--checkpoint-key`` /
+  ``--prefix`` options.
+"""
+
+from .atomic import atomic_torch_save, atomic_write, check_plain, fsync_dir
+from .backbone import (
+    export_backbone,
+    export_torchvision_state_dict,
+    load_backbone,
+    load_projector,
+    model_from_checkpoint,
+    reference_backbone,
+    validate_backbone,
+)
+from .cli import add_weights_args, weights_kwargs
+from .common import (
+    BACKBONE_FORMAT,
+    BACKBONE_VERSION,
+    CHECKPOINT_RE,
+    HASH_SCHEME,
+    TRAIN_HASH_SCHEME,
+    TRAIN_STATE_FORMAT,
+    TRAIN_STATE_VERSION,
+    CheckpointError,
+    tensor_sha256,
+    unwrap_model,
+)
+from .readers import READERS, Reader, accepted_inputs
+from .rng import capture_rng_state, restore_rng_state, rng_state_for_rank
+from .safe_load import UnresolvedGlobal, load_plain, read_torch_file, read_weights_pickle
+from .train_state import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_latest_training_state,
+    load_training_state,
+    prune_checkpoints,
+    restore_training_state,
+    save_training_state,
+    train_state_sha256,
+)
+
+__all__ = [
+    "BACKBONE_FORMAT",
+    "BACKBONE_VERSION",
+    "CHECKPOINT_RE",
+    "HASH_SCHEME",
+    "READERS",
+    "TRAIN_HASH_SCHEME",
+    "TRAIN_STATE_FORMAT",
+    "TRAIN_STATE_VERSION",
+    "CheckpointError",
+    "Reader",
+    "UnresolvedGlobal",
+    "accepted_inputs",
+    "add_weights_args",
+    "atomic_torch_save",
+    "atomic_write",
+    "capture_rng_state",
+    "check_plain",
+    "checkpoint_name",
+    "export_backbone",
+    "export_torchvision_state_dict",
+    "fsync_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_backbone",
+    "load_latest_training_state",
+    "load_plain",
+    "load_projector",
+    "load_training_state",
+    "model_from_checkpoint",
+    "prune_checkpoints",
+    "read_torch_file",
+    "read_weights_pickle",
+    "reference_backbone",
+    "restore_rng_state",
+    "restore_training_state",
+    "rng_state_for_rank",
+    "save_training_state",
+    "tensor_sha256",
+    "train_state_sha256",
+    "unwrap_model",
+    "validate_backbone",
+    "weights_kwargs",
+]

@@ -1,0 +1,381 @@
+"""Backbones and projectors: export (``imsvd-backbone`` or a bare torchvision state_dict) and
+reading them from any accepted checkpoint (validated against torchvision's key set)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .atomic import atomic_torch_save
+from .common import (
+    BACKBONE_FORMAT,
+    BACKBONE_VERSION,
+    HASH_SCHEME,
+    TRAIN_STATE_FORMAT,
+    CheckpointError,
+    diff_keys,
+    key_error,
+    now_utc,
+    tensor_sha256,
+)
+from .readers import Extracted, extract
+from .safe_load import read_torch_file
+
+logger = logging.getLogger("imsvd.checkpoint")
+
+# the readers whose files carry an IMSVD projector next to the backbone
+PROJECTOR_SOURCES = (
+    TRAIN_STATE_FORMAT,
+    "imsvd-reference-model",
+    "imsvd-model-state-dict",
+    "imsvd-reference-cifar",
+)
+
+
+def reference_backbone(arch: str, stem: str) -> "OrderedDict[str, torch.Tensor]":
+    """Key -> meta-device tensor of the torchvision backbone this project builds for arch/stem.
+
+    Raises:
+        CheckpointError: for an unknown arch or stem.
+    """
+    from pretrain.model import ARCHS, STEMS, build_backbone
+
+    if arch not in ARCHS or stem not in STEMS:
+        raise CheckpointError(
+            f"unknown backbone arch/stem '{arch}'/'{stem}' (arch one of {list(ARCHS)}, "
+            f"stem one of {list(STEMS)})"
+        )
+    # The meta device gives names and shapes without allocating or initialising weights.
+    with torch.device("meta"):
+        net = build_backbone(arch, zero_init_residual=False, stem=stem)
+    return net.state_dict()
+
+
+def validate_backbone(
+    sd: Mapping[str, torch.Tensor], arch: str, stem: str, path: Path, source: str
+) -> tuple["OrderedDict[str, torch.Tensor]", list[str]]:
+    """Check ``sd`` against torchvision's key set and shapes.
+
+    Returns:
+        ``(state_dict in torchvision order, notes)``; missing BatchNorm ``num_batches_tracked``
+        buffers (files older than 2018) are filled with 0 and noted.
+
+    Raises:
+        CheckpointError: naming missing / unexpected keys and shape mismatches.
+    """
+    expected = reference_backbone(arch, stem)
+    missing, unexpected, shapes = diff_keys(sd, expected)
+    filled = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected or shapes:
+        raise key_error(
+            f"{path} ({source}): weights do not match a torchvision {arch} backbone "
+            f"(stem '{stem}')",
+            missing,
+            unexpected,
+            shapes,
+        )
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for k in expected:
+        out[k] = sd[k] if k in sd else torch.zeros((), dtype=torch.long)
+    notes = []
+    if filled:
+        notes.append(f"filled {len(filled)} missing BatchNorm num_batches_tracked buffers with 0")
+    return out, notes
+
+
+def _infer(sd: Mapping[str, torch.Tensor], path: Path, source: str) -> tuple[str, str]:
+    from pretrain.model import infer_arch, infer_stem
+
+    try:
+        return infer_arch(sd), infer_stem(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path} ({source}): {e}") from None
+
+
+def export_backbone(
+    path: str | os.PathLike,
+    backbone_state_dict: Mapping[str, torch.Tensor],
+    *,
+    arch: str,
+    stem: str,
+    epoch: int,
+    config: Mapping[str, Any] | None,
+) -> str:
+    """Atomically write an ``imsvd-backbone`` file (torchvision names, no fc, content hash).
+
+    Args:
+        path: destination file.
+        backbone_state_dict: ``model.backbone.state_dict()`` (torchvision names, no fc).
+        arch: resnet18/34/50/101.
+        stem: "standard", "small" or "small_s2" (records whether the max-pool is used).
+        epoch: number of completed training epochs.
+        config: the resolved config (plain dict) or None.
+
+    Returns:
+        The content hash (hex sha256) stored in the file.
+
+    Raises:
+        CheckpointError: unknown arch/stem or weights that do not match them (nothing written).
+    """
+    from pretrain.model import ARCHS, STEMS
+
+    path = Path(path)
+    if arch not in ARCHS:
+        raise CheckpointError(f"export_backbone: unknown arch '{arch}' (one of {ARCHS})")
+    if stem not in STEMS:
+        raise CheckpointError(f"export_backbone: unknown stem '{stem}' (one of {STEMS})")
+    sd = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in backbone_state_dict.items())
+    sd, _ = validate_backbone(sd, arch, stem, path, "export_backbone input")
+    digest = tensor_sha256(sd)
+    obj = {
+        "format": BACKBONE_FORMAT,
+        "format_version": BACKBONE_VERSION,
+        "arch": arch,
+        "stem": stem,
+        "epoch": int(epoch),
+        "config": dict(config) if config is not None else None,
+        "state_dict": sd,
+        "hash_scheme": HASH_SCHEME,
+        "sha256": digest,
+        "created": now_utc(),
+        "torch_version": str(torch.__version__),
+    }
+    atomic_torch_save(obj, path)
+    return digest
+
+
+def export_torchvision_state_dict(
+    path: str | os.PathLike, backbone_state_dict: Mapping[str, torch.Tensor]
+) -> str:
+    """Atomically write a bare torchvision state_dict (no wrapper, no fc) for foreign scripts.
+
+    Scripts that do ``resnet.load_state_dict(torch.load(path), strict=False)`` (the reference
+    IMSVD evaluations) read this file correctly; with the ``imsvd-backbone`` wrapper they would
+    silently keep a random network. arch and stem are not recorded: the reader infers them.
+
+    Args:
+        path: destination file.
+        backbone_state_dict: torchvision-named backbone weights (as from :func:`load_backbone`).
+
+    Returns:
+        The content hash of the written tensors.
+    """
+    sd = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in backbone_state_dict.items())
+    atomic_torch_save(sd, path)
+    return tensor_sha256(sd)
+
+
+def _read(path: str | os.PathLike, map_location: Any, opts: dict, what: str):
+    path = Path(path)
+    obj, load_notes = read_torch_file(path, map_location, opts.pop("allow_unsafe", False))
+    label, ex = extract(obj, path, what=what, **opts)
+    ex.meta.setdefault("notes", []).extend(load_notes)
+    return path, label, ex
+
+
+def _finish_backbone(
+    path: Path, label: str, ex: Extracted, verify_hash: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = dict(ex.meta)
+    meta["source_format"] = label
+    if not ex.backbone:
+        raise CheckpointError(f"{path} ({label}): no backbone weights found")
+    inferred_arch, inferred_stem = (None, None)
+    if "arch" not in meta or "stem" not in meta:
+        inferred_arch, inferred_stem = _infer(ex.backbone, path, label)
+    arch = str(meta.get("arch") or inferred_arch)
+    stem = str(meta.get("stem") or inferred_stem)
+    if "stem_source" not in meta:
+        meta["stem_source"] = "inferred"
+        if stem != "standard":
+            meta["notes"].append(
+                "3x3 stem inferred from conv1; whether it used a max-pool is not recorded in "
+                "this file (assumed 'small': stride 1, no max-pool)"
+            )
+    sd, notes = validate_backbone(ex.backbone, arch, stem, path, label)
+    meta["notes"].extend(notes)
+    digest = tensor_sha256(sd)
+    stored = meta.pop("stored_sha256", None)
+    if stored is not None and verify_hash and stored != digest:
+        raise CheckpointError(
+            f"{path}: content hash mismatch (stored {stored}, computed {digest}); the file was "
+            "modified or corrupted after export"
+        )
+    meta.update(arch=arch, stem=stem, sha256=digest, path=str(path))
+    return dict(sd), meta
+
+
+def load_backbone(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    *,
+    allow_unsafe: bool = False,
+    verify_hash: bool = True,
+    checkpoint_key: str | None = None,
+    prefix: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read ResNet backbone weights from any accepted checkpoint kind (detected by content).
+
+    Args:
+        path: checkpoint file.
+        map_location: passed to torch.load.
+        allow_unsafe: permit a full unpickle of files the safe readers refuse (trusted files).
+        verify_hash: check the stored content hash of this project's files.
+        checkpoint_key: read the weights from this top-level entry (any other layout).
+        prefix: keep the keys starting with this prefix, with it removed.
+
+    Returns:
+        ``(state_dict, meta)``. state_dict has exactly the keys of this project's
+        ``build_backbone(arch, stem=stem)`` (torchvision names, no fc; num_batches_tracked kept,
+        or filled with 0 when the file predates it). meta holds ``source_format`` (the reader's
+        label), ``arch``, ``stem``, ``stem_source`` ("metadata", "layout" or "inferred"),
+        ``epoch`` (None if unknown), ``sha256`` (content hash of the returned weights),
+        ``config`` (None for foreign files), ``notes`` (what was dropped, stripped, filled or
+        replaced) and ``path``.
+
+    Raises:
+        CheckpointError: unreadable or refused file, unknown layout (the accepted ones are
+            listed), weights that are not a torchvision ResNet, or a hash mismatch.
+    """
+    opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
+    opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
+    path, label, ex = _read(path, map_location, opts, "a ResNet backbone")
+    return _finish_backbone(path, label, ex, verify_hash)
+
+
+def _projector_meta(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    linears = []
+    for k, v in sd.items():
+        head, _, name = k.partition(".")
+        if not head.isdigit():
+            raise CheckpointError(f"{path}: unexpected projector key 'projector.{k}'")
+        if name == "weight" and v.dim() == 2:
+            linears.append((int(head), v))
+    if not linears:
+        raise CheckpointError(f"{path}: projector weights hold no Linear layer")
+    linears.sort(key=lambda t: t[0])
+    spec = "-".join(str(w.shape[0]) for _, w in linears)
+    in_dim = int(linears[0][1].shape[1])
+    meta: dict[str, Any] = {
+        "spec": spec,
+        "in_dim": in_dim,
+        "out_dim": int(linears[-1][1].shape[0]),
+        "num_linear": len(linears),
+        "linear_bias": [f"{i}.bias" in sd for i, _ in linears],
+    }
+    from pretrain.model import Projector
+
+    with torch.device("meta"):
+        expected = Projector(in_dim, spec).state_dict()
+    missing, unexpected, shapes = diff_keys(sd, expected)
+    meta["matches_projector"] = not (missing or unexpected or shapes)
+    if not meta["matches_projector"]:
+        meta["mismatch"] = {"missing": missing, "unexpected": unexpected, "shapes": shapes}
+    return meta
+
+
+def _finish_projector(
+    path: Path, label: str, ex: Extracted
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if label == BACKBONE_FORMAT:
+        raise CheckpointError(
+            f"{path} is an exported backbone ('{BACKBONE_FORMAT}'), which carries no projector; "
+            "use a training-state checkpoint (checkpoint_e*_s*.pth) of the same run"
+        )
+    if label not in PROJECTOR_SOURCES or ex.projector is None:
+        raise CheckpointError(
+            f"{path} ({label}) holds a backbone only, no projector; projectors are read from "
+            f"this project's training state or the reference IMSVD model.pth"
+        )
+    if not ex.projector:
+        raise CheckpointError(f"{path} ({label}): no 'projector.*' weights found")
+    pmeta = _projector_meta(ex.projector, path)
+    pmeta.update(source_format=label, epoch=ex.meta.get("epoch"), path=str(path))
+    pmeta["notes"] = list(ex.meta.get("notes", []))
+    return dict(ex.projector), pmeta
+
+
+def load_projector(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    *,
+    allow_unsafe: bool = False,
+    verify_hash: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the projector weights from a training state or the reference model.pth.
+
+    Args:
+        path: checkpoint file.
+        map_location: passed to torch.load.
+        allow_unsafe: permit a full unpickle of files the safe readers refuse.
+        verify_hash: check the stored content hash of this project's training state.
+
+    Returns:
+        ``(state_dict, meta)``: nn.Sequential-style keys ("0.weight", "1.running_mean", ...);
+        meta holds ``source_format``, ``spec`` (e.g. "8192-8160", from the Linear shapes),
+        ``in_dim``, ``out_dim``, ``num_linear``, ``linear_bias``, ``matches_projector`` (whether
+        ``pretrain.model.Projector(in_dim, spec)`` loads it strictly; else ``mismatch``),
+        ``epoch``, ``notes`` and ``path``.
+
+    Raises:
+        CheckpointError: unreadable file, or a file without projector weights.
+    """
+    opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
+    path, label, ex = _read(path, map_location, opts, "a projector")
+    return _finish_projector(path, label, ex)
+
+
+def model_from_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    allow_unsafe: bool = False,
+    verify_hash: bool = True,
+    checkpoint_key: str | None = None,
+    prefix: str | None = None,
+) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
+    """Build the backbone (and the projector when the file has one) from one read of a file.
+
+    Args:
+        path: any checkpoint :func:`load_backbone` accepts.
+        device: where the modules are put.
+        allow_unsafe, verify_hash, checkpoint_key, prefix: as for :func:`load_backbone`.
+
+    Returns:
+        ``(backbone, projector, meta)``: ``build_backbone(arch, stem=stem)`` with the weights
+        loaded strictly (``fc`` is an Identity, output ``backbone.num_features`` wide);
+        ``pretrain.model.Projector`` with its weights, or None when the file has no projector
+        or it does not match that module (``meta["projector"]`` says which); meta as from
+        :func:`load_backbone` plus ``projector`` (the projector's meta or None).
+
+    Raises:
+        CheckpointError: as :func:`load_backbone`.
+    """
+    from pretrain.model import Projector, build_backbone
+
+    opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
+    opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
+    path, label, ex = _read(path, "cpu", opts, "a ResNet backbone")
+    sd, meta = _finish_backbone(path, label, ex, verify_hash)
+    backbone = build_backbone(meta["arch"], zero_init_residual=False, stem=meta["stem"])
+    backbone.load_state_dict(sd, strict=True)
+    projector = None
+    meta["projector"] = None
+    if label in PROJECTOR_SOURCES and ex.projector:
+        psd, pmeta = _finish_projector(path, label, ex)
+        pmeta.pop("notes", None)
+        meta["projector"] = pmeta
+        if pmeta["matches_projector"]:
+            projector = Projector(pmeta["in_dim"], pmeta["spec"])
+            projector.load_state_dict(psd, strict=True)
+            projector.to(device)
+        else:
+            meta["notes"].append("projector weights do not match pretrain.model.Projector")
+    return backbone.to(device), projector, meta
