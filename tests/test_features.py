@@ -9,7 +9,7 @@ import pytest
 import torch
 from eval_helpers import make_image_tree, make_weights
 
-from pretrain.data import build_image_dataset
+from pretrain.data import CorruptImageError, build_image_dataset
 from pretrain.transforms import eval_transform
 from transfer import features as feat_mod
 from transfer.features import (
@@ -104,3 +104,40 @@ def test_cache_hit_and_invalidation(setup, tmp_path, monkeypatch):
     finally:
         ds.transform = eval_transform(40, 32)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bad_bytes", [b"not an image", b"", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_unreadable_images_are_left_out_with_their_labels(setup, tmp_path, bad_bytes):
+    root, model, meta, _ = setup
+    tree = make_image_tree(tmp_path / "t", n_per_class=3)
+    (tree / "c0" / "img000.png").write_bytes(bad_bytes)  # first image of the first class
+    (tree / "c2" / "img002.png").write_bytes(bad_bytes)  # last image of the last class
+    ds = build_image_dataset(str(tree), transform=eval_transform(40, 32))
+    feats, labels = extract_features(model, ds, batch_size=4)
+    keep = [
+        i
+        for i, (p, _) in enumerate(ds.samples)
+        if not p.endswith(("c0/img000.png", "c2/img002.png"))
+    ]
+    assert feats.shape[0] == len(keep) == 7
+    np.testing.assert_array_equal(labels, [ds.targets[i] for i in keep])
+    with torch.no_grad():  # each row is its own image, not a neighbour standing in for it
+        rows = feat_mod.forward_features(model, torch.stack([ds[i][0] for i in keep]))
+    np.testing.assert_allclose(feats, rows.numpy(), rtol=1e-4, atol=1e-5)
+    cached = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"], batch_size=4)
+    np.testing.assert_array_equal(cached[1], labels)
+    again = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"], batch_size=4)
+    np.testing.assert_array_equal(again[0], cached[0])
+    ds.strict = True  # a cache written with rows left out is not good enough in strict mode
+    with pytest.raises(CorruptImageError, match="img00[02].png"):
+        cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"], batch_size=4)
+
+
+def test_no_readable_image_is_an_error(setup, tmp_path):
+    _, model, _, _ = setup
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "x.png").write_bytes(b"junk")
+    ds = build_image_dataset(str(tmp_path), transform=eval_transform(40, 32))
+    with pytest.raises(FeatureError, match="none of the 2 images"):
+        extract_features(model, ds, batch_size=2)

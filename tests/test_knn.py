@@ -1,8 +1,10 @@
-"""Weighted cosine kNN: hand-checked votes, chunking, entry point, 2 processes == 1 process."""
+"""Weighted cosine kNN: hand-checked votes, chunking, entry point, val labels by train class
+names, results file location, unreadable images, 2 processes == 1 process."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -84,3 +86,85 @@ def test_two_processes_equal_one(tiny, tmp_path):
     np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-6)
     for key in ("top1_k1", "top1_k3", "num_train"):
         assert results[0][key] == results[1][key]
+
+
+def _subset_tree(src, dst, classes):
+    """A copy of the ImageFolder tree ``src`` holding only ``classes``."""
+    for c in classes:
+        shutil.copytree(src / c, dst / c)
+    return dst
+
+
+@pytest.mark.parametrize("val_classes", [["c1", "c2"], ["c0", "c2"], ["c2"]])
+def test_val_tree_missing_classes_keeps_the_train_labels(tiny, tmp_path, val_classes):
+    root, weights = tiny
+    full = tmp_path / "full"
+    args = ["--config", "knn_tiny", "--weights", str(weights), "--train-root", str(root / "train")]
+    assert main(args + ["--val-root", str(root / "val"), "--output-dir", str(full)]) == 0
+    bank = np.load(full / "features" / "train_pool5.feats.npy")
+    bank_y = np.load(full / "features" / "train_pool5.labels.npy")
+    queries = np.load(full / "features" / "val_pool5.feats.npy")
+    query_y = np.load(full / "features" / "val_pool5.labels.npy")
+    part = _subset_tree(root / "val", tmp_path / "val_part", val_classes)
+    out = tmp_path / "part"
+    assert main(args + ["--val-root", str(part), "--output-dir", str(out)]) == 0
+    res = json.loads((out / "knn_results.json").read_text())
+    # the same images, judged against the same labels as in the full run
+    keep = np.isin(query_y, [int(c[1:]) for c in val_classes])
+    for k in (1, 3):
+        pred = knn_classify(bank, bank_y, queries[keep], ks=(k,))[k]
+        assert res[f"top1_k{k}"] == pytest.approx(100.0 * np.mean(pred == query_y[keep]))
+    assert res["top1_k1"] > 60.0 and res["num_val"] == 4 * len(val_classes)
+
+
+def test_val_class_unknown_to_train_is_an_error(tiny, tmp_path, capsys):
+    root, weights = tiny
+    val = _subset_tree(root / "val", tmp_path / "val", ["c0", "c1"])
+    shutil.copytree(root / "val" / "c2", val / "zebra")
+    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
+                 str(root / "train"), "--val-root", str(val), "--output-dir",
+                 str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "zebra" in capsys.readouterr().err
+
+
+def test_results_written_without_output_dir(tiny, tmp_path, monkeypatch, capsys):
+    root, weights = tiny
+    monkeypatch.chdir(tmp_path)
+    base = ["--config", "knn_tiny", "--weights", str(weights), "--train-root",
+            str(root / "train"), "--val-root", str(root / "val")]  # fmt: skip
+    assert main(base) == 0
+    written = tmp_path / "outputs" / "knn" / "knn_results.json"
+    res = json.loads(written.read_text())
+    assert res["top1_k1"] > 60.0 and res["unreadable_images"] == {"train": 0, "val": 0}
+    out = capsys.readouterr().out
+    assert "outputs/knn/knn_results.json" in out and "top1_k1" in out
+    # an output_dir that cannot be a folder (a file is there): results printed, reason logged
+    (tmp_path / "afile").write_text("x")
+    assert main(base + ["--output-dir", str(tmp_path / "afile")]) == 0
+    out = capsys.readouterr().out
+    assert "top1_k1" in out and "cannot be written" in out
+    # explicitly empty: nothing written, still printed
+    assert main(base + ["output_dir="]) == 0
+    assert "top1_k1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_unreadable_images_counted_in_results(tiny, tmp_path, split):
+    root, weights = tiny
+    tree = tmp_path / "data"
+    shutil.copytree(root / "train", tree / "train")
+    shutil.copytree(root / "val", tree / "val")
+    (tree / split / "c1" / "img001.png").write_bytes(b"broken")
+    (tree / split / "c2" / "zz_empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
+                 str(tree / "train"), "--val-root", str(tree / "val"),
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    res = json.loads((out / "knn_results.json").read_text())
+    other = "val" if split == "train" else "train"
+    assert res["unreadable_images"] == {split: 2, other: 0}
+    assert res["num_train"] == 24 - (split == "train")  # one replaced, one added
+    assert res["num_val"] == 12 - (split == "val")
+    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
+                 str(tree / "train"), "--val-root", str(tree / "val"), "--output-dir",
+                 str(tmp_path / "strict"), "data.strict=true"]) == 2  # fmt: skip

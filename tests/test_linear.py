@@ -1,16 +1,27 @@
-"""Linear probe: schedules, global-batch BatchNorm head, resume, frozen check, 2 procs == 1."""
+"""Linear probe: schedules, global-batch BatchNorm head, val labels by train class names, resume
+checks, log lines, unreadable images, frozen check, 2 procs == 1."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from eval_helpers import REPO, make_image_tree, make_weights, run_module
 
 from pretrain.config import load_config
 from transfer import linear
-from transfer.linear import LinearEvalError, LinearHead, lr_at_epoch, main, topk_accuracy
+from transfer.linear import (
+    LinearEvalError,
+    LinearHead,
+    format_epoch,
+    lr_at_epoch,
+    main,
+    topk_accuracy,
+)
 
 EVAL = REPO / "configs" / "eval"
 
@@ -108,3 +119,124 @@ def test_two_processes_equal_one(tiny, tmp_path):
     for key in heads[0]:
         torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5)
     assert results[0]["top1"] == results[1]["top1"]
+
+
+def _copy(src, dst, classes):
+    for c in classes:
+        shutil.copytree(src / c, dst / c)
+    return dst
+
+
+@pytest.mark.parametrize("val_classes", [["c1", "c2"], ["c0"]])
+def test_val_tree_missing_classes_keeps_the_train_labels(tiny, tmp_path, val_classes):
+    root, weights = tiny
+    full = tmp_path / "full"
+    assert main(_args(root, weights, full, "train.lr=0.5")) == 0
+    ref = json.loads((full / "linear_results.json").read_text())
+    part = _copy(root / "val", tmp_path / "val", val_classes)
+    out = tmp_path / "part"
+    assert main(_args(root, weights, out, "train.lr=0.5", f"data.val_root={part}")) == 0
+    res = json.loads((out / "linear_results.json").read_text())
+    assert res["num_val"] == 4 * len(val_classes) and res["num_classes"] == 3
+    # the same head (same data, seed, settings) judged on the subset with the same labels
+    head = torch.load(full / "linear_checkpoint.pth", weights_only=True)["head"]
+    feats = np.load(full / "features" / "val_pool5.feats.npy")
+    labels = np.load(full / "features" / "val_pool5.labels.npy")
+    keep = np.isin(labels, [int(c[1:]) for c in val_classes])
+    model = LinearHead(feats.shape[1], 3, batchnorm=True)
+    model.load_state_dict(head)
+    model.eval()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(feats[keep])).argmax(1).numpy()
+    assert res["top1"] == pytest.approx(100.0 * np.mean(pred == labels[keep]), abs=1e-6)
+    assert ref["top1"] > 50.0 and res["top1"] > 0.0  # a class-order mix-up gave 0.00
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("classes", r"training classes \(3 vs 2; only in the checkpoint: \['c2'\]\)"),
+        ("renamed", r"only now: \['c9'\]"),
+        ("samples", r"training samples \(24 in the checkpoint, 21 now"),
+        ("lr", r"train.lr: 0.5 in the checkpoint, 0.1 now"),
+        ("batchnorm", r"head.batchnorm: True in the checkpoint, False now"),
+        ("weights", r"backbone weights: sha256"),
+    ],
+)
+def test_resume_refuses_another_run(tiny, tmp_path, capsys, change, expected):
+    root, weights = tiny
+    out = tmp_path / "out"
+    assert main(_args(root, weights, out, "train.lr=0.5")) == 0
+    train, val = root / "train", root / "val"
+    extra = ["train.lr=0.5", "train.epochs=3"]
+    if change in ("classes", "renamed"):
+        train = _copy(root / "train", tmp_path / "t", ["c0", "c1"])
+        val = _copy(root / "val", tmp_path / "v", ["c0", "c1"])
+        if change == "renamed":
+            shutil.copytree(root / "train" / "c2", train / "c9")
+    elif change == "samples":
+        train = _copy(root / "train", tmp_path / "t", ["c0", "c1", "c2"])
+        for c in ("c0", "c1", "c2"):
+            (train / c / "img007.png").unlink()
+    elif change == "lr":
+        extra = ["train.lr=0.1", "train.epochs=3"]
+    elif change == "batchnorm":
+        extra.append("head.batchnorm=false")
+    args = _args(root, weights, out, *extra, f"data.train_root={train}", f"data.val_root={val}")
+    if change == "weights":
+        args[args.index(str(weights))] = str(make_weights(tmp_path / "w2.pth", seed=1))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not belong to this run" in err and "train.resume=false" in err
+    assert re.search(expected, err), err
+    # the refused run changed nothing; train.resume=false starts a new head there
+    assert torch.load(out / "linear_checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert main(args + ["train.resume=false"]) == 0
+    assert json.loads((out / "linear_results.json").read_text())["history"][0]["epoch"] == 1
+
+
+def test_head_checkpoint_records_data_and_settings(tiny, tmp_path):
+    root, weights = tiny
+    out = tmp_path / "out"
+    assert main(_args(root, weights, out)) == 0
+    ckpt = torch.load(out / "linear_checkpoint.pth", weights_only=True)
+    assert ckpt["data"]["classes"] == ["c0", "c1", "c2"] and ckpt["data"]["num_samples"] == 24
+    assert ckpt["settings"]["train.lr"] == 0.1 and ckpt["settings"]["head.num_classes"] == 3
+    assert ckpt["config"]["train"]["milestones"] == [1]
+    # a checkpoint of the older format (no data / settings) is refused, not guessed at
+    del ckpt["data"], ckpt["settings"]
+    torch.save(ckpt, out / "linear_checkpoint.pth")
+    with pytest.raises(LinearEvalError, match="lacks field 'data'.*older version"):
+        linear._load_head_checkpoint(out / "linear_checkpoint.pth")
+
+
+def test_epoch_log_lines_are_readable(tiny, tmp_path, capsys):
+    line = format_epoch({"epoch": 3, "lr": 0.019999999999999997, "loss": 1.234567891234,
+                         "top1": 66.899999999, "top5": 97.8}, 100)  # fmt: skip
+    assert line == "epoch 3/100  lr 0.02  loss 1.2346  top1 66.90%  top5 97.80%"
+    assert format_epoch({"epoch": 1, "lr": 0.1, "loss": 2.0}, 2, 3).endswith(
+        "(3 unreadable images left out)"
+    )
+    root, weights = tiny
+    assert main(_args(root, weights, tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    for epoch, lr in ((1, "0.1"), (2, "0.01")):
+        pattern = (
+            rf"epoch {epoch}/2  lr {lr}  loss \d+\.\d{{4}}  top1 \d+\.\d\d%  top5 \d+\.\d\d%\n"
+        )
+        assert re.search(pattern, out), out
+    assert "{'epoch'" not in out
+
+
+def test_unreadable_images_counted(tiny, tmp_path):
+    root, weights = tiny
+    data = tmp_path / "data"
+    shutil.copytree(root, data, ignore=shutil.ignore_patterns("*.pth"))
+    (data / "train" / "c0" / "img003.png").write_bytes(b"")
+    (data / "val" / "c2" / "img000.png").write_bytes(b"junk")
+    out = tmp_path / "out"
+    assert main(_args(data, weights, out)) == 0
+    res = json.loads((out / "linear_results.json").read_text())
+    assert res["unreadable_images"] == {"train": 1, "val": 1}
+    assert res["num_train"] == 23 and res["num_val"] == 11
+    assert main(_args(data, weights, tmp_path / "strict", "data.strict=true")) == 2

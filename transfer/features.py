@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pretrain.data import collate_readable
 from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size
 from pretrain.log import progress, write_json_atomic
 
@@ -125,7 +126,9 @@ def extract_features(
     """Features and labels of a whole dataset, sharded over processes, in dataset order.
 
     Each process extracts one contiguous shard; the shards are all-gathered, so every process
-    returns the full arrays.
+    returns the full arrays. Items the dataset yields as None (unreadable images, see
+    :class:`pretrain.data.ImageDataset`) are left out, logged and counted: the arrays then have
+    ``len(dataset) - unreadable`` rows, each with its own image's label (nothing is replaced).
 
     Args:
         model: frozen backbone (put in eval mode here as well).
@@ -136,7 +139,9 @@ def extract_features(
         num_workers: DataLoader workers.
         desc: progress-bar label.
     Returns:
-        (features float32 (N, D), labels int64 (N,)).
+        (features float32 (N, D), labels int64 (N,)), N = the number of readable items.
+    Raises:
+        FeatureError: bad layer or batch size, or no readable item at all.
     """
     check_layer(layer)
     if batch_size <= 0:
@@ -151,9 +156,14 @@ def extract_features(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_readable,
     )
     feats, labels = [], []
-    for images, targets in progress(loader, total=len(loader), desc=desc, rank=rank):
+    dropped = 0
+    for images, targets, n_bad in progress(loader, total=len(loader), desc=desc, rank=rank):
+        dropped += n_bad
+        if images is None:
+            continue
         out = forward_features(model, images.to(device, non_blocking=True), layer)
         feats.append(out.float())
         labels.append(torch.as_tensor(targets, dtype=torch.long).to(device))
@@ -162,18 +172,17 @@ def extract_features(
     local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
     all_f = all_gather_tensor(local_f).cpu().numpy()
     all_y = all_gather_tensor(local_y).cpu().numpy()
-    if all_f.shape[0] != len(dataset):
-        raise FeatureError(f"gathered {all_f.shape[0]} feature rows for {len(dataset)} samples")
+    dropped = int(all_gather_tensor(torch.tensor([dropped], device=device)).sum())
+    if all_f.shape[0] + dropped != len(dataset):
+        raise FeatureError(
+            f"gathered {all_f.shape[0]} feature rows and {dropped} unreadable items for "
+            f"{len(dataset)} samples"
+        )
+    if all_f.shape[0] == 0:
+        raise FeatureError(f"{desc}: none of the {len(dataset)} images could be read")
+    if dropped:
+        logger.warning("%s: %d of %d images unreadable and left out", desc, dropped, len(dataset))
     return all_f, all_y
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_signature(dataset: Dataset) -> str:
@@ -219,7 +228,8 @@ def cached_features(
         model, dataset, layer, batch_size, device, num_workers: as for extract_features.
         weights_sha256: content hash of the backbone weights (load_backbone's meta["sha256"]).
     Returns:
-        (features, labels) as extract_features.
+        (features, labels) as extract_features (unreadable images left out; their number is
+        ``len(dataset) - len(labels)``).
     """
     cache_dir = Path(cache_dir)
     stem = cache_dir / f"{split}_{layer}"
@@ -238,6 +248,8 @@ def cached_features(
         "samples_sha256": dataset_signature(dataset),
     }
     hit = _read_cache(m_path, f_path, y_path, meta)
+    if hit is not None and getattr(dataset, "strict", False) and hit[0].shape[0] < len(dataset):
+        hit = None  # rows were dropped when it was written: strict mode must see the bad file
     if hit is not None:
         logger.info("features cache hit: %s (%d x %d)", stem, *hit[0].shape)
         return hit

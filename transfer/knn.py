@@ -6,12 +6,15 @@
 Features are L2-normalised; each test sample votes over its k most cosine-similar training
 samples with weights exp(sim / T), T = 0.07, k = 20 and 200. Extraction is sharded over
 processes but the vote always uses the features of the WHOLE train set (gathered), never a
-per-shard bank. Results (top-1 per k) go to OUT/knn_results.json.
+per-shard bank. Results (top-1 in percent per k) go to OUT/knn_results.json (OUT defaults to
+the config's output_dir, outputs/knn); the log says where.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError
+
+logger = logging.getLogger("imsvd.knn")
 
 RESULTS_NAME = "knn_results.json"
 
@@ -91,63 +96,90 @@ def knn_accuracy(
 def run(cfg: dict) -> dict:
     """kNN evaluation from a resolved config (knn.yaml schema).
 
+    Val labels follow the train split's class names (:func:`pretrain.data.
+    build_train_val_datasets`); unreadable images are left out and counted (``data.strict``:
+    fail instead). The results JSON goes to ``output_dir/knn_results.json`` (``output_dir``
+    defaults to the config's ``outputs/knn``); when that folder cannot be written the results
+    are still printed and the reason is logged.
+
     Returns:
-        The results dict (written to output_dir/knn_results.json on rank 0 when output_dir is
-        set); every rank computes the same predictions, non-zero ranks return {}.
+        The results dict (top-1 in percent per k, counts, unreadable images per split); every
+        rank computes the same predictions, non-zero ranks return {}.
     """
-    from pretrain.data import build_image_dataset
+    from pretrain.data import build_train_val_datasets
     from pretrain.dist import init_distributed
-    from pretrain.log import print_table, setup_logging, write_json_atomic
+    from pretrain.log import print_table, setup_logging
     from pretrain.transforms import eval_transform
-    from transfer.features import backbone_from_weights, cached_features
+    from transfer.features import backbone_from_weights, cached_features, extract_features
 
     if not cfg["weights"]:
         raise ConfigError("config key 'weights' is required (use --weights)")
     d = cfg["data"]
     if not (d["train_root"] or d["train_list"]) or not (d["val_root"] or d["val_list"]):
         raise ConfigError("kNN needs data.train_root (or train_list) and data.val_root/val_list")
-    out = Path(cfg["output_dir"]) if cfg["output_dir"] else None
     info = init_distributed(cfg["device"])
+    out = _usable_dir(cfg["output_dir"])
     setup_logging(str(out) if out else None, rank=info.rank)
+    if cfg["output_dir"] and out is None:
+        logger.warning("output_dir %r cannot be written: no feature cache, no results file",
+                       str(cfg["output_dir"]))  # fmt: skip
     transform = eval_transform(int(d["resize"]), int(d["crop"]))
     model, meta = backbone_from_weights(cfg["weights"], info.device)
+    train_ds, val_ds = build_train_val_datasets(
+        d["train_root"], d["train_list"], d["val_root"], d["val_list"], transform, transform,
+        strict=bool(d["strict"]),
+    )  # fmt: skip
     f = cfg["features"]
     arrays = {}
-    for split in ("train", "val"):
-        ds = build_image_dataset(
-            d[f"{split}_root"] or None, d[f"{split}_list"] or None, transform=transform
-        )
-        cache = (out / "features") if out else None
-        if cache is not None:
-            arrays[split] = cached_features(
-                cache, split, model, ds, meta["sha256"], f["layer"], int(f["batch_size"]),
-                info.device, int(f["num_workers"]),
-            )  # fmt: skip
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        args = (model, ds)
+        kw = dict(batch_size=int(f["batch_size"]), layer=f["layer"], device=info.device,
+                  num_workers=int(f["num_workers"]))  # fmt: skip
+        if out is not None:
+            arrays[split] = cached_features(out / "features", split, *args, meta["sha256"], **kw)
         else:
-            from transfer.features import extract_features
-
-            arrays[split] = extract_features(
-                model, ds, int(f["batch_size"]), f["layer"], info.device, int(f["num_workers"])
-            )
+            arrays[split] = extract_features(*args, desc=f"{split} features", **kw)
     k = cfg["knn"]
-    num_classes = int(max(arrays["train"][1].max(), arrays["val"][1].max())) + 1
     acc = knn_accuracy(
         arrays["train"][0], arrays["train"][1], arrays["val"][0], arrays["val"][1],
         ks=[int(x) for x in k["ks"]], temperature=float(k["temperature"]),
-        num_classes=num_classes, chunk_size=int(k["chunk_size"]), device=info.device,
+        num_classes=train_ds.num_classes, chunk_size=int(k["chunk_size"]), device=info.device,
     )  # fmt: skip
     if not info.is_main:
         return {}
+    unreadable = {"train": len(train_ds) - len(arrays["train"][1]),
+                  "val": len(val_ds) - len(arrays["val"][1])}  # fmt: skip
     results = dict(acc, num_train=len(arrays["train"][1]), num_val=len(arrays["val"][1]),
+                   unreadable_images=unreadable, num_classes=train_ds.num_classes,
                    temperature=float(k["temperature"]), layer=f["layer"],
                    weights=str(cfg["weights"]), weights_sha256=meta["sha256"])  # fmt: skip
-    if out:
-        from pretrain.config import save_config
-
-        save_config(cfg, out / "config.yaml")
-        write_json_atomic(results, out / RESULTS_NAME)
     print_table([{"metric": key, "value": v} for key, v in acc.items()], title="kNN top-1 (%)")
+    if out is not None:
+        from pretrain.config import save_config
+        from pretrain.log import write_json_atomic
+
+        try:
+            save_config(cfg, out / "config.yaml")
+            write_json_atomic(results, out / RESULTS_NAME)
+            logger.info("kNN results written to %s", out / RESULTS_NAME)
+        except OSError as e:
+            logger.warning("kNN results NOT written to %s: %s", out / RESULTS_NAME, e)
     return results
+
+
+def _usable_dir(path: str | None) -> Path | None:
+    """``path`` created if needed, or None when it is empty or cannot be written."""
+    if not path:
+        return None
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="backbone checkpoint (any kind load_backbone reads)")
     p.add_argument("--train-root", help="ImageFolder tree (or list-file prefix) of the bank")
     p.add_argument("--val-root", help="ImageFolder tree (or list-file prefix) of the queries")
-    p.add_argument("--output-dir", help="features cache + knn_results.json")
+    p.add_argument(
+        "--output-dir",
+        help="features cache + knn_results.json (default: the config's, outputs/knn)",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = p.parse_args(argv)
     flags = {"weights": "weights", "train_root": "data.train_root",

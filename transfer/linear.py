@@ -10,22 +10,27 @@ The backbone is frozen in eval mode; its pooled features go through an optional
 BatchNorm1d(affine=False) (Places205 protocol) and one Linear layer, the only trained module
 (DistributedDataParallel across processes). The BatchNorm normalises over the GLOBAL batch
 (features are all-gathered; they carry no gradient), so N processes train exactly like one.
-Every epoch the head and optimizer are saved atomically to OUT/linear_checkpoint.pth and a
-rerun resumes from it. Validation features (deterministic transform) are cached in
-OUT/features. After training the backbone's content hash is compared with the one before
-training; a change is an error. OUT/linear_results.json holds top-1/top-5.
+Every epoch the head and optimizer are saved atomically to OUT/linear_checkpoint.pth together
+with the training class names, a signature of the training sample list and the training
+settings; a rerun resumes from it only when all of these (and the backbone weights) match, and
+otherwise stops with a message naming what differs. Validation features (deterministic
+transform) are cached in OUT/features. Val labels follow the train split's class names.
+Unreadable images are left out and counted (``data.strict=true``: fail instead). After
+training the backbone's content hash is compared with the one before training; a change is an
+error. OUT/linear_results.json holds top-1/top-5 (percent).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,7 +88,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 def _datasets(cfg: dict):
-    from pretrain.data import build_image_dataset
+    from pretrain.data import build_train_val_datasets
     from pretrain.transforms import eval_transform, train_linear_transform
 
     d = cfg["data"]
@@ -97,13 +102,97 @@ def _datasets(cfg: dict):
         )
     if not (d["train_root"] or d["train_list"]) or not (d["val_root"] or d["val_list"]):
         raise ConfigError("linear eval needs data.train_root (or train_list) and data.val_root")
-    train = build_image_dataset(d["train_root"] or None, d["train_list"] or None, train_tf)
-    val = build_image_dataset(
-        d["val_root"] or None,
-        d["val_list"] or None,
-        eval_transform(int(d["resize"]), int(d["crop"])),
-    )
-    return train, val
+    return build_train_val_datasets(
+        d["train_root"], d["train_list"], d["val_root"], d["val_list"], train_tf,
+        eval_transform(int(d["resize"]), int(d["crop"])), strict=bool(d["strict"]),
+    )  # fmt: skip
+
+
+def train_signature(dataset, base: str | None) -> dict:
+    """What identifies a training set for resuming: class names, size and a sample-list hash.
+
+    Paths are hashed relative to ``base`` (the data root, or the list file's folder), so the
+    same tree moved elsewhere keeps its signature.
+
+    Returns:
+        {"classes": list or None, "num_samples": int, "samples_sha256": hex str}.
+    """
+    h = hashlib.sha256(str(len(dataset.samples)).encode())
+    for path, label in dataset.samples:
+        rel = os.path.relpath(path, base) if base else path
+        h.update(f"{rel}\0{label}\n".encode())
+    classes = list(dataset.classes) if dataset.classes is not None else None
+    return {
+        "classes": classes,
+        "num_samples": len(dataset.samples),
+        "samples_sha256": h.hexdigest(),
+    }
+
+
+# Settings a resumed head must share with its checkpoint (dotted config keys). train.epochs may
+# grow on resume with a step schedule; under cosine it changes every epoch's learning rate.
+_RESUME_KEYS = ("seed", "head.batchnorm", "train.batch_size", "train.lr", "train.momentum",
+                "train.nesterov", "train.weight_decay", "train.schedule", "train.milestones",
+                "train.gamma", "data.train_aug", "data.train_crop", "data.train_scale",
+                "data.resize", "data.crop")  # fmt: skip
+
+
+def resume_settings(cfg: dict, num_classes: int) -> dict:
+    """The training settings stored in the head checkpoint and compared on resume.
+
+    Returns:
+        Flat {dotted key: value}, plus ``head.num_classes`` (resolved) and, under a cosine
+        schedule, ``train.epochs``.
+    """
+    out = {}
+    for key in _RESUME_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        out[key] = list(node) if isinstance(node, (list, tuple)) else node
+    out["head.num_classes"] = int(num_classes)
+    if cfg["train"]["schedule"] == "cosine":
+        out["train.epochs"] = int(cfg["train"]["epochs"])
+    return out
+
+
+def resume_mismatch(state: dict, now: dict) -> list[str]:
+    """What differs between a head checkpoint and this run, one readable item per difference.
+
+    Args:
+        state: the loaded checkpoint (``weights_sha256``, ``data``, ``settings``).
+        now: the same three fields for this run.
+    Returns:
+        Descriptions of the differences (empty when the run may resume).
+    """
+    diffs = []
+    if state["weights_sha256"] != now["weights_sha256"]:
+        diffs.append(
+            f"backbone weights: sha256 {state['weights_sha256'][:12]}... in the checkpoint, "
+            f"{now['weights_sha256'][:12]}... now"
+        )
+    old, new = state["data"], now["data"]
+    if old["classes"] != new["classes"]:
+        a, b = old["classes"] or [], new["classes"] or []
+        gone, added = [c for c in a if c not in b], [c for c in b if c not in a]
+        detail = []
+        if gone:
+            detail.append(f"only in the checkpoint: {gone[:5]}")
+        if added:
+            detail.append(f"only now: {added[:5]}")
+        if not detail:
+            detail.append("same names in another order")
+        diffs.append(f"training classes ({len(a)} vs {len(b)}; {'; '.join(detail)})")
+    elif old["samples_sha256"] != new["samples_sha256"]:
+        diffs.append(
+            f"training samples ({old['num_samples']} in the checkpoint, {new['num_samples']} now,"
+            " or other files / labels)"
+        )
+    for key in sorted(set(state["settings"]) | set(now["settings"])):
+        a, b = state["settings"].get(key, "<unset>"), now["settings"].get(key, "<unset>")
+        if a != b:
+            diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+    return diffs
 
 
 def _load_head_checkpoint(path: Path) -> dict | None:
@@ -115,9 +204,13 @@ def _load_head_checkpoint(path: Path) -> dict | None:
         obj = load_plain(path)
     except CheckpointError as e:
         raise LinearEvalError(f"cannot read linear-head checkpoint: {e}") from None
-    for key in ("epoch", "head", "optimizer", "weights_sha256"):
+    for key in ("epoch", "head", "optimizer", "weights_sha256", "data", "settings"):
         if key not in obj:
-            raise LinearEvalError(f"linear-head checkpoint {path} lacks field '{key}'")
+            raise LinearEvalError(
+                f"linear-head checkpoint {path} lacks field '{key}' (written by an older version "
+                "that did not record the training data and settings): use another --output-dir "
+                "or train.resume=false"
+            )
     return obj
 
 
@@ -131,6 +224,7 @@ def train_linear(cfg: dict) -> dict:
     """
     from pretrain.checkpoint import atomic_torch_save, tensor_sha256
     from pretrain.config import save_config
+    from pretrain.data import collate_readable
     from pretrain.dist import all_gather_tensor, get_rank, init_distributed
     from pretrain.log import MetricWriter, print_table, progress, setup_logging, write_json_atomic
     from transfer.features import (
@@ -160,9 +254,12 @@ def train_linear(cfg: dict) -> dict:
     backbone, meta = backbone_from_weights(cfg["weights"], info.device)
     hash_before = tensor_sha256(backbone.state_dict())
     train_ds, val_ds = _datasets(cfg)
-    num_classes = int(cfg["head"]["num_classes"]) or max(
-        getattr(train_ds, "num_classes", 0), max(train_ds.targets) + 1
-    )
+    num_classes = int(cfg["head"]["num_classes"]) or train_ds.num_classes
+    if num_classes < train_ds.num_classes:
+        raise ConfigError(
+            f"head.num_classes={num_classes} but the training data has {train_ds.num_classes} "
+            "classes (0: take the number from the data)"
+        )
     layer = "pool5"
     head = LinearHead(feature_dim(backbone, layer), num_classes, bool(cfg["head"]["batchnorm"]))
     head = head.to(info.device)
@@ -176,12 +273,22 @@ def train_linear(cfg: dict) -> dict:
         nesterov=bool(t["nesterov"]), weight_decay=float(t["weight_decay"]),
     )  # fmt: skip
     ckpt_path = out / CHECKPOINT_NAME
+    d = cfg["data"]
+    base = d["train_root"] or (os.path.dirname(os.path.abspath(d["train_list"])))
+    identity = {
+        "weights_sha256": meta["sha256"],
+        "data": train_signature(train_ds, base),
+        "settings": resume_settings(cfg, num_classes),
+    }
     start_epoch, history = 0, []
     state = _load_head_checkpoint(ckpt_path) if t["resume"] else None
     if state is not None:
-        if state["weights_sha256"] != meta["sha256"]:
+        diffs = resume_mismatch(state, identity)
+        if diffs:
             raise LinearEvalError(
-                f"{ckpt_path} was trained on other backbone weights; use a new output_dir"
+                f"{ckpt_path} does not belong to this run, so it cannot be resumed; it differs "
+                f"in: {'; '.join(diffs)}. Use another --output-dir, or train.resume=false to "
+                "train a new head there"
             )
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
@@ -193,11 +300,13 @@ def train_linear(cfg: dict) -> dict:
     )
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=local_bs, sampler=sampler, num_workers=int(cfg["data"]["num_workers"]),
-        pin_memory=info.device.type == "cuda", drop_last=False,
+        pin_memory=info.device.type == "cuda", drop_last=False, collate_fn=collate_readable,
     )  # fmt: skip
     writer = MetricWriter(str(out), rank=info.rank, tensorboard=False)
     epochs = int(t["epochs"])
     val_feats = None
+    dim = feature_dim(backbone, layer)
+    unreadable = {"train": 0, "val": 0}
 
     def evaluate() -> dict:
         nonlocal val_feats
@@ -206,6 +315,7 @@ def train_linear(cfg: dict) -> dict:
                 out / "features", "val", backbone, val_ds, meta["sha256"], layer, local_bs,
                 info.device, int(cfg["data"]["num_workers"]),
             )  # fmt: skip
+        unreadable["val"] = len(val_ds) - len(val_feats[1])
         head.eval()
         with torch.no_grad():
             logits = head(torch.from_numpy(val_feats[0]).to(info.device))
@@ -220,16 +330,25 @@ def train_linear(cfg: dict) -> dict:
         sampler.set_epoch(epoch)
         head.train()
         loss_sum = torch.zeros((), device=info.device)
-        for images, labels in progress(loader, total=len(loader), desc=f"epoch {epoch}",
-                                       rank=get_rank()):  # fmt: skip
-            images, labels = images.to(info.device), labels.to(info.device)
+        dropped = 0
+        for images, labels, n_bad in progress(loader, total=len(loader), desc=f"epoch {epoch}",
+                                              rank=get_rank()):  # fmt: skip
+            dropped += n_bad
             with torch.no_grad():
-                feats = forward_features(backbone, images, layer)
+                if images is None:  # every image of this local batch was unreadable
+                    feats = torch.zeros((0, dim), device=info.device)
+                    labels = torch.zeros((0,), dtype=torch.long)
+                else:
+                    feats = forward_features(backbone, images.to(info.device), layer)
                 sizes = all_gather_tensor(torch.tensor([feats.shape[0]], device=info.device))
                 all_feats = all_gather_tensor(feats)
+            if all_feats.shape[0] == 0:  # the same on every rank: skip the step everywhere
+                continue
+            labels = labels.to(info.device)
             offset = int(sizes[: info.rank].sum())
             logits = model(all_feats, slice(offset, offset + feats.shape[0]))
-            loss = F.cross_entropy(logits, labels)
+            # summed / count: the mean, and 0 (still a DDP step) for an empty local batch
+            loss = F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -237,17 +356,19 @@ def train_linear(cfg: dict) -> dict:
             step += 1
             if int(t["log_every"]) and step % int(t["log_every"]) == 0:
                 writer.write(step, {"loss": loss.item(), "lr": lr, "epoch": epoch})
+        dropped = int(all_gather_tensor(torch.tensor([dropped], device=info.device)).sum())
+        unreadable["train"] = max(unreadable["train"], dropped)
         record = {"epoch": epoch + 1, "lr": lr, "loss": (loss_sum / max(len(loader), 1)).item()}
         every = int(t["eval_every"])
         if (every and (epoch + 1) % every == 0) or epoch + 1 == epochs:
             record.update(evaluate())
         history.append(record)
         writer.write(step, record)
-        logger.info("epoch %d: %s", epoch + 1, record)
+        logger.info("%s", format_epoch(record, epochs, dropped))
         if info.is_main:
             atomic_torch_save(
                 {"epoch": epoch + 1, "head": head.state_dict(), "optimizer": opt.state_dict(),
-                 "weights_sha256": meta["sha256"], "history": history},
+                 "history": history, "config": cfg, **identity},
                 ckpt_path,
             )  # fmt: skip
     writer.close()
@@ -255,20 +376,32 @@ def train_linear(cfg: dict) -> dict:
         raise LinearEvalError("the frozen backbone weights changed during linear training")
     final = evaluate()
     results = dict(final, epochs=epochs, num_classes=num_classes, frozen_weights_unchanged=True,
+                   num_train=len(train_ds) - unreadable["train"],
+                   num_val=len(val_ds) - unreadable["val"], unreadable_images=unreadable,
                    weights=str(cfg["weights"]), weights_sha256=meta["sha256"],
                    history=history)  # fmt: skip
     if info.is_main:
         write_json_atomic(results, out / RESULTS_NAME)
-        print_table([{"metric": k, "value": final[k]} for k in ("top1", "top5")],
-                    title=f"linear probe ({num_classes} classes, {epochs} epochs)")  # fmt: skip
+        title = f"linear probe, percent ({num_classes} classes, {epochs} epochs)"
+        print_table([{"metric": k, "value": final[k]} for k in ("top1", "top5")], title=title)
+        logger.info("linear-probe results written to %s", out / RESULTS_NAME)
     return results
 
 
-def head_predictions(head: LinearHead, feats: np.ndarray) -> np.ndarray:
-    """Class predictions of a trained head for raw features (eval mode)."""
-    head.eval()
-    with torch.no_grad():
-        return head(torch.as_tensor(feats, dtype=torch.float32)).argmax(1).numpy()
+def format_epoch(record: dict, epochs: int, unreadable: int = 0) -> str:
+    """One log line for an epoch record, e.g. ``epoch 3/100  lr 0.0200  loss 1.2346  top1 66.90%``.
+
+    Args:
+        record: {"epoch", "lr", "loss"} plus optional "top1" / "top5" (percent).
+        epochs: total epochs of the run.
+        unreadable: training images left out in this epoch (shown when non-zero).
+    """
+    parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}",
+             f"loss {record['loss']:.4f}"]  # fmt: skip
+    parts += [f"{k} {record[k]:.2f}%" for k in ("top1", "top5") if k in record]
+    if unreadable:
+        parts.append(f"({unreadable} unreadable images left out)")
+    return "  ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
