@@ -91,7 +91,7 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path: Path, monkeypatch) ->
 
 def test_atomic_write_text_and_cleanup_on_interrupt(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "a" / "r.json"
-    ckpt.atomic_write(target, lambda f: f.write("{\"x\": 1}\n"), mode="w")
+    ckpt.atomic_write(target, lambda f: f.write('{"x": 1}\n'), mode="w")
     assert target.read_text(encoding="utf-8") == '{"x": 1}\n'
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
     synced = []

@@ -31,7 +31,7 @@ from .backbone import (
     reference_backbone,
     validate_backbone,
 )
-from .cli import add_weights_args, weights_kwargs
+from .cli import add_weights_args, weights_kwargs, with_accepted_inputs
 from .common import (
     BACKBONE_FORMAT,
     BACKBONE_VERSION,
@@ -102,4 +102,5 @@ __all__ = [
     "unwrap_model",
     "validate_backbone",
     "weights_kwargs",
+    "with_accepted_inputs",
 ]

@@ -8,14 +8,18 @@ from typing import Any
 from .readers import accepted_inputs
 
 
-def add_weights_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--allow-unsafe``, ``--checkpoint-key`` and ``--prefix`` to a parser.
+def add_weights_args(
+    parser: argparse.ArgumentParser, layout_options: bool = True
+) -> argparse.ArgumentParser:
+    """Add ``--allow-unsafe`` (and ``--checkpoint-key`` / ``--prefix``) to a parser.
 
     Pass the parsed values on with :func:`weights_kwargs`; errors of the loaders name these
-    flags and list the accepted formats.
+    flags, and :func:`with_accepted_inputs` appends the accepted formats to a message.
 
     Args:
-        parser: the tool's argparse parser (or an argument group's parser).
+        parser: the tool's argparse parser.
+        layout_options: also add ``--checkpoint-key`` / ``--prefix`` (for tools that read
+            backbones through ``load_backbone``; not for Detectron2's own weights).
 
     Returns:
         The same parser.
@@ -29,6 +33,8 @@ def add_weights_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="fully unpickle a TRUSTED weights file that the safe readers refuse (it can run "
         "code stored in the file)",
     )
+    if not layout_options:
+        return parser
     group.add_argument(
         "--checkpoint-key",
         metavar="KEY",
@@ -58,3 +64,18 @@ def weights_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint_key": getattr(args, "checkpoint_key", None),
         "prefix": getattr(args, "prefix", None),
     }
+
+
+def with_accepted_inputs(exc: BaseException) -> str:
+    """An error message that ends with the accepted weight formats (added if absent).
+
+    Args:
+        exc: the error of a loader.
+
+    Returns:
+        ``str(exc)``, followed by the list of accepted inputs unless it already holds it.
+    """
+    msg = str(exc)
+    if "Accepted inputs" in msg:
+        return msg
+    return msg + "\nAccepted inputs:\n  - " + "\n  - ".join(accepted_inputs())

@@ -43,7 +43,7 @@ UNSAFE_HINT = (
 # top-level entries of a checkpoint where unknown globals may stay as inert placeholders
 PLACEHOLDER_ENTRIES = ("optimizer",)
 
-_UNSAFE_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class UnresolvedGlobal:
@@ -218,22 +218,24 @@ def read_torch_file(
         first_line = f"{type(e).__name__}: {msg.splitlines()[0][:200] if msg else 'no message'}"
     if "Weights only load failed" not in msg:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line})")
-    found = sorted(set(_UNSAFE_GLOBAL_RE.findall(msg)))
-    if not found and "Unsupported" not in msg:  # corrupt / not a torch.save file at all
+    obj, globals_seen, reason = _restricted_torch_load(path, map_location)
+    if reason is None:
+        notes = []
+        if globals_seen:
+            notes.append(
+                f"the optimizer state referenced {', '.join(globals_seen)}; kept as inert "
+                "placeholders (nothing was imported or called)"
+            )
+            logger.info("%s: %s", path, notes[0])
+        return obj, notes
+    found = globals_seen or sorted(set(_GLOBAL_RE.findall(msg)))
+    if not found:  # no global involved: corrupt / truncated / not a torch.save file at all
         first = next((ln for ln in msg.splitlines() if "rror" in ln), msg.splitlines()[0])
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or not written "
             f"by torch.save: {first.strip()[:200]})"
         )
-    obj, globals_seen, reason = _restricted_torch_load(path, map_location)
-    if reason is None:
-        note = (
-            f"the optimizer state referenced {', '.join(globals_seen)}; kept as inert "
-            "placeholders (nothing was imported or called)"
-        )
-        logger.info("%s: %s", path, note)
-        return obj, [note]
-    names = ", ".join(globals_seen or found) or "unknown globals"
+    names = ", ".join(found)
     if allow_unsafe:
         logger.warning(
             "%s holds pickled Python objects (%s); loading it with a full unpickle because "
