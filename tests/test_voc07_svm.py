@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -12,9 +13,19 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
+from transfer import svm as svm_mod
 from transfer.ap import step_ap, voc_ap
-from transfer.svm import SVMError, augment, cross_validate_svms, fit_batched
-from transfer.voc07_svm import COSTS, VOCError, find_voc2007, l2_normalize, main, read_split
+from transfer.svm import SVMError, augment, cross_validate_svms, fit_batched, fit_svms
+from transfer.voc07_svm import (
+    COSTS,
+    VOCError,
+    find_voc2007,
+    l2_normalize,
+    low_shot_original,
+    main,
+    read_split,
+    train_and_test_svms,
+)
 
 # ----------------------------------------------------------------------------- AP
 
@@ -111,7 +122,7 @@ def test_bad_labels_and_costs():
 def test_voc_tree_reading_errors(tmp_path):
     with pytest.raises(VOCError, match="not a VOC2007 folder"):
         find_voc2007(tmp_path)
-    voc = make_voc_tree(tmp_path, n_trainval=6, n_test=3)
+    voc = make_voc_tree(tmp_path, n_trainval=6, n_test=6)
     (voc / "ImageSets" / "Main" / "bird_test.txt").write_text("000006 2\n")
     with pytest.raises(VOCError, match=r"bird_test.txt:1: expected"):
         read_split(voc, "test", VOC_TINY_CLASSES)
@@ -184,3 +195,207 @@ def test_low_shot_mode():
     assert out["8"]["mAP_mean"] > out["1"]["mAP_mean"] - 5.0  # more shots do not hurt much
     again = low_shot_svms(x[:100], labels[:100], x[100:], labels[100:], cfg, [1, 8], 2, seed=0)
     assert again == out
+
+
+# ----------------------------------------------------------------------------- findings
+
+
+def _reference_voc_ap(scores, labels):
+    """VOC2010+ AP by brute force: for each distinct threshold, precision and recall of the
+    non-difficult examples scoring >= it; envelope; area over recall steps."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels)
+    keep = labels != 0
+    s, pos = scores[keep], labels[keep] > 0
+    if not pos.any():
+        return 0.0
+    points = []
+    for t in sorted(set(s.tolist()), reverse=True):
+        sel = s >= t
+        points.append((pos[sel].sum() / pos.sum(), pos[sel].sum() / sel.sum()))
+    ap, prev = 0.0, 0.0
+    for r, _ in points:
+        ap += (r - prev) * max(p for rr, p in points if rr >= r)
+        prev = r
+    return ap
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_voc_ap_matches_a_brute_force_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    scores = rng.integers(0, 8, n).astype(float) if seed % 2 else rng.normal(size=n)  # ties
+    labels = rng.choice([1, -1, -1, 0], n)
+    labels[0] = 1
+    assert voc_ap(scores, labels) == pytest.approx(_reference_voc_ap(scores, labels), abs=1e-12)
+    binary = np.where(labels == 1, 1, -1)
+    assert step_ap(scores, binary) == pytest.approx(average_precision_score(binary > 0, scores))
+
+
+def _set_labels(voc, cls, split, mapping):
+    path = voc / "ImageSets" / "Main" / f"{cls}_{split}.txt"
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(f"{i} {mapping(i, lab)}\n" for i, lab in rows))
+    return path
+
+
+@pytest.mark.parametrize("split", ["trainval", "test"])
+@pytest.mark.parametrize("kind", ["all_negative", "only_difficult"])
+def test_class_without_a_positive_is_an_error(tmp_path, split, kind):
+    voc = make_voc_tree(tmp_path, n_trainval=12, n_test=12)
+    new = "-1" if kind == "all_negative" else None
+    _set_labels(voc, "bird", split, lambda i, lab: new or ("0" if lab == "1" else lab))
+    with pytest.raises(VOCError, match=rf"bird_{split}.txt: class 'bird' has no positive"):
+        read_split(voc, split, VOC_TINY_CLASSES)
+    read_split(voc, "test" if split == "trainval" else "trainval", VOC_TINY_CLASSES)
+
+
+def test_no_positive_after_reading_is_an_error_naming_the_class():
+    x, labels = _features(n=60)
+    labels[:, 1] = np.where(labels[:, 1] == 1, -1, labels[:, 1])
+    cfg = {"solver": "newton", "costs": [1.0], "positive_weight": 2.0, "negative_weight": 1.0,
+           "folds": 3, "intercept_scaling": 1.0, "newton_tol": 1e-6}  # fmt: skip
+    names = ["cat", "dog", "cow"]
+    with pytest.raises(VOCError, match=r"training labels: class\(es\) \['dog'\]"):
+        train_and_test_svms(x, labels, x, labels, names, cfg)
+    ok = _features(n=60)[1]
+    with pytest.raises(VOCError, match=r"test labels: class\(es\) \['dog'\]"):
+        train_and_test_svms(x, ok, x, labels, names, cfg)
+
+
+def test_whole_path_refuses_a_class_without_training_positive(tmp_path, capsys):
+    voc = make_voc_tree(tmp_path / "data", n_trainval=12, n_test=9)
+    _set_labels(voc, "aeroplane", "trainval", lambda i, lab: "-1")
+    weights = make_weights(tmp_path / "w.pth")
+    assert main(["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights",
+                 str(weights), "--output-dir", str(tmp_path / "o")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "aeroplane_trainval.txt: class 'aeroplane' has no positive" in err
+    assert not (tmp_path / "o" / "voc07_svm_results.json").exists()  # no AP 100.00 report
+
+
+@pytest.mark.parametrize("first, second", [("1", "-1"), ("-1", "0"), ("0", "1")])
+def test_image_listed_twice_with_conflicting_labels(tmp_path, first, second):
+    voc = make_voc_tree(tmp_path, n_trainval=12, n_test=6)
+    path = _set_labels(voc, "bird", "trainval", lambda i, lab: lab)
+    lines = path.read_text().splitlines()
+    img = lines[4].split()[0]
+    lines[4] = f"{img} {first}"
+    lines.append(f"{img} {second}")
+    path.write_text("\n".join(lines) + "\n")
+    msg = rf"bird_trainval.txt:13: image {img} is listed again with label {second}; line 5 "
+    with pytest.raises(VOCError, match=msg + f"gives it {first}"):
+        read_split(voc, "trainval", VOC_TINY_CLASSES)
+
+
+def test_image_listed_twice_with_the_same_label_is_kept_once(tmp_path, caplog):
+    voc = make_voc_tree(tmp_path, n_trainval=12, n_test=6)
+    path = voc / "ImageSets" / "Main" / "bird_trainval.txt"
+    ref_ids, ref_labels = read_split(voc, "trainval", VOC_TINY_CLASSES)
+    path.write_text(path.read_text() + path.read_text().splitlines()[2] + "\n")
+    ids, labels = read_split(voc, "trainval", VOC_TINY_CLASSES)
+    assert ids == ref_ids and np.array_equal(labels, ref_labels)
+    assert "listed twice (same label)" in caplog.text
+
+
+def test_unreadable_voc_images_strict_or_left_out(tmp_path, capsys):
+    voc = make_voc_tree(tmp_path / "data", n_trainval=30, n_test=24)
+    (voc / "JPEGImages" / "000004.jpg").write_bytes(b"")  # trainval
+    (voc / "JPEGImages" / "000040.jpg").write_bytes(b"not a jpeg")  # test
+    weights = make_weights(tmp_path / "w.pth")
+    args = ["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights", str(weights),
+            "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2  # strict by default: the benchmark's image set is fixed
+    assert "000004.jpg" in capsys.readouterr().err
+    assert main(args + ["data.strict=false"]) == 0
+    res = json.loads((tmp_path / "o" / "voc07_svm_results.json").read_text())
+    assert res["unreadable_images"] == {"trainval": 1, "test": 1}
+    assert res["unreadable_ids"] == {"trainval": ["000004"], "test": ["000040"]}
+    assert res["num_train"] == 29 and res["num_test"] == 23
+
+
+# ----------------------------------------------------------------------------- low-shot
+
+
+def _svm_cfg(**kw):
+    cfg = {"solver": "newton", "costs": [0.1, 1.0], "positive_weight": 2.0,
+           "negative_weight": 1.0, "folds": 3, "intercept_scaling": 1.0, "newton_tol": 1e-8,
+           "tol": 1e-4, "max_iter": 2000}  # fmt: skip
+    cfg.update(kw)
+    return cfg
+
+
+def test_fit_svms_is_liblinear_on_the_masked_rows():
+    x, labels = _features(n=120)
+    rng = np.random.default_rng(3)
+    mask = rng.random(labels.shape) < 0.6
+    w = fit_svms(x, labels, 0.5, tol=1e-10, row_mask=mask)
+    for j in range(labels.shape[1]):
+        rows = mask[:, j]
+        y = np.where(labels[rows, j] == 1, 1, -1)
+        ref = _ref_svc(0.5).set_params(tol=1e-8, max_iter=100000).fit(x[rows], y)
+        w_ref = np.r_[ref.coef_.ravel(), ref.intercept_]
+        assert np.linalg.norm(w[j] - w_ref) <= 1e-3 * np.linalg.norm(w_ref)
+    with pytest.raises(SVMError, match="class 1 has no positive row"):
+        fit_svms(x, labels, 1.0, row_mask=mask & (labels != 1) | (np.arange(3) != 1))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_original_low_shot_draws_k_positives_and_k_times_others_negatives(k, monkeypatch):
+    x, labels = _features(n=150, seed=1)
+    seen = []
+    real = svm_mod.fit_svms
+
+    def spy(feats, lab, cost, *a, row_mask=None, **kw):
+        seen.append((cost, row_mask.copy()))
+        return real(feats, lab, cost, *a, row_mask=row_mask, **kw)
+
+    monkeypatch.setattr(svm_mod, "fit_svms", spy)
+    out = low_shot_original(x[:100], labels[:100], x[100:], labels[100:], ["a", "b", "c"],
+                            _svm_cfg(), [k], 3, seed=0, cost=0.7)  # fmt: skip
+    assert len(seen) == 3 and all(c == 0.7 for c, _ in seen)
+    for _, mask in seen:
+        for j in range(3):
+            drawn = labels[:100][mask[:, j], j]
+            assert (drawn == 1).sum() == k and (drawn == -1).sum() == 2 * k  # (K - 1) * k
+            assert (drawn == 0).sum() == 0  # difficult images are never drawn
+    assert not np.array_equal(seen[0][1], seen[1][1])  # independent draws
+    assert len(out[str(k)]["mAPs"]) == 3 and 0.0 <= out[str(k)]["mAP_mean"] <= 100.0
+    again = low_shot_original(x[:100], labels[:100], x[100:], labels[100:], ["a", "b", "c"],
+                              _svm_cfg(), [k], 3, seed=0, cost=0.7)  # fmt: skip
+    assert again == out
+    lib = low_shot_original(x[:100], labels[:100], x[100:], labels[100:], ["a", "b", "c"],
+                            _svm_cfg(solver="liblinear"), [k], 3, seed=0, cost=0.7)  # fmt: skip
+    assert lib[str(k)]["mAP_mean"] == pytest.approx(out[str(k)]["mAP_mean"], abs=1.0)
+
+
+def test_original_low_shot_needs_enough_images():
+    x, labels = _features(n=60, seed=2)
+    with pytest.raises(VOCError, match=r"k=40: class 'a' has \d+ positive / \d+ negative"):
+        low_shot_original(x, labels, x, labels, ["a", "b", "c"], _svm_cfg(), [40], 1, 0, 1.0)
+
+
+@pytest.mark.parametrize("protocol", ["original", "cv"])
+def test_results_name_the_protocols(tmp_path, protocol, capsys):
+    voc = make_voc_tree(tmp_path / "data", n_trainval=60, n_test=24)
+    weights = make_weights(tmp_path / "w.pth")
+    out = tmp_path / "o"
+    assert main(["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights",
+                 str(weights), "--output-dir", str(out), "low_shot.enabled=true",
+                 f"low_shot.protocol={protocol}", "low_shot.ks=[1,2]", "low_shot.samples=2",
+                 "svm.costs=[0.1,1.0]"]) == 0  # fmt: skip
+    res = json.loads((out / "voc07_svm_results.json").read_text())
+    assert res["protocol"]["name"] == "voc07_svm"
+    assert "3-fold unshuffled stratified" in res["protocol"]["description"]
+    low = res["low_shot"]
+    assert low["protocol"]["name"] == protocol and set(low["ks"]) == {"1", "2"}
+    if protocol == "original":
+        assert "Goyal et al. 2019" in low["protocol"]["description"]
+        assert "(3 - 1) * k negatives" in low["protocol"]["description"]
+        assert "C=1.0" in low["protocol"]["description"]
+    else:
+        assert "cost chosen by 3-fold CV" in low["protocol"]["description"]
+    # AP is reported in percent everywhere: the CV log lines too
+    assert re.search(r"mean CV AP \d+\.\d\d%", capsys.readouterr().out)
+    assert main(["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights",
+                 str(weights), "--output-dir", str(out), "low_shot.enabled=true",
+                 "low_shot.protocol=fewshot"]) == 2  # fmt: skip

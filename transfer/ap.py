@@ -4,41 +4,20 @@ Two flavours are needed (PROTOCOLS section 3):
 
 * :func:`voc_ap` - the reported test metric: area under the monotone (interpolated) precision-
   recall envelope over all recall points (VOC2010+ style). Labels are 1 / -1 / 0 and the 0
-  ("difficult") examples are excluded.
-* :func:`step_ap` - the cross-validation score: non-interpolated AP (sum over thresholds of
-  precision times recall increment), the definition scikit-learn's ``average_precision_score``
-  uses, so the chosen costs agree with ``cross_val_score(..., scoring="average_precision")``.
+  ("difficult") examples are excluded. The precision-recall points come from scikit-learn's
+  ``precision_recall_curve``; the envelope is the protocol's own step.
+* :func:`step_ap` - the cross-validation score: scikit-learn's ``average_precision_score``
+  (non-interpolated AP), so the chosen costs agree with
+  ``cross_val_score(..., scoring="average_precision")``.
 
 Both treat tied scores as one threshold, so the result does not depend on the input order.
-A class with no positive example has AP 0.0 (scikit-learn's convention).
+A class with no positive example has AP 0.0 (scikit-learn's convention), without a warning.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def _pr_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall at each distinct score threshold (descending).
-
-    Args:
-        scores: (n,) decision scores.
-        positive: (n,) bool, True for positives.
-    Returns:
-        (precision, recall), each (t,) for the t distinct thresholds; empty when no positive.
-    """
-    order = np.argsort(-scores, kind="mergesort")
-    s = scores[order]
-    pos = positive[order].astype(np.float64)
-    tp = np.cumsum(pos)
-    fp = np.cumsum(1.0 - pos)
-    # keep the last index of every run of equal scores: ties form one threshold
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    tp, fp = tp[last], fp[last]
-    npos = tp[-1] if tp.size else 0.0
-    if npos == 0:
-        return np.zeros(0), np.zeros(0)
-    return tp / (tp + fp), tp / npos
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 
 def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,29 +38,36 @@ def voc_ap(scores: np.ndarray, labels: np.ndarray) -> float:
         labels: (n,) in {1, -1, 0}; 0 marks difficult examples, ignored here.
     Returns:
         AP in [0, 1] (0.0 when there is no positive).
+    Raises:
+        ValueError: shapes differ or a score is not finite.
     """
     scores, labels = _check(scores, labels)
     keep = labels != 0
-    prec, rec = _pr_points(scores[keep], labels[keep] > 0)
-    if prec.size == 0:
+    positive = labels[keep] > 0
+    if not positive.any():
         return 0.0
+    prec, rec, _ = precision_recall_curve(positive, scores[keep])
+    # scikit-learn lists the points by decreasing recall and appends (recall 0, precision 1);
+    # drop that end point and walk by increasing recall
+    prec, rec = prec[:-1][::-1], rec[:-1][::-1]
     # envelope: precision at recall r is the max precision at any recall >= r
     env = np.maximum.accumulate(prec[::-1])[::-1]
-    drec = np.diff(np.r_[0.0, rec])
-    return float(np.sum(drec * env))
+    return float(np.sum(np.diff(np.r_[0.0, rec]) * env))
 
 
 def step_ap(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Non-interpolated AP (scikit-learn's ``average_precision_score``) for labels > 0 positive.
+    """Non-interpolated AP (scikit-learn's ``average_precision_score``), labels > 0 positive.
 
     Args:
         scores: (n,) decision scores.
         labels: (n,) labels; > 0 is positive, anything else negative.
     Returns:
-        AP in [0, 1] (0.0 when there is no positive).
+        AP in [0, 1] (0.0 when there is no positive, e.g. a CV fold of a rare class).
+    Raises:
+        ValueError: shapes differ or a score is not finite.
     """
     scores, labels = _check(scores, labels)
-    prec, rec = _pr_points(scores, labels > 0)
-    if prec.size == 0:
+    positive = labels > 0
+    if not positive.any():
         return 0.0
-    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+    return float(average_precision_score(positive, scores))

@@ -418,9 +418,9 @@ def cross_validate_svms(
             for f, test_idx in enumerate(folds[j]):
                 cv_ap[j, ci, f] = step_ap(scores[test_idx, j * nf + f], yb[test_idx, j])
         logger.info(
-            "C=%g: mean CV AP %.4f (%d Newton iterations, %d CG iterations, %d direct solves)",
+            "C=%g: mean CV AP %.2f%% (%d Newton iterations, %d CG iterations, %d direct solves)",
             costs[ci],
-            cv_ap[:, ci].mean(),
+            100.0 * cv_ap[:, ci].mean(),
             info["newton_iters"],
             info["cg_iters"],
             info["direct_solves"],
@@ -433,6 +433,64 @@ def cross_validate_svms(
     if stats["unconverged"]:
         logger.warning("%d SVM problems stopped at max_newton", stats["unconverged"])
     return CVResult(costs, cv_ap, best, weights.T.copy(), stats)
+
+
+def fit_svms(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    cost: float,
+    class_weight: Mapping[int, float] | None = None,
+    intercept_scaling: float = 1.0,
+    tol: float = 1e-6,
+    max_newton: int = 100,
+    row_mask: np.ndarray | None = None,
+    setup: SolverSetup | None = None,
+) -> np.ndarray:
+    """Per class one SVM at a fixed cost on its rows, no cross-validation (low-shot protocol).
+
+    Args:
+        feats: (n, d) features (already normalised as the protocol wants).
+        labels: (n, K) labels in {1, -1, 0}; 0 trains as negative where its row is used.
+        cost: the cost C.
+        class_weight: {1: w_pos, -1: w_neg}; default {1: 2, -1: 1}.
+        intercept_scaling: value of the constant bias feature.
+        tol: relative gradient-norm tolerance of the solver.
+        max_newton: Newton iterations cap.
+        row_mask: optional (n, K) bool, the rows each class trains on (default: all).
+        setup: a :class:`SolverSetup` of ``augment(feats, intercept_scaling)`` to reuse across
+            calls on the same features (built here when None).
+    Returns:
+        (K, d + 1) weights, bias last (see :func:`decision_scores`).
+    Raises:
+        SVMError: bad cost, labels, class weights or shapes, or a class with no training row of
+            one sign.
+    """
+    class_weight = dict(class_weight or {1: 2.0, -1: 1.0})
+    if set(class_weight) != {1, -1}:
+        raise SVMError(f"class_weight must have keys 1 and -1, got {sorted(class_weight)}")
+    if not float(cost) > 0:
+        raise SVMError(f"cost must be a positive number, got {cost}")
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
+        raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
+    n, k = labels.shape
+    row_mask = np.ones((n, k), dtype=bool) if row_mask is None else np.asarray(row_mask, bool)
+    if row_mask.shape != (n, k):
+        raise SVMError(f"row_mask shape {row_mask.shape} must be {(n, k)}")
+    yb = binary_labels(labels)
+    for j in range(k):
+        signs = set(yb[row_mask[:, j], j].tolist())
+        if signs != {1.0, -1.0}:
+            raise SVMError(f"class {j} has no {'positive' if 1.0 not in signs else 'negative'} row")
+    xa = augment(feats, intercept_scaling)
+    c = np.where(yb > 0, class_weight[1], class_weight[-1]) * float(cost) * row_mask
+    w, info = fit_batched(xa, yb, c, tol=tol, max_newton=max_newton, setup=setup or SolverSetup(xa))
+    if not info["converged"].all():
+        logger.warning("%d SVM problems stopped at max_newton", int((~info["converged"]).sum()))
+    return w.T.copy()
 
 
 def choose_cost(cv_ap: np.ndarray) -> np.ndarray:

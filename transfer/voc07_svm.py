@@ -6,7 +6,10 @@
 Features of trainval and test (Resize 256 + CenterCrop 224, pool5) are cached in
 ``OUT/features``; one SVM per class is cross-validated over the cost list (3-fold, AP), refit on
 trainval at the chosen cost and scored by VOC AP on test (difficult images excluded).
-``OUT/voc07_svm_results.json`` holds per-class AP, the chosen costs, every CV score and the mAP.
+``OUT/voc07_svm_results.json`` holds per-class AP, the chosen costs, every CV score, the mAP
+(all percent), the protocol's description and the unreadable images left out. Optional low-shot
+protocols: the original one of Goyal et al. 2019 (k positives and (K - 1) k negatives per class,
+fixed cost) or a cross-validated variant (``low_shot.protocol``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ def read_split(voc_dir: Path, split: str, classes: Sequence[str]) -> tuple[list[
         classes: class names (one file each).
     Returns:
         (ids in the order of the first class file, labels int8 (n, K)).
+    Raises:
+        VOCError: a missing file, a malformed line, an image listed twice with different labels
+            in one file (naming the image id, file and both lines), files that list different
+            images, or a class without any positive (1) image in this split (its AP would be
+            undefined; naming the class and file). An image listed twice with the same label is
+            kept once, with a warning.
     """
     ids: list[str] = []
     index: dict[str, int] = {}
@@ -78,18 +87,38 @@ def read_split(voc_dir: Path, split: str, classes: Sequence[str]) -> tuple[list[
         if not path.is_file():
             raise VOCError(f"missing label file {path}")
         col: dict[str, int] = {}
+        line_of: dict[str, int] = {}
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 2 or parts[1] not in ("1", "-1", "0"):
                 raise VOCError(f"{path}:{lineno}: expected '<image id> <1|-1|0>', got {line!r}")
-            col[parts[0]] = int(parts[1])
+            img, lab = parts[0], int(parts[1])
+            if img in col:
+                if col[img] != lab:
+                    raise VOCError(
+                        f"{path}:{lineno}: image {img} is listed again with label {lab}; line "
+                        f"{line_of[img]} gives it {col[img]}"
+                    )
+                logger.warning("%s:%d: image %s listed twice (same label)", path, lineno, img)
+                continue
+            col[img], line_of[img] = lab, lineno
+        if not any(v == 1 for v in col.values()):
+            raise VOCError(
+                f"{path}: class '{cls}' has no positive (1) image in split '{split}': an SVM "
+                "cannot be trained / its AP is undefined"
+            )
         if ci == 0:
             ids = list(col)
             index = {i: n for n, i in enumerate(ids)}
         elif set(col) != set(index):
-            raise VOCError(f"{path} lists different images than {classes[0]}_{split}.txt")
+            only_here = sorted(set(col) - set(index))[:3]
+            only_first = sorted(set(index) - set(col))[:3]
+            raise VOCError(
+                f"{path} lists different images than {classes[0]}_{split}.txt (only in {path.name}:"
+                f" {only_here}; only in {classes[0]}_{split}.txt: {only_first})"
+            )
         columns.append(col)
     labels = np.zeros((len(ids), len(classes)), dtype=np.int8)
     for ci, col in enumerate(columns):
@@ -98,8 +127,12 @@ def read_split(voc_dir: Path, split: str, classes: Sequence[str]) -> tuple[list[
     return ids, labels
 
 
-def voc_dataset(voc_dir: Path, ids: Sequence[str], transform: Any):
-    """Dataset of (image, row index) over JPEGImages/<id>.jpg."""
+def voc_dataset(voc_dir: Path, ids: Sequence[str], transform: Any, strict: bool = True):
+    """Dataset of (image, row index) over JPEGImages/<id>.jpg.
+
+    An unreadable image is left out (its row index never appears in the extracted labels) and
+    counted, or, with ``strict``, raises naming the file; it is never replaced by another one.
+    """
     from pretrain.data import ImageDataset
 
     samples = []
@@ -108,7 +141,17 @@ def voc_dataset(voc_dir: Path, ids: Sequence[str], transform: Any):
         if not path.is_file():
             raise VOCError(f"image {path} listed in ImageSets is missing")
         samples.append((str(path), n))
-    return ImageDataset(samples, transform=transform, strict=True)
+    return ImageDataset(samples, transform=transform, strict=strict)
+
+
+def require_positives(labels: np.ndarray, classes: Sequence[str], where: str) -> None:
+    """Raise VOCError naming every class without a positive (1) row in ``labels`` (n, K)."""
+    missing = [c for j, c in enumerate(classes) if not (np.asarray(labels)[:, j] == 1).any()]
+    if missing:
+        raise VOCError(
+            f"{where}: class(es) {missing} have no positive (1) image: an SVM cannot be trained "
+            "/ the AP is undefined"
+        )
 
 
 def l2_normalize(feats: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -133,11 +176,15 @@ def train_and_test_svms(
         classes: K class names.
         svm_cfg: the ``svm`` section of the config.
     Returns:
-        The results dict (per-class AP and chosen cost, CV scores, mAP, timings).
+        The results dict (per-class AP and chosen cost, CV scores, mAP, timings; percent).
+    Raises:
+        VOCError: a class without a positive training or test image (named).
     """
     from transfer.ap import voc_ap
     from transfer.svm import cross_validate_liblinear, cross_validate_svms, decision_scores
 
+    require_positives(train_labels, classes, "training labels")
+    require_positives(test_labels, classes, "test labels")
     xtr, xte = l2_normalize(train_feats), l2_normalize(test_feats)
     weights = {1: float(svm_cfg["positive_weight"]), -1: float(svm_cfg["negative_weight"])}
     costs = [float(c) for c in svm_cfg["costs"]]
@@ -173,6 +220,7 @@ def train_and_test_svms(
         }
     mean_ap = float(np.mean([v["ap"] for v in per_class.values()]))
     return {
+        "protocol": {"name": "voc07_svm", "description": full_protocol_description(svm_cfg)},
         "mAP": mean_ap,
         "classes": per_class,
         "solver": solver,
@@ -194,11 +242,13 @@ def low_shot_svms(
     samples: int,
     seed: int,
 ) -> dict:
-    """Low-shot variant: per class k random positives (plus every non-positive image) train.
+    """Cross-validated low-shot variant (``low_shot.protocol=cv``): per class k random positives
+    plus every non-positive image train.
 
     Positives that are not drawn are left out of that class's training rows (not relabelled
     negative). Cost choice, refit and test AP are as in the full protocol; each (k, sample)
-    draws its own subsets from ``seed``.
+    draws its own subsets from ``seed``. See :func:`low_shot_original` for the benchmark's own
+    low-shot protocol.
 
     Returns:
         {str(k): {"mAP_mean", "mAP_std", "mAPs"}} (percent).
@@ -233,6 +283,130 @@ def low_shot_svms(
     return out
 
 
+def low_shot_original(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    classes: Sequence[str],
+    svm_cfg: Mapping[str, Any],
+    ks: Sequence[int],
+    samples: int,
+    seed: int,
+    cost: float,
+) -> dict:
+    """The original VOC07 low-shot protocol (Goyal et al. 2019, "Scaling and Benchmarking
+    Self-Supervised Visual Representation Learning", and its benchmark code).
+
+    Per class and draw: k random positives (1) and (K - 1) * k random negatives (-1) of
+    trainval; difficult (0) images are never drawn. One SVM per class at the fixed ``cost``
+    (same loss, class weights and bias as the full protocol), no cross-validation; test AP on
+    the whole test set (difficult excluded). Each (k, draw) samples from ``seed``.
+
+    Args:
+        train_feats, test_feats: raw features (n, d).
+        train_labels, test_labels: (n, K) in {1, -1, 0}.
+        classes: K class names (for messages).
+        svm_cfg: the ``svm`` section (weights, intercept scaling, solver and its tolerances).
+        ks: positives per class.
+        samples: independent draws per k.
+        seed: sampling seed.
+        cost: the fixed cost C.
+    Returns:
+        {str(k): {"mAP_mean", "mAP_std", "mAPs"}} (percent).
+    Raises:
+        VOCError: a class with fewer than k positives or (K - 1) * k negatives (named).
+    """
+    from transfer.ap import voc_ap
+    from transfer.svm import SolverSetup, augment, decision_scores, fit_svms
+
+    xtr, xte = l2_normalize(train_feats), l2_normalize(test_feats)
+    weights = {1: float(svm_cfg["positive_weight"]), -1: float(svm_cfg["negative_weight"])}
+    scaling = float(svm_cfg["intercept_scaling"])
+    n_cls = train_labels.shape[1]
+    for k in ks:
+        for j, cls in enumerate(classes):
+            n_pos = int((train_labels[:, j] == 1).sum())
+            n_neg = int((train_labels[:, j] == -1).sum())
+            if n_pos < k or n_neg < (n_cls - 1) * k:
+                raise VOCError(
+                    f"low-shot k={k}: class '{cls}' has {n_pos} positive / {n_neg} negative "
+                    f"training images, the protocol draws {k} / {(n_cls - 1) * k}"
+                )
+    solver = svm_cfg["solver"]
+    if solver not in ("newton", "liblinear"):
+        raise ConfigError(f"svm.solver must be 'newton' or 'liblinear', got {solver!r}")
+    setup = SolverSetup(augment(xtr, scaling)) if solver == "newton" else None
+    out = {}
+    for k in ks:
+        maps = []
+        for sample in range(int(samples)):
+            rng = np.random.default_rng([int(seed), int(k), sample, 0x10])
+            mask = np.zeros(train_labels.shape, dtype=bool)
+            for j in range(n_cls):
+                for value, count in ((1, k), (-1, (n_cls - 1) * k)):
+                    rows = np.nonzero(train_labels[:, j] == value)[0]
+                    mask[rng.choice(rows, size=count, replace=False), j] = True
+            if solver == "newton":
+                w = fit_svms(xtr, train_labels, cost, weights, scaling,
+                             float(svm_cfg["newton_tol"]), row_mask=mask, setup=setup)  # fmt: skip
+            else:
+                w = _liblinear_fixed_cost(xtr, train_labels, mask, cost, weights, svm_cfg)
+            scores = decision_scores(xte, w, scaling)
+            aps = [voc_ap(scores[:, j], test_labels[:, j]) for j in range(n_cls)]
+            maps.append(100.0 * float(np.mean(aps)))
+        out[str(k)] = {"mAP_mean": float(np.mean(maps)), "mAP_std": float(np.std(maps)),
+                       "mAPs": maps}  # fmt: skip
+        logger.info("low-shot (original) k=%d: mAP %.2f%% +- %.2f", k, np.mean(maps), np.std(maps))
+    return out
+
+
+def _liblinear_fixed_cost(x, labels, mask, cost, weights, svm_cfg) -> np.ndarray:
+    from transfer.svm import _liblinear_job, binary_labels
+
+    yb = binary_labels(labels)
+    args = (weights, float(svm_cfg["intercept_scaling"]), float(svm_cfg["tol"]),
+            int(svm_cfg["max_iter"]))  # fmt: skip
+    return np.stack(
+        [_liblinear_job(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
+         for j in range(labels.shape[1])]
+    )  # fmt: skip
+
+
+def full_protocol_description(svm_cfg: Mapping[str, Any]) -> str:
+    """One-paragraph description of the full (cross-validated) protocol with these settings."""
+    return (
+        "VOC07 linear SVM on frozen features (VISSL-era protocol): features L2-normalised "
+        "f/(||f||+1e-5); per class an L2-regularised squared-hinge linear SVM with class weights "
+        f"{{1: {svm_cfg['positive_weight']}, -1: {svm_cfg['negative_weight']}}} and intercept "
+        f"scaling {svm_cfg['intercept_scaling']}; cost chosen by {svm_cfg['folds']}-fold "
+        f"unshuffled stratified cross-validation on trainval scored by AP from "
+        f"{list(svm_cfg['costs'])} (first best), refit on trainval; difficult trainval images "
+        "train as negatives; test AP = area under the interpolated precision envelope (VOC2010+),"
+        " difficult test images excluded; mAP = mean over classes (percent)"
+    )
+
+
+def low_shot_description(low: Mapping[str, Any], svm_cfg: Mapping[str, Any], n_cls: int) -> str:
+    """Description of the low-shot protocol ``low["protocol"]`` with these settings."""
+    if low["protocol"] == "original":
+        return (
+            "original VOC07 low-shot protocol (Goyal et al. 2019, Scaling and Benchmarking "
+            f"Self-Supervised Visual Representation Learning): per class k positives and "
+            f"({n_cls} - 1) * k negatives drawn at random from trainval (difficult images never "
+            f"drawn), one SVM per class at the fixed cost C={float(low['cost'])}, no "
+            f"cross-validation; test AP on the whole test set (difficult excluded); "
+            f"{low['samples']} draws per k, mean and std of the mAP (percent)"
+        )
+    return (
+        "cross-validated low-shot variant of this project: per class k positives drawn at "
+        "random from trainval, every non-positive trainval image kept (difficult as negative); "
+        f"cost chosen by {svm_cfg['folds']}-fold CV on those rows from {list(svm_cfg['costs'])} "
+        f"and refit, as in the full protocol; test AP on the whole test set; {low['samples']} "
+        "draws per k, mean and std of the mAP (percent)"
+    )
+
+
 def run(cfg: dict) -> dict:
     """Full VOC07 SVM evaluation from a resolved config.
 
@@ -262,36 +436,55 @@ def run(cfg: dict) -> dict:
     classes = discover_classes(voc_dir, dcfg["trainval_split"])
     transform = eval_transform(int(dcfg["resize"]), int(dcfg["crop"]))
     model, meta = backbone_from_weights(cfg["weights"], info.device)
-    arrays = {}
+    low = cfg["low_shot"]
+    if low["enabled"] and low["protocol"] not in ("original", "cv"):
+        raise ConfigError(f"low_shot.protocol must be 'original' or 'cv', got {low['protocol']!r}")
+    arrays, unreadable = {}, {}
     for split in (dcfg["trainval_split"], dcfg["test_split"]):
         ids, labels = read_split(voc_dir, split, classes)
-        ds = voc_dataset(voc_dir, ids, transform)
+        ds = voc_dataset(voc_dir, ids, transform, strict=bool(dcfg["strict"]))
         feats, rows = cached_features(
             out / "features", split, model, ds, meta["sha256"], fcfg["layer"],
             int(fcfg["batch_size"]), info.device, int(fcfg["num_workers"]),
         )  # fmt: skip
         arrays[split] = (feats, labels[rows])
+        unreadable[split] = sorted(set(ids) - {ids[int(r)] for r in rows})
+        if unreadable[split]:
+            logger.warning("%s: %d unreadable images left out: %s", split,
+                           len(unreadable[split]), ", ".join(unreadable[split][:10]))  # fmt: skip
     if not info.is_main:
         return {}
     (xtr, ytr), (xte, yte) = arrays[dcfg["trainval_split"]], arrays[dcfg["test_split"]]
     results = train_and_test_svms(xtr, ytr, xte, yte, classes, cfg["svm"])
     results.update(weights=str(cfg["weights"]), weights_sha256=meta["sha256"],
-                   layer=fcfg["layer"], arch=meta["arch"])  # fmt: skip
-    low = cfg["low_shot"]
+                   layer=fcfg["layer"], arch=meta["arch"],
+                   unreadable_images={k: len(v) for k, v in unreadable.items()},
+                   unreadable_ids=unreadable)  # fmt: skip
     if low["enabled"]:
-        results["low_shot"] = low_shot_svms(
-            xtr, ytr, xte, yte, cfg["svm"], [int(k) for k in low["ks"]], int(low["samples"]),
-            int(low["seed"]),
-        )  # fmt: skip
+        ks, samples, seed = [int(k) for k in low["ks"]], int(low["samples"]), int(low["seed"])
+        if low["protocol"] == "original":
+            table = low_shot_original(xtr, ytr, xte, yte, classes, cfg["svm"], ks, samples, seed,
+                                      float(low["cost"]))  # fmt: skip
+        else:
+            table = low_shot_svms(xtr, ytr, xte, yte, cfg["svm"], ks, samples, seed)
+        results["low_shot"] = {
+            "protocol": {
+                "name": low["protocol"],
+                "description": low_shot_description(low, cfg["svm"], len(classes)),
+            },
+            "ks": table,
+        }
     write_json_atomic(results, out / RESULTS_NAME)
+    logger.info("VOC07 SVM results written to %s", out / RESULTS_NAME)
     rows = [{"class": c, "AP": v["ap"], "C": v["cost"]} for c, v in results["classes"].items()]
     rows.append({"class": "mAP", "AP": results["mAP"], "C": ""})
-    print_table(rows, title=f"VOC07 SVM ({fcfg['layer']}, {meta['arch']})")
+    print_table(rows, title=f"VOC07 SVM AP, percent ({fcfg['layer']}, {meta['arch']})")
     if low["enabled"]:
         print_table(
             [{"k": k, "mAP": v["mAP_mean"], "std": v["mAP_std"]}
-             for k, v in results["low_shot"].items()],
-            title=f"VOC07 low-shot SVM ({low['samples']} samples per k)",
+             for k, v in results["low_shot"]["ks"].items()],
+            title=f"VOC07 low-shot SVM, {low['protocol']} protocol, percent "
+                  f"({low['samples']} samples per k)",
         )  # fmt: skip
     return results
 
