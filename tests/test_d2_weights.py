@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import pickle
@@ -17,8 +18,11 @@ from pretrain.checkpoint import export_backbone, save_training_state
 from pretrain.model import IMSVDModel, Projector, build_backbone
 from transfer.d2_weights import (
     D2ConversionError,
+    check_arch,
+    check_trunk_loaded,
     convert_torchvision_to_d2,
     read_d2_pickle,
+    read_d2_weights,
     torchvision_key_to_d2,
     write_d2_pickle,
 )
@@ -189,7 +193,10 @@ def test_convert_cli_each_kind(kind, tmp_path, capsys):
     assert len(expected) == 100  # ResNet-18: 20 convs + 20 norms x 4 tensors
     assert "converted 100 tensors" in printed and "arch resnet18" in printed
 
-    model = read_d2_pickle(out)["model"]
+    data = read_d2_pickle(out)
+    assert printed.startswith(f"read {src} as {data['source_format']}")
+    assert (data["arch"], data["stem"]) == ("resnet18", "standard")  # checked by train_net
+    model = data["model"]
     assert set(model) == set(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(model[name], value.numpy())
@@ -218,6 +225,71 @@ def test_convert_cli_bad_inputs(tmp_path, capsys):
     assert convert_main([str(small), str(tmp_path / "o.pkl")]) == 2
     assert "stem" in capsys.readouterr().err
     assert not (tmp_path / "o.pkl").exists()
+
+
+def test_convert_cli_errors_list_accepted_inputs_and_allow_unsafe(tmp_path, capsys):
+    src, out = str(tmp_path / "in.pth"), str(tmp_path / "o.pkl")
+    torch.save({"state_dict": _backbone_sd(), "args": argparse.Namespace(lr=0.1)}, src)
+    assert convert_main([src, out]) == 2
+    err = capsys.readouterr().err
+    assert "argparse.Namespace" in err and "--allow-unsafe" in err
+    assert "Accepted inputs" in err and "SwAV" in err
+    assert convert_main([src, out, "--allow-unsafe"]) == 0
+    assert "torchvision-state-dict" in capsys.readouterr().out
+    torch.save({"weights": {f"net.{k}": v for k, v in _backbone_sd().items()}}, src)
+    assert convert_main([src, out, "--force"]) == 2
+    assert "--checkpoint-key" in capsys.readouterr().err
+    argv = [src, out, "--force", "--checkpoint-key", "weights", "--prefix", "net."]
+    assert convert_main(argv) == 0
+    assert "custom (checkpoint_key='weights', prefix='net.'" in capsys.readouterr().out
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_read_d2_weights_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": _Evil(marker)}, "__author__": "x"}, f)
+    for reader in (read_d2_weights, read_d2_pickle):
+        with pytest.raises(D2ConversionError) as e:
+            reader(str(evil))
+        assert f"{os.system.__module__}.system" in str(e.value)
+    with pytest.raises(D2ConversionError, match="convert_to_d2.py"):  # accepted inputs named
+        read_d2_weights(str(evil))
+    assert not marker.exists()
+    # The Caffe2 model-zoo layout (blobs without __author__) reads, momentum buffers dropped.
+    zoo = tmp_path / "zoo.pkl"
+    blobs = {"conv1_w": np.ones((2, 2), np.float32), "conv1_w_momentum": np.zeros(1)}
+    zoo.write_bytes(pickle.dumps({"blobs": blobs}, protocol=2))
+    data, label = read_d2_weights(str(zoo))
+    assert list(data["model"]) == ["conv1_w"] and data["__author__"] == "Caffe2"
+    assert "Caffe2" in label
+
+
+def test_check_arch_and_trunk():
+    check_arch({"model": {}, "arch": "resnet50", "stem": "standard"}, 50, "w.pkl")
+    check_arch({"model": {}}, 50, "old.pkl")  # nothing recorded: checked when loading
+    with pytest.raises(D2ConversionError, match="resnet18.*DEPTH 50"):
+        check_arch({"model": {}, "arch": "resnet18", "stem": "standard"}, 50, "w.pkl")
+    heads = [
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.res5.norm.weight",
+        "backbone.res2.0.conv1.norm.num_batches_tracked",
+        "backbone.fpn_lateral2.weight",
+    ]
+    check_trunk_loaded(heads, [], "w.pkl")
+    with pytest.raises(D2ConversionError) as e:
+        check_trunk_loaded(heads + ["backbone.res2.0.conv1.weight"], [], "w.pkl")
+    assert "backbone keys not loaded (1): backbone.res2.0.conv1.weight" in str(e.value)
+    with pytest.raises(D2ConversionError, match=r"roi_heads.res5.0.conv1.weight: \(1,\)"):
+        check_trunk_loaded([], [("roi_heads.res5.0.conv1.weight", (1,), (2,))], "w.pkl")
 
 
 def test_convert_script_runs_as_a_command(tmp_path):

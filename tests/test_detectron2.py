@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -31,7 +32,13 @@ from pycocotools import mask as mask_util  # noqa: E402
 from pretrain.checkpoint import export_backbone  # noqa: E402
 from transfer import train_net  # noqa: E402
 from transfer.d2_ext import single_process_norm  # noqa: E402
-from transfer.d2_weights import read_d2_pickle, torchvision_key_to_d2  # noqa: E402
+from transfer.d2_weights import (  # noqa: E402
+    D2ConversionError,
+    convert_torchvision_to_d2,
+    read_d2_pickle,
+    torchvision_key_to_d2,
+    write_d2_pickle,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +62,25 @@ def _source_resnet50() -> dict:
     return sd
 
 
+def _convert_tool():
+    spec = importlib.util.spec_from_file_location(
+        "convert_to_d2", os.path.join(REPO, "tools", "convert_to_d2.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+class _Evil:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """This project's exported ResNet-50 backbone, converted by tools/convert_to_d2.py."""
@@ -63,12 +89,7 @@ def converted(tmp_path_factory):
     exported, path = str(folder / "backbone.pth"), str(folder / "r50.pkl")
     backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     export_backbone(exported, backbone, arch="resnet50", stem="standard", epoch=1, config=None)
-    spec = importlib.util.spec_from_file_location(
-        "convert_to_d2", os.path.join(REPO, "tools", "convert_to_d2.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    summary = tool.convert(exported, path)
+    summary = _convert_tool().convert(exported, path)
     print("\n" + summary)
     blobs = read_d2_pickle(path)["model"]
     return sd, blobs, summary, path
@@ -154,6 +175,60 @@ def test_loading_check_only_heads_missing(converted):
         n_checked += 1
     assert n_checked == len(blobs) == 265
     print(f"\nloading check: {n_checked} tensors loaded, missing (untrained heads): {len(missing)}")
+
+
+def test_safe_checkpointer_refuses_code_and_a_partial_fit(converted, tmp_path):
+    """MODEL.WEIGHTS that would run code, or leave backbone tensors unloaded, is an error."""
+    model = build_model(_cfg_from("mask_rcnn_C4_1x.yaml"))
+    checkpointer = train_net.SafeCheckpointer(model)
+    marker, evil = tmp_path / "pwned", str(tmp_path / "evil.pkl")
+    with open(evil, "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": _Evil(marker)}, "__author__": "x"}, f)
+    with pytest.raises(D2ConversionError, match="system"):
+        checkpointer.load(evil)
+    assert not marker.exists()
+    # A ResNet-18 converted without arch metadata (older tool): shapes fit only by luck.
+    blobs, _ = convert_torchvision_to_d2(torchvision.models.resnet18().state_dict())
+    r18 = str(tmp_path / "r18.pkl")
+    write_d2_pickle(blobs, r18)
+    plain = DetectionCheckpointer(model)
+    loose = plain._load_model(plain._load_file(r18))  # Detectron2 itself only logs this
+    n_trunk = sum(
+        1
+        for k in loose.missing_keys
+        if ".res" in k and "res5.norm" not in k and "num_batches" not in k
+    )
+    with pytest.raises(D2ConversionError, match="backbone keys not loaded") as e:
+        checkpointer.load(r18)
+    assert f"({n_trunk})" in str(e.value) and "r18.pkl" in str(e.value)
+    print(f"\nResNet-18 weights in R50-C4: {n_trunk} backbone tensors would stay random")
+    checkpointer.load(converted[3])  # the matching ResNet-50 loads (only heads missing)
+
+
+def test_startup_refuses_another_depth_and_prints_what_it_read(converted, tmp_path, capsys):
+    src, r18 = str(tmp_path / "r18.pth"), str(tmp_path / "r18.pkl")
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    _convert_tool().convert(src, r18)
+    argv = ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path / "o")]
+    args = train_net.build_parser().parse_args(argv + ["MODEL.WEIGHTS", r18])
+    with pytest.raises(train_net.TrainNetError, match="resnet18 backbone.*DEPTH 50"):
+        train_net.setup(args)
+    cfg = _cfg_from("mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", converted[3])
+    label = train_net.check_weights(cfg)
+    assert "converted by IMSVD (arch resnet50, stem standard, from imsvd-backbone)" in label
+    assert label in capsys.readouterr().out
+
+
+def test_eval_only_with_a_code_carrying_pickle_runs_nothing(tmp_path, capsys):
+    marker, evil = tmp_path / "pwned", str(tmp_path / "evil.pkl")
+    with open(evil, "wb") as f:
+        pickle.dump({"model": {}, "__author__": _Evil(marker)}, f)
+    argv = ["--config", "mask_rcnn_C4_instant_test.yaml", "--eval-only", "MODEL.WEIGHTS", evil,
+            "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.DEVICE", "cpu"]  # fmt: skip
+    assert train_net.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{os.system.__module__}.system" in err and "--allow-unsafe" in err
+    assert not marker.exists()
 
 
 def _d2_name(tv_key: str) -> str:

@@ -3,7 +3,9 @@
 
 INPUT is anything ``pretrain.checkpoint.load_backbone`` reads (this project's exported backbone
 or training checkpoint, the reference IMSVD model.pth / model_final.pth, a bare torchvision
-resnet50.pth, MoCo checkpoints). Example::
+resnet50.pth, MoCo v1/v2/v3, SwAV, DINO checkpoints; ``--checkpoint-key`` / ``--prefix`` for
+other layouts). The output records the backbone's arch and stem, which ``train_net.py`` checks
+against the config. Example::
 
     python tools/convert_to_d2.py exported_backbone.pth imsvd_r50.pkl
     python transfer/train_net.py --config mask_rcnn_C4_1x.yaml MODEL.WEIGHTS imsvd_r50.pkl
@@ -16,11 +18,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from pretrain.checkpoint import add_weights_args, weights_kwargs, with_accepted_inputs
 from transfer.d2_weights import D2ConversionError, convert_torchvision_to_d2, write_d2_pickle
 
 
 def convert(
-    input_path: str, output_path: str, force: bool = False, allow_unsafe: bool = False
+    input_path: str,
+    output_path: str,
+    force: bool = False,
+    allow_unsafe: bool = False,
+    checkpoint_key: Optional[str] = None,
+    prefix: Optional[str] = None,
 ) -> str:
     """Load a backbone, rename it for Detectron2 and write the pickle.
 
@@ -28,10 +36,12 @@ def convert(
         input_path: checkpoint accepted by ``pretrain.checkpoint.load_backbone``.
         output_path: destination ``.pkl``.
         force: overwrite an existing output.
-        allow_unsafe: let load_backbone fully unpickle a trusted file that holds Python objects.
+        allow_unsafe: let load_backbone fully unpickle a trusted file the safe readers refuse.
+        checkpoint_key: entry of INPUT holding the weights (other layouts).
+        prefix: key prefix of the ResNet weights inside that entry.
 
     Returns:
-        The summary text that main() prints.
+        The summary text that main() prints (first line: the format that was read).
 
     Raises:
         ValueError: (CheckpointError / D2ConversionError) on unreadable or unmappable input.
@@ -40,7 +50,9 @@ def convert(
 
     if os.path.exists(output_path) and not force:
         raise D2ConversionError(f"output {output_path!r} already exists (pass --force)")
-    state_dict, meta = load_backbone(input_path, allow_unsafe=allow_unsafe)
+    state_dict, meta = load_backbone(
+        input_path, allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix
+    )
     stem = meta.get("stem", "standard")
     if stem != "standard":
         # Detectron2's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
@@ -48,11 +60,18 @@ def convert(
             f"{input_path}: backbone stem is {stem!r}; Detectron2 needs the 'standard' stem"
         )
     blobs, report = convert_torchvision_to_d2(state_dict)
-    write_d2_pickle(blobs, output_path, force=force)
+    extra = {
+        "arch": meta["arch"],
+        "stem": stem,
+        "source_format": meta["source_format"],
+        "source_sha256": meta["sha256"],
+    }
+    write_d2_pickle(blobs, output_path, force=force, extra=extra)
     lines = [
+        f"read {input_path} as {meta['source_format']}",
         f"{input_path} -> {output_path}",
-        f"source {meta['source_format']}, arch {meta['arch']}, stem {stem}, "
-        f"epoch {meta.get('epoch')}, sha256 {meta.get('sha256', '?')[:16]}",
+        f"arch {meta['arch']}, stem {stem}, epoch {meta.get('epoch')}, "
+        f"sha256 {meta['sha256'][:16]} (arch and stem recorded in the output)",
     ]
     lines += [f"note: {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n" + report.summary()
@@ -71,16 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("input", help="backbone checkpoint (.pth)")
     parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument(
-        "--allow-unsafe",
-        action="store_true",
-        help="fully unpickle a trusted INPUT that holds Python objects (e.g. argparse.Namespace)",
-    )
+    add_weights_args(parser)
     args = parser.parse_args(argv)
     try:
-        print(convert(args.input, args.output, force=args.force, allow_unsafe=args.allow_unsafe))
+        print(convert(args.input, args.output, force=args.force, **weights_kwargs(args)))
     except ValueError as exc:
-        print(f"convert_to_d2: error: {exc}", file=sys.stderr)
+        print(f"convert_to_d2: error: {with_accepted_inputs(exc)}", file=sys.stderr)
         return 2
     return 0
 

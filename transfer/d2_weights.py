@@ -26,7 +26,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from pretrain.checkpoint import atomic_write
+from pretrain.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    read_torch_file,
+    read_weights_pickle,
+)
 
 __all__ = [
     "D2ConversionError",
@@ -35,6 +40,9 @@ __all__ = [
     "convert_torchvision_to_d2",
     "write_d2_pickle",
     "read_d2_pickle",
+    "read_d2_weights",
+    "check_arch",
+    "check_trunk_loaded",
 ]
 
 D2_AUTHOR = "IMSVD"
@@ -195,6 +203,7 @@ def write_d2_pickle(
     path: str,
     force: bool = False,
     author: str = D2_AUTHOR,
+    extra: Optional[Mapping[str, object]] = None,
 ) -> None:
     """Write Detectron2's weight pickle atomically (``pretrain.checkpoint.atomic_write``).
 
@@ -207,9 +216,12 @@ def write_d2_pickle(
         path: output file (normally ``.pkl``).
         force: overwrite an existing file.
         author: recorded in ``__author__``.
+        extra: additional top-level entries (plain str/int values), e.g. ``arch`` and ``stem``
+            of the source backbone; Detectron2 ignores them, ``train_net.py`` checks them.
 
     Raises:
-        D2ConversionError: if the output exists and force is False, or its folder is missing.
+        D2ConversionError: if the output exists and force is False, its folder is missing, or
+            ``extra`` would replace one of Detectron2's own entries.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not force:
@@ -218,6 +230,10 @@ def write_d2_pickle(
     if not os.path.isdir(folder):
         raise D2ConversionError(f"output folder {folder!r} does not exist")
     payload = {"model": dict(blobs), "__author__": author, "matching_heuristics": True}
+    clash = sorted(set(extra or {}) & set(payload))
+    if clash:
+        raise D2ConversionError(f"extra entries {clash} would replace Detectron2's own entries")
+    payload.update(extra or {})
     atomic_write(
         path,
         lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL),
@@ -226,22 +242,155 @@ def write_d2_pickle(
 
 
 def read_d2_pickle(path: str) -> Dict[str, object]:
-    """Read a Detectron2 weight pickle written by :func:`write_d2_pickle` (for checks and tests).
+    """Read a Detectron2 weight pickle written by :func:`write_d2_pickle` without running code.
 
     Args:
         path: the ``.pkl`` file.
 
     Returns:
-        The unpickled dict with keys "model", "__author__", "matching_heuristics".
+        The unpickled dict with keys "model", "__author__", "matching_heuristics" (and the
+        ``extra`` entries of the writer).
 
     Raises:
-        D2ConversionError: if the file is not such a pickle.
+        D2ConversionError: if the file is unreadable, holds anything but plain data and numpy
+            arrays, or is not such a pickle.
     """
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise D2ConversionError(f"cannot read Detectron2 weights {path!r}: {exc}") from exc
+        data = read_weights_pickle(path)
+    except CheckpointError as exc:
+        raise D2ConversionError(f"cannot read Detectron2 weights {path!r}: {exc}") from None
     if not isinstance(data, dict) or "model" not in data or "__author__" not in data:
         raise D2ConversionError(f"{path!r} is not a Detectron2 weight pickle with '__author__'")
     return data
+
+
+D2_ACCEPTED = (
+    "a .pkl written by tools/convert_to_d2.py",
+    "a Detectron2 model-zoo .pkl ({'model': ..., '__author__': ...} or Caffe2 blobs)",
+    "a Detectron2 training checkpoint (model_final.pth, model_XXXXXXX.pth)",
+)
+
+
+def read_d2_weights(path: str, allow_unsafe: bool = False) -> Tuple[Dict[str, object], str]:
+    """Read MODEL.WEIGHTS the way Detectron2 would, but without executing code from the file.
+
+    ``.pkl`` files go through the restricted unpickler (numpy arrays and plain data only);
+    other files through ``pretrain.checkpoint.read_torch_file``. With ``allow_unsafe`` a
+    refused ``.pkl`` is unpickled fully (trusted files only).
+
+    Args:
+        path: the weights file.
+        allow_unsafe: permit a full unpickle of a trusted file the safe readers refuse.
+
+    Returns:
+        ``(checkpoint, label)``: the dict Detectron2's checkpointer expects (``model`` plus
+        ``__author__`` / ``matching_heuristics`` for pickles) and a description of what was read.
+
+    Raises:
+        D2ConversionError: refused or unreadable file (the accepted inputs are listed).
+    """
+    path = os.fspath(path)
+    accepted = "; ".join(D2_ACCEPTED)
+    try:
+        if path.endswith(".pkl"):
+            try:
+                data = read_weights_pickle(path)
+            except CheckpointError:
+                if not allow_unsafe:
+                    raise
+                with open(path, "rb") as f:
+                    data = pickle.load(f, encoding="latin1")
+        else:
+            data, _ = read_torch_file(path, "cpu", allow_unsafe)
+    except CheckpointError as exc:
+        raise D2ConversionError(
+            f"{exc}\nMODEL.WEIGHTS must be one of: {accepted}. A trusted file that holds other "
+            "Python objects loads with --allow-unsafe."
+        ) from None
+    if not isinstance(data, dict):
+        raise D2ConversionError(
+            f"{path}: holds a {type(data).__name__}, not a dict of weights; expected {accepted}"
+        )
+    if path.endswith(".pkl"):
+        if "model" in data and "__author__" in data:
+            author = data["__author__"]
+            if "arch" in data:
+                label = (
+                    f"Detectron2 weights converted by {author} (arch {data['arch']}, stem "
+                    f"{data.get('stem')}, from {data.get('source_format', '?')})"
+                )
+            else:
+                label = f"Detectron2 weights pickle (author {author!r})"
+            return data, label
+        # Caffe2 model-zoo layout: the blobs, without the solver's momentum buffers
+        blobs = data.get("blobs", data)
+        blobs = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
+        ckpt = {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+        return ckpt, "Detectron2 weights pickle with Caffe2 names"
+    if "model" not in data:
+        data = {"model": data}
+    return data, f"PyTorch checkpoint (.pth, {len(data['model'])} model entries)"
+
+
+ARCH_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+
+
+def check_arch(data: Mapping[str, object], depth: int, path: str) -> None:
+    """Refuse converted weights whose recorded arch / stem the config cannot hold.
+
+    Args:
+        data: the checkpoint from :func:`read_d2_weights`.
+        depth: ``cfg.MODEL.RESNETS.DEPTH``.
+        path: the weights file (for the message).
+
+    Raises:
+        D2ConversionError: recorded arch with another depth, or a stem other than "standard".
+    """
+    arch = data.get("arch")
+    if arch is None:
+        return
+    if ARCH_DEPTH.get(str(arch)) != int(depth):
+        raise D2ConversionError(
+            f"{path} holds a {arch} backbone (recorded by tools/convert_to_d2.py) but the config "
+            f"builds MODEL.RESNETS.DEPTH {depth}: most of its tensors would not fit. Convert a "
+            f"ResNet-{depth} or use a config for {arch} (MODEL.RESNETS.DEPTH "
+            f"{ARCH_DEPTH.get(str(arch), '?')})."
+        )
+    stem = data.get("stem", "standard")
+    if stem != "standard":
+        raise D2ConversionError(f"{path}: backbone stem is {stem!r}; Detectron2 needs 'standard'")
+
+
+_TRUNK_KEY = re.compile(r"(^|\.)(stem|res[2-5])\.")
+_NOT_TRUNK_KEY = re.compile(r"(^|\.)res5\.norm\.|num_batches_tracked$")
+
+
+def check_trunk_loaded(missing_keys, incorrect_shapes, path: str) -> None:
+    """Error when loading MODEL.WEIGHTS left a ResNet trunk tensor out or met a shape mismatch.
+
+    Detectron2 only logs these (and then trains from partly random weights). The trunk is every
+    model key with a ``stem.`` / ``res2.``..``res5.`` component, except the extra norm after res5
+    and BatchNorm counters; heads (RPN, box / mask predictors) may be missing.
+
+    Args:
+        missing_keys: model keys the checkpoint did not fill.
+        incorrect_shapes: ``(key, checkpoint shape, model shape)`` triples.
+        path: the weights file (for the message).
+
+    Raises:
+        D2ConversionError: listing the shape mismatches and missing trunk keys.
+    """
+    missing = [k for k in missing_keys if _TRUNK_KEY.search(k) and not _NOT_TRUNK_KEY.search(k)]
+    if not missing and not incorrect_shapes:
+        return
+    parts = [f"{path} does not fit the model built by the config:"]
+    if incorrect_shapes:
+        shown = "; ".join(
+            f"{k}: {tuple(a)} in the file vs {tuple(b)}" for k, a, b in incorrect_shapes[:8]
+        )
+        parts.append(f"shape mismatches ({len(incorrect_shapes)}): {shown}")
+    if missing:
+        more = f" (+{len(missing) - 12} more)" if len(missing) > 12 else ""
+        parts.append(f"backbone keys not loaded ({len(missing)}): {', '.join(missing[:12])}{more}")
+    parts.append("(a shape mismatch during suffix matching also leaves a key unloaded)")
+    raise D2ConversionError("\n  ".join(parts))

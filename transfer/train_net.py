@@ -11,6 +11,11 @@ Examples::
 
 A bare config name resolves inside transfer/configs/; a path works too. Trailing ``KEY VALUE``
 pairs override the config as in Detectron2's own tools.
+
+MODEL.WEIGHTS (and the checkpoint of ``--resume``) is read without executing code from the file
+(``--allow-unsafe`` lifts that for trusted files); converted weights must match
+MODEL.RESNETS.DEPTH, and a weights file that leaves a backbone tensor unloaded or has a shape
+mismatch is an error, not a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+import weakref
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -27,7 +33,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
@@ -35,8 +47,15 @@ from detectron2.evaluation import (
     verify_results,
 )
 
+from pretrain.checkpoint import add_weights_args
 from pretrain.log import print_table, write_json_atomic
 from transfer.d2_ext import has_cpp_ops, single_process_norm
+from transfer.d2_weights import (
+    D2ConversionError,
+    check_arch,
+    check_trunk_loaded,
+    read_d2_weights,
+)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 logger = logging.getLogger("imsvd.train_net")
@@ -68,8 +87,43 @@ def resolve_config(name: str) -> str:
     raise TrainNetError(f"config {name!r} not found (as a path or in {CONFIG_DIR}: {available})")
 
 
+class SafeCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that reads weights without running code and refuses bad fits.
+
+    Files are read by :func:`transfer.d2_weights.read_d2_weights` (restricted unpickling);
+    after loading, a shape mismatch or a backbone tensor left unloaded raises instead of being
+    logged (see :func:`transfer.d2_weights.check_trunk_loaded`).
+    """
+
+    def __init__(self, model, save_dir: str = "", *, allow_unsafe: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.allow_unsafe = allow_unsafe
+        self._path = ""
+
+    def _load_file(self, filename: str) -> Dict:
+        data, label = read_d2_weights(filename, allow_unsafe=self.allow_unsafe)
+        self._path = filename
+        self.logger.info("read %s: %s", filename, label)
+        return data
+
+    def _load_model(self, checkpoint: Dict):
+        incompatible = super()._load_model(checkpoint)
+        check_trunk_loaded(incompatible.missing_keys, incompatible.incorrect_shapes, self._path)
+        return incompatible
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the evaluators of the transfer benchmarks."""
+    """DefaultTrainer with the evaluators of the transfer benchmarks and the safe checkpointer."""
+
+    def __init__(self, cfg: CfgNode, allow_unsafe: bool = False) -> None:
+        super().__init__(cfg)
+        plain = self.checkpointer
+        self.checkpointer = SafeCheckpointer(
+            plain.model, cfg.OUTPUT_DIR, allow_unsafe=allow_unsafe, trainer=weakref.proxy(self)
+        )
+        for hook in self._hooks:  # the periodic saver was built with the plain checkpointer
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
 
     @classmethod
     def build_evaluator(
@@ -125,9 +179,38 @@ def setup(args: argparse.Namespace) -> CfgNode:
         and not os.path.isfile(cfg.MODEL.WEIGHTS)
     ):
         raise TrainNetError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS!r} does not exist")
+    if cfg.MODEL.WEIGHTS and not resumable:
+        check_weights(cfg, getattr(args, "allow_unsafe", False))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
+
+
+def check_weights(cfg: CfgNode, allow_unsafe: bool = False) -> str:
+    """Read MODEL.WEIGHTS safely at start-up, print what it is and check it fits the config.
+
+    Args:
+        cfg: the merged config.
+        allow_unsafe: permit a full unpickle of a trusted file the safe readers refuse.
+
+    Returns:
+        The description of what was read (also printed).
+
+    Raises:
+        TrainNetError: refused or unreadable file (accepted inputs listed), or converted
+            weights of another ResNet depth / stem than the config builds.
+    """
+    path = cfg.MODEL.WEIGHTS
+    if "://" in path:  # a URL: Detectron2 downloads it; the checkpointer reads it safely later
+        return "URL (read when loading)"
+    try:
+        data, label = read_d2_weights(path, allow_unsafe=allow_unsafe)
+        check_arch(data, cfg.MODEL.RESNETS.DEPTH, path)
+    except D2ConversionError as exc:
+        raise TrainNetError(str(exc)) from None
+    if comm.is_main_process():
+        print(f"train_net: MODEL.WEIGHTS {path}: {label}", flush=True)
+    return label
 
 
 def save_results(cfg: CfgNode, results: Dict, config_file: str = "") -> None:
@@ -174,15 +257,15 @@ def main(args: argparse.Namespace) -> Dict:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        SafeCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, allow_unsafe=getattr(args, "allow_unsafe", False)
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
         save_results(cfg, results, args.config_file)
         return results
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, allow_unsafe=getattr(args, "allow_unsafe", False))
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     # The final evaluation hook stores its results on the trainer.
@@ -196,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     Returns:
         The parser (--config/--config-file, --num-gpus, --num-machines, --machine-rank,
-        --dist-url, --resume, --eval-only, trailing KEY VALUE opts).
+        --dist-url, --resume, --eval-only, --allow-unsafe, trailing KEY VALUE opts).
     """
     parser = default_argument_parser()
+    add_weights_args(parser, layout_options=False)
     parser.add_argument(
         "--config", dest="config_file", metavar="FILE",
         help="config name in transfer/configs/ (e.g. mask_rcnn_C4_1x.yaml) or a path",
@@ -213,7 +297,7 @@ def cli(argv: Optional[list] = None) -> int:
         argv: arguments (defaults to sys.argv[1:]).
 
     Returns:
-        Exit code: 0 on success, 2 on a bad config or weights path.
+        Exit code: 0 on success, 2 on a bad config or weights file.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,7 +313,7 @@ def cli(argv: Optional[list] = None) -> int:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except TrainNetError as exc:
+    except (TrainNetError, D2ConversionError) as exc:
         print(f"train_net: error: {exc}", file=sys.stderr)
         return 2
     return 0
