@@ -27,7 +27,6 @@ deterministically from ``--seed`` and the image index) give P and the agreement.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -178,16 +177,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _atomic(path: Path, write) -> Path:
-    """Run ``write(tmp_path)`` then move the file into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Run ``write(tmp_path)`` inside ``pretrain.checkpoint.atomic_write`` (fsync, rename)."""
+    from pretrain.checkpoint import atomic_write
+
+    # write() opens the temporary file by name; fsync on atomic_write's handle syncs the file.
+    return atomic_write(path, lambda f: write(Path(f.name)))
 
 
 def save_npy(arr: np.ndarray, path: Path) -> Path:

@@ -196,12 +196,9 @@ def dataset_signature(dataset: Dataset) -> str:
 
 
 def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from pretrain.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 def cached_features(

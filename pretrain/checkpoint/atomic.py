@@ -41,11 +41,11 @@ def atomic_write(
 ) -> Path:
     """Write a file atomically: temp file in the same folder, fsync, rename, fsync the folder.
 
-    ``writer_fn`` receives the open temporary file (``.<name>.<random>.tmp`` next to ``path``)
-    and writes the content. Then the file is flushed and fsync'ed, made 0644, moved over
-    ``path`` with os.replace, and the folder is fsync'ed. On any failure (including
-    KeyboardInterrupt) the temporary file is removed and a previous file at ``path`` is left
-    untouched.
+    ``writer_fn`` receives the open temporary file (``.<name>.<random>.tmp`` next to ``path``;
+    ``f.name`` is its path) and writes the content. Then the file is flushed and fsync'ed, made
+    0644, moved over ``path`` with os.replace, and the folder is fsync'ed. On any failure
+    (including KeyboardInterrupt) the temporary file is removed and a previous file at ``path``
+    is left untouched.
 
     Args:
         path: destination file.
@@ -67,9 +67,10 @@ def atomic_write(
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
+    os.close(fd)  # reopened by name so that ``f.name`` is the temporary file's path
     try:
         encoding = "utf-8" if mode == "w" else None
-        with os.fdopen(fd, mode, encoding=encoding) as f:
+        with open(tmp, mode, encoding=encoding) as f:
             writer_fn(f)
             f.flush()
             os.fsync(f.fileno())
