@@ -239,4 +239,9 @@ def test_unreadable_images_counted(tiny, tmp_path):
     res = json.loads((out / "linear_results.json").read_text())
     assert res["unreadable_images"] == {"train": 1, "val": 1}
     assert res["num_train"] == 23 and res["num_val"] == 11
+    # batches of one: the unreadable image's batch is empty and its step is skipped
+    one = tmp_path / "one"
+    assert main(_args(data, weights, one, "train.batch_size=1", "head.batchnorm=false")) == 0
+    res = json.loads((one / "linear_results.json").read_text())
+    assert res["unreadable_images"] == {"train": 1, "val": 1}
     assert main(_args(data, weights, tmp_path / "strict", "data.strict=true")) == 2
