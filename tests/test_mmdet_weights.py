@@ -1,0 +1,320 @@
+"""Torchvision -> MMDetection weight conversion and the safe reader (no MMDetection needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from pretrain.checkpoint import export_backbone, save_training_state
+from pretrain.model import IMSVDModel, Projector, build_backbone
+from transfer.mmdet_weights import (
+    MMDetWeightsError,
+    check_depth,
+    convert_torchvision_to_mmdet,
+    depth_of_arch,
+    read_mmdet_weights,
+    write_mmdet_checkpoint,
+)
+from transfer.resnet_keys import drop_category, infer_depth, is_backbone_key
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".mmdet_payload_ran")
+
+
+def _load_tool(name: str):
+    """Import a script of tools/ (not a package) by path."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_tool = _load_tool("convert_to_mmdet")
+install_tool = _load_tool("install_mmdet")
+
+
+def _randomised(sd: dict, seed: int = 0) -> dict:
+    """Random values everywhere (BN statistics included) so that equality checks mean something."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            out[k] = torch.rand(v.shape, generator=g) + 0.1
+        else:
+            out[k] = torch.randint(0, 1000, v.shape, generator=g, dtype=v.dtype)
+    return out
+
+
+@pytest.mark.parametrize(
+    "tv_key, mm_key",
+    [
+        ("conv1.weight", "backbone.conv1.weight"),
+        ("bn1.running_var", "backbone.bn1.running_var"),
+        ("layer1.0.conv2.weight", "backbone.layer1.0.conv2.weight"),
+        ("layer3.5.bn3.num_batches_tracked", "backbone.layer3.5.bn3.num_batches_tracked"),
+        ("layer3.0.downsample.1.bias", "backbone.layer3.0.downsample.1.bias"),
+        ("layer4.0.downsample.0.weight", "roi_head.shared_head.layer4.0.downsample.0.weight"),
+        ("layer4.2.bn1.weight", "roi_head.shared_head.layer4.2.bn1.weight"),
+    ],
+)
+def test_c4_placement_table(tv_key, mm_key):
+    sd = _randomised(torchvision.models.resnet50().state_dict())
+    out, _ = convert_torchvision_to_mmdet(sd)
+    assert mm_key in out
+    assert torch.equal(out[mm_key], sd[tv_key])
+
+
+def test_round_trip_resnet50_c4_and_backbone_layouts():
+    sd = _randomised(torchvision.models.resnet50().state_dict())
+    out, report = convert_torchvision_to_mmdet(sd)
+    assert report.converted == len(out) == 318  # 265 tensors + 53 num_batches_tracked
+    assert report.prefix_counts == {"backbone.": 258, "roi_head.shared_head.": 60}
+    assert report.dropped == {"fc": ["fc.weight", "fc.bias"]}
+    assert "converted 318 tensors" in report.summary() and "fc (2)" in report.summary()
+    for key, value in sd.items():
+        if key.startswith("fc."):
+            continue
+        prefix = "roi_head.shared_head." if key.startswith("layer4") else "backbone."
+        assert out[prefix + key].dtype == value.dtype
+        torch.testing.assert_close(out[prefix + key], value, rtol=0, atol=0)
+
+    flat, report = convert_torchvision_to_mmdet(sd, layout="backbone")
+    assert set(flat) == {"backbone." + k for k in sd if not k.startswith("fc.")}
+    with pytest.raises(MMDetWeightsError, match="layout 'fpn'"):
+        convert_torchvision_to_mmdet(sd, layout="fpn")
+
+
+def test_projector_dropped_and_half_precision_widened():
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in _randomised(
+        torchvision.models.resnet18().state_dict()).items()}  # fmt: skip
+    sd["projector.0.weight"] = torch.zeros(3, 3)
+    out, report = convert_torchvision_to_mmdet(sd)
+    assert report.dropped["projector"] == ["projector.0.weight"]
+    assert all(v.dtype == torch.float32 for k, v in out.items() if "num_batches" not in k)
+    assert out["backbone.layer1.0.bn1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_unknown_keys_and_incomplete_backbones_are_named():
+    sd = torchvision.models.resnet18().state_dict()
+    with pytest.raises(MMDetWeightsError, match=r"module\.conv1\.weight"):
+        convert_torchvision_to_mmdet({"module." + k: v for k, v in sd.items()})
+    with pytest.raises(MMDetWeightsError, match="layer4"):
+        convert_torchvision_to_mmdet({k: v for k, v in sd.items() if "layer4" not in k})
+    with pytest.raises(MMDetWeightsError, match="'conv1.weight'"):
+        convert_torchvision_to_mmdet({**sd, "conv1.weight": [1, 2]})
+
+
+def test_resnet_keys_helpers():
+    assert drop_category("fc.weight") == "fc"
+    assert drop_category("layer1.0.bn1.num_batches_tracked") == "num_batches_tracked"
+    assert drop_category("layer1.0.bn1.num_batches_tracked", keep=("num_batches_tracked",)) is None
+    assert is_backbone_key("layer2.1.downsample.1.running_mean")
+    assert not is_backbone_key("layer2.1.bn1.num_batches_tracked")
+    assert is_backbone_key("layer2.1.bn1.num_batches_tracked", with_num_batches=True)
+    assert not is_backbone_key("layer5.0.conv1.weight")
+    for arch, depth in (("resnet18", 18), ("resnet34", 34), ("resnet50", 50), ("resnet101", 101)):
+        keys = list(getattr(torchvision.models, arch)().state_dict())
+        assert infer_depth(keys) == depth == depth_of_arch(arch)
+    assert infer_depth(["conv1.weight"]) is None
+    with pytest.raises(MMDetWeightsError, match="vit_b"):
+        depth_of_arch("vit_b")
+
+
+def test_writer_atomic_no_overwrite_and_plain(tmp_path):
+    out, _ = convert_torchvision_to_mmdet(torchvision.models.resnet18().state_dict())
+    path = tmp_path / "w.pth"
+    write_mmdet_checkpoint(out, {"arch": "resnet18", "depth": 18}, str(path))
+    assert os.listdir(tmp_path) == ["w.pth"]  # no temporary file left behind
+    data = torch.load(path, weights_only=True)
+    assert set(data) == {"state_dict", "meta"} and list(data["state_dict"]) == list(out)
+    with pytest.raises(MMDetWeightsError, match="already exists"):
+        write_mmdet_checkpoint(out, {}, str(path))
+    write_mmdet_checkpoint({"backbone.conv1.weight": torch.zeros(1)}, {}, str(path), force=True)
+    assert list(torch.load(path, weights_only=True)["state_dict"]) == ["backbone.conv1.weight"]
+    with pytest.raises(MMDetWeightsError, match="does not exist"):
+        write_mmdet_checkpoint(out, {}, str(tmp_path / "missing" / "w.pth"))
+    with pytest.raises(MMDetWeightsError, match=r"meta\.when: object"):
+        write_mmdet_checkpoint(out, {"when": object()}, str(tmp_path / "x.pth"))
+    assert sorted(os.listdir(tmp_path)) == ["w.pth"]
+
+
+# ------------------------------------------------------------------------------------------
+# The CLI on every checkpoint kind load_backbone accepts (ResNet-18 keeps the files small).
+# ------------------------------------------------------------------------------------------
+
+
+def _backbone_sd(seed: int = 1) -> dict:
+    return _randomised(build_backbone("resnet18", stem="standard").state_dict(), seed)
+
+
+def _write_kind(kind: str, path: str, sd: dict) -> None:
+    if kind == "exported":
+        export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
+    elif kind == "train_state":
+        model = IMSVDModel(build_backbone("resnet18"), Projector(512, "64-32"))
+        model.backbone.load_state_dict(sd)
+        cfg = {"model": {"arch": "resnet18", "stem": "standard", "projector": "64-32"}}
+        save_training_state(
+            path, model=model, optimizer=None, scaler=None, epoch=1, step=10, step_in_epoch=0,
+            config=cfg,
+        )  # fmt: skip
+    elif kind == "reference_model":  # IMSVD reference model.pth
+        model = {f"module.backbone.{k}": v for k, v in sd.items()}
+        model["module.projector.0.weight"] = torch.zeros(8, 512)
+        torch.save({"epoch": 5, "model": model, "optimizer": {"state": {}}}, path)
+    elif kind == "model_final":  # reference model_final.pth: bare backbone, no fc
+        torch.save(sd, path)
+    elif kind == "torchvision":  # e.g. VICReg / Barlow Twins resnet50.pth, or with fc
+        torch.save({**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, path)
+    elif kind == "moco":
+        state = {f"module.encoder_q.{k}": v for k, v in sd.items()}
+        state.update({f"module.encoder_k.{k}": v for k, v in sd.items()})
+        state["module.encoder_q.fc.0.weight"] = torch.zeros(512, 512)
+        state["module.encoder_q.fc.2.weight"] = torch.zeros(128, 512)
+        state["module.queue"] = torch.zeros(128, 16)
+        torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["exported", "train_state", "reference_model", "model_final", "torchvision", "moco"]
+)
+def test_convert_cli_each_kind(kind, tmp_path, capsys):
+    sd = _backbone_sd()
+    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
+    _write_kind(kind, src, sd)
+    assert convert_tool.main([src, out]) == 0
+    printed = capsys.readouterr().out
+    # ResNet-18: 20 convs + 20 norms x 4 tensors + 20 num_batches_tracked counters.
+    assert "converted 120 tensors" in printed and "arch resnet18" in printed
+
+    state, meta = read_mmdet_weights(out)
+    assert meta["arch"] == "resnet18" and meta["depth"] == 18 and meta["stem"] == "standard"
+    assert meta["layout"] == "c4" and meta["format"] == "imsvd-mmdet-resnet"
+    assert len(state) == 120
+    for key, value in sd.items():
+        prefix = "roi_head.shared_head." if key.startswith("layer4") else "backbone."
+        if key.endswith("num_batches_tracked") and kind == "train_state":
+            continue  # the training checkpoint's own counters
+        torch.testing.assert_close(state[prefix + key], value, rtol=0, atol=0)
+    assert check_depth(state, meta, 18, out) == 100
+
+    # A second run refuses to overwrite, --force replaces the file.
+    assert convert_tool.main([src, out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert convert_tool.main([src, out, "--force", "--layout", "backbone"]) == 0
+    assert "backbone.layer4.0.conv1.weight" in read_mmdet_weights(out)[0]
+
+
+def test_convert_cli_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    assert convert_tool.main([str(bad), str(tmp_path / "o.pth")]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()
+
+    # A CIFAR-style 3x3 stem has no MMDetection ResNet counterpart.
+    small = tmp_path / "small.pth"
+    sd = build_backbone("resnet18", stem="small").state_dict()
+    export_backbone(str(small), sd, arch="resnet18", stem="small", epoch=1, config=None)
+    assert convert_tool.main([str(small), str(tmp_path / "o.pth")]) == 2
+    assert "stem" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_convert_script_runs_as_a_command(tmp_path):
+    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_to_mmdet.py"), src, out],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "converted 120 tensors" in proc.stdout and "roi_head.shared_head.*" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# The safe reader: pickles and files that would run code are refused; depth is checked.
+# ------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this runs a command (what a malicious checkpoint does)."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+def test_malicious_files_are_refused_without_running_code(tmp_path):
+    if os.path.exists(MARKER):
+        os.unlink(MARKER)
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}, "x": _Payload()}, evil)
+    with pytest.raises(MMDetWeightsError, match="evil.pth: refused by the safe loader"):
+        read_mmdet_weights(str(evil))
+    pkl = tmp_path / "evil.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(MMDetWeightsError, match="pickle files are not read"):
+        read_mmdet_weights(str(pkl))
+    assert not os.path.exists(MARKER)
+    with pytest.raises(MMDetWeightsError, match="does not exist"):
+        read_mmdet_weights(str(tmp_path / "none.pth"))
+    junk = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], junk)
+    with pytest.raises(MMDetWeightsError, match="expected a dict"):
+        read_mmdet_weights(str(junk))
+
+
+def test_check_depth_refuses_mismatches(tmp_path):
+    out, _ = convert_torchvision_to_mmdet(torchvision.models.resnet18().state_dict())
+    with pytest.raises(MMDetWeightsError, match="arch resnet18 .depth 18. but the config builds"):
+        check_depth(out, {"arch": "resnet18"}, 50, "r18.pth")
+    # Without metadata the block counts tell.
+    with pytest.raises(MMDetWeightsError, match="ResNet-18 .block counts."):
+        check_depth(out, {}, 50, "r18.pth")
+    with pytest.raises(MMDetWeightsError, match="no ResNet tensors"):
+        check_depth({"rpn_head.x": torch.zeros(1)}, {}, 50, "heads.pth")
+    assert check_depth(out, {"arch": "resnet18"}, 18, "r18.pth") == 100
+
+
+# ------------------------------------------------------------------------------------------
+# tools/install_mmdet.py: the parts that need no download or build.
+# ------------------------------------------------------------------------------------------
+
+
+def test_install_patches_are_strict():
+    setup_py = (
+        "from pkg_resources import DistributionNotFound, get_distribution, parse_version\n"
+        "                extra_compile_args['cxx'] = ['-std=c++17']\n"
+        "                extra_compile_args['nvcc'] += ['-std=c++17']\n"
+        "    version=get_version(),\n"
+    )
+    (rel, patch), (rel2, patch2) = install_tool.mmcv_patches("+imsvd.1.torch2.14.1")
+    out = patch(setup_py, rel)
+    assert "pkg_resources" not in out and "c++17" not in out and "-std=c++20" in out
+    assert "version=get_version() + '+imsvd.1.torch2.14.1'," in out
+    with pytest.raises(install_tool.InstallError, match="setup.py"):
+        patch(out, rel)  # already patched: nothing to replace, and it says so
+    assert patch2("dtype=np.float))", rel2) == "dtype=np.float64))"
+
+
+def test_install_refuses_bad_hash(tmp_path):
+    fake = tmp_path / "mmcv-2.1.0.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    with pytest.raises(install_tool.InstallError, match="SHA-256"):
+        install_tool.verify(fake)
+    other = tmp_path / "mmcv-9.9.9.tar.gz"
+    other.write_bytes(b"x")
+    with pytest.raises(install_tool.InstallError, match="no recorded hash"):
+        install_tool.verify(other)
