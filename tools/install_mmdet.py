@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Install MMDetection 3.3.0 (with mmengine 0.10.7 and mmcv 2.1.0 built with its C++ ops).
+
+MMDetection 3.3.0 needs ``mmcv>=2.0.0rc4,<2.2.0``; mmcv 2.1.0 is published as an sdist only, so
+its C++ ops (RoIAlign, NMS, ... used by Mask R-CNN) are compiled here, for CPU by default. The
+recipe:
+
+1. skip everything when ``import mmdet, mmcv.ops`` already works in the target Python (for
+   example an mmcv the user built with CUDA ops);
+2. download the two wheels (mmengine, mmdet) and the mmcv sdist with pip and check each file's
+   SHA-256 against the value recorded below;
+3. reuse the cached mmcv wheel for this recipe, torch version and Python, or build it: extract
+   the sdist, apply the small edits listed in ``MMCV_PATCHES`` and compile the ops with
+   ``MMCV_WITH_OPS=1 FORCE_CUDA=0`` (about 17 minutes on 2 cores), then cache the wheel;
+4. install the runtime dependencies first (``opencv-python-headless`` in place of the
+   ``opencv-python`` that mmengine names, so no GUI libraries are needed), then the three
+   packages without their dependency lists.
+
+The cache is ``$IMSVD_CACHE/wheels`` (default ``~/.cache/imsvd/wheels``), shared with
+``install_detectron2.py``. The mmcv wheel carries a local version label naming this recipe and
+the torch release it was compiled against (``2.1.0+imsvd.1.torch2.14.1``), so a wheel built for
+another torch is never reused; ``mmcv.__version__`` stays ``2.1.0``.
+
+Usage::
+
+    python3 tools/install_mmdet.py [--python .venv/bin/python] [--jobs N] [--force] [--rebuild]
+
+This script uses the standard library only, so any Python 3 can run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+MMENGINE_VERSION = "0.10.7"
+MMDET_VERSION = "3.3.0"
+MMCV_VERSION = "2.1.0"
+# SHA-256 of the files as served by PyPI.
+HASHES: Dict[str, str] = {
+    # 452720 bytes
+    "mmengine-0.10.7-py3-none-any.whl": (
+        "262ac976a925562f78cd5fd14dd1bc9b680ed0aa81f0d85b723ef782f99c54ee"
+    ),
+    # 2231444 bytes
+    "mmdet-3.3.0-py3-none-any.whl": (
+        "2e23e291281ac57e7dccf8678e957da45fbe560ce78a1f5ded6afeccd3730f17"
+    ),
+    # 471435 bytes
+    "mmcv-2.1.0.tar.gz": "d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f",
+}
+# Bump when MMCV_PATCHES change: it is part of the cached wheel's name.
+RECIPE = "imsvd.1"
+# Runtime needs of the three packages (their own lists, with opencv-python swapped for the
+# headless build and OpenCV kept below 5, which mmcv 2.1.0 predates).
+RUNTIME_REQUIREMENTS = [
+    "addict",
+    "matplotlib",
+    "numpy",
+    "packaging",
+    "Pillow",
+    "pyyaml",
+    "rich",
+    "termcolor",
+    "yapf",
+    "opencv-python-headless>=4.5,<5",
+    "pycocotools",
+    "scipy",
+    "shapely",
+    "six",
+    "terminaltables",
+    "tqdm",
+]
+
+
+class InstallError(RuntimeError):
+    """Raised when a step of the install recipe cannot be completed."""
+
+
+def log(msg: str) -> None:
+    """Print a progress line prefixed with the script name."""
+    print(f"[install_mmdet] {msg}", flush=True)
+
+
+def run(cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, echoing it, and raise InstallError if it fails.
+
+    Args:
+        cmd: argument list.
+        **kwargs: passed to subprocess.run.
+
+    Returns:
+        The completed process.
+    """
+    log("$ " + " ".join(str(c) for c in cmd))
+    proc = subprocess.run(list(cmd), **kwargs)
+    if proc.returncode != 0:
+        raise InstallError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    return proc
+
+
+def mmdet_works(python: str) -> Optional[str]:
+    """Return "mmdet X / mmcv Y" if the target Python imports mmdet and the mmcv ops, else None.
+
+    Args:
+        python: path of the target interpreter.
+
+    Returns:
+        A version string, or None when the imports fail.
+    """
+    probe = (
+        "import mmdet, mmcv, mmengine, mmcv.ops; from mmcv.ops import RoIAlign, batched_nms; "
+        "print(f'mmdet {mmdet.__version__} / mmcv {mmcv.__version__} / "
+        "mmengine {mmengine.__version__}')"
+    )
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "unknown"
+
+
+def torch_tag(python: str) -> str:
+    """Return the target's torch release (without a local label), e.g. "2.14.1".
+
+    Args:
+        python: target interpreter.
+
+    Returns:
+        The release string.
+
+    Raises:
+        InstallError: when torch does not import there (it must be installed first).
+    """
+    proc = subprocess.run(
+        [python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise InstallError(f"torch does not import with {python}; install torch first")
+    return proc.stdout.strip()
+
+
+def python_tag(python: str) -> str:
+    """Return the CPython wheel tag of the target interpreter, e.g. "cp311"."""
+    proc = subprocess.run(
+        [python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
+def sha256_of(path: Path) -> str:
+    """Return the hex SHA-256 of a file.
+
+    Args:
+        path: file to hash.
+
+    Returns:
+        Lowercase hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Check a downloaded file against HASHES.
+
+    Args:
+        path: the file; its name selects the expected hash.
+
+    Raises:
+        InstallError: on an unknown file name or a hash mismatch.
+    """
+    expected = HASHES.get(path.name)
+    if expected is None:
+        raise InstallError(f"{path}: no recorded hash for this file name")
+    got = sha256_of(path)
+    if got != expected:
+        raise InstallError(f"{path}: SHA-256 {got} does not match the expected {expected}")
+    log(f"hash verified: {path.name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Edits to the mmcv 2.1.0 sources. Each asserts that what it replaces is present exactly once.
+# --------------------------------------------------------------------------------------------
+
+
+def _replace(text: str, old: str, new: str, path: str, count: int = 1) -> str:
+    found = text.count(old)
+    if found != count:
+        raise InstallError(f"patch of {path}: expected {count} x {old!r}, found {found}")
+    return text.replace(old, new)
+
+
+def _make_setup_patch(local_version: str) -> Callable[[str, str], str]:
+    def patch(text: str, path: str) -> str:
+        # setuptools >= 81 has no pkg_resources: the same three names from the standard library
+        # and packaging.
+        text = _replace(
+            text,
+            "from pkg_resources import DistributionNotFound, get_distribution, parse_version\n",
+            "from importlib.metadata import PackageNotFoundError as DistributionNotFound\n"
+            "from importlib.metadata import distribution as get_distribution\n"
+            "from packaging.version import parse as parse_version\n",
+            path,
+        )
+        # torch >= 2.10 headers refuse anything below C++20 (ATen.h: "#error C++20 or later").
+        text = _replace(
+            text,
+            "                extra_compile_args['cxx'] = ['-std=c++17']\n",
+            "                extra_compile_args['cxx'] = ['-std=c++20']\n",
+            path,
+        )
+        text = _replace(
+            text,
+            "                extra_compile_args['nvcc'] += ['-std=c++17']\n",
+            "                extra_compile_args['nvcc'] += ['-std=c++20']\n",
+            path,
+        )
+        # The distribution version carries the recipe; mmcv.__version__ (checked by mmdet) not.
+        return _replace(
+            text,
+            "    version=get_version(),\n",
+            f"    version=get_version() + {local_version!r},\n",
+            path,
+        )
+
+    return patch
+
+
+def _pixel_group(text: str, path: str) -> str:
+    # numpy >= 1.24 removed the np.float alias.
+    return _replace(text, "dtype=np.float))", "dtype=np.float64))", path)
+
+
+def mmcv_patches(local_version: str) -> List[Tuple[str, Callable[[str, str], str]]]:
+    """Return the (relative path, edit) list applied to the mmcv sources before the build.
+
+    Args:
+        local_version: the "+..." label appended to the distribution version.
+
+    Returns:
+        The edits, in order.
+    """
+    return [
+        ("setup.py", _make_setup_patch(local_version)),
+        ("mmcv/ops/pixel_group.py", _pixel_group),
+    ]
+
+
+def fetch(python: str, cache_dir: Path, need_sdist: bool) -> Dict[str, Path]:
+    """Make sure the two wheels (and, if needed, the mmcv sdist) are in the cache, verified.
+
+    Files already in the cache are only re-hashed, so a second run needs no network. Preparing
+    the sdist's metadata runs its setup.py in pip's isolated environment; that setup.py imports
+    pkg_resources, so a constraint keeps setuptools below 81 there (for that step only).
+
+    Args:
+        python: interpreter whose pip downloads.
+        cache_dir: the wheel cache.
+        need_sdist: also fetch the mmcv sdist (only when mmcv must be built).
+
+    Returns:
+        File name -> path for the files fetched.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {
+        f"mmengine-{MMENGINE_VERSION}-py3-none-any.whl": [
+            "--only-binary", ":all:", f"mmengine=={MMENGINE_VERSION}"
+        ],
+        f"mmdet-{MMDET_VERSION}-py3-none-any.whl": [
+            "--only-binary", ":all:", f"mmdet=={MMDET_VERSION}"
+        ],
+    }  # fmt: skip
+    if need_sdist:
+        wanted[f"mmcv-{MMCV_VERSION}.tar.gz"] = ["--no-binary", ":all:", f"mmcv=={MMCV_VERSION}"]
+    files = {}
+    for name, spec in wanted.items():
+        path = cache_dir / name
+        if not path.is_file():
+            with tempfile.TemporaryDirectory(prefix="mmdl-") as tmp:
+                constraint = Path(tmp) / "build-constraints.txt"
+                constraint.write_text("setuptools<81\n", encoding="utf-8")
+                env = dict(os.environ, PIP_CONSTRAINT=str(constraint), MMCV_WITH_OPS="1")
+                run([python, "-m", "pip", "download", "--no-deps", *spec, "-d", tmp], env=env)
+                got = Path(tmp) / name
+                if not got.is_file():
+                    raise InstallError(f"pip download did not produce {name}")
+                verify(got)
+                partial = cache_dir / (name + ".partial")
+                shutil.copyfile(got, partial)
+                os.replace(partial, path)
+        verify(path)
+        files[name] = path
+    return files
+
+
+def build_mmcv(python: str, sdist: Path, out_dir: Path, local_version: str, jobs: int) -> Path:
+    """Extract, patch and compile mmcv (ops for CPU) into a wheel placed in out_dir.
+
+    Args:
+        python: interpreter (with torch) that builds the wheel.
+        sdist: the verified mmcv sdist.
+        out_dir: the wheel cache.
+        local_version: "+..." label for the distribution version.
+        jobs: parallel compile jobs (MAX_JOBS).
+
+    Returns:
+        Path of the cached wheel.
+    """
+    with tempfile.TemporaryDirectory(prefix="mmcvbuild-") as tmp:
+        with tarfile.open(sdist, "r:gz") as tar:
+            if hasattr(tarfile, "data_filter"):  # refuse links/paths outside tmp (3.11.4+)
+                tar.extractall(tmp, filter="data")
+            else:
+                tar.extractall(tmp)
+        src = Path(tmp) / f"mmcv-{MMCV_VERSION}"
+        patches = mmcv_patches(local_version)
+        for rel, fn in patches:
+            path = src / rel
+            path.write_text(fn(path.read_text(encoding="utf-8"), rel), encoding="utf-8")
+        log(f"applied {len(patches)} source edits")
+        env = dict(
+            os.environ,
+            MMCV_WITH_OPS="1",
+            FORCE_CUDA="0",
+            MAX_JOBS=str(jobs),
+            # A GPU on the build machine must not switch setup.py to a CUDA build.
+            CUDA_VISIBLE_DEVICES="",
+        )
+        build_out = Path(tmp) / "dist"
+        start = time.monotonic()
+        run(
+            [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+             str(build_out), str(src)],
+            env=env,
+        )  # fmt: skip
+        log(f"mmcv built in {time.monotonic() - start:.0f} s with {jobs} job(s)")
+        wheels = list(build_out.glob("*.whl"))
+        if len(wheels) != 1:
+            raise InstallError(f"expected one wheel in {build_out}, found {wheels}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = out_dir / wheels[0].name
+        partial = out_dir / (wheels[0].name + ".partial")
+        shutil.copyfile(wheels[0], partial)
+        os.replace(partial, final)  # never a truncated wheel in the cache
+    return final
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: see the module docstring.
+
+    Args:
+        argv: command-line arguments (defaults to sys.argv[1:]).
+
+    Returns:
+        Process exit code.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--python",
+        default=os.environ.get("IMSVD_PYTHON", ".venv/bin/python"),
+        help="interpreter of the target environment (default: $IMSVD_PYTHON or .venv/bin/python)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("MAX_JOBS", "0")) or (os.cpu_count() or 1),
+        help="parallel compile jobs for mmcv (default: $MAX_JOBS or the number of CPUs)",
+    )
+    parser.add_argument("--force", action="store_true", help="install even if mmdet imports")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="ignore the cached mmcv wheel and build it again"
+    )
+    args = parser.parse_args(argv)
+
+    t0 = time.monotonic()
+    python = args.python
+    if shutil.which(python) is None and not Path(python).is_file():
+        raise InstallError(f"target python {python!r} not found")
+    if not args.force:
+        version = mmdet_works(python)
+        if version is not None:
+            log(f"{version} already importable by {python}; nothing to do")
+            return 0
+
+    local_version = f"+{RECIPE}.torch{torch_tag(python)}"
+    cache_dir = Path(os.environ.get("IMSVD_CACHE", Path.home() / ".cache" / "imsvd")) / "wheels"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    pattern = f"mmcv-{MMCV_VERSION}{local_version}-{python_tag(python)}-*.whl"
+    # Dependencies first: the mmcv build reads which OpenCV distribution is installed.
+    run([python, "-m", "pip", "install", "-q", *RUNTIME_REQUIREMENTS])
+    # One build at a time per cache: a second set-up waits here, then reuses the wheel.
+    with open(cache_dir / ".mmcv-build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another install is building mmcv into {cache_dir}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = [] if args.rebuild else sorted(cache_dir.glob(pattern))
+        files = fetch(python, cache_dir, need_sdist=not cached)
+        if cached:
+            mmcv_wheel = cached[-1]
+            log(f"reusing cached wheel {mmcv_wheel}")
+        else:
+            sdist = files[f"mmcv-{MMCV_VERSION}.tar.gz"]
+            mmcv_wheel = build_mmcv(python, sdist, cache_dir, local_version, args.jobs)
+            log(f"built and cached {mmcv_wheel}")
+    run(
+        [python, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(mmcv_wheel),
+         str(files[f"mmengine-{MMENGINE_VERSION}-py3-none-any.whl"]),
+         str(files[f"mmdet-{MMDET_VERSION}-py3-none-any.whl"])]
+    )  # fmt: skip
+    version = mmdet_works(python)
+    if version is None:
+        raise InstallError(f"mmdet / mmcv.ops were installed but do not import with {python}")
+    log(f"{version} installed into {python} in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InstallError as exc:
+        print(f"install_mmdet: error: {exc}", file=sys.stderr)
+        sys.exit(1)
