@@ -33,6 +33,16 @@ from pretrain.checkpoint import (
     read_weights_pickle,
 )
 
+# The key rules (what is a backbone tensor, what is dropped on purpose) are shared with the
+# MMDetection exporter; the renaming below is Detectron2's own.
+from transfer.resnet_keys import BLOCK_BN as _BLOCK_BN
+from transfer.resnet_keys import BLOCK_CONV as _BLOCK_CONV
+from transfer.resnet_keys import SHORTCUT_BN as _SHORTCUT_BN
+from transfer.resnet_keys import SHORTCUT_CONV as _SHORTCUT_CONV
+from transfer.resnet_keys import STEM_BN as _STEM_BN
+from transfer.resnet_keys import STEM_CONV as _STEM_CONV
+from transfer.resnet_keys import drop_category, unknown_keys_message
+
 __all__ = [
     "D2ConversionError",
     "ConversionReport",
@@ -46,21 +56,6 @@ __all__ = [
 ]
 
 D2_AUTHOR = "IMSVD"
-
-# Keys that are dropped on purpose, by category. Anything not dropped must map.
-_DROP_PATTERNS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
-    ("num_batches_tracked", re.compile(r"(^|\.)num_batches_tracked$")),
-    ("fc", re.compile(r"^fc\.")),
-    ("projector", re.compile(r"^projector\.")),
-)
-
-_BN_PARAM = r"(weight|bias|running_mean|running_var)"
-_STEM_CONV = re.compile(r"^conv1\.weight$")
-_STEM_BN = re.compile(rf"^bn1\.{_BN_PARAM}$")
-_BLOCK_CONV = re.compile(r"^layer([1-4])\.(\d+)\.conv(\d)\.weight$")
-_BLOCK_BN = re.compile(rf"^layer([1-4])\.(\d+)\.bn(\d)\.{_BN_PARAM}$")
-_SHORTCUT_CONV = re.compile(r"^layer([1-4])\.(\d+)\.downsample\.0\.weight$")
-_SHORTCUT_BN = re.compile(rf"^layer([1-4])\.(\d+)\.downsample\.1\.{_BN_PARAM}$")
 
 
 class D2ConversionError(ValueError):
@@ -161,7 +156,7 @@ def convert_torchvision_to_d2(
     report = ConversionReport()
     unknown: List[str] = []
     for key, value in state_dict.items():
-        category = next((cat for cat, pat in _DROP_PATTERNS if pat.search(key)), None)
+        category = drop_category(key)
         if category is not None:
             report.dropped.setdefault(category, []).append(key)
             continue
@@ -176,12 +171,7 @@ def convert_torchvision_to_d2(
         stage = new.split(".", 1)[0]
         report.stage_params[stage] = report.stage_params.get(stage, 0) + int(arr.size)
     if unknown:
-        shown = ", ".join(repr(k) for k in unknown[:8])
-        more = f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""
-        raise D2ConversionError(
-            f"{len(unknown)} key(s) are not torchvision ResNet backbone tensors: {shown}{more}. "
-            "Expected names like 'conv1.weight', 'layer1.0.bn1.weight' (no 'module.' prefix)."
-        )
+        raise D2ConversionError(unknown_keys_message(unknown))
     present = {name.split(".", 1)[0] for name in blobs}
     missing_stages = [s for s in ("stem", "res2", "res3", "res4", "res5") if s not in present]
     if missing_stages:
