@@ -140,6 +140,29 @@ def test_configs_match_protocol(name):
         assert cfg.train_cfg.max_iters == 24000 and cfg.val_evaluator.type == "VOCMetric"
 
 
+@pytest.mark.parametrize("name", ["faster_rcnn_C4_voc0712", "mask_rcnn_C4_instant_test"])
+def test_configs_build(name):
+    cfg = _cfg(name)
+    single_process_norm(cfg)
+    init_default_scope("mmdet")
+    model = MODELS.build(cfg.model)
+    assert type(model.roi_head.shared_head).__name__ == "_ResLayerExtraNorm"
+    assert model.roi_head.with_mask == name.startswith("mask")
+
+
+def test_metrics_to_results_percent_and_missing_sizes():
+    coco = {"coco/bbox_mAP": 0.393, "coco/bbox_mAP_50": 0.591, "coco/bbox_mAP_l": -1.0}
+    coco.update({"coco/segm_mAP_75": 0.366, "coco/bbox_mAP_copypaste": "0.393 ..."})
+    res = mmdet_train.metrics_to_results(coco)
+    assert res["bbox"]["AP"] == pytest.approx(39.3) and res["bbox"]["APl"] is None
+    assert res["segm"] == {"AP75": pytest.approx(36.6)}
+    voc = {"pascal_voc/mAP": 0.5, "pascal_voc/AP50": 0.8, "pascal_voc/AP75": 0.55}
+    voc["pascal_voc/AP55"] = 0.7
+    assert mmdet_train.metrics_to_results(voc) == {
+        "bbox": {"AP": 50.0, "AP50": 80.0, "AP75": pytest.approx(55.0)}
+    }
+
+
 def test_single_process_norm_and_pretrained_paths():
     cfg = _cfg("mask_rcnn_C4_1x")
     assert single_process_norm(cfg) == [
