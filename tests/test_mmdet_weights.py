@@ -214,6 +214,16 @@ def test_convert_cli_each_kind(kind, tmp_path, capsys):
     assert "backbone.layer4.0.conv1.weight" in read_mmdet_weights(out)[0]
 
 
+def test_convert_cli_checkpoint_key_and_prefix(tmp_path, capsys):
+    sd = _backbone_sd(seed=4)
+    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 9}, src)
+    argv = [src, out, "--checkpoint-key", "teacher", "--prefix", "backbone."]
+    assert convert_tool.main(argv) == 0, capsys.readouterr().err
+    state, _ = read_mmdet_weights(out)
+    assert torch.equal(state["roi_head.shared_head.layer4.1.bn2.weight"], sd["layer4.1.bn2.weight"])
+
+
 def test_convert_cli_bad_inputs(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"this is not a checkpoint")

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from pretrain.checkpoint import add_weights_args, weights_kwargs, with_accepted_inputs
 from transfer.mmdet_weights import (
     FORMAT,
     FORMAT_VERSION,
@@ -33,6 +34,8 @@ def convert(
     force: bool = False,
     allow_unsafe: bool = False,
     layout: str = "c4",
+    checkpoint_key: Optional[str] = None,
+    prefix: Optional[str] = None,
 ) -> str:
     """Load a backbone, place it under MMDetection's names and write the checkpoint.
 
@@ -40,8 +43,10 @@ def convert(
         input_path: checkpoint accepted by ``pretrain.checkpoint.load_backbone``.
         output_path: destination ``.pth``.
         force: overwrite an existing output.
-        allow_unsafe: let load_backbone fully unpickle a trusted file that holds Python objects.
+        allow_unsafe: let load_backbone fully unpickle a trusted file the safe readers refuse.
         layout: "c4" (layer4 -> roi_head.shared_head) or "backbone" (all stages in backbone).
+        checkpoint_key: entry of INPUT holding the weights (other layouts).
+        prefix: key prefix of the ResNet weights inside that entry.
 
     Returns:
         The summary text that main() prints.
@@ -53,7 +58,9 @@ def convert(
 
     if os.path.exists(output_path) and not force:
         raise MMDetWeightsError(f"output {output_path!r} already exists (pass --force)")
-    state_dict, meta = load_backbone(input_path, allow_unsafe=allow_unsafe)
+    state_dict, meta = load_backbone(
+        input_path, allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix
+    )
     stem = meta.get("stem", "standard")
     if stem != "standard":
         # MMDetection's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
@@ -76,6 +83,7 @@ def convert(
     }
     write_mmdet_checkpoint(tensors, out_meta, output_path, force=force)
     lines = [
+        f"read {input_path} as {meta['source_format']}",
         f"{input_path} -> {output_path}",
         f"source {meta['source_format']}, arch {meta['arch']}, stem {stem}, layout {layout}, "
         f"epoch {meta.get('epoch')}, sha256 {str(meta.get('sha256', '?'))[:16]}",
@@ -104,24 +112,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="c4: layer4 goes to roi_head.shared_head (R50-C4 detectors, default); backbone: "
         "all four stages under backbone. (FPN detectors)",
     )
-    parser.add_argument(
-        "--allow-unsafe",
-        action="store_true",
-        help="fully unpickle a trusted INPUT that holds Python objects (e.g. argparse.Namespace)",
-    )
+    add_weights_args(parser)
     args = parser.parse_args(argv)
     try:
         print(
             convert(
-                args.input,
-                args.output,
-                force=args.force,
-                allow_unsafe=args.allow_unsafe,
-                layout=args.layout,
+                args.input, args.output, force=args.force, layout=args.layout,
+                **weights_kwargs(args),
             )
-        )
+        )  # fmt: skip
     except ValueError as exc:
-        print(f"convert_to_mmdet: error: {exc}", file=sys.stderr)
+        print(f"convert_to_mmdet: error: {with_accepted_inputs(exc)}", file=sys.stderr)
         return 2
     return 0
 
