@@ -1,0 +1,136 @@
+"""tools/pretrain.sh: caller-relative paths, config errors before torchrun, signal forwarding."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import latest_checkpoint, load_training_state
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = REPO / "tools" / "pretrain.sh"
+SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
+
+
+def _env(**extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NPROC_PER_NODE": "1"}
+    env.update(extra)
+    return env
+
+
+def _processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line contains ``text`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_bad_key_in_relative_config_is_reported_without_traceback(tmp_path):
+    """A relative config path from another directory resolves; its bad key is the only error."""
+    (tmp_path / "mine.yaml").write_text(f"_base_: {SMOKE}\ntrain:\n  bogus_key: 3\n")
+    res = subprocess.run(
+        ["bash", str(LAUNCHER), "mine.yaml", "--output-dir", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "unknown config key 'train.bogus_key'" in res.stderr
+    assert str(tmp_path / "mine.yaml") in res.stderr  # the file the key came from
+    assert "Traceback" not in out and "torch.distributed" not in out
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_bad_override_is_reported_before_launch(tmp_path):
+    res = subprocess.run(
+        ["bash", str(LAUNCHER), str(SMOKE), "train.epochs=many"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert "train.epochs" in res.stderr and "Traceback" not in res.stdout + res.stderr
+
+
+def test_missing_config_names_what_was_looked_for(tmp_path):
+    res = subprocess.run(
+        ["bash", str(LAUNCHER), "no_such_recipe.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert "no_such_recipe.yaml" in res.stderr and "not found" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
+    """SIGUSR1 to the launcher reaches the trainer: checkpoint, exit 0, no orphaned worker."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "recipe.yaml").write_text(f"_base_: {SMOKE}\n")
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(LAUNCHER),
+            "recipe.yaml",  # relative to the caller's directory
+            "train.epochs=50",
+            "checkpoint.every_steps=0",
+            "--output-dir",
+            "rel_out",  # relative to the caller's directory
+        ],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(MASTER_PORT=str(31500 + os.getpid() % 1000)),
+    )
+    lines = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if " step 1/" in line:
+                break
+        assert any(" step 1/" in ln for ln in lines), "".join(lines)[-3000:]
+        proc.send_signal(signal.SIGUSR1)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines) + rest
+    out = work / "rel_out"
+    assert proc.returncode == 0, text[-3000:]
+    assert "preempted" in text
+    assert "SIGUSR1 sent to the training processes" in text
+    state = load_training_state(latest_checkpoint(out))
+    assert 1 <= state["step"] < 100  # stopped early, at a step boundary
+    # no worker survives its launcher (it would otherwise keep training)
+    time.sleep(1.0)
+    assert _processes_mentioning(str(out)) == []
