@@ -1,4 +1,4 @@
-"""Rank-aware logging, JSON-lines metrics (+ TensorBoard), meters, progress bars, tables."""
+"""Rank-aware logging, JSON-lines metrics (+ TensorBoard, W&B), meters, progress, tables."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -64,15 +66,69 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def wandb_options(cfg: Mapping[str, Any]) -> dict | None:
+    """The Weights & Biases settings of a resolved pretraining config, or None when off.
+
+    Args:
+        cfg: the resolved config (keys ``log.wandb``, ``log.wandb_project``, ``log.wandb_mode``).
+
+    Returns:
+        ``{"project", "mode", "config"}`` for :class:`MetricWriter`, or None if ``log.wandb`` is
+        false (or absent).
+    """
+    log_cfg = cfg.get("log", {})
+    if not log_cfg.get("wandb", False):
+        return None
+    return {
+        "project": log_cfg.get("wandb_project", "imsvd"),
+        "mode": log_cfg.get("wandb_mode", "offline"),
+        "config": dict(cfg),
+    }
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(
+            "log.wandb is true but the 'wandb' package is not installed: install it with "
+            "pip install 'imsvd[wandb]' (or pip install wandb), or set log.wandb=false"
+        ) from None
+    return wandb
+
+
 class MetricWriter:
-    """Append one JSON object per log step to ``metrics.jsonl`` (rank 0 only), plus TensorBoard."""
+    """One JSON object per log step to ``metrics.jsonl`` (rank 0 only), plus TensorBoard and,
+    optionally, Weights & Biases (the same rows).
+
+    Args:
+        output_dir: run folder (``metrics.jsonl``, ``tb/``, ``wandb/``).
+        rank: global rank; only rank 0 writes.
+        tensorboard: also write TensorBoard scalars (skipped with a warning when not installed).
+        wandb: None (off) or the settings from :func:`wandb_options`: ``project``, ``mode``
+            (``offline``: no network, upload later with ``wandb sync``; ``online``; ``disabled``)
+            and ``config`` (recorded with the run). The run id is kept in
+            ``OUTPUT_DIR/wandb_run_id.txt`` so that a resumed run continues the same W&B run.
+
+    Raises:
+        ImportError: W&B requested and the ``wandb`` package is missing.
+        ValueError: unknown W&B mode (names ``log.wandb_mode``).
+    """
 
     def __init__(
-        self, output_dir: str | os.PathLike, rank: int = 0, tensorboard: bool = True
+        self,
+        output_dir: str | os.PathLike,
+        rank: int = 0,
+        tensorboard: bool = True,
+        wandb: Mapping[str, Any] | None = None,
     ) -> None:
         self.enabled = rank == 0
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         if not self.enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -83,6 +139,55 @@ class MetricWriter:
                 self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
             except ImportError:  # tensorboard is optional at run time
                 get_logger().warning("tensorboard not installed: metrics go to JSON lines only")
+        if wandb is not None:
+            self._wandb = self._start_wandb(Path(output_dir), wandb)
+
+    @classmethod
+    def from_config(
+        cls, output_dir: str | os.PathLike, cfg: Mapping[str, Any], rank: int = 0
+    ) -> "MetricWriter":
+        """The writer a pretraining config asks for (``log.tensorboard``, ``log.wandb*``).
+
+        Args:
+            output_dir: run folder.
+            cfg: the resolved pretraining config.
+            rank: global rank.
+
+        Returns:
+            The writer.
+        """
+        log_cfg = cfg.get("log", {})
+        return cls(
+            output_dir,
+            rank=rank,
+            tensorboard=bool(log_cfg.get("tensorboard", True)),
+            wandb=wandb_options(cfg),
+        )
+
+    @staticmethod
+    def _start_wandb(output_dir: Path, options: Mapping[str, Any]):
+        mode = options.get("mode", "offline")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"log.wandb_mode: {mode!r} is not one of {', '.join(WANDB_MODES)}")
+        module = _import_wandb()
+        id_file = output_dir / "wandb_run_id.txt"
+        if id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n", encoding="utf-8")
+        run = module.init(
+            project=options.get("project", "imsvd"),
+            mode=mode,
+            dir=str(output_dir),
+            name=output_dir.name,
+            id=run_id,
+            resume="allow",
+            config=dict(options.get("config") or {}),
+        )
+        get_logger().info("Weights & Biases run %s (%s mode, project %s)", run_id, mode,
+                          options.get("project", "imsvd"))  # fmt: skip
+        return run
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record ``metrics`` at global step ``step``."""
@@ -96,11 +201,17 @@ class MetricWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def close(self) -> None:
+        """Flush and close TensorBoard and the W&B run (idempotent)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 class AverageMeter:
@@ -122,6 +233,108 @@ class AverageMeter:
         return self.sum / max(self.count, 1)
 
 
+def _clock(seconds: float) -> str:
+    """Seconds as ``mm:ss`` (``h:mm:ss`` from one hour)."""
+    seconds = max(int(round(seconds)), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class LogProgress:
+    """Progress of a loop as periodic log lines, for runs without a terminal (nohup, SLURM).
+
+    Logs ``desc: n/total (x%) rate it/s, ETA mm:ss`` through the project logger every
+    ``interval`` seconds, at every further 10% of ``total`` and when the loop completes.
+    Iterating counts an item when it is handed out, so a loop that requests the next item after
+    each finished step (the pretraining loop) reports exactly the steps done.
+
+    Args:
+        iterable: the loop's items.
+        total: number of items (default ``len(iterable)`` when it has one).
+        desc: label at the start of each line.
+        initial: items already done before this loop (a resumed run).
+        interval: seconds between time-based lines.
+        logger: where to log (default: the project logger).
+        clock: time source in seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        total: int | None = None,
+        desc: str = "",
+        initial: int = 0,
+        interval: float = 30.0,
+        logger: logging.Logger | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable = iterable
+        self.total = total
+        self.desc = desc
+        self.n = initial
+        self.interval = float(interval)
+        self.logger = logger or get_logger()
+        self._clock = clock
+        self._start_n = initial
+        self._t0 = clock()
+        self._last_t = self._t0
+        self._last_decile = self._decile(initial)
+        self._logged_n = initial
+        self._closed = False
+
+    def _decile(self, n: int) -> int:
+        return int(10 * n / self.total) if self.total else 0
+
+    def __len__(self) -> int:
+        return self.total if self.total is not None else len(self.iterable)
+
+    def __iter__(self):
+        if self.iterable is None:
+            raise TypeError("LogProgress has no iterable to iterate over")
+        for item in self.iterable:
+            self.update(1)
+            yield item
+        self.close()
+
+    def format(self) -> str:
+        """The current progress line."""
+        elapsed = self._clock() - self._t0
+        done = self.n - self._start_n
+        rate = done / elapsed if elapsed > 0 else 0.0
+        head = f"{self.desc}: " if self.desc else ""
+        if self.total:
+            pct = 100.0 * self.n / self.total
+            eta = _clock((self.total - self.n) / rate) if rate > 0 else "?"
+            return f"{head}{self.n}/{self.total} ({pct:.0f}%) {rate:.2f} it/s, ETA {eta}"
+        return f"{head}{self.n} {rate:.2f} it/s, elapsed {_clock(elapsed)}"
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more items; log when the interval has passed or a 10% mark is crossed."""
+        self.n += n
+        now = self._clock()
+        decile = self._decile(self.n)
+        finished = self.total is not None and self.n >= self.total
+        if now - self._last_t >= self.interval or decile > self._last_decile or finished:
+            self._emit(now)
+            self._last_decile = decile
+
+    def _emit(self, now: float) -> None:
+        self.logger.info("%s", self.format())
+        self._last_t = now
+        self._logged_n = self.n
+
+    def close(self) -> None:
+        """Log the final count if it was not logged yet (loop stopped early)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.n != self._logged_n:
+            self._emit(self._clock())
+
+
 def progress(
     iterable: Iterable,
     total: int | None = None,
@@ -129,14 +342,31 @@ def progress(
     enabled: bool | None = None,
     rank: int = 0,
     initial: int = 0,
+    interval: float = 30.0,
 ):
-    """Wrap ``iterable`` in a tqdm bar when attached to a terminal on rank 0.
+    """Show the progress of a loop: a tqdm bar on a terminal, periodic log lines otherwise.
 
     Args:
-        enabled: force on/off; None means "stdout is a TTY and rank == 0".
+        iterable: the loop's items.
+        total: number of items (default: ``len(iterable)``).
+        desc: label.
+        enabled: True forces the tqdm bar, False shows nothing; None (default) chooses on
+            rank 0: a bar when stdout is a terminal, else :class:`LogProgress` lines; other ranks
+            show nothing.
+        rank: this process's global rank.
+        initial: items already done (a resumed run).
+        interval: seconds between log lines when there is no terminal.
+
+    Returns:
+        An iterable over the same items (with ``close()`` when it reports anything).
     """
     if enabled is None:
-        enabled = rank == 0 and sys.stdout.isatty()
+        if rank != 0:
+            return iterable
+        if not sys.stdout.isatty():
+            return LogProgress(iterable, total=total, desc=desc, initial=initial,
+                               interval=interval)  # fmt: skip
+        enabled = True
     if not enabled:
         return iterable
     from tqdm import tqdm
