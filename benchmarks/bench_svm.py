@@ -39,7 +39,7 @@ def run_reference(xtr, ytr, xte, yte, costs):
     from sklearn.model_selection import cross_val_score
     from sklearn.svm import LinearSVC
 
-    from transfer.ap import voc_ap
+    from transfer.eval.ap import voc_ap
 
     aps, chosen = [], []
     for j in range(ytr.shape[1]):
@@ -74,8 +74,8 @@ def run_reference(xtr, ytr, xte, yte, costs):
 
 
 def run_new(xtr, ytr, xte, yte, costs):
-    from transfer.ap import voc_ap
-    from transfer.svm import cross_validate_svms, decision_scores
+    from transfer.eval.ap import voc_ap
+    from transfer.eval.svm import cross_validate_svms, decision_scores
 
     res = cross_validate_svms(xtr, ytr, costs)
     scores = decision_scores(xte, res.weights)
@@ -84,7 +84,7 @@ def run_new(xtr, ytr, xte, yte, costs):
 
 
 def main() -> None:
-    from transfer.voc07_svm import COSTS, l2_normalize
+    from transfer.eval.voc07_svm import COSTS, l2_normalize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=2000)

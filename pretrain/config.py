@@ -3,12 +3,19 @@
 Every recipe is a YAML file. A file may name a parent with ``_base_: other.yaml`` (relative to
 the file); the chain ends in a *root* file that declares every key and its default. The root is
 the schema: a key it does not declare, or a value whose type differs from the root's, is a
-:class:`ConfigError` naming the key and the file (or override) it came from.
+:class:`ConfigError` naming the key and the file (or override) it came from. A file that says
+``_schema_: true`` extends the schema of its parents: the keys it adds are declared by it (with
+their values as defaults), which is how the evaluation recipes share the sections of
+``configs/eval/base.yaml``.
+
+The shipped recipes live in the ``configs`` package (``configs/pretrain``, ``configs/eval``),
+installed as package data; :func:`find_config` resolves a bare name there.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -16,6 +23,9 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 BASE_KEY = "_base_"
+SCHEMA_KEY = "_schema_"
+_META_KEYS = (BASE_KEY, SCHEMA_KEY)
+CONFIG_KINDS = ("pretrain", "eval")
 
 
 class ConfigError(ValueError):
@@ -42,6 +52,61 @@ def resolve_config_path(name_or_path: str | os.PathLike, default_dir: str | os.P
     raise ConfigError(
         f"config '{name_or_path}' not found (looked at {p} and in {Path(default_dir)})"
     )
+
+
+def config_dir(kind: str) -> Path:
+    """Folder of the shipped recipes of one kind.
+
+    Resolved through the installed ``configs`` package (package data), so bare names work after
+    a non-editable install; a source checkout without that package on the path falls back to
+    the ``configs/`` folder next to ``pretrain/``.
+
+    Args:
+        kind: "pretrain" or "eval".
+
+    Returns:
+        The folder (it exists).
+
+    Raises:
+        ConfigError: unknown kind, or no shipped recipes found.
+    """
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"unknown config kind '{kind}' (one of {', '.join(CONFIG_KINDS)})")
+    candidates = []
+    try:
+        candidates.append(Path(str(importlib.resources.files("configs") / kind)))
+    except ModuleNotFoundError:
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "configs" / kind)
+    for folder in candidates:
+        if (folder / "base.yaml").is_file():
+            return folder
+    raise ConfigError(f"shipped {kind} recipes not found (looked in {candidates})")
+
+
+def config_names(kind: str) -> list[str]:
+    """Names (without ``.yaml``) of the shipped recipes of ``kind``, sub-folders included."""
+    folder = config_dir(kind)
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+def find_config(name_or_path: str | os.PathLike, kind: str) -> Path:
+    """A recipe given as a path, or as the name of a shipped recipe of ``kind``.
+
+    Args:
+        name_or_path: an existing file, or a name such as ``knn_tiny`` / ``knn_tiny.yaml``.
+        kind: "pretrain" or "eval".
+
+    Returns:
+        The path of the YAML file.
+
+    Raises:
+        ConfigError: naming what was tried and listing the shipped names.
+    """
+    try:
+        return resolve_config_path(name_or_path, config_dir(kind))
+    except ConfigError as e:
+        raise ConfigError(f"{e}; shipped {kind} recipes: {', '.join(config_names(kind))}") from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -78,10 +143,10 @@ def _merge(schema: dict, base: dict, update: Mapping, source: str, prefix: str =
     out = copy.deepcopy(base)
     for key, value in update.items():
         dotted = f"{prefix}{key}"
-        if key == BASE_KEY:
+        if key in _META_KEYS:
             continue
         if key not in schema:
-            known = ", ".join(sorted(k for k in schema if k != BASE_KEY))
+            known = ", ".join(sorted(k for k in schema if k not in _META_KEYS))
             raise ConfigError(f"unknown config key '{dotted}' in {source} (known here: {known})")
         default = schema[key]
         if isinstance(default, dict):
@@ -124,6 +189,49 @@ def _chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
     return _chain(base_path, seen + (path,)) + [(path, data)]
 
 
+def _extend_schema(schema: dict, data: Mapping) -> dict:
+    """``schema`` plus the keys of ``data`` it does not declare yet (their values as defaults)."""
+    out = copy.deepcopy(schema)
+    for key, value in data.items():
+        if key in _META_KEYS:
+            continue
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = _extend_schema(out[key], value)
+    return out
+
+
+def complete_section(
+    partial: Mapping[str, Any], kind: str, section: str, extra: Mapping[str, Any] | None = None
+) -> dict:
+    """One section of a shipped schema root, updated with ``partial`` (checked like a file).
+
+    For library functions that take one section of a config and may be called with only a few
+    of its keys (tests, benchmarks): the missing keys take the defaults of
+    ``configs/<kind>/base.yaml``, so that file stays the only home of the values.
+
+    Args:
+        partial: the keys given.
+        kind: "pretrain" or "eval".
+        section: a top-level section of that kind's base.yaml (e.g. "data").
+        extra: further keys accepted in ``partial`` with their defaults (not part of the YAML
+            schema, e.g. a flag the caller passes along from another section).
+
+    Returns:
+        The complete section.
+
+    Raises:
+        ConfigError: unknown key or wrong type, naming ``section.key``.
+    """
+    root = config_dir(kind) / "base.yaml"
+    schema = _read_yaml(root).get(section)
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{root} declares no section '{section}'")
+    schema = {**schema, **dict(extra or {})}
+    return _merge(schema, schema, partial, source=f"the {section} section", prefix=f"{section}.")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], parsed value).
 
@@ -154,9 +262,13 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     """
     chain = _chain(Path(path))
     root_path, schema = chain[0]
-    schema = {k: v for k, v in schema.items() if k != BASE_KEY}
+    schema = {k: v for k, v in schema.items() if k not in _META_KEYS}
     cfg = copy.deepcopy(schema)
     for file_path, data in chain[1:]:
+        if data.get(SCHEMA_KEY, False) is True:
+            schema = _extend_schema(schema, data)
+        elif SCHEMA_KEY in data:
+            raise ConfigError(f"'{SCHEMA_KEY}' in {file_path} must be true when present")
         cfg = _merge(schema, cfg, data, source=str(file_path))
     for text in overrides:
         keys, value = parse_override(text)
@@ -169,6 +281,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
 
 def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
     """Write a resolved config as YAML, atomically (``pretrain.checkpoint.atomic_write``)."""
+    # pretrain.checkpoint imports torch: loading and checking configs stays free of it
     from pretrain.checkpoint import atomic_write
 
     atomic_write(

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from pretrain.checkpoint import export_backbone, save_training_state
+from pretrain.config import find_config
 from pretrain.model import build_model
 from pretrain.transforms import eval_transform
-from transfer import analyze
-from transfer.codes import joint_matrix, soft_codes
+from transfer.analysis import analyze
+from transfer.analysis.codes import joint_matrix, soft_codes
 
 B = 8
 CFG = {
@@ -69,31 +70,13 @@ def test_cli_writes_every_output(tiny, capsys):
     out = tiny["root"] / "out"
     code, stdout, stderr = run(
         [
-            "--weights",
-            tiny["ckpt"],
-            "--data-root",
-            tiny["data"],
-            "--output-dir",
-            out,
-            "--batch-size",
-            3,
-            "--num-workers",
-            0,
-            "--variables",
-            0,
-            2,
-            "--units-per-variable",
-            2,
-            "--exemplars",
-            3,
-            "--corner-vars",
-            3,
-            "--gradcam-images",
-            tiny["paths"][0],
-            tiny["paths"][5],
+            "--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
+            "data.batch_size=3", "data.num_workers=0", "figures.variables=[0,2]",
+            "figures.units_per_variable=2", "figures.exemplars=3", "codes.corner_vars=3",
+            f"gradcam.images=[{tiny['paths'][0]},{tiny['paths'][5]}]",
         ],
         capsys,
-    )
+    )  # fmt: skip
     assert code == 0, stderr
     names = [
         "joint_corner.png",
@@ -129,34 +112,14 @@ def test_same_view_matrix_equals_direct_computation(tiny, capsys):
     out = tiny["root"] / "same"
     code, _, stderr = run(
         [
-            "--weights",
-            tiny["ckpt"],
-            "--data-root",
-            tiny["data"],
-            "--output-dir",
-            out,
-            "--views",
-            "same",
-            "--save-full-joint",
-            "--batch-size",
-            3,
-            "--num-workers",
-            0,
-            "--num-images",
-            5,
-            "--variables",
-            1,
-            "--units-per-variable",
-            1,
-            "--exemplars",
-            1,
-            "--gradcam-layer",
-            "layer3",
-            "--device",
-            "cpu",  # the reference below runs on the CPU (CUDA convolutions may use TF32)
+            "--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
+            "codes.views=same", "codes.save_full_joint=true", "data.batch_size=3",
+            "data.num_workers=0", "data.num_images=5", "figures.variables=[1]",
+            "figures.units_per_variable=1", "figures.exemplars=1", "gradcam.layer=layer3",
+            "device=cpu",  # the reference below runs on the CPU (CUDA convolutions may use TF32)
         ],
         capsys,
-    )
+    )  # fmt: skip
     assert code == 0, stderr
     stats = json.loads((out / "stats.json").read_text())
     assert stats["agreement"] is None and stats["num_images"] == 5
@@ -175,17 +138,60 @@ def test_same_view_matrix_equals_direct_computation(tiny, capsys):
 
 
 def test_clear_errors(tiny, capsys):
-    base = ["--data-root", tiny["data"], "--output-dir", tiny["root"] / "err"]
+    base = [f"data.root={tiny['data']}", "--output-dir", tiny["root"] / "err"]
     code, _, err = run(["--weights", "random", *base], capsys)
     assert code == 2 and "--config" in err
     code, _, err = run(["--weights", tiny["root"] / "missing.pth", *base], capsys)
     assert code == 2 and "missing.pth" in err
-    code, _, err = run(["--weights", tiny["ckpt"], "--variables", 9, *base], capsys)
+    code, _, err = run(["--weights", tiny["ckpt"], "figures.variables=[9]", *base], capsys)
     assert code == 2 and "out of range" in err
     exported = tiny["root"] / "backbone.pth"
     backbone_sd = tiny["model"].backbone.state_dict()
     export_backbone(exported, backbone_sd, arch="resnet18", stem="small_s2", epoch=1, config=CFG)
     code, _, err = run(["--weights", exported, *base], capsys)
     assert code == 2 and "projector" in err  # an exported backbone carries no projector
-    code, _, err = run(["--weights", tiny["ckpt"], "--bin-size", 7, *base], capsys)
+    code, _, err = run(["--weights", tiny["ckpt"], "codes.bin_size=7", *base], capsys)
     assert code == 2 and "multiple" in err
+
+
+def test_unreadable_images_are_left_out_and_counted(tiny, tmp_path, capsys):
+    data = tmp_path / "data"
+    for c in ("class0", "class1"):
+        (data / c).mkdir(parents=True)
+        for f in (tiny["data"] / c).glob("*.png"):
+            (data / c / f.name).write_bytes(f.read_bytes())
+    (data / "class0" / "0.png").write_bytes(b"not a png")  # views.png's default image
+    (data / "class1" / "3.png").write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["--weights", tiny["ckpt"], "--output-dir", out, f"data.root={data}",
+            "data.batch_size=3", "data.num_workers=0", "figures.units_per_variable=1",
+            "figures.exemplars=1"]  # fmt: skip
+    code, stdout, stderr = run(args, capsys)
+    assert code == 0, stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["unreadable_images"] == 2 and stats["num_images"] == 6
+    assert "2 unreadable images left out" in stdout
+    code, _, err = run(args + ["data.strict=true"], capsys)
+    assert code == 2 and "cannot read image" in err  # names the first bad file met
+
+
+def test_random_model_of_a_pretraining_recipe(tiny, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "_base_: " + str(find_config("base", "pretrain")) + "\n"
+        "model: {arch: resnet18, stem: small_s2, projector: '32-40'}\n"
+        "loss: {bin_size: 8}\ndata: {image_size: 32}\n"
+    )
+    out = tmp_path / "out"
+    code, stdout, stderr = run(
+        ["--weights", "random", "--output-dir", out, f"data.root={tiny['data']}",
+         f"model.recipe={recipe}", "data.num_workers=0", "figures.exemplars=1",
+         "figures.units_per_variable=1"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["weights"] == "random" and stats["bin_size"] == 8 and stats["num_variables"] == 5
+    assert stats["image_size"] == 32 and f"results written to {out / 'stats.json'}" in stdout
+    # the resolved analysis recipe is written next to the results
+    assert "recipe: " in (out / "config.yaml").read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfer.codes import (
+from transfer.analysis.codes import (
     CodeStatsAccumulator,
     JointAccumulator,
     UnitExemplars,

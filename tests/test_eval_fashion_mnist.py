@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pretrain.model import build_backbone
-from transfer.ap import voc_ap
-from transfer.features import extract_features, freeze
-from transfer.knn import knn_accuracy
-from transfer.svm import cross_validate_svms, decision_scores
-from transfer.voc07_svm import l2_normalize
+from transfer.eval.ap import voc_ap
+from transfer.eval.features import extract_features, freeze
+from transfer.eval.knn import knn_accuracy
+from transfer.eval.svm import cross_validate_svms, decision_scores
+from transfer.eval.voc07_svm import l2_normalize
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(

@@ -7,27 +7,28 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import make_image_tree, make_weights
+from eval_helpers import make_image_tree
 
+from pretrain.checkpoint import model_from_checkpoint
 from pretrain.data import CorruptImageError, build_image_dataset
 from pretrain.transforms import eval_transform
-from transfer import features as feat_mod
-from transfer.features import (
+from transfer.eval import features as feat_mod
+from transfer.eval.features import (
     FeatureError,
-    backbone_from_weights,
     cached_features,
     extract_features,
     feature_dim,
+    freeze,
     shard_range,
 )
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("feat")
     tree = make_image_tree(root / "train", n_per_class=4)
-    weights = make_weights(root / "w.pth")
-    model, meta = backbone_from_weights(weights)
+    model, _, meta = model_from_checkpoint(tiny_backbone)
+    model = freeze(model)
     ds = build_image_dataset(str(tree), transform=eval_transform(40, 32))
     return root, model, meta, ds
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from transfer.gradcam import GradCAM, choose_layer, overlay, unit_score
+from transfer.analysis.gradcam import GradCAM, choose_layer, overlay, unit_score
 
 B = 2  # variable 0: units (red, green); variable 1: a constant pair
 

@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-from eval_helpers import make_image_tree, make_weights, run_module
+from eval_helpers import run_module
 
-from transfer.knn import knn_accuracy, knn_classify, main
+from transfer.eval.knn import knn_accuracy, knn_classify, main
 
 
 def test_weighted_vote_hand_checked():
@@ -50,18 +50,15 @@ def test_bad_inputs():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("knn")
-    make_image_tree(root / "train", n_per_class=8, seed=0)
-    make_image_tree(root / "val", n_per_class=4, seed=1)
-    return root, make_weights(root / "w.pth")
+def tiny(tiny_trees, tiny_backbone):
+    return tiny_trees, tiny_backbone
 
 
 def test_entry_point_on_tiny_tree(tiny, tmp_path):
     root, weights = tiny
     out = tmp_path / "out"
-    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
-                 str(root / "train"), "--val-root", str(root / "val"),
+    assert main(["--config", "knn_tiny", "--weights", str(weights),
+                 f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}",
                  "--output-dir", str(out)]) == 0  # fmt: skip
     res = json.loads((out / "knn_results.json").read_text())
     assert res["num_train"] == 24 and res["num_val"] == 12
@@ -75,10 +72,9 @@ def test_two_processes_equal_one(tiny, tmp_path):
     results = []
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
-        run_module("transfer.knn", ["--config", "knn_tiny", "--weights", str(weights),
-                                    "--train-root", str(root / "train"), "--val-root",
-                                    str(root / "val"), "--output-dir", str(out)],
-                   nproc=nproc)  # fmt: skip
+        args = ["--config", "knn_tiny", "--weights", str(weights), "--output-dir", str(out),
+                f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}"]  # fmt: skip
+        run_module("transfer.eval.knn", args, nproc=nproc)
         results.append(json.loads((out / "knn_results.json").read_text()))
         feats = np.load(out / "features" / "train_pool5.feats.npy")
         if nproc == 1:
@@ -99,15 +95,15 @@ def _subset_tree(src, dst, classes):
 def test_val_tree_missing_classes_keeps_the_train_labels(tiny, tmp_path, val_classes):
     root, weights = tiny
     full = tmp_path / "full"
-    args = ["--config", "knn_tiny", "--weights", str(weights), "--train-root", str(root / "train")]
-    assert main(args + ["--val-root", str(root / "val"), "--output-dir", str(full)]) == 0
+    args = ["--config", "knn_tiny", "--weights", str(weights), f"data.train_root={root / 'train'}"]
+    assert main(args + [f"data.val_root={root / 'val'}", "--output-dir", str(full)]) == 0
     bank = np.load(full / "features" / "train_pool5.feats.npy")
     bank_y = np.load(full / "features" / "train_pool5.labels.npy")
     queries = np.load(full / "features" / "val_pool5.feats.npy")
     query_y = np.load(full / "features" / "val_pool5.labels.npy")
     part = _subset_tree(root / "val", tmp_path / "val_part", val_classes)
     out = tmp_path / "part"
-    assert main(args + ["--val-root", str(part), "--output-dir", str(out)]) == 0
+    assert main(args + [f"data.val_root={part}", "--output-dir", str(out)]) == 0
     res = json.loads((out / "knn_results.json").read_text())
     # the same images, judged against the same labels as in the full run
     keep = np.isin(query_y, [int(c[1:]) for c in val_classes])
@@ -121,8 +117,8 @@ def test_val_class_unknown_to_train_is_an_error(tiny, tmp_path, capsys):
     root, weights = tiny
     val = _subset_tree(root / "val", tmp_path / "val", ["c0", "c1"])
     shutil.copytree(root / "val" / "c2", val / "zebra")
-    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
-                 str(root / "train"), "--val-root", str(val), "--output-dir",
+    assert main(["--config", "knn_tiny", "--weights", str(weights),
+                 f"data.train_root={root / 'train'}", f"data.val_root={val}", "--output-dir",
                  str(tmp_path / "o")]) == 2  # fmt: skip
     assert "zebra" in capsys.readouterr().err
 
@@ -130,8 +126,8 @@ def test_val_class_unknown_to_train_is_an_error(tiny, tmp_path, capsys):
 def test_results_written_without_output_dir(tiny, tmp_path, monkeypatch, capsys):
     root, weights = tiny
     monkeypatch.chdir(tmp_path)
-    base = ["--config", "knn_tiny", "--weights", str(weights), "--train-root",
-            str(root / "train"), "--val-root", str(root / "val")]  # fmt: skip
+    base = ["--config", "knn_tiny", "--weights", str(weights),
+            f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}"]  # fmt: skip
     assert main(base) == 0
     written = tmp_path / "outputs" / "knn" / "knn_results.json"
     res = json.loads(written.read_text())
@@ -157,14 +153,14 @@ def test_unreadable_images_counted_in_results(tiny, tmp_path, split):
     (tree / split / "c1" / "img001.png").write_bytes(b"broken")
     (tree / split / "c2" / "zz_empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
-                 str(tree / "train"), "--val-root", str(tree / "val"),
+    assert main(["--config", "knn_tiny", "--weights", str(weights),
+                 f"data.train_root={tree / 'train'}", f"data.val_root={tree / 'val'}",
                  "--output-dir", str(out)]) == 0  # fmt: skip
     res = json.loads((out / "knn_results.json").read_text())
     other = "val" if split == "train" else "train"
     assert res["unreadable_images"] == {split: 2, other: 0}
     assert res["num_train"] == 24 - (split == "train")  # one replaced, one added
     assert res["num_val"] == 12 - (split == "val")
-    assert main(["--config", "knn_tiny", "--weights", str(weights), "--train-root",
-                 str(tree / "train"), "--val-root", str(tree / "val"), "--output-dir",
-                 str(tmp_path / "strict"), "data.strict=true"]) == 2  # fmt: skip
+    assert main(["--config", "knn_tiny", "--weights", str(weights), "--output-dir",
+                 str(tmp_path / "strict"), f"data.train_root={tree / 'train'}",
+                 f"data.val_root={tree / 'val'}", "data.strict=true"]) == 2  # fmt: skip

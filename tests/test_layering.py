@@ -1,8 +1,15 @@
-"""House rules on imports: only the Detectron2-facing modules import detectron2, only the
-MMDetection-facing modules import MMDetection (mmdet, mmcv, mmengine), and the pretraining
-library does not depend on transfer/."""
+"""House rules on imports, read from the source with ``ast`` (every import statement, top level or
+inside a function) and checked by importing with the frameworks blocked:
 
-import pkgutil
+* the pretraining library never imports ``transfer``;
+* only the Detectron2-facing modules import detectron2, only the MMDetection-facing modules
+  import MMDetection (mmdet, mmcv, mmengine), and each of them does;
+* everything else imports without those frameworks installed.
+"""
+
+from __future__ import annotations
+
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +19,84 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 D2_MODULES = {"transfer.train_net", "transfer.d2_ext"}
 MMDET_MODULES = {"transfer.mmdet_train", "transfer.mmdet_ext"}
+MMDET = ("mmdet", "mmcv", "mmengine")
 
 
-def _modules(package: str) -> list[str]:
-    return [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(REPO / package)])]
+def _module_files(package: str) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of a package and its sub-packages."""
+    out = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        if "configs" in parts:  # framework config files, not library modules
+            continue
+        out[".".join(parts)] = path
+    return out
+
+
+def imported_names(path: Path) -> set[str]:
+    """Absolute module names a file imports anywhere in it (relative imports resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    rel = path.relative_to(REPO).with_suffix("").parts
+    package = rel[:-1]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(package[: len(package) - node.level + 1])
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _hits(names: set[str], roots: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if any(n == r or n.startswith(r + ".") for r in roots))
+
+
+def _library() -> dict[str, Path]:
+    return {**_module_files("pretrain"), **_module_files("transfer")}
+
+
+def test_module_discovery_sees_the_sub_packages():
+    mods = _library()
+    for name in ("transfer.eval.voc07_svm", "transfer.analysis.analyze", "pretrain.engine"):
+        assert name in mods
+    assert D2_MODULES | MMDET_MODULES <= set(mods)
+
+
+def test_imports_are_resolved_from_the_source(tmp_path, monkeypatch):
+    pkg = tmp_path / "pretrain" / "sub"
+    pkg.mkdir(parents=True)
+    f = pkg / "m.py"
+    f.write_text("import os\nfrom . import x\nfrom ..y import z\ndef g():\n    import transfer.a\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    names = imported_names(f)
+    assert {"os", "pretrain.sub.x", "pretrain.y.z", "transfer.a"} <= names
+    assert _hits(names, ("transfer",)) == ["transfer.a"]
+
+
+def test_pretrain_never_imports_transfer():
+    bad = {m: _hits(imported_names(p), ("transfer",)) for m, p in _module_files("pretrain").items()}
+    assert not {m: h for m, h in bad.items() if h}
+
+
+@pytest.mark.parametrize(
+    "framework, owners", [(("detectron2",), D2_MODULES), (MMDET, MMDET_MODULES)]
+)
+def test_frameworks_are_imported_only_by_their_own_modules(framework, owners):
+    found = {m: _hits(imported_names(p), framework) for m, p in _library().items()}
+    users = {m for m, h in found.items() if h}
+    assert users == owners, {m: found[m] for m in users ^ owners}
+
+
+def test_detectron2_modules_do_not_import_mmdetection():
+    for module in D2_MODULES:
+        assert not _hits(imported_names(_library()[module]), MMDET)
 
 
 def _import_in_subprocess(
@@ -43,38 +124,13 @@ print("imported", len({modules!r}))
     )
 
 
-def test_everything_but_the_detectron2_modules_imports_without_detectron2():
-    mods = [
-        m
-        for m in _modules("pretrain") + _modules("transfer")
-        if m not in D2_MODULES | MMDET_MODULES
-    ]
-    assert "transfer.voc07_svm" in mods and "pretrain.engine" in mods
-    res = _import_in_subprocess(mods, "detectron2")
+def test_the_library_imports_without_detectron2_and_mmdetection():
+    mods = sorted(set(_library()) - D2_MODULES - MMDET_MODULES)
+    assert "transfer.mmdet_weights" in mods and "transfer.eval.runner" in mods
+    res = _import_in_subprocess(mods, ("detectron2",) + MMDET)
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_everything_but_the_mmdet_modules_imports_without_mmdetection():
-    mods = [
-        m
-        for m in _modules("pretrain") + _modules("transfer")
-        if m not in D2_MODULES | MMDET_MODULES
-    ]
-    assert "transfer.mmdet_weights" in mods and "transfer.resnet_keys" in mods
-    res = _import_in_subprocess(mods, ("mmdet", "mmcv", "mmengine"))
+def test_pretrain_imports_without_transfer():
+    res = _import_in_subprocess(sorted(_module_files("pretrain")), "transfer")
     assert res.returncode == 0, res.stderr[-2000:]
-
-
-def test_detectron2_modules_do_not_import_mmdetection():
-    res = _import_in_subprocess(sorted(D2_MODULES), ("mmdet", "mmcv", "mmengine"))
-    assert res.returncode == 0, res.stderr[-2000:]
-
-
-def test_pretrain_does_not_import_transfer():
-    res = _import_in_subprocess(_modules("pretrain"), "transfer")
-    assert res.returncode == 0, res.stderr[-2000:]
-
-
-@pytest.mark.parametrize("module", sorted(D2_MODULES | MMDET_MODULES))
-def test_framework_modules_exist(module):
-    assert (REPO / (module.replace(".", "/") + ".py")).is_file()

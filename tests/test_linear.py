@@ -10,11 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from eval_helpers import REPO, make_image_tree, make_weights, run_module
+from eval_helpers import REPO, make_weights, run_module
 
 from pretrain.config import load_config
-from transfer import linear
-from transfer.linear import (
+from transfer.eval import features as feat_mod
+from transfer.eval import linear
+from transfer.eval.linear import (
     LinearEvalError,
     LinearHead,
     format_epoch,
@@ -58,11 +59,8 @@ def test_topk():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lin")
-    make_image_tree(root / "train", n_per_class=8, seed=0)
-    make_image_tree(root / "val", n_per_class=4, seed=1)
-    return root, make_weights(root / "w.pth")
+def tiny(tiny_trees, tiny_backbone):
+    return tiny_trees, tiny_backbone
 
 
 def _args(root, weights, out, *extra):
@@ -91,8 +89,6 @@ def test_train_resume_and_results(tiny, tmp_path):
 
 def test_changed_frozen_weights_is_an_error(tiny, tmp_path, monkeypatch):
     root, weights = tiny
-    import transfer.features as feat_mod
-
     real = feat_mod.forward_features
 
     def drifting(model, x, layer="pool5"):
@@ -102,7 +98,7 @@ def test_changed_frozen_weights_is_an_error(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(feat_mod, "forward_features", drifting)
     cfg = load_config(EVAL / "linear_tiny.yaml", _args(root, weights, tmp_path)[6:])
-    cfg.update(weights=str(weights), output_dir=str(tmp_path / "o"))
+    cfg["model"]["weights"], cfg["output_dir"] = str(weights), str(tmp_path / "o")
     with pytest.raises(LinearEvalError, match="frozen backbone weights changed"):
         linear.train_linear(cfg)
 
@@ -113,7 +109,7 @@ def test_two_processes_equal_one(tiny, tmp_path):
     heads, results = [], []
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
-        run_module("transfer.linear", _args(root, weights, out), nproc=nproc, timeout=180)
+        run_module("transfer.eval.linear", _args(root, weights, out), nproc=nproc, timeout=180)
         heads.append(torch.load(out / "linear_checkpoint.pth", weights_only=True)["head"])
         results.append(json.loads((out / "linear_results.json").read_text()))
     for key in heads[0]:

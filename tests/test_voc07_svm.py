@@ -13,10 +13,10 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
 
-from transfer import svm as svm_mod
-from transfer.ap import step_ap, voc_ap
-from transfer.svm import SVMError, augment, cross_validate_svms, fit_batched, fit_svms
-from transfer.voc07_svm import (
+from transfer.eval import svm as svm_mod
+from transfer.eval.ap import step_ap, voc_ap
+from transfer.eval.svm import SVMError, augment, cross_validate_svms, fit_batched, fit_svms
+from transfer.eval.voc07_svm import (
     COSTS,
     VOCError,
     find_voc2007,
@@ -134,7 +134,7 @@ def test_whole_svm_path_on_tiny_vocdevkit(tmp_path, capsys):
     assert len(ids) == 30 and set(np.unique(labels)) == {-1, 0, 1}
     weights = make_weights(tmp_path / "w.pth")
     out = tmp_path / "out"
-    args = ["--config", "voc07_svm_tiny", "--data-root", str(tmp_path / "data" / "VOCdevkit"),
+    args = ["--config", "voc07_svm_tiny", f"data.voc_root={tmp_path / 'data' / 'VOCdevkit'}",
             "--weights", str(weights), "--output-dir", str(out)]  # fmt: skip
     assert main(args) == 0
     res = json.loads((out / "voc07_svm_results.json").read_text())
@@ -162,7 +162,7 @@ def test_whole_svm_path_on_tiny_vocdevkit(tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert main(["--config", "voc07_svm_tiny", "--data-root", str(tmp_path),
+    assert main(["--config", "voc07_svm_tiny", f"data.voc_root={tmp_path}",
                  "--weights", "x.pth", "--output-dir", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "error:" in capsys.readouterr().err
     assert main(["--config", "voc07_svm_tiny", "svm.costz=1"]) == 2
@@ -183,7 +183,7 @@ def test_row_mask_equals_training_on_the_subset():
 
 
 def test_low_shot_mode():
-    from transfer.voc07_svm import low_shot_svms
+    from transfer.eval.voc07_svm import low_shot_svms
 
     x, labels = _features(n=150, seed=0)
     cfg = {"solver": "newton", "costs": [0.1, 1.0], "positive_weight": 2.0,
@@ -266,7 +266,7 @@ def test_whole_path_refuses_a_class_without_training_positive(tmp_path, capsys):
     voc = make_voc_tree(tmp_path / "data", n_trainval=12, n_test=9)
     _set_labels(voc, "aeroplane", "trainval", lambda i, lab: "-1")
     weights = make_weights(tmp_path / "w.pth")
-    assert main(["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights",
+    assert main(["--config", "voc07_svm_tiny", f"data.voc_root={voc}", "--weights",
                  str(weights), "--output-dir", str(tmp_path / "o")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "aeroplane_trainval.txt: class 'aeroplane' has no positive" in err
@@ -302,7 +302,7 @@ def test_unreadable_voc_images_strict_or_left_out(tmp_path, capsys):
     (voc / "JPEGImages" / "000004.jpg").write_bytes(b"")  # trainval
     (voc / "JPEGImages" / "000040.jpg").write_bytes(b"not a jpeg")  # test
     weights = make_weights(tmp_path / "w.pth")
-    args = ["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights", str(weights),
+    args = ["--config", "voc07_svm_tiny", f"data.voc_root={voc}", "--weights", str(weights),
             "--output-dir", str(tmp_path / "o")]  # fmt: skip
     assert main(args) == 2  # strict by default: the benchmark's image set is fixed
     assert "000004.jpg" in capsys.readouterr().err
@@ -379,7 +379,7 @@ def test_results_name_the_protocols(tmp_path, protocol, capsys):
     voc = make_voc_tree(tmp_path / "data", n_trainval=60, n_test=24)
     weights = make_weights(tmp_path / "w.pth")
     out = tmp_path / "o"
-    assert main(["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights",
+    assert main(["--config", "voc07_svm_tiny", f"data.voc_root={voc}", "--weights",
                  str(weights), "--output-dir", str(out), "low_shot.enabled=true",
                  f"low_shot.protocol={protocol}", "low_shot.ks=[1,2]", "low_shot.samples=2",
                  "svm.costs=[0.1,1.0]"]) == 0  # fmt: skip
@@ -396,6 +396,6 @@ def test_results_name_the_protocols(tmp_path, protocol, capsys):
         assert "cost chosen by 3-fold CV" in low["protocol"]["description"]
     # AP is reported in percent everywhere: the CV log lines too
     assert re.search(r"mean CV AP \d+\.\d\d%", capsys.readouterr().out)
-    assert main(["--config", "voc07_svm_tiny", "--data-root", str(voc), "--weights",
+    assert main(["--config", "voc07_svm_tiny", f"data.voc_root={voc}", "--weights",
                  str(weights), "--output-dir", str(out), "low_shot.enabled=true",
                  "low_shot.protocol=fewshot"]) == 2  # fmt: skip

@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pretrain.checkpoint import model_from_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import build_image_dataset  # noqa: E402
 from pretrain.fashion_mnist import (  # noqa: E402
@@ -33,8 +34,8 @@ from pretrain.fashion_mnist import (  # noqa: E402
 )
 from pretrain.log import print_table, write_json_atomic  # noqa: E402
 from pretrain.transforms import eval_transform  # noqa: E402
-from transfer.features import backbone_from_weights, extract_features  # noqa: E402
-from transfer.knn import knn_accuracy  # noqa: E402
+from transfer.eval.features import extract_features  # noqa: E402
+from transfer.eval.knn import knn_accuracy  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +83,7 @@ def _features_knn(
         torch.manual_seed(cfg["train"]["seed"])  # the same initial weights the run started from
         model = build_backbone(cfg["model"]["arch"], zero_init, cfg["model"]["stem"])
     else:
-        model, _ = backbone_from_weights(weights, torch.device("cpu"))
+        model, _, _ = model_from_checkpoint(weights, device=torch.device("cpu"))
     model.eval()
     # the exported tree's file names are the idx indices: keep the first N of each split
     bank_idx = _indices_below(train_ds, bank)

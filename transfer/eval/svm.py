@@ -17,19 +17,25 @@ Problem p, with augmented features x~ = [x, intercept_scaling] (liblinear regula
     min_w  0.5 * ||w||^2 + sum_i c_ip * max(0, 1 - y_ip * w . x~_i)^2
 
 where c_ip = C * class_weight[y_ip] for training samples and 0 for samples outside the fold.
+The literal liblinear reference (one scikit-learn LinearSVC per fit) is
+:mod:`transfer.eval.liblinear`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
-from transfer.ap import step_ap
+from transfer.eval.ap import step_ap
+from transfer.eval.newton import direct_direction, line_search, pcg, top_eig
 
 logger = logging.getLogger("imsvd.svm")
 
@@ -62,7 +68,7 @@ class SolverSetup:
         self.xa = np.ascontiguousarray(xa, dtype=np.float64)
         self.xa32 = self.xa.astype(np.float32)
         self.xa32t = np.ascontiguousarray(self.xa32.T)
-        self.eig = _top_eig(self.xa, rank=min(64, self.xa.shape[1]))
+        self.eig = top_eig(self.xa, rank=min(64, self.xa.shape[1]))
         n = self.xa.shape[0]
         self.kernel = self.xa @ self.xa.T if n <= max_kernel_rows else None
 
@@ -142,7 +148,7 @@ def fit_batched(
         if direct.any():
             cols = np.nonzero(direct)[0]
             dirs = _map_threads(
-                lambda col: _direct_direction(setup, ya[:, col], dmask[:, col]), cols, threads
+                lambda col: direct_direction(setup, ya[:, col], dmask[:, col]), cols, threads
             )
             for col, d in zip(cols, dirs):
                 s[:, col] = d - wa[:, col]
@@ -150,10 +156,10 @@ def fit_batched(
         if (~direct).any():
             cols = np.nonzero(~direct)[0]
             precond = (setup.eig[0], setup.eig[1], 2.0 * dmask[:, cols].sum(axis=0) / n)
-            s[:, cols], iters = _pcg(setup, dmask[:, cols], -grad[:, cols], precond, 0.1, max_cg)
+            s[:, cols], iters = pcg(setup, dmask[:, cols], -grad[:, cols], precond, 0.1, max_cg)
             cg_total += iters
         u = ya * (xa @ s)
-        t = _line_search(wa, s, m, u, ca)
+        t = line_search(wa, s, m, u, ca)
         w[:, active] = wa + t * s
         z[:, active] += t * (ya * u)  # ya * ya = 1: back to raw scores
     info = {
@@ -173,124 +179,8 @@ def _map_threads(fn, items, threads: int) -> list:
     """
     if threads <= 1 or len(items) == 1:
         return [fn(i) for i in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         return list(pool.map(fn, items))
-
-
-def _direct_direction(setup: SolverSetup, y: np.ndarray, dcost: np.ndarray) -> np.ndarray:
-    """Minimiser of 0.5||w||^2 + sum_A c_i (1 - y_i w.x_i)^2 over the violating set A.
-
-    Stationarity gives w = sum_A alpha_i y_i x_i with (Q_AA + diag(1 / (2 c_A))) alpha = 1,
-    Q_ij = y_i y_j x_i.x_j. As Q = D_y K D_y with D_y^2 = I, beta = y * alpha solves the
-    label-free system (K_AA + diag(1 / (2 c_A))) beta = y_A and w = sum_A beta_i x_i.
-    """
-    from scipy.linalg import cho_factor, cho_solve
-
-    a = np.nonzero(dcost > 0)[0]
-    if a.size == 0:
-        return np.zeros(setup.xa.shape[1])
-    q = setup.kernel[np.ix_(a, a)]
-    q[np.diag_indices_from(q)] += 1.0 / (2.0 * dcost[a])
-    factor = cho_factor(q, lower=True, overwrite_a=True, check_finite=False)
-    beta = cho_solve(factor, y[a], check_finite=False)
-    return setup.xa[a].T @ beta
-
-
-def _top_eig(xa: np.ndarray, rank: int, iters: int = 4, seed: int = 0):
-    """Leading ``rank`` eigenpairs of xa^T xa by randomized subspace iteration (no D^3 work)."""
-    from threadpoolctl import threadpool_limits
-
-    def orth(m: np.ndarray) -> np.ndarray:
-        # tall-skinny QR gains nothing from BLAS threads and stalls badly on a busy machine
-        with threadpool_limits(limits=1, user_api="blas"):
-            return np.linalg.qr(m)[0]
-
-    rng = np.random.default_rng(seed)
-    q = orth(xa.T @ (xa @ rng.normal(size=(xa.shape[1], rank))))
-    for _ in range(iters):
-        q = orth(xa.T @ (xa @ q))
-    small = q.T @ (xa.T @ (xa @ q))
-    lam, u = np.linalg.eigh((small + small.T) / 2)
-    return np.maximum(lam, 0.0), q @ u
-
-
-def _apply_precond(precond, r: np.ndarray) -> np.ndarray:
-    # inverse of M_p = I + gamma_p V diag(lam) V^T: the leading eigen-directions of X^T X
-    # scaled by problem p's mean curvature weight gamma_p. Pooled CNN features are strongly
-    # correlated, and these few directions are what makes the Newton system ill-conditioned
-    lam, vec, gamma = precond
-    shrink = np.outer(lam, gamma) / (1.0 + np.outer(lam, gamma))
-    return r - vec @ (shrink * (vec.T @ r))
-
-
-def _pcg(
-    setup: SolverSetup,
-    dmask: np.ndarray,
-    b: np.ndarray,
-    precond: tuple,
-    rtol: float,
-    max_iter: int,
-) -> tuple[np.ndarray, int]:
-    """Batched preconditioned CG for (I + 2 X^T diag(d_p) X) s_p = b_p, one column per problem."""
-    s = np.zeros_like(b)
-    dmask32 = dmask.astype(np.float32)
-    r = b.copy()
-    zr = _apply_precond(precond, r)
-    pdir = zr.copy()
-    rz = np.einsum("dp,dp->p", r, zr)
-    bnorm = np.linalg.norm(b, axis=0)
-    live = np.ones(b.shape[1], dtype=bool)
-    lam, vec, gamma = precond
-    it = 0
-    for it in range(1, max_iter + 1):
-        idx = np.nonzero(live)[0]
-        pd = pdir[:, idx]
-        # float32 products: the direction only needs to be approximate (the gradient, objective
-        # and line search stay float64), and they halve the cost of the dominant operation
-        prod = setup.xa32t @ (dmask32[:, idx] * (setup.xa32 @ pd.astype(np.float32)))
-        hp = pd + 2.0 * prod.astype(np.float64)
-        php = np.einsum("dp,dp->p", pd, hp)
-        alpha = rz[idx] / np.where(php > 0, php, 1.0)
-        s[:, idx] += alpha * pd
-        r[:, idx] -= alpha * hp
-        rn = np.linalg.norm(r[:, idx], axis=0)
-        finished = rn <= rtol * bnorm[idx]
-        zr_i = _apply_precond((lam, vec, gamma[idx]), r[:, idx])
-        rz_new = np.einsum("dp,dp->p", r[:, idx], zr_i)
-        beta = rz_new / np.where(rz[idx] > 0, rz[idx], 1.0)
-        pdir[:, idx] = zr_i + beta * pd
-        rz[idx] = rz_new
-        live[idx[finished]] = False
-        if not live.any():
-            break
-    return s, it
-
-
-def _line_search(
-    w: np.ndarray, s: np.ndarray, m: np.ndarray, u: np.ndarray, c: np.ndarray, iters: int = 20
-) -> np.ndarray:
-    """Exact minimiser over t >= 0 of the piecewise-quadratic objective along w + t s (per column).
-
-    phi(t) = 0.5 ||w + t s||^2 + sum c max(0, 1 - m - t u)^2 is convex and piecewise quadratic:
-    Newton's method on phi' from t = 1 reaches the minimiser in a few steps.
-    """
-    ws = np.einsum("dp,dp->p", w, s)
-    ss = np.einsum("dp,dp->p", s, s)
-    t = np.ones(w.shape[1])
-    for _ in range(iters):
-        v = 1.0 - m - t * u
-        act = v > 0
-        d1 = ws + t * ss - 2.0 * np.einsum("np,np->p", c * act * v, u)
-        d2 = ss + 2.0 * np.einsum("np,np->p", c * act, u * u)
-        step = d1 / np.where(d2 > 0, d2, 1.0)
-        t = np.maximum(t - step, 0.0)
-        if np.all(np.abs(step) <= 1e-12 * np.maximum(t, 1.0)):
-            break
-    return t
 
 
 def binary_labels(labels: np.ndarray) -> np.ndarray:
@@ -307,8 +197,6 @@ def stratified_folds(y: np.ndarray, n_folds: int) -> list[np.ndarray]:
     if n_folds < 2:
         raise SVMError(f"cross-validation needs at least 2 folds, got {n_folds}")
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=False)
-    import warnings
-
     with warnings.catch_warnings():
         # a class with fewer positives than folds is allowed: some folds are all-negative
         warnings.simplefilter("ignore", UserWarning)
@@ -510,85 +398,3 @@ def choose_cost(cv_ap: np.ndarray) -> np.ndarray:
 def decision_scores(feats: np.ndarray, weights: np.ndarray, intercept_scaling: float = 1.0):
     """Scores (n, K) of the refit SVMs (weights (K, D), bias last) on features (n, d)."""
     return augment(feats, intercept_scaling) @ np.asarray(weights).T
-
-
-def _liblinear_svc(cost, class_weight, intercept_scaling, tol, max_iter):
-    from sklearn.svm import LinearSVC
-
-    return LinearSVC(
-        C=cost,
-        class_weight=class_weight,
-        intercept_scaling=intercept_scaling,
-        penalty="l2",
-        loss="squared_hinge",
-        dual=True,
-        tol=tol,
-        max_iter=max_iter,
-    )
-
-
-def _liblinear_job(x, yb, folds, cost, svc_args):
-    """Held-out APs of one (class, cost) over the folds; with folds=None, the refit weights."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if folds is None:
-            clf = _liblinear_svc(cost, *svc_args).fit(x, yb)
-            return np.r_[clf.coef_.ravel(), clf.intercept_ / svc_args[1]]
-        aps = []
-        for test_idx in folds:
-            train = np.ones(yb.size, dtype=bool)
-            train[test_idx] = False
-            clf = _liblinear_svc(cost, *svc_args).fit(x[train], yb[train])
-            aps.append(step_ap(clf.decision_function(x[test_idx]), yb[test_idx]))
-        return aps
-
-
-def cross_validate_liblinear(
-    feats: np.ndarray,
-    labels: np.ndarray,
-    costs: Sequence[float],
-    class_weight: Mapping[int, float] | None = None,
-    n_folds: int = 3,
-    intercept_scaling: float = 1.0,
-    tol: float = 1e-4,
-    max_iter: int = 2000,
-    n_jobs: int = -1,
-) -> CVResult:
-    """Same contract as :func:`cross_validate_svms`, one scikit-learn LinearSVC per fit.
-
-    The (class, cost) jobs run in parallel processes (``n_jobs``, -1 = every core). Slower
-    than the batched solver; kept as the literal liblinear reference.
-    """
-    from joblib import Parallel, delayed
-
-    class_weight = dict(class_weight or {1: 2.0, -1: 1.0})
-    costs = [float(cst) for cst in costs]
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    feats = np.asarray(feats, dtype=np.float64)
-    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
-        raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
-    yb_all = binary_labels(labels)
-    k = labels.shape[1]
-    svc_args = (class_weight, float(intercept_scaling), tol, max_iter)
-    folds = [stratified_folds(yb_all[:, j], n_folds) for j in range(k)]
-    jobs = [(j, ci) for j in range(k) for ci in range(len(costs))]
-    par = Parallel(n_jobs=n_jobs)
-    out = par(
-        delayed(_liblinear_job)(feats, yb_all[:, j], folds[j], costs[ci], svc_args)
-        for j, ci in jobs
-    )
-    cv_ap = np.zeros((k, len(costs), n_folds))
-    for (j, ci), aps in zip(jobs, out):
-        cv_ap[j, ci] = aps
-    best = choose_cost(cv_ap)
-    weights = par(
-        delayed(_liblinear_job)(feats, yb_all[:, j], None, costs[best[j]], svc_args)
-        for j in range(k)
-    )
-    return CVResult(costs, cv_ap, best, np.stack(weights), {"fits": len(jobs) * n_folds + k})

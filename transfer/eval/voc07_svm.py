@@ -1,7 +1,7 @@
 """VOC07 linear-SVM evaluation of a frozen backbone (PROTOCOLS section 3).
 
-    python -m transfer.voc07_svm --data-root VOCdevkit/VOC2007 --weights W --output-dir OUT
-    torchrun --nproc_per_node 8 -m transfer.voc07_svm --data-root ... --weights ... --output-dir ...
+    imsvd-voc07 --weights W --output-dir OUT data.voc_root=VOCdevkit/VOC2007
+    torchrun --nproc_per_node 8 -m transfer.eval.voc07_svm --weights W ... (same arguments)
 
 Features of trainval and test (Resize 256 + CenterCrop 224, pool5) are cached in
 ``OUT/features``; one SVM per class is cross-validated over the cost list (3-fold, AP), refit on
@@ -14,7 +14,6 @@ fixed cost) or a cross-validated variant (``low_shot.protocol``).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -23,8 +22,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pretrain.config import ConfigError, save_config
-from transfer.evalcfg import load_eval_config
+from pretrain.config import ConfigError
+from pretrain.data import ImageDataset
+from pretrain.log import format_table
+from pretrain.transforms import eval_transform
+from transfer.eval import runner, svm
+from transfer.eval.ap import voc_ap
+from transfer.eval.liblinear import cross_validate_liblinear, liblinear_fit
 
 logger = logging.getLogger("imsvd.voc07")
 
@@ -133,8 +137,6 @@ def voc_dataset(voc_dir: Path, ids: Sequence[str], transform: Any, strict: bool 
     An unreadable image is left out (its row index never appears in the extracted labels) and
     counted, or, with ``strict``, raises naming the file; it is never replaced by another one.
     """
-    from pretrain.data import ImageDataset
-
     samples = []
     for n, img in enumerate(ids):
         path = voc_dir / "JPEGImages" / f"{img}.jpg"
@@ -180,9 +182,6 @@ def train_and_test_svms(
     Raises:
         VOCError: a class without a positive training or test image (named).
     """
-    from transfer.ap import voc_ap
-    from transfer.svm import cross_validate_liblinear, cross_validate_svms, decision_scores
-
     require_positives(train_labels, classes, "training labels")
     require_positives(test_labels, classes, "test labels")
     xtr, xte = l2_normalize(train_feats), l2_normalize(test_feats)
@@ -191,7 +190,7 @@ def train_and_test_svms(
     t0 = time.perf_counter()
     solver = svm_cfg["solver"]
     if solver == "newton":
-        res = cross_validate_svms(
+        res = svm.cross_validate_svms(
             xtr, train_labels, costs, weights, int(svm_cfg["folds"]),
             float(svm_cfg["intercept_scaling"]), float(svm_cfg["newton_tol"]),
         )  # fmt: skip
@@ -204,7 +203,7 @@ def train_and_test_svms(
     else:
         raise ConfigError(f"svm.solver must be 'newton' or 'liblinear', got {solver!r}")
     fit_s = time.perf_counter() - t0
-    scores = decision_scores(xte, res.weights, float(svm_cfg["intercept_scaling"]))
+    scores = svm.decision_scores(xte, res.weights, float(svm_cfg["intercept_scaling"]))
     per_class = {}
     for j, cls in enumerate(classes):
         per_class[cls] = {
@@ -253,9 +252,6 @@ def low_shot_svms(
     Returns:
         {str(k): {"mAP_mean", "mAP_std", "mAPs"}} (percent).
     """
-    from transfer.ap import voc_ap
-    from transfer.svm import cross_validate_svms, decision_scores
-
     if svm_cfg["solver"] != "newton":
         raise ConfigError("low_shot needs svm.solver=newton")
     xtr, xte = l2_normalize(train_feats), l2_normalize(test_feats)
@@ -269,12 +265,12 @@ def low_shot_svms(
             for j in range(train_labels.shape[1]):
                 pos = np.nonzero(train_labels[:, j] == 1)[0]
                 mask[rng.choice(pos, size=min(int(k), pos.size), replace=False), j] = True
-            res = cross_validate_svms(
+            res = svm.cross_validate_svms(
                 xtr, train_labels, [float(c) for c in svm_cfg["costs"]], weights,
                 int(svm_cfg["folds"]), float(svm_cfg["intercept_scaling"]),
                 float(svm_cfg["newton_tol"]), row_mask=mask,
             )  # fmt: skip
-            scores = decision_scores(xte, res.weights, float(svm_cfg["intercept_scaling"]))
+            scores = svm.decision_scores(xte, res.weights, float(svm_cfg["intercept_scaling"]))
             aps = [voc_ap(scores[:, j], test_labels[:, j]) for j in range(scores.shape[1])]
             maps.append(100.0 * float(np.mean(aps)))
         out[str(k)] = {"mAP_mean": float(np.mean(maps)), "mAP_std": float(np.std(maps)),
@@ -317,9 +313,6 @@ def low_shot_original(
     Raises:
         VOCError: a class with fewer than k positives or (K - 1) * k negatives (named).
     """
-    from transfer.ap import voc_ap
-    from transfer.svm import SolverSetup, augment, decision_scores, fit_svms
-
     xtr, xte = l2_normalize(train_feats), l2_normalize(test_feats)
     weights = {1: float(svm_cfg["positive_weight"]), -1: float(svm_cfg["negative_weight"])}
     scaling = float(svm_cfg["intercept_scaling"])
@@ -336,7 +329,7 @@ def low_shot_original(
     solver = svm_cfg["solver"]
     if solver not in ("newton", "liblinear"):
         raise ConfigError(f"svm.solver must be 'newton' or 'liblinear', got {solver!r}")
-    setup = SolverSetup(augment(xtr, scaling)) if solver == "newton" else None
+    setup = svm.SolverSetup(svm.augment(xtr, scaling)) if solver == "newton" else None
     out = {}
     for k in ks:
         maps = []
@@ -348,11 +341,12 @@ def low_shot_original(
                     rows = np.nonzero(train_labels[:, j] == value)[0]
                     mask[rng.choice(rows, size=count, replace=False), j] = True
             if solver == "newton":
-                w = fit_svms(xtr, train_labels, cost, weights, scaling,
-                             float(svm_cfg["newton_tol"]), row_mask=mask, setup=setup)  # fmt: skip
+                w = svm.fit_svms(xtr, train_labels, cost, weights, scaling,
+                                 float(svm_cfg["newton_tol"]), row_mask=mask,
+                                 setup=setup)  # fmt: skip
             else:
                 w = _liblinear_fixed_cost(xtr, train_labels, mask, cost, weights, svm_cfg)
-            scores = decision_scores(xte, w, scaling)
+            scores = svm.decision_scores(xte, w, scaling)
             aps = [voc_ap(scores[:, j], test_labels[:, j]) for j in range(n_cls)]
             maps.append(100.0 * float(np.mean(aps)))
         out[str(k)] = {"mAP_mean": float(np.mean(maps)), "mAP_std": float(np.std(maps)),
@@ -362,13 +356,11 @@ def low_shot_original(
 
 
 def _liblinear_fixed_cost(x, labels, mask, cost, weights, svm_cfg) -> np.ndarray:
-    from transfer.svm import _liblinear_job, binary_labels
-
-    yb = binary_labels(labels)
+    yb = svm.binary_labels(labels)
     args = (weights, float(svm_cfg["intercept_scaling"]), float(svm_cfg["tol"]),
             int(svm_cfg["max_iter"]))  # fmt: skip
     return np.stack(
-        [_liblinear_job(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
+        [liblinear_fit(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
          for j in range(labels.shape[1])]
     )  # fmt: skip
 
@@ -407,57 +399,50 @@ def low_shot_description(low: Mapping[str, Any], svm_cfg: Mapping[str, Any], n_c
     )
 
 
-def run(cfg: dict) -> dict:
-    """Full VOC07 SVM evaluation from a resolved config.
-
-    Args:
-        cfg: config of the voc07_svm schema (data.root, weights and output_dir required).
-    Returns:
-        The results dict (also written to output_dir/voc07_svm_results.json on rank 0); other
-        ranks return an empty dict after feature extraction.
-    """
-    from pretrain.dist import init_distributed
-    from pretrain.log import print_table, setup_logging, write_json_atomic
-    from pretrain.transforms import eval_transform
-    from transfer.features import backbone_from_weights, cached_features
-
-    for key in ("weights", "output_dir"):
-        if not cfg[key]:
-            raise ConfigError(f"config key '{key}' is required (use --{key.replace('_', '-')})")
-    if not cfg["data"]["root"]:
-        raise ConfigError("config key 'data.root' is required (use --data-root)")
-    out = Path(cfg["output_dir"])
-    info = init_distributed(cfg["device"])
-    setup_logging(str(out), rank=info.rank)
-    if info.is_main:
-        save_config(cfg, out / "config.yaml")
-    voc_dir = find_voc2007(cfg["data"]["root"])
-    dcfg, fcfg = cfg["data"], cfg["features"]
-    classes = discover_classes(voc_dir, dcfg["trainval_split"])
-    transform = eval_transform(int(dcfg["resize"]), int(dcfg["crop"]))
-    model, meta = backbone_from_weights(cfg["weights"], info.device)
+def validate(cfg: dict) -> None:
+    """Cross-field checks of a voc07_svm recipe (raises ConfigError naming the keys)."""
+    if not cfg["data"]["voc_root"]:
+        raise ConfigError("config key 'data.voc_root' is required (VOCdevkit/VOC2007)")
+    if cfg["svm"]["solver"] not in ("newton", "liblinear"):
+        raise ConfigError(
+            f"svm.solver must be 'newton' or 'liblinear', got {cfg['svm']['solver']!r}"
+        )
     low = cfg["low_shot"]
     if low["enabled"] and low["protocol"] not in ("original", "cv"):
         raise ConfigError(f"low_shot.protocol must be 'original' or 'cv', got {low['protocol']!r}")
+    if low["enabled"] and low["protocol"] == "cv" and cfg["svm"]["solver"] != "newton":
+        raise ConfigError("low_shot.protocol=cv needs svm.solver=newton")
+
+
+def run(ctx: runner.EvalContext) -> dict:
+    """Full VOC07 SVM evaluation in a set-up context.
+
+    Returns:
+        The results dict on rank 0; other ranks return an empty dict after feature extraction.
+    """
+    cfg = ctx.cfg
+    voc_dir = find_voc2007(cfg["data"]["voc_root"])
+    dcfg = cfg["data"]
+    classes = discover_classes(voc_dir, dcfg["trainval_split"])
+    transform = eval_transform(int(dcfg["resize"]), int(dcfg["crop"]))
+    model, _, meta = ctx.load_model()
+    low = cfg["low_shot"]
     arrays, unreadable = {}, {}
     for split in (dcfg["trainval_split"], dcfg["test_split"]):
         ids, labels = read_split(voc_dir, split, classes)
         ds = voc_dataset(voc_dir, ids, transform, strict=bool(dcfg["strict"]))
-        feats, rows = cached_features(
-            out / "features", split, model, ds, meta["sha256"], fcfg["layer"],
-            int(fcfg["batch_size"]), info.device, int(fcfg["num_workers"]),
-        )  # fmt: skip
+        feats, rows = ctx.features(split, model, ds, meta["sha256"])
         arrays[split] = (feats, labels[rows])
         unreadable[split] = sorted(set(ids) - {ids[int(r)] for r in rows})
         if unreadable[split]:
             logger.warning("%s: %d unreadable images left out: %s", split,
                            len(unreadable[split]), ", ".join(unreadable[split][:10]))  # fmt: skip
-    if not info.is_main:
+    if not ctx.is_main:
         return {}
     (xtr, ytr), (xte, yte) = arrays[dcfg["trainval_split"]], arrays[dcfg["test_split"]]
     results = train_and_test_svms(xtr, ytr, xte, yte, classes, cfg["svm"])
-    results.update(weights=str(cfg["weights"]), weights_sha256=meta["sha256"],
-                   layer=fcfg["layer"], arch=meta["arch"],
+    results.update(weights=str(cfg["model"]["weights"]), weights_sha256=meta["sha256"],
+                   layer=cfg["features"]["layer"], arch=meta["arch"],
                    unreadable_images={k: len(v) for k, v in unreadable.items()},
                    unreadable_ids=unreadable)  # fmt: skip
     if low["enabled"]:
@@ -471,50 +456,45 @@ def run(cfg: dict) -> dict:
             "protocol": {
                 "name": low["protocol"],
                 "description": low_shot_description(low, cfg["svm"], len(classes)),
+                "samples": int(low["samples"]),
             },
             "ks": table,
         }
-    write_json_atomic(results, out / RESULTS_NAME)
-    logger.info("VOC07 SVM results written to %s", out / RESULTS_NAME)
-    rows = [{"class": c, "AP": v["ap"], "C": v["cost"]} for c, v in results["classes"].items()]
-    rows.append({"class": "mAP", "AP": results["mAP"], "C": ""})
-    print_table(rows, title=f"VOC07 SVM AP, percent ({fcfg['layer']}, {meta['arch']})")
-    if low["enabled"]:
-        print_table(
-            [{"k": k, "mAP": v["mAP_mean"], "std": v["mAP_std"]}
-             for k, v in results["low_shot"]["ks"].items()],
-            title=f"VOC07 low-shot SVM, {low['protocol']} protocol, percent "
-                  f"({low['samples']} samples per k)",
-        )  # fmt: skip
     return results
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """``--config`` + the three common flags + trailing ``key.sub=value`` overrides."""
-    p = argparse.ArgumentParser(
-        description="VOC07 linear-SVM evaluation of frozen features",
-        epilog="Overrides: dotted config keys, e.g. features.layer=res5 svm.solver=liblinear",
+def summary(results: dict) -> str:
+    """The printed tables: per-class AP and chosen cost, mAP; the low-shot mAPs when run."""
+    rows = [{"class": c, "AP": v["ap"], "C": v["cost"]} for c, v in results["classes"].items()]
+    rows.append({"class": "mAP", "AP": results["mAP"], "C": ""})
+    text = format_table(
+        rows, title=f"VOC07 SVM AP, percent ({results['layer']}, {results['arch']})"
     )
-    p.add_argument("--config", default="voc07_svm", help="path, or a name in configs/eval/")
-    p.add_argument("--data-root", help="VOCdevkit/VOC2007 (or VOCdevkit)")
-    p.add_argument("--weights", help="backbone checkpoint (any kind load_backbone reads)")
-    p.add_argument("--output-dir", help="features cache, results JSON, log")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return p.parse_args(argv)
+    low = results.get("low_shot")  # present only when the low-shot protocol ran
+    if low:
+        text += "\n" + format_table(
+            [{"k": k, "mAP": v["mAP_mean"], "std": v["mAP_std"]} for k, v in low["ks"].items()],
+            title=f"VOC07 low-shot SVM, {low['protocol']['name']} protocol, percent "
+                  f"({low['protocol']['samples']} samples per k)",
+        )  # fmt: skip
+    return text
+
+
+EVALUATION = runner.Evaluation(
+    name="voc07_svm",
+    prog="imsvd-voc07",
+    description="VOC07 linear-SVM evaluation of frozen features",
+    default_config="voc07_svm",
+    results_name=RESULTS_NAME,
+    validate=validate,
+    run=run,
+    summary=summary,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for user errors)."""
-    args = parse_args(argv)
-    try:
-        cfg = load_eval_config(
-            args, {"data_root": "data.root", "weights": "weights", "output_dir": "output_dir"}
-        )
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # config, data, checkpoint errors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point (``imsvd-voc07``); returns the exit code (2 for user errors)."""
+    return runner.main(EVALUATION, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The one frozen-feature extractor of the project, with an on-disk features cache.
 
 Every frozen evaluation (VOC07 SVM, kNN, the linear probes' validation pass) gets its features
-here: the backbone is loaded through :func:`pretrain.checkpoint.load_backbone` (so any accepted
-checkpoint kind works), frozen and put in eval mode; the dataset is split into contiguous shards,
-one per process; the shards are gathered so that every process ends with the features of the
-WHOLE dataset in dataset order.
+here, from a backbone the runner (:mod:`transfer.eval.runner`) read through
+:func:`pretrain.checkpoint.model_from_checkpoint` and froze with :func:`freeze`. The dataset is
+split into contiguous shards, one per process; the shards are gathered so that every process
+ends with the features of the WHOLE dataset in dataset order.
 
 Layers:
     pool5: the global-average-pooled res5 output (2048-d for ResNet-50) - the default.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pretrain.checkpoint import atomic_write
 from pretrain.data import collate_readable
 from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size
 from pretrain.log import progress, write_json_atomic
@@ -49,27 +50,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def backbone_from_weights(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict]:
-    """Build the frozen backbone described by a checkpoint.
-
-    Args:
-        path: any checkpoint :func:`pretrain.checkpoint.load_backbone` accepts.
-        device: where to put the model.
-    Returns:
-        (model, meta): the frozen ResNet in eval mode (fc = Identity) and load_backbone's meta
-        (``arch``, ``stem``, ``sha256`` = content hash of the weights, ...).
-    """
-    from pretrain.checkpoint import load_backbone
-    from pretrain.model import build_backbone
-
-    state_dict, meta = load_backbone(path)
-    model = build_backbone(meta["arch"], zero_init_residual=False, stem=meta["stem"])
-    model.load_state_dict(state_dict, strict=True)
-    return freeze(model).to(device), meta
 
 
 def feature_dim(model: nn.Module, layer: str = "pool5") -> int:
@@ -196,8 +176,6 @@ def dataset_signature(dataset: Dataset) -> str:
 
 
 def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
-    from pretrain.checkpoint import atomic_write
-
     atomic_write(path, lambda f: np.save(f, arr))
 
 

@@ -1,10 +1,10 @@
 """Linear probe on a frozen backbone: Places205 and ImageNet (one implementation, two configs).
 
-    python -m transfer.linear --config places205_linear --weights W --output-dir OUT \
+    imsvd-linear --config places205_linear --weights W --output-dir OUT \
         data.train_root=places205/train data.val_root=places205/val
-    python -m transfer.linear --config imagenet_linear --weights W --output-dir OUT \
+    imsvd-linear --config imagenet_linear --weights W --output-dir OUT \
         data.train_root=imagenet/train data.val_root=imagenet/val
-    torchrun --nproc_per_node 8 -m transfer.linear --config ... (same arguments)
+    torchrun --nproc_per_node 8 -m transfer.eval.linear --config ... (same arguments)
 
 The backbone is frozen in eval mode; its pooled features go through an optional
 BatchNorm1d(affine=False) (Places205 protocol) and one Linear layer, the only trained module
@@ -22,7 +22,6 @@ error. OUT/linear_results.json holds top-1/top-5 (percent).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
@@ -35,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain, tensor_sha256
 from pretrain.config import ConfigError
+from pretrain.data import build_train_val_datasets, collate_readable
+from pretrain.dist import all_gather_tensor
+from pretrain.log import MetricWriter, format_table, progress
+from pretrain.transforms import eval_transform, train_linear_transform
+from transfer.eval import features, runner
 
 logger = logging.getLogger("imsvd.linear")
 
@@ -87,21 +92,30 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return out
 
 
-def _datasets(cfg: dict):
-    from pretrain.data import build_train_val_datasets
-    from pretrain.transforms import eval_transform, train_linear_transform
-
-    d = cfg["data"]
-    if d["train_aug"] == "random_resized_crop":
-        train_tf = train_linear_transform(int(d["train_crop"]), tuple(d["train_scale"]))
-    elif d["train_aug"] == "center_crop":
-        train_tf = eval_transform(int(d["resize"]), int(d["crop"]))
-    else:
+def validate(cfg: dict) -> None:
+    """Cross-field checks of a linear-probe recipe (raises ConfigError naming the keys)."""
+    d, t = cfg["data"], cfg["train"]
+    if d["train_aug"] not in ("random_resized_crop", "center_crop"):
         raise ConfigError(
             f"data.train_aug must be 'random_resized_crop' or 'center_crop', got {d['train_aug']!r}"
         )
     if not (d["train_root"] or d["train_list"]) or not (d["val_root"] or d["val_list"]):
         raise ConfigError("linear eval needs data.train_root (or train_list) and data.val_root")
+    if t["schedule"] not in ("cosine", "multistep"):
+        raise ConfigError(f"train.schedule must be 'cosine' or 'multistep', got {t['schedule']!r}")
+    if int(t["epochs"]) < 1 or int(t["batch_size"]) < 1:
+        raise ConfigError(
+            f"train.epochs and train.batch_size must be positive, got {t['epochs']}, "
+            f"{t['batch_size']}"
+        )
+
+
+def _datasets(cfg: dict):
+    d = cfg["data"]
+    if d["train_aug"] == "random_resized_crop":
+        train_tf = train_linear_transform(int(d["train_crop"]), tuple(d["train_scale"]))
+    else:
+        train_tf = eval_transform(int(d["resize"]), int(d["crop"]))
     return build_train_val_datasets(
         d["train_root"], d["train_list"], d["val_root"], d["val_list"], train_tf,
         eval_transform(int(d["resize"]), int(d["crop"])), strict=bool(d["strict"]),
@@ -134,7 +148,7 @@ def train_signature(dataset, base: str | None) -> dict:
 _RESUME_KEYS = ("seed", "head.batchnorm", "train.batch_size", "train.lr", "train.momentum",
                 "train.nesterov", "train.weight_decay", "train.schedule", "train.milestones",
                 "train.gamma", "data.train_aug", "data.train_crop", "data.train_scale",
-                "data.resize", "data.crop")  # fmt: skip
+                "data.resize", "data.crop", "features.layer")  # fmt: skip
 
 
 def resume_settings(cfg: dict, num_classes: int) -> dict:
@@ -198,13 +212,11 @@ def resume_mismatch(state: dict, now: dict) -> list[str]:
 def _load_head_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    from pretrain.checkpoint import CheckpointError, load_plain
-
     try:
         obj = load_plain(path)
     except CheckpointError as e:
         raise LinearEvalError(f"cannot read linear-head checkpoint: {e}") from None
-    for key in ("epoch", "head", "optimizer", "weights_sha256", "data", "settings"):
+    for key in ("epoch", "head", "optimizer", "history", "weights_sha256", "data", "settings"):
         if key not in obj:
             raise LinearEvalError(
                 f"linear-head checkpoint {path} lacks field '{key}' (written by an older version "
@@ -218,28 +230,24 @@ def train_linear(cfg: dict) -> dict:
     """Train and evaluate the linear head from a resolved config (linear_base.yaml schema).
 
     Args:
-        cfg: config dict; weights and output_dir required.
+        cfg: config dict; model.weights and output_dir required.
+
     Returns:
         Results dict (top1, top5, epochs, history); identical on every rank.
     """
-    from pretrain.checkpoint import atomic_torch_save, tensor_sha256
-    from pretrain.config import save_config
-    from pretrain.data import collate_readable
-    from pretrain.dist import all_gather_tensor, get_rank, init_distributed
-    from pretrain.log import MetricWriter, print_table, progress, setup_logging, write_json_atomic
-    from transfer.features import (
-        backbone_from_weights,
-        cached_features,
-        feature_dim,
-        forward_features,
-    )
+    return runner.run_config(EVALUATION, cfg)
 
-    for key in ("weights", "output_dir"):
-        if not cfg[key]:
-            raise ConfigError(f"config key '{key}' is required (use --{key.replace('_', '-')})")
-    out = Path(cfg["output_dir"])
-    info = init_distributed(cfg["device"])
-    setup_logging(str(out), rank=info.rank)
+
+def run(ctx: runner.EvalContext) -> dict:
+    """The linear probe in a set-up context (see the module docstring).
+
+    Returns:
+        Results dict (top1, top5, epochs, history); identical on every rank.
+
+    Raises:
+        LinearEvalError: a head checkpoint of another run, or changed frozen weights.
+    """
+    cfg, info, out = ctx.cfg, ctx.info, ctx.out
     t = cfg["train"]
     world = info.world_size
     if int(t["batch_size"]) % world:
@@ -247,11 +255,7 @@ def train_linear(cfg: dict) -> dict:
             f"train.batch_size={t['batch_size']} is not divisible by {world} processes"
         )
     local_bs = int(t["batch_size"]) // world
-    torch.manual_seed(int(cfg["seed"]))
-    if info.is_main:
-        save_config(cfg, out / "config.yaml")
-
-    backbone, meta = backbone_from_weights(cfg["weights"], info.device)
+    backbone, _, meta = ctx.load_model()
     hash_before = tensor_sha256(backbone.state_dict())
     train_ds, val_ds = _datasets(cfg)
     num_classes = int(cfg["head"]["num_classes"]) or train_ds.num_classes
@@ -260,8 +264,10 @@ def train_linear(cfg: dict) -> dict:
             f"head.num_classes={num_classes} but the training data has {train_ds.num_classes} "
             "classes (0: take the number from the data)"
         )
-    layer = "pool5"
-    head = LinearHead(feature_dim(backbone, layer), num_classes, bool(cfg["head"]["batchnorm"]))
+    layer = cfg["features"]["layer"]
+    head = LinearHead(
+        features.feature_dim(backbone, layer), num_classes, bool(cfg["head"]["batchnorm"])
+    )
     head = head.to(info.device)
     model = head
     if world > 1:
@@ -292,7 +298,7 @@ def train_linear(cfg: dict) -> dict:
             )
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+        start_epoch, history = int(state["epoch"]), list(state["history"])
         logger.info("resumed linear head from %s at epoch %d", ckpt_path, start_epoch)
 
     sampler = torch.utils.data.DistributedSampler(
@@ -305,16 +311,13 @@ def train_linear(cfg: dict) -> dict:
     writer = MetricWriter(str(out), rank=info.rank, tensorboard=False)
     epochs = int(t["epochs"])
     val_feats = None
-    dim = feature_dim(backbone, layer)
+    dim = features.feature_dim(backbone, layer)
     unreadable = {"train": 0, "val": 0}
 
     def evaluate() -> dict:
         nonlocal val_feats
         if val_feats is None:
-            val_feats = cached_features(
-                out / "features", "val", backbone, val_ds, meta["sha256"], layer, local_bs,
-                info.device, int(cfg["data"]["num_workers"]),
-            )  # fmt: skip
+            val_feats = ctx.features("val", backbone, val_ds, meta["sha256"])
         unreadable["val"] = len(val_ds) - len(val_feats[1])
         head.eval()
         with torch.no_grad():
@@ -332,14 +335,14 @@ def train_linear(cfg: dict) -> dict:
         loss_sum = torch.zeros((), device=info.device)
         dropped = 0
         for images, labels, n_bad in progress(loader, total=len(loader), desc=f"epoch {epoch}",
-                                              rank=get_rank()):  # fmt: skip
+                                              rank=info.rank):  # fmt: skip
             dropped += n_bad
             with torch.no_grad():
                 if images is None:  # every image of this local batch was unreadable
                     feats = torch.zeros((0, dim), device=info.device)
                     labels = torch.zeros((0,), dtype=torch.long)
                 else:
-                    feats = forward_features(backbone, images.to(info.device), layer)
+                    feats = features.forward_features(backbone, images.to(info.device), layer)
                 sizes = all_gather_tensor(torch.tensor([feats.shape[0]], device=info.device))
                 all_feats = all_gather_tensor(feats)
             if all_feats.shape[0] == 0:  # the same on every rank: skip the step everywhere
@@ -378,14 +381,15 @@ def train_linear(cfg: dict) -> dict:
     results = dict(final, epochs=epochs, num_classes=num_classes, frozen_weights_unchanged=True,
                    num_train=len(train_ds) - unreadable["train"],
                    num_val=len(val_ds) - unreadable["val"], unreadable_images=unreadable,
-                   weights=str(cfg["weights"]), weights_sha256=meta["sha256"],
+                   weights=str(cfg["model"]["weights"]), weights_sha256=meta["sha256"],
                    history=history)  # fmt: skip
-    if info.is_main:
-        write_json_atomic(results, out / RESULTS_NAME)
-        title = f"linear probe, percent ({num_classes} classes, {epochs} epochs)"
-        print_table([{"metric": k, "value": final[k]} for k in ("top1", "top5")], title=title)
-        logger.info("linear-probe results written to %s", out / RESULTS_NAME)
     return results
+
+
+def summary(results: dict) -> str:
+    """The printed table: top-1 / top-5."""
+    title = f"linear probe, percent ({results['num_classes']} classes, {results['epochs']} epochs)"
+    return format_table([{"metric": k, "value": results[k]} for k in ("top1", "top5")], title)
 
 
 def format_epoch(record: dict, epochs: int, unreadable: int = 0) -> str:
@@ -404,25 +408,21 @@ def format_epoch(record: dict, epochs: int, unreadable: int = 0) -> str:
     return "  ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for user errors)."""
-    from transfer.evalcfg import load_eval_config
+EVALUATION = runner.Evaluation(
+    name="linear",
+    prog="imsvd-linear",
+    description="Linear probe on a frozen backbone (Places205 / ImageNet recipes)",
+    default_config="imagenet_linear",
+    results_name=RESULTS_NAME,
+    validate=validate,
+    run=run,
+    summary=summary,
+)
 
-    p = argparse.ArgumentParser(
-        description="Linear probe on a frozen backbone (Places205 / ImageNet recipes)",
-        epilog="Overrides: dotted config keys, e.g. data.train_root=/data/train train.epochs=14",
-    )
-    p.add_argument("--config", default="imagenet_linear", help="path, or a name in configs/eval/")
-    p.add_argument("--weights", help="backbone checkpoint (any kind load_backbone reads)")
-    p.add_argument("--output-dir", help="checkpoint, features cache, results JSON, logs")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = p.parse_args(argv)
-    try:
-        train_linear(load_eval_config(args, {"weights": "weights", "output_dir": "output_dir"}))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (``imsvd-linear``); returns the exit code (2 for user errors)."""
+    return runner.main(EVALUATION, argv)
 
 
 if __name__ == "__main__":

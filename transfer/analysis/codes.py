@@ -29,6 +29,7 @@ import math
 from typing import Iterable, Sequence
 
 import torch
+from torch import nn
 
 from pretrain.monitors import (
     argmax_agreement,
@@ -430,3 +431,9 @@ def summarize(
         stats["agreement"] = joint_acc.agreement
         arrays.update(joint_arrays)
     return stats, arrays
+
+
+@torch.no_grad()
+def model_codes(model: nn.Module, x: torch.Tensor, bin_size: int, temperature: float, device):
+    """Soft codes (N, M, B) of a batch of images (N, 3, H, W) through backbone + projector."""
+    return soft_codes(model(x.to(device, non_blocking=True)), bin_size, temperature)

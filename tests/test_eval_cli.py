@@ -1,0 +1,100 @@
+"""The one command-line grammar of the evaluation tools: flags as typed overrides, named recipes,
+the tool check, shared sections, and the set-up every tool gets (config.yaml, log.txt)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pretrain.config import ConfigError, config_dir, config_names, find_config, load_config
+from transfer.analysis import analyze
+from transfer.eval import knn, linear, voc07_svm
+from transfer.eval.evalcfg import build_parser, flag_overrides, load_eval_config
+
+TOOLS = [knn.EVALUATION, linear.EVALUATION, voc07_svm.EVALUATION, analyze.EVALUATION]
+
+
+def _args(*argv, default="knn"):
+    return build_parser("t", "d", default).parse_intermixed_args(list(argv))
+
+
+def test_flags_become_typed_overrides_and_dotted_keys_win():
+    args = _args("--weights", "/w/yes: 1.pth", "--output-dir", "o", "--allow-unsafe",
+                 "--prefix", "module.", "data.train_root=t", "output_dir=later")  # fmt: skip
+    assert flag_overrides(args) == [
+        'model.weights="/w/yes: 1.pth"',
+        'output_dir="o"',
+        "model.allow_unsafe=true",
+        'model.prefix="module."',
+    ]
+    cfg, path = load_eval_config("knn", args)
+    assert path == find_config("knn", "eval")
+    assert cfg["model"] == {
+        "weights": "/w/yes: 1.pth",
+        "allow_unsafe": True,
+        "checkpoint_key": "",
+        "prefix": "module.",
+    }
+    assert cfg["output_dir"] == "later" and cfg["data"]["train_root"] == "t"
+    # no flag given: the recipe's values, nothing from argparse
+    cfg, _ = load_eval_config("knn", _args())
+    assert cfg["output_dir"] == "outputs/knn" and cfg["model"]["weights"] == ""
+
+
+def test_errors_name_the_key_and_the_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'knn.kz' in command-line"):
+        load_eval_config("knn", _args("knn.kz=1"))
+    with pytest.raises(ConfigError, match=r"'data.batch_size' in command-line .* expects int"):
+        load_eval_config("knn", _args("data.batch_size=many"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_base_: {find_config('knn', 'eval')}\nfeatures: {{layr: pool5}}\n")
+    with pytest.raises(ConfigError, match=rf"unknown config key 'features.layr' in {bad}"):
+        load_eval_config("knn", _args("--config", str(bad)))
+    with pytest.raises(ConfigError, match=r"recipe for 'linear', not for 'knn'.*knn_tiny"):
+        load_eval_config("knn", _args("--config", "linear_tiny"))
+    with pytest.raises(ConfigError, match=r"not found .*shipped eval recipes: .*voc07_svm"):
+        load_eval_config("knn", _args("--config", "nope"))
+
+
+def test_every_recipe_shares_the_base_sections():
+    base = load_config(config_dir("eval") / "base.yaml")
+    for name in config_names("eval"):
+        cfg = load_config(find_config(name, "eval"))
+        for section in ("model", "data"):
+            assert set(base[section]) <= set(cfg[section]), (name, section)
+        if name not in ("base", "frozen"):
+            assert cfg["evaluation"] in {t.name for t in TOOLS}, name
+            assert cfg["output_dir"] == f"outputs/{cfg['evaluation']}", name
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda t: t.name)
+def test_every_tool_has_the_same_flags(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main,
+                     "analyze": analyze.main}[tool.name]  # fmt: skip
+        tool_main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--config", "--weights", "--output-dir", "--allow-unsafe", "--checkpoint-key",
+                 "--prefix", "key.sub=value"):  # fmt: skip
+        assert flag in text, (tool.name, flag)
+    assert f"default: {tool.default_config}" in text and tool.prog in text
+
+
+def test_run_writes_config_log_and_results(tiny_trees, tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert knn.main(["--config", "knn_tiny", "--weights", str(tiny_backbone), "--output-dir",
+                     str(out), f"data.train_root={tiny_trees / 'train'}",
+                     f"data.val_root={tiny_trees / 'val'}", "seed=3"]) == 0  # fmt: skip
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["model"]["weights"] == str(tiny_backbone)
+    log = (out / "log.txt").read_text()
+    assert "knn results written to" in log and str(tiny_backbone) in log
+    assert json.loads((out / "knn_results.json").read_text())["num_train"] == 24
+    assert "kNN top-1" in capsys.readouterr().out
+    # the same weights flags as every reader of weights: a layout option the file does not have
+    assert knn.main(["--config", "knn_tiny", "--weights", str(tiny_backbone), "--checkpoint-key",
+                     "teacher", "--output-dir", str(out), f"data.train_root={tiny_trees / 'train'}",
+                     f"data.val_root={tiny_trees / 'val'}"]) == 2  # fmt: skip
+    assert "teacher" in capsys.readouterr().err

@@ -1,0 +1,437 @@
+"""Discrete-variable analysis of an IMSVD model (paper Sec. III-E and V-C, Figs. 3-5).
+
+    imsvd-analyze --weights outputs/demo/checkpoint_e0001_s000128.pth \\
+        --output-dir outputs/demo/analysis data.root=.cache/fashion_mnist/test data.num_images=2000
+
+Streams a dataset through backbone + projector (weights from a training-state checkpoint, which
+carries the projector; ``--weights random model.recipe=RECIPE`` analyses a randomly initialised
+model of a pretraining recipe) and writes, into the output folder (recipe: configs/eval/
+analyze.yaml, every option a dotted key):
+
+* ``stats.json``: one-hot rates, marginal entropies vs log B, pairwise mutual information (and its
+  finite-sample floor), diagonal-block trace, the loss's DE / OE terms, cross-view agreement;
+* ``code_stats.npz``: per-variable marginals, the M x M MI matrix (and floor), block entropies;
+* ``joint_corner.npy`` / ``joint_corner.png``: the cross-joint matrix P over the first k variables
+  (Fig. 3a); ``codes.save_full_joint=true`` adds ``joint_full.npy`` (the whole D x D, fp32);
+* ``views.png``: two augmented views of one image and their first variables' codes (Figs. 3b-c);
+* ``exemplars_var{m}.png``: top images of the most populated units of each chosen variable
+  (Fig. 4) and ``gradcam_var{m}.png``: their Grad-CAM maps (Fig. 5);
+* ``gradcam_images.png``: Grad-CAM maps on the images of ``gradcam.images``.
+
+P is accumulated in fp32 on the device without keeping embeddings (4 D^2 bytes, twice with the
+independence floor). The codes of the clean (resize + centre crop) view give the one-hot rates,
+marginals and exemplars; the two augmented views (the pretraining augmentations, drawn
+deterministically from ``seed`` and the image index) give P and the agreement. With
+``codes.views=same`` P is built from the clean view alone (self-joint matrix). Unreadable images
+are left out and counted (``data.strict=true``: an error).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from pretrain.config import ConfigError, complete_section, find_config, load_config
+from pretrain.data import build_image_dataset, load_rgb
+from pretrain.log import format_table, progress
+from pretrain.model import IMSVDModel, build_model
+from pretrain.transforms import AugmentConfig, eval_transform, reference_two_views, sample_two_views
+from transfer.analysis.codes import (
+    CodeStatsAccumulator,
+    JointAccumulator,
+    UnitExemplars,
+    model_codes,
+    summarize,
+)
+from transfer.analysis.figures import (
+    exemplar_figures,
+    gradcam_figure,
+    plot_joint_corner,
+    plot_views,
+    save_npy,
+    save_npz,
+    to_uint8,
+)
+from transfer.analysis.gradcam import GradCAM, choose_layer
+from transfer.eval import runner
+
+
+class AnalysisError(ValueError):
+    """Invalid analysis request (missing bin size, variable out of range, ...)."""
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def load_model(ctx: runner.EvalContext) -> tuple[IMSVDModel, dict[str, Any]]:
+    """Backbone + projector from one read of ``model.weights``, or randomly initialised.
+
+    Args:
+        ctx: the run's context; ``model.weights`` is a checkpoint path or "random" (then
+            ``model.recipe``, a pretraining recipe, is required); ``model.recipe`` is otherwise
+            used only when the file carries no recipe.
+
+    Returns:
+        (eval-mode model on the device, info) with info keys "weights", "epoch", "sha256",
+        "arch", "stem", "projector", "recipe" (the pretraining recipe dict or None).
+
+    Raises:
+        AnalysisError: "random" without a recipe, or a file without a usable projector.
+    """
+    m = ctx.cfg["model"]
+    recipe = load_config(find_config(m["recipe"], "pretrain")) if m["recipe"] else None
+    if m["weights"] == "random":
+        if recipe is None:
+            raise AnalysisError(
+                "--weights random needs the pretraining recipe of the model: model.recipe=NAME "
+                "(a name in configs/pretrain or a path; --config selects the analysis recipe)"
+            )
+        torch.manual_seed(int(ctx.cfg["seed"]))
+        model = build_model(recipe["model"]).to(ctx.device)
+        info = {"weights": "random", "epoch": None, "sha256": None}
+    else:
+        backbone, projector, meta = ctx.load_model()
+        if projector is None:
+            pm = meta["projector"]
+            why = (
+                "it carries no projector weights"
+                if pm is None
+                else f"its projector weights do not fit Projector({pm['in_dim']}, "
+                f"'{pm['spec']}'): {pm.get('mismatch')}"
+            )
+            raise AnalysisError(
+                f"{m['weights']}: {why}; the analysis needs backbone + projector (a training-"
+                "state checkpoint, not an exported backbone)"
+            )
+        model = IMSVDModel(backbone, projector)
+        # a reader records the recipe only when the file holds one
+        recipe = meta.get("config") or recipe
+        info = {"weights": str(m["weights"]), "epoch": meta.get("epoch"), "sha256": meta["sha256"]}
+    info.update(
+        arch=model.backbone.arch,
+        stem=model.backbone.stem,
+        projector=model.projector.spec,
+        recipe=recipe,
+    )
+    return model.eval(), info
+
+
+def recipe_value(recipe: dict | None, dotted: str, required: str = "") -> Any:
+    """A pretraining setting of the analysed model: from its recipe, else the schema default.
+
+    Args:
+        recipe: the model's pretraining recipe (possibly partial, e.g. from another codebase's
+            checkpoint), or None.
+        dotted: ``section.key`` of configs/pretrain/base.yaml.
+        required: when set, a missing value is an error that names this analysis key instead of
+            falling back to the schema default (a default would be a guess about the model).
+
+    Returns:
+        The value.
+    """
+    section, key = dotted.split(".")
+    node = recipe.get(section) if isinstance(recipe, dict) else None
+    if isinstance(node, dict) and node.get(key) is not None:
+        return node[key]
+    if required:
+        raise AnalysisError(f"the model's recipe does not record {dotted}: set {required}")
+    return complete_section({}, "pretrain", section)[key]
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+class AnalysisViews(Dataset):
+    """Items (clean view, augmented view 1, view 2, dataset index) of an image dataset.
+
+    Augmented views reuse the pretraining augmentation with parameters drawn from
+    (seed, 0, index), so they do not depend on worker count or order. An unreadable image gives
+    None (see :class:`pretrain.data.ImageDataset`).
+
+    Args:
+        base: dataset returning (PIL image, label) or None (transform None).
+        indices: dataset indices to analyse.
+        clean: transform of the clean view.
+        augment: augmentation config of the two views; None: no augmented views.
+        seed: augmentation seed.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        indices: Sequence[int],
+        clean: Any,
+        augment: AugmentConfig | None,
+        seed: int = 0,
+    ) -> None:
+        self.base, self.indices, self.clean = base, list(indices), clean
+        self.augment, self.seed = augment, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int):
+        index = self.indices[pos]
+        item = self.base[index]
+        if item is None:  # unreadable image (non-strict): left out by collate_views
+            return None
+        img, _ = item
+        clean = self.clean(img)
+        if self.augment is None:
+            return clean, clean, clean, index
+        params = sample_two_views(self.seed, 0, index, img.width, img.height, self.augment)
+        v1, v2 = reference_two_views(img, params, self.augment)
+        return clean, v1, v2, index
+
+
+def collate_views(items: Sequence[Any]) -> tuple[Any, int]:
+    """Batch the readable items of :class:`AnalysisViews`.
+
+    Returns:
+        ((clean, view 1, view 2, indices) or None when no item was readable, items left out).
+    """
+    good = [it for it in items if it is not None]
+    return (default_collate(good) if good else None), len(items) - len(good)
+
+
+# -------------------------------------------------------------------------------- analysis
+
+
+def _stats_table(stats: dict) -> list[dict]:
+    """Rows (statistic, value, ideal) for the printed summary."""
+    log_b = stats["log_bin_size"]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    spec = [
+        ("onehot_0.9", "sub-vectors with max > 0.9", 1.0),
+        ("onehot_0.99", "sub-vectors with max > 0.99", 1.0),
+        ("marginal_entropy_mean", "marginal entropy, mean (nats)", log_b),
+        ("marginal_entropy_min", "marginal entropy, min (nats)", log_b),
+        ("hard_marginal_entropy_mean", "argmax-marginal entropy (nats)", log_b),
+        ("active_units_mean", "units in use per variable", float(stats["bin_size"])),
+        ("offblock_mi_mean", "off-block MI, mean (nats)", 0.0),
+        ("offblock_mi_max", "off-block MI, max (nats)", 0.0),
+        ("offblock_mi_floor_mean", "  independence floor at this N", None),
+        ("crossview_mi_mean", "MI(view 1, view 2) per variable", log_b),
+        ("diag_trace_mean", "diagonal-block mass on diagonal", 1.0),
+        ("loss_dia_term", "DE term (sum p log p / M)", -log_b),
+        ("loss_off_term", "OE term (sum p log p / M(M-1))", -2 * log_b),
+        ("agreement", "cross-view argmax agreement", 1.0),
+    ]
+    return [
+        {"statistic": label, "value": f(stats.get(key)), "ideal": f(ideal)}
+        for key, label, ideal in spec
+        if key in stats
+    ]
+
+
+@torch.no_grad()
+def stream_statistics(
+    model: nn.Module,
+    loader: DataLoader,
+    bin_size: int,
+    temperature: float,
+    device: torch.device,
+    two_views: bool,
+    variables: Sequence[int],
+    top_n: int,
+    floor: bool = True,
+) -> tuple[CodeStatsAccumulator, JointAccumulator, UnitExemplars, int]:
+    """One pass over ``loader`` (items of :class:`AnalysisViews`) accumulating every statistic.
+
+    Batches come from :func:`collate_views`: unreadable images are left out and counted.
+
+    Returns:
+        (clean-view statistics, joint accumulator, unit exemplars, unreadable images).
+    """
+    dim = model.projector.out_dim
+    stats_acc = CodeStatsAccumulator(dim // bin_size, bin_size, device=device)
+    joint_acc = JointAccumulator(dim, bin_size, device=device, floor=floor)
+    exemplars = UnitExemplars(variables, bin_size, top_n=top_n)
+    unreadable = 0
+    for batch, dropped in progress(loader, total=len(loader), desc="analyze"):
+        unreadable += dropped
+        if batch is None:  # every image of this batch was unreadable
+            continue
+        clean, v1, v2, idx = batch
+        q0 = model_codes(model, clean, bin_size, temperature, device)
+        stats_acc.update(q0)
+        exemplars.update(q0, idx)
+        if two_views:
+            q1 = model_codes(model, v1, bin_size, temperature, device)
+            q2 = model_codes(model, v2, bin_size, temperature, device)
+            joint_acc.update(q1, q2)
+        else:
+            joint_acc.update(q0)
+    return stats_acc, joint_acc, exemplars, unreadable
+
+
+def validate(cfg: dict) -> None:
+    """Cross-field checks of an analyze recipe (raises ConfigError naming the keys)."""
+    if not cfg["data"]["root"] and not cfg["data"]["list_file"]:
+        raise ConfigError("config key 'data.root' (or data.list_file) is required")
+    if cfg["codes"]["views"] not in ("two", "same"):
+        raise ConfigError(f"codes.views must be 'two' or 'same', got {cfg['codes']['views']!r}")
+    if not cfg["figures"]["variables"]:
+        raise ConfigError("figures.variables must name at least one variable")
+
+
+def run(ctx: runner.EvalContext) -> dict[str, Any]:
+    """The whole analysis in a set-up context.
+
+    Returns:
+        The statistics (``stats.json``) with ``outputs``: {name: written path}.
+    """
+    t0 = time.perf_counter()
+    cfg, out, device = ctx.cfg, ctx.out, ctx.device
+    d, c, figs, gc = cfg["data"], cfg["codes"], cfg["figures"], cfg["gradcam"]
+    model, info = load_model(ctx)
+    recipe = info.pop("recipe")
+    bin_size = int(c["bin_size"] or recipe_value(recipe, "loss.bin_size", "codes.bin_size"))
+    temperature = float(c["temperature"] or recipe_value(recipe, "loss.temperature"))
+    dim = model.projector.out_dim
+    if dim % bin_size:
+        raise AnalysisError(f"projector width {dim} is not a multiple of bin size {bin_size}")
+    m = dim // bin_size
+    variables = list(dict.fromkeys(int(v) for v in figs["variables"]))
+    gradcam_variable = variables[0] if int(gc["variable"]) < 0 else int(gc["variable"])
+    bad = [v for v in variables + [gradcam_variable] if not 0 <= v < m]
+    if bad:
+        raise AnalysisError(f"variables {bad} out of range: the model has {m} variables")
+    image_size = int(d["crop"] or recipe_value(recipe, "data.image_size"))
+    resize = int(d["resize"] or round(image_size * 256 / 224))
+    scale = recipe_value(recipe, "data.crop_scale")
+    augment = None
+    if c["views"] == "two":
+        augment = AugmentConfig(size=image_size, scale=(float(scale[0]), float(scale[1])))
+    clean_tf = eval_transform(resize=resize, crop=image_size)
+
+    base = build_image_dataset(
+        root=d["root"] or None, list_file=d["list_file"] or None, strict=bool(d["strict"])
+    )
+    n_total, seed = len(base), int(cfg["seed"])
+    if 0 < int(d["num_images"]) < n_total:
+        g = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(n_total, generator=g)[: int(d["num_images"])].sort().values
+        indices = indices.tolist()
+    else:
+        indices = list(range(n_total))
+    views = AnalysisViews(base, indices, clean_tf, augment, seed)
+    # Shuffled: the independence floor pairs each sample with the one streamed before it, which
+    # in a class-sorted tree would be an image of the same class (a dependent pair). Every other
+    # statistic is a sum and does not depend on the order.
+    loader = DataLoader(
+        views,
+        batch_size=int(d["batch_size"]),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=int(d["num_workers"]),
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_views,
+    )
+    stats_acc, joint_acc, exemplars, unreadable = stream_statistics(
+        model, loader, bin_size, temperature, device, augment is not None, variables,
+        int(figs["exemplars"]), floor=bool(c["floor"]),
+    )  # fmt: skip
+    if stats_acc.count == 0:
+        raise AnalysisError(f"none of the {len(views)} images under {d['root']} could be read")
+    stats, arrays = summarize(stats_acc, joint_acc)
+    stats.update(
+        views=c["views"], temperature=temperature, image_size=image_size,
+        data_root=str(d["root"]), dataset_size=n_total, unreadable_images=unreadable, **info,
+    )  # fmt: skip
+
+    outputs: dict[str, Path] = {}
+    joint = joint_acc.joint()
+    k = min(int(c["corner_vars"]), m)
+    corner = joint[: k * bin_size, : k * bin_size].cpu().numpy()
+    outputs["joint corner (npy)"] = save_npy(corner, out / "joint_corner.npy")
+    if c["save_full_joint"]:
+        outputs["joint matrix (npy)"] = save_npy(joint.cpu().numpy(), out / "joint_full.npy")
+    del joint, joint_acc  # free the D x D accumulators before the figures
+    npz = {name: v.cpu().numpy() for name, v in arrays.items()}
+    outputs["block statistics (npz)"] = save_npz(npz, out / "code_stats.npz")
+    path = out / "joint_corner.png"
+    outputs["joint corner (Fig. 3a)"] = plot_joint_corner(corner, bin_size, path)
+
+    # Figs. 3b-c: two augmented views of one image (the clean view twice with codes.views=same)
+    item = _first_readable(views, int(figs["view_image"]))
+    v1, v2 = item[1], item[2]
+    q = model_codes(model, torch.stack([v1, v2]), bin_size, temperature, device)
+    q = q[:, : min(int(figs["view_vars"]), m)].cpu().numpy()
+    path = out / "views.png"
+    outputs["two views (Figs. 3b-c)"] = plot_views([to_uint8(v1), to_uint8(v2)], q, bin_size, path)
+
+    layer = gc["layer"]
+    if layer == "auto":
+        layer = choose_layer(model.backbone, image_size)
+    stats["gradcam_layer"] = layer
+    with GradCAM(model, f"backbone.{layer}") as cam_fn:
+        outputs.update(
+            exemplar_figures(
+                cam_fn, exemplars, lambda i: clean_tf(base[i][0]), bin_size,
+                int(figs["units_per_variable"]), out, device,
+            )  # fmt: skip
+        )
+        if gc["images"]:
+            imgs = torch.stack([clean_tf(load_rgb(str(p))) for p in gc["images"]])
+            unit = None if int(gc["unit"]) < 0 else int(gc["unit"])
+            outputs["Grad-CAM, given images"] = gradcam_figure(
+                cam_fn, model, imgs, [Path(p).name for p in gc["images"]], gradcam_variable,
+                unit, bin_size, temperature, out / "gradcam_images.png",
+            )  # fmt: skip
+    stats["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    stats["outputs"] = {name: str(p) for name, p in outputs.items()}
+    return stats
+
+
+def _first_readable(views: AnalysisViews, start: int):
+    """The item of the first readable image at or after position ``start`` (wrapping)."""
+    n = len(views)
+    for offset in range(n):
+        item = views[(min(max(start, 0), n - 1) + offset) % n]
+        if item is not None:
+            return item
+    raise AnalysisError("no readable image for views.png")
+
+
+def summary(stats: dict) -> str:
+    """The printed summary: the statistics table, then every file written."""
+    title = (
+        f"discrete codes of {stats['weights']} on {stats['num_images']} images "
+        f"(M={stats['num_variables']}, B={stats['bin_size']}, log B={stats['log_bin_size']:.3f})"
+    )
+    lines = [format_table(_stats_table(stats), title=title), "outputs:"]
+    lines += [f"  {name:34s} {path}" for name, path in stats["outputs"].items()]
+    if stats["unreadable_images"]:
+        lines.append(f"{stats['unreadable_images']} unreadable images left out")
+    return "\n".join(lines)
+
+
+EVALUATION = runner.Evaluation(
+    name="analyze",
+    prog="imsvd-analyze",
+    description="Measure and show the discrete codes of an IMSVD model (paper Figs. 3-5)",
+    default_config="analyze",
+    results_name="stats.json",
+    validate=validate,
+    run=run,
+    summary=summary,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (``imsvd-analyze``); returns the process exit code (2 for user errors)."""
+    return runner.main(EVALUATION, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The one runner of the evaluation entry points (kNN, linear probe, VOC07 SVM, code analysis).
+
+A tool describes itself with an :class:`Evaluation` (its recipe, a cross-field check of the
+config, the run itself and how its results read as a table); this module does everything
+they share, once:
+
+* the command line (:mod:`transfer.eval.evalcfg`): ``--config`` + flags + dotted overrides;
+* the set-up (:func:`setup`): process group (torchrun variables), the output folder, logging
+  to ``OUTPUT_DIR/log.txt`` (rank 0 also to stdout), seeding, the resolved config written as
+  ``OUTPUT_DIR/config.yaml``;
+* the weights (:meth:`EvalContext.load_model`): one read of the file through
+  :func:`pretrain.checkpoint.model_from_checkpoint`, the backbone frozen;
+* feature extraction (:meth:`EvalContext.features`), behind the cache when there is an output
+  folder;
+* the results (:func:`report`): a printed table, the results JSON and a
+  "results written to PATH" line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pretrain.checkpoint import model_from_checkpoint, with_accepted_inputs
+from pretrain.config import ConfigError, save_config
+from pretrain.dist import DistInfo, init_distributed
+from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
+from transfer.eval.evalcfg import build_parser, load_eval_config
+from transfer.eval.features import cached_features, extract_features, freeze
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a tool tells the runner about itself.
+
+    Attributes:
+        name: the recipes' ``evaluation`` value; default output folder ``outputs/<name>``.
+        prog: console-script name shown in the usage line.
+        description: one line for ``--help``.
+        default_config: recipe used without ``--config``.
+        results_name: file name of the results JSON inside the output folder.
+        validate: ``validate(cfg)`` raises ConfigError on a bad combination of keys (called
+            before anything is read or written).
+        run: ``run(ctx) -> results`` (rank 0 returns the results dict, other ranks ``{}``).
+        summary: ``summary(results) -> str``: the printed table(s).
+        output_required: False: an empty or unwritable ``output_dir`` is allowed (results
+            printed only, nothing cached).
+    """
+
+    name: str
+    prog: str
+    description: str
+    default_config: str
+    results_name: str
+    validate: Callable[[dict], None]
+    run: Callable[["EvalContext"], dict]
+    summary: Callable[[dict], str]
+    output_required: bool = True
+
+
+@dataclass
+class EvalContext:
+    """The state :func:`setup` hands to a tool's run.
+
+    Attributes:
+        cfg: the resolved config.
+        info: process group facts (rank, world size, device).
+        out: the output folder, or None when the tool runs without one.
+    """
+
+    cfg: dict
+    info: DistInfo
+    out: Path | None
+
+    @property
+    def device(self) -> torch.device:
+        """This process's compute device."""
+        return self.info.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0."""
+        return self.info.is_main
+
+    def load_model(self) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
+        """Read ``model.weights`` once: the frozen backbone, the projector when the file has
+        one (eval mode, on the device) and the reader's meta.
+
+        Returns:
+            (backbone, projector or None, meta with ``arch``, ``stem``, ``sha256``, ...).
+
+        Raises:
+            ConfigError: no weights given. CheckpointError: unreadable file (its message ends
+                with the accepted inputs).
+        """
+        m = self.cfg["model"]
+        if not m["weights"]:
+            raise ConfigError("config key 'model.weights' is required (use --weights)")
+        if not Path(m["weights"]).is_file():
+            raise ConfigError(f"--weights {m['weights']!r}: no such file")
+        try:
+            backbone, projector, meta = model_from_checkpoint(
+                m["weights"],
+                device=self.device,
+                allow_unsafe=bool(m["allow_unsafe"]),
+                checkpoint_key=m["checkpoint_key"] or None,
+                prefix=m["prefix"] or None,
+            )
+        except ValueError as e:
+            raise type(e)(with_accepted_inputs(e)) from None
+        if projector is not None:
+            projector.eval()
+        logger.info(
+            "weights %s: %s, %s (stem %s), sha256 %s",
+            m["weights"],
+            meta["source_format"],
+            meta["arch"],
+            meta["stem"],
+            meta["sha256"][:16],
+        )
+        return freeze(backbone), projector, meta
+
+    def features(
+        self, split: str, model: nn.Module, dataset: Dataset, weights_sha256: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features of a whole dataset (all ranks get all rows), cached under OUTPUT_DIR/features.
+
+        Args:
+            split: split name (cache file names, progress label).
+            model: the frozen backbone.
+            dataset: yields (image tensor, label); unreadable images (None) are left out.
+            weights_sha256: content hash of the weights (cache key).
+
+        Returns:
+            (features float32 (N, D), labels int64 (N,)), N = readable images.
+        """
+        kw = dict(
+            layer=self.cfg["features"]["layer"],
+            batch_size=int(self.cfg["data"]["batch_size"]),
+            device=self.device,
+            num_workers=int(self.cfg["data"]["num_workers"]),
+        )
+        if self.out is None:
+            return extract_features(model, dataset, desc=f"{split} features", **kw)
+        return cached_features(self.out / "features", split, model, dataset, weights_sha256, **kw)
+
+
+def usable_dir(path: str) -> Path | None:
+    """``path`` created if needed, or None when it is empty or cannot be written."""
+    if not path:
+        return None
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return None
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (same seed on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(ev: Evaluation, cfg: dict) -> EvalContext:
+    """Process group, output folder, logging, seed, resolved config (Detectron2's default_setup).
+
+    Args:
+        ev: the tool.
+        cfg: its resolved config.
+
+    Returns:
+        The context of the run.
+
+    Raises:
+        ConfigError: the tool needs an output folder and ``output_dir`` is empty or cannot be
+            written.
+    """
+    info = init_distributed(cfg["device"])
+    out = usable_dir(cfg["output_dir"])
+    if out is None and ev.output_required:
+        what = "is empty" if not cfg["output_dir"] else "cannot be written"
+        raise ConfigError(f"config key 'output_dir' {what} (use --output-dir)")
+    setup_logging(str(out) if out else None, rank=info.rank)
+    if cfg["output_dir"] and out is None:
+        logger.warning(
+            "output_dir %r cannot be written: no feature cache, no results file", cfg["output_dir"]
+        )
+    seed_everything(int(cfg["seed"]))
+    if out is not None and info.is_main:
+        save_config(cfg, out / "config.yaml")
+        logger.info("%s: resolved config written to %s", ev.name, out / "config.yaml")
+    return EvalContext(cfg=cfg, info=info, out=out)
+
+
+def report(ev: Evaluation, ctx: EvalContext, results: dict) -> Path | None:
+    """Print the tool's table, write the results JSON, say where (rank 0 only).
+
+    Returns:
+        The results file, or None when it was not written (no usable output folder).
+    """
+    print(ev.summary(results), flush=True)
+    if ctx.out is None:
+        return None
+    path = ctx.out / ev.results_name
+    try:
+        write_json_atomic(results, path)
+    except OSError as e:
+        logger.warning("%s results NOT written to %s: %s", ev.name, path, e)
+        return None
+    logger.info("%s results written to %s", ev.name, path)
+    return path
+
+
+def run_config(ev: Evaluation, cfg: dict) -> dict:
+    """Validate, set up, run and report one evaluation from a resolved config.
+
+    Args:
+        ev: the tool.
+        cfg: its resolved config (e.g. from :func:`pretrain.config.load_config`).
+
+    Returns:
+        The results (rank 0; ``{}`` on other ranks).
+    """
+    ev.validate(cfg)
+    ctx = setup(ev, cfg)
+    results = ev.run(ctx)
+    if ctx.is_main:
+        report(ev, ctx, results)
+    return results
+
+
+def main(ev: Evaluation, argv: list[str] | None = None) -> int:
+    """The entry point of a tool: parse, load the recipe, run; user errors exit with 2.
+
+    Args:
+        ev: the tool.
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
+    parser = build_parser(ev.prog, ev.description, ev.default_config)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after flags
+    try:
+        cfg, _ = load_eval_config(ev.name, args)
+        run_config(ev, cfg)
+    except (ValueError, FileNotFoundError) as e:  # config, data, checkpoint errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
