@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from pretrain.config import ConfigError, complete_section
 from pretrain.transforms import (
     AugmentConfig,
     device_augment,
@@ -482,26 +483,8 @@ class SyntheticImages:
 # Two-view pretraining dataset and loader
 # --------------------------------------------------------------------------------------------
 
-DATA_CFG_DEFAULTS: Dict[str, Any] = {
-    "kind": "imagefolder",  # imagefolder | list | synthetic
-    "root": None,
-    "list_file": None,
-    "image_size": 224,
-    "crop_scale": [0.08, 1.0],
-    "interpolation": "bicubic",  # the reference code's RandomResizedCrop interpolation
-    # auto | fast | pil. auto = fast when training on an accelerator (colour ops run there),
-    # pil on CPU-only machines, where the PIL ops are cheaper than batched float ops (see
-    # benchmarks/README.md).
-    "pipeline": "auto",
-    "num_workers": 8,
-    "strict": False,
-    "synthetic_size": 64,
-    "synthetic_length": 1024,
-    "pin_memory": True,
-    "channels_last": False,
-    "blur_prob": [1.0, 0.1],
-    "solarize_prob": [0.0, 0.2],
-}
+# A key the loader takes next to the data section: the engine passes train.channels_last along.
+LOADER_EXTRA_KEYS: Dict[str, Any] = {"channels_last": False}
 
 
 class TwoViewDataset(Dataset):
@@ -737,8 +720,9 @@ def build_pretrain_loader(
     """Build the two-view pretraining loader of one rank.
 
     Args:
-        data_cfg: the ``data`` section (keys of DATA_CFG_DEFAULTS; missing keys take defaults,
-            unknown keys are an error).
+        data_cfg: the ``data`` section of a pretraining config (plus ``channels_last``); keys
+            it lacks take the defaults of configs/pretrain/base.yaml; an unknown key or a
+            wrong type is an error.
         rank, world_size: this process's shard of each epoch.
         seed: global seed; augmentations and shuffling are functions of (seed, epoch, index).
         batch_size_per_rank: images per batch on this rank (drop_last).
@@ -748,10 +732,10 @@ def build_pretrain_loader(
     Raises:
         DataError: unknown key, bad value, missing data.
     """
-    unknown = sorted(set(data_cfg) - set(DATA_CFG_DEFAULTS))
-    if unknown:
-        raise DataError(f"unknown data config key(s) {unknown}; known: {sorted(DATA_CFG_DEFAULTS)}")
-    cfg = {**DATA_CFG_DEFAULTS, **data_cfg}
+    try:
+        cfg = complete_section(data_cfg, "pretrain", "data", extra=LOADER_EXTRA_KEYS)
+    except ConfigError as exc:
+        raise DataError(f"unknown data config key or bad value: {exc}") from exc
     kind = cfg["kind"]
     if kind == "synthetic":
         source: Any = SyntheticImages(int(cfg["synthetic_length"]), int(cfg["synthetic_size"]))
