@@ -1,21 +1,20 @@
 """Command line for IMSVD pretraining (launched by tools/pretrain.sh through torchrun).
 
-python -m pretrain.main --config configs/pretrain/imsvd_r50_100ep.yaml data.root=/imagenet/train
+python -m pretrain.main --config imsvd_r50_100ep data.root=/imagenet/train
+imsvd-pretrain --config imsvd_smoke --output-dir outputs/smoke train.max_steps=4
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from pathlib import Path
 
-from pretrain.config import ConfigError, load_config, resolve_config_path
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
+from pretrain.config import ConfigError, find_config, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``--config FILE`` and trailing ``key.sub=value`` overrides."""
+    """Parse ``--config NAME|FILE``, ``--output-dir DIR`` and ``key.sub=value`` overrides."""
     parser = argparse.ArgumentParser(
         description="IMSVD pretraining",
         epilog="Overrides: dotted keys of the config, e.g. train.epochs=200 data.root=/data",
@@ -23,15 +22,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config", required=True, help="YAML recipe (path, or a name inside configs/pretrain/)"
     )
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--output-dir", metavar="DIR", help="run folder (sets checkpoint.output_dir)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
+    return parser.parse_intermixed_args(argv)
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The flags as ``key=value`` overrides (values quoted), then the dotted overrides."""
+    flags = []
+    if args.output_dir is not None:
+        flags.append(f"checkpoint.output_dir={json.dumps(str(args.output_dir))}")
+    return flags + list(args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(argv)
     try:
-        cfg = load_config(resolve_config_path(args.config, CONFIG_DIR), args.overrides)
+        cfg = load_config(find_config(args.config, "pretrain"), overrides_of(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
