@@ -79,13 +79,13 @@ cd "$here"
 # Check the recipe before starting any process: the error, not a torchrun traceback around it.
 "$PYTHON" -c '
 import sys
-from pretrain.config import ConfigError, load_config, resolve_config_path
+from pretrain.config import ConfigError, find_config, load_config
 try:
-    load_config(resolve_config_path(sys.argv[1], sys.argv[2]), sys.argv[3:])
+    load_config(find_config(sys.argv[1], "pretrain"), sys.argv[2:])
 except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-' "$config" "$here/configs/pretrain" ${overrides[@]+"${overrides[@]}"}
+' "$config" ${overrides[@]+"${overrides[@]}"}
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
