@@ -20,7 +20,7 @@ echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, torchvision" || { echo "[setup] torch install failed" >&2; exit 1; }
 echo "[setup] installing the imsvd package (editable) with dev extras"
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[dev,detectron2]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import pretrain, transfer, sklearn, yaml" || { echo "[setup] package install failed" >&2; exit 1; }
 echo "[setup] Detectron2"
 .venv/bin/python tools/install_detectron2.py --python .venv/bin/python
