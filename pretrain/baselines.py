@@ -13,7 +13,7 @@ and correlates over the global batch. Global statistics come from an all-gather 
 (:func:`pretrain.dist.all_gather_with_grad`), so a run on W processes with DDP's gradient
 averaging takes the same step as one process with the whole batch. Every statistic is computed
 in fp32 (fp64 for fp64 inputs) with autocast disabled, whatever precision the backbone ran in.
-The defaults are the papers' values (docs/PROTOCOLS.md, "Baselines").
+The defaults are the papers' values (docs/PROTOCOLS.md section 6).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Weighted k-nearest-neighbour voting on frozen features (the kNN protocol of Wu et al. 2018,
-as used by the IMSVD paper's Table II; docs/PROTOCOLS.md "kNN").
+as used by the IMSVD paper's Table II; docs/PROTOCOLS.md section 3.1).
 
 Features are L2-normalised; each query votes over its k most cosine-similar bank samples with
 weights exp(sim / T), T = 0.07. This is the one implementation: the offline evaluation

@@ -1,4 +1,4 @@
-"""The IMSVD objective (PROTOCOLS.md section 1).
+"""The IMSVD objective (docs/PROTOCOLS.md section 1).
 
 Two views' projector outputs z1, z2 (N x D, D = M * B) are softly discretised: each of the M
 variables becomes a categorical distribution over B units (softmax with temperature, clamped at
@@ -312,7 +312,7 @@ def _check_off_blocks(m: int) -> None:
 
 
 class IMSVDLoss(nn.Module):
-    """IMSVD loss module (PROTOCOLS.md section 1).
+    """IMSVD loss module (docs/PROTOCOLS.md section 1).
 
     Args:
         bin_size: B, units per variable (D must be a multiple).

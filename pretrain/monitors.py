@@ -1,14 +1,14 @@
 """Statistics of the soft discrete codes, and online monitors cheap enough to log every step.
 
 IMSVD reads the projector output ``z`` (N x D) as M = D / B discrete variables of B units each,
-softly discretised by a softmax per variable (PROTOCOLS section 1). Its theory predicts, at the
-optimum, one-hot sub-vectors, uniform marginals (entropy log B) and zero mutual information
-between variables. This module holds
+softly discretised by a softmax per variable (docs/PROTOCOLS.md section 1). Its theory
+predicts, at the optimum, one-hot sub-vectors, uniform marginals (entropy log B) and zero
+mutual information between variables. This module holds
 
 * the batch-level primitives for those quantities (:func:`soft_codes`, :func:`onehot_rate`,
   :func:`entropy`, :func:`block_mutual_information`, :func:`argmax_agreement`), which the offline
-  analysis in ``transfer/codes.py`` reuses (``pretrain`` does not import ``transfer``, so the
-  shared math lives here), and
+  analysis in ``transfer/analysis/codes.py`` reuses (``pretrain`` does not import
+  ``transfer``, so the shared math lives here), and
 * :func:`code_monitors`, called by the training engine at each log step.
 
 All entropies and mutual informations are in nats.

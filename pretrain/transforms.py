@@ -1,6 +1,7 @@
 """Image transforms: evaluation transforms and the two-view IMSVD augmentations.
 
-The evaluation transforms are the standard frozen-feature protocol ones (PROTOCOLS section 3).
+The evaluation transforms are the standard frozen-feature protocol ones
+(docs/PROTOCOLS.md section 3).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def train_linear_transform(crop: int = 224, scale: Tuple[float, float] = (0.2, 1
 
 
 # --------------------------------------------------------------------------------------------
-# Two-view IMSVD augmentations (PROTOCOLS section 2)
+# Two-view IMSVD augmentations (docs/PROTOCOLS.md section 2)
 #
 # Randomness is drawn by `sample_view_params` from a per-sample generator seeded with
 # (seed, epoch, index), so a view is a pure function of those three numbers: results do not

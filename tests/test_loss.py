@@ -28,7 +28,7 @@ def loop_imsvd_loss(
     off_coeff=1.0,
     ti_mode="inner",
 ):
-    """PROTOCOLS section 1 written with explicit loops over samples, variables and blocks."""
+    """docs/PROTOCOLS.md section 1 with explicit loops over samples, variables and blocks."""
     z1, z2 = z1.double(), z2.double()
     n, d = z1.shape
     m = d // bin_size

@@ -1,4 +1,4 @@
-"""The one reader and writer of checkpoint artifacts (spec: pretrain/CHECKPOINT_FORMAT.md).
+"""The one reader and writer of checkpoint artifacts (spec: docs/CHECKPOINT_FORMAT.md).
 
 Two artifacts are written by this project:
 

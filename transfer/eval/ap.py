@@ -1,6 +1,6 @@
 """Average precision for the VOC07 SVM protocol.
 
-Two flavours are needed (PROTOCOLS section 3):
+Two flavours are needed (docs/PROTOCOLS.md section 3.5):
 
 * :func:`voc_ap` - the reported test metric: area under the monotone (interpolated) precision-
   recall envelope over all recall points (VOC2010+ style). Labels are 1 / -1 / 0 and the 0

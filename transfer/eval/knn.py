@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification of frozen features (PROTOCOLS section 3).
+"""Weighted k-nearest-neighbour classification of frozen features (docs/PROTOCOLS.md 3.1).
 
     imsvd-knn --weights W --output-dir OUT data.train_root=TRAIN data.val_root=VAL
     torchrun --nproc_per_node 8 -m transfer.eval.knn --weights W ... (same arguments)

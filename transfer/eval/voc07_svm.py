@@ -1,4 +1,4 @@
-"""VOC07 linear-SVM evaluation of a frozen backbone (PROTOCOLS section 3).
+"""VOC07 linear-SVM evaluation of a frozen backbone (docs/PROTOCOLS.md section 3.2).
 
     imsvd-voc07 --weights W --output-dir OUT data.voc_root=VOCdevkit/VOC2007
     torchrun --nproc_per_node 8 -m transfer.eval.voc07_svm --weights W ... (same arguments)
