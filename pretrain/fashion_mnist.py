@@ -1,7 +1,8 @@
-"""Fashion-MNIST, the demo's built-in dataset: locate (or install) it and export an image tree.
+"""Fashion-MNIST, the demo's built-in dataset: read its idx files and export an image tree.
 
 The Debian package ``dataset-fashion-mnist`` installs the original idx files under
-/usr/share/datasets/fashion-mnist. The demo exports them once to a class-folder tree of PNGs
+/usr/share/datasets/fashion-mnist (``tools/install_fashion_mnist.py`` installs it; the library
+never runs a package manager). The demo exports them once to a class-folder tree of PNGs
 (``<out>/train/<class>/<index>.png``, ``<out>/test/...``) that the ordinary ImageFolder readers
 of pretraining and evaluation consume.
 """
@@ -9,17 +10,13 @@ of pretraining and evaluation consume.
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
-APT_PACKAGE = "dataset-fashion-mnist"
 CLASSES = (
     "t-shirt_top",
     "trouser",
@@ -39,51 +36,9 @@ FILES = {
 _MARKER = ".export_complete"
 
 
-class DatasetMissingError(RuntimeError):
-    """Fashion-MNIST is not installed and could not be installed here."""
-
-
-def install_command() -> str:
-    """The command a user runs to install the dataset package."""
-    prefix = "" if hasattr(os, "geteuid") and os.geteuid() == 0 else "sudo "
-    return f"{prefix}apt-get install -y {APT_PACKAGE}"
-
-
-def ensure_installed(data_dir: Path = DEFAULT_DIR, allow_install: bool = True) -> Path:
-    """Return the folder of the idx files, installing the Debian package when possible.
-
-    Args:
-        data_dir: where the package puts the files.
-        allow_install: try ``apt-get install`` (as root, or with password-less sudo).
-
-    Raises:
-        DatasetMissingError: with the exact command to run when installation is not possible.
-    """
-    if all((data_dir / f).is_file() for pair in FILES.values() for f in pair):
-        return data_dir
-    if allow_install and shutil.which("apt-get"):
-        if os.geteuid() == 0:
-            cmd = ["apt-get", "install", "-y", APT_PACKAGE]
-        elif (
-            shutil.which("sudo")
-            and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
-        ):
-            cmd = ["sudo", "-n", "apt-get", "install", "-y", APT_PACKAGE]
-        else:
-            cmd = None
-        if cmd is not None:
-            print(f"installing Fashion-MNIST: {' '.join(cmd)}", flush=True)
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:  # stale package lists: refresh once and retry
-                subprocess.run(cmd[:-3] + ["update"], capture_output=True)
-                res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode == 0 and all(
-                (data_dir / f).is_file() for pair in FILES.values() for f in pair
-            ):
-                return data_dir
-    raise DatasetMissingError(
-        f"Fashion-MNIST not found in {data_dir}. Install it with:\n    {install_command()}"
-    )
+def is_complete(data_dir: Path = DEFAULT_DIR) -> bool:
+    """True when ``data_dir`` holds the four idx files of both splits."""
+    return all((Path(data_dir) / f).is_file() for pair in FILES.values() for f in pair)
 
 
 def read_idx(path: Path) -> np.ndarray:

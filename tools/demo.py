@@ -22,16 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from install_fashion_mnist import DatasetMissingError, ensure_installed  # noqa: E402  (tools/)
+
 from pretrain.checkpoint import model_from_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import build_image_dataset  # noqa: E402
-from pretrain.fashion_mnist import (  # noqa: E402
-    DEFAULT_DIR,
-    DatasetMissingError,
-    ensure_installed,
-    export_image_tree,
-    load_split,
-)
+from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
 from pretrain.log import print_table, write_json_atomic  # noqa: E402
 from pretrain.transforms import eval_transform  # noqa: E402
 from transfer.eval.features import extract_features  # noqa: E402
