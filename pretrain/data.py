@@ -487,11 +487,15 @@ class SyntheticImages:
 LOADER_EXTRA_KEYS: Dict[str, Any] = {"channels_last": False}
 
 
+REPLACEMENT_TRIES = 8
+
+
 class TwoViewDataset(Dataset):
     """Both views of a sample; indexed by (epoch, index) so augmentations are pure functions of
     (seed, epoch, index) whatever process computes them.
 
-    Items are dicts; an unreadable image yields None (non-strict), dropped by the collate.
+    Items are dicts; an unreadable image is replaced by a readable one (non-strict; counted in
+    the source's ``num_skipped``), see :meth:`__getitem__`.
     """
 
     def __init__(self, source: Any, cfg: AugmentConfig, seed: int, pipeline: str) -> None:
@@ -524,12 +528,32 @@ class TwoViewDataset(Dataset):
             return None, label
 
     def __getitem__(self, key: Tuple[int, int]) -> Optional[Dict[str, Any]]:
+        """Both views of sample ``index`` at ``epoch``; an unreadable image is replaced.
+
+        The replacement is a deterministic function of (seed, epoch, index, attempt) drawn from
+        the whole dataset (up to REPLACEMENT_TRIES tries), and its views use the augmentation
+        parameters of the slot it fills; so every process's batches stay full and all ranks
+        take the same steps. None only when every try was unreadable (dropped by the collate).
+        """
         epoch, index = key
+        item = self._item(epoch, index, index)
+        n, failed = len(self.source), 0
+        for attempt in range(REPLACEMENT_TRIES if n > 1 else 0):
+            if item is not None:
+                break
+            failed += 1
+            rng = np.random.default_rng([self.seed, epoch, index, attempt, 0xBAD])
+            item = self._item(epoch, int(rng.integers(n)), index)
+        if item is not None:
+            item["unreadable"] = failed
+        return item
+
+    def _item(self, epoch: int, index: int, slot: int) -> Optional[Dict[str, Any]]:
         img, label = self._open(index)
         if img is None:
             return None
         w, h = img.size
-        params = sample_two_views(self.seed, epoch, index, w, h, self.cfg)
+        params = sample_two_views(self.seed, epoch, slot, w, h, self.cfg)
         try:
             if self.pipeline == "pil":
                 v1, v2 = reference_two_views(img, params, self.cfg)
@@ -557,7 +581,8 @@ def _load_opened(img: Image.Image) -> Image.Image:
 
 
 def collate_two_views(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Stack the readable items of a batch; ``skipped`` counts the unreadable ones.
+    """Stack the readable items of a batch; ``skipped`` counts the unreadable reads (items
+    that stayed unreadable plus the unreadable images that readable replacements stand for).
 
     Returns:
         dict with view1, view2 (uint8 (N,H,W,3) for the fast pipeline, normalised float
@@ -565,7 +590,8 @@ def collate_two_views(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
         skipped. N may be 0.
     """
     good = [it for it in items if it is not None]
-    batch: Dict[str, Any] = {"skipped": len(items) - len(good), "size": len(good)}
+    replaced = sum(it.get("unreadable", 0) for it in good)
+    batch: Dict[str, Any] = {"skipped": len(items) - len(good) + replaced, "size": len(good)}
     if not good:
         return batch
     batch["view1"] = torch.stack([it["view1"] for it in good])
@@ -662,9 +688,8 @@ class PretrainLoader:
         for batch in loader:
             self.skipped += batch["skipped"]
             self._since_last += batch["skipped"]
-            if batch["size"] == 0:
-                logger.warning("skipping a batch whose images were all unreadable")
-                continue
+            if batch["size"] == 0:  # still yielded: in DDP every rank must see every batch
+                logger.warning("a batch whose images were all unreadable (it will be skipped)")
             yield batch
 
     def pop_skipped(self) -> int:

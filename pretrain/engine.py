@@ -1,4 +1,9 @@
-"""The IMSVD pretraining loop: DDP, mixed precision, resume, checkpoints, preemption, metrics."""
+"""The pretraining loop: DDP, mixed precision, resume, preemption; everything else in hooks.
+
+:class:`Trainer` builds the data, model, optimizer and loss from a resolved config and runs
+optimisation steps; metrics, the online kNN probe and checkpointing are hooks
+(:mod:`pretrain.hooks`), the checkpoint policy is :class:`pretrain.checkpointer.Checkpointer`.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,25 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from pretrain import checkpoint as ckpt
 from pretrain import dist
+from pretrain.checkpointer import FINAL_BACKBONE, Checkpointer, RunFolder
 from pretrain.config import save_config
 from pretrain.data import build_pretrain_loader
-from pretrain.log import AverageMeter, MetricWriter, progress, setup_logging
+from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
+from pretrain.log import MetricWriter, progress, setup_logging
 from pretrain.loss import build_loss
 from pretrain.model import build_model
-from pretrain.monitors import code_monitors
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.probe import build_probe
 
+__all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIONS"]
+
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-FINAL_BACKBONE = "backbone_final.pth"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,11 +64,6 @@ class _StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    @property
-    def local(self) -> bool:
-        """True when this process received a signal."""
-        return self.signum is not None
-
 
 def _autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
@@ -71,7 +72,12 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _check_cfg(cfg: Mapping, world_size: int) -> None:
+def check_config(cfg: Mapping, world_size: int) -> None:
+    """Cross-field checks of a resolved pretraining config (the schema checks single keys).
+
+    Raises:
+        ValueError: naming the config key(s) and the offending value.
+    """
     if cfg["train"]["precision"] not in PRECISIONS:
         raise ValueError(
             f"config key 'train.precision': '{cfg['train']['precision']}' is not one of "
@@ -84,7 +90,7 @@ def _check_cfg(cfg: Mapping, world_size: int) -> None:
             f"the number of processes ({world_size})"
         )
     d = int(str(cfg["model"]["projector"]).split("-")[-1])
-    if d % cfg["loss"]["bin_size"] != 0:
+    if cfg["loss"]["name"] == "imsvd" and d % cfg["loss"]["bin_size"] != 0:
         raise ValueError(
             f"config keys 'model.projector' / 'loss.bin_size': output width {d} is not a multiple "
             f"of bin_size {cfg['loss']['bin_size']}"
@@ -92,16 +98,19 @@ def _check_cfg(cfg: Mapping, world_size: int) -> None:
 
 
 class Trainer:
-    """Runs IMSVD pretraining as described by a resolved config (see configs/pretrain/base.yaml)."""
+    """Runs pretraining as described by a resolved config (see configs/pretrain/base.yaml).
 
-    def __init__(self, cfg: Mapping) -> None:
+    Args:
+        cfg: the resolved config.
+        hooks: extra hooks, run after the built-in ones (metrics, probe, checkpoints).
+    """
+
+    def __init__(self, cfg: Mapping, hooks: Sequence[HookBase] = ()) -> None:
         self.cfg = cfg
         self.info = dist.init_distributed(cfg["train"]["device"])
         self.out = Path(cfg["checkpoint"]["output_dir"])
         self.log = setup_logging(self.out, rank=self.info.rank)
-        _check_cfg(cfg, self.info.world_size)
-        if self.info.is_main:
-            save_config(cfg, self.out / "config.yaml")
+        check_config(cfg, self.info.world_size)
         self.log.info(
             "process %d/%d on %s (backend %s); output %s",
             self.info.rank,
@@ -111,13 +120,25 @@ class Trainer:
             self.out,
         )
         torch.manual_seed(cfg["train"]["seed"] + self.info.rank)
-        self._saved_step: int | None = None
+        self.extra_hooks = list(hooks)
+        # loop state read by hooks
+        self.epoch = self.step = self.step_in_epoch = 0
+        self.losses: dict[str, torch.Tensor] = {}
+        self.views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lr = 0.0
+        self.status = "running"
+        self.stop_requested = False
+        self.stop_signal: int | None = None
+        self.backbone_path: Path | None = None
+        self._t_start = time.perf_counter()
 
     # ----------------------------------------------------------------- setup
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Data, model (DDP, SyncBN, channels-last, compile), optimizer, loss, scaler, probe."""
         cfg, info = self.cfg, self.info
         tr = cfg["train"]
         self.batch_per_rank = tr["batch_size"] // info.world_size
+        self.images_per_step = tr["batch_size"]
         self.loader = build_pretrain_loader(
             {**cfg["data"], "channels_last": tr["channels_last"]},
             rank=info.rank,
@@ -140,7 +161,6 @@ class Trainer:
         self.peak_lr = scaled_lr(
             cfg["optim"]["base_lr"], tr["batch_size"], cfg["optim"]["reference_batch"]
         )
-
         model = build_model(cfg["model"])
         if info.distributed and tr["sync_bn"]:
             if info.device.type == "cuda":
@@ -150,7 +170,7 @@ class Trainer:
         model = model.to(info.device)
         if tr["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model  # unwrapped: checkpoints and export read it
+        self.model = model  # unwrapped: checkpoints, export and the probe read it
         self.ddp = (
             nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.device.index] if info.device.type == "cuda" else None
@@ -161,91 +181,103 @@ class Trainer:
         self.forward = torch.compile(self.ddp) if tr["compile"] else self.ddp
         self.optimizer = build_optimizer(model, cfg["optim"], self.peak_lr)
         self.criterion = build_loss(cfg["loss"])
-        # the online kNN probe runs on the main process only (eval-mode BN needs no collective)
-        self.probe = None
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=tr["precision"] == "fp16")
+        self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
+        probe = None
         if cfg["eval"]["every_steps"] > 0 and info.is_main:
-            self.probe = build_probe(cfg["eval"], cfg["data"])
-        use_scaler = tr["precision"] == "fp16"
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
+            probe = build_probe(cfg["eval"], cfg["data"])
+        self.writer = MetricWriter(self.out, rank=info.rank, tensorboard=cfg["log"]["tensorboard"])
+        self.metrics_hook = MetricsHook(self.writer, cfg["log"]["every_steps"])
+        self.hooks: list[HookBase] = [self.metrics_hook]
+        if cfg["eval"]["every_steps"] > 0:
+            self.probe_hook = ProbeHook(probe, self.writer, cfg["eval"]["every_steps"])
+            self.hooks.append(self.probe_hook)
+        self.hooks += [CheckpointHook(self.checkpointer), *self.extra_hooks]
+        for h in self.hooks:
+            h.trainer = self
 
-    def _resume(self) -> tuple[int, int, int]:
-        """Load the newest checkpoint of the output folder, if any: (epoch, step_in_epoch, step)."""
-        if not self.cfg["checkpoint"]["resume"]:
-            return 0, 0, 0
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
-            return 0, 0, 0
-        state = ckpt.load_training_state(path)
-        ckpt.restore_training_state(
-            state, model=self.model, optimizer=self.optimizer, scaler=self.scaler
-        )
-        rng = ckpt.rng_state_for_rank(state, self.info.rank, self.info.world_size)
-        if rng is not None:
-            ckpt.restore_rng_state(rng)
-        else:  # per-rank streams were not saved for this world size: fresh, rank-distinct seeds
-            torch.manual_seed(self.cfg["train"]["seed"] + self.info.rank + int(state["step"]))
-        self.log.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
-        return int(state["epoch"]), int(state["step_in_epoch"]), int(state["step"])
-
-    def _save(self, epoch: int, step_in_epoch: int, step: int) -> None:
-        if step == self._saved_step:  # already written at this step (e.g. every_steps + end)
-            return
-        self._saved_step = step
-        rng = None  # one process: save_training_state captures this process's streams
-        if self.info.distributed:  # every rank's streams, so each resumes its own
-            rng = [None] * self.info.world_size
-            torch.distributed.all_gather_object(rng, ckpt.capture_rng_state())
-        if self.info.is_main:
-            path = self.out / ckpt.checkpoint_name(epoch, step)
-            ckpt.save_training_state(
-                path,
-                model=self.model,
-                optimizer=self.optimizer,
-                scaler=self.scaler if self.scaler.is_enabled() else None,
-                epoch=epoch,
-                step=step,
-                step_in_epoch=step_in_epoch,
-                config=dict(self.cfg),
-                rng=rng,
-            )
-            ckpt.prune_checkpoints(self.out, self.cfg["checkpoint"]["keep_last"])
-            self.log.info("saved %s", path)
-        dist.barrier()
-
-    # ----------------------------------------------------------------- probe
-    def _train_seconds(self) -> float:
+    def train_seconds(self) -> float:
         """Wall time of this process's training so far, probes excluded (resets on resume)."""
-        return time.perf_counter() - self._t_start - self._probe_seconds
+        probe = getattr(self, "probe_hook", None)
+        return time.perf_counter() - self._t_start - (probe.seconds if probe else 0.0)
 
-    def _probe_due(self, step: int) -> bool:
-        every = self.cfg["eval"]["every_steps"]
-        return every > 0 and (step % every == 0 or step == self.total_steps)
+    # ------------------------------------------------------------------ step
+    def run_step(self, batch: Any, stop: _StopRequest) -> bool:
+        """One optimisation step; returns False when every rank agreed to skip the batch.
 
-    def _run_probe(self, step: int, writer: MetricWriter) -> None:
-        """Online kNN probe on the main process (logged to metrics.jsonl / TensorBoard)."""
-        if self.probe is not None:
-            res = self.probe(self.model.backbone)
-            self._probe_seconds += res["knn/seconds"]
-            res["train_seconds"] = self._train_seconds()
-            writer.write(step, res)
-            accs = " ".join(f"{k[4:]} {v:.2f}%" for k, v in res.items() if k.startswith("knn/top1"))
-            self.log.info("step %d kNN probe: %s (%.1f s)", step, accs, res["knn/seconds"])
-        dist.barrier()
+        A batch with fewer than 2 readable images on any rank (BatchNorm needs 2) is skipped by
+        all ranks together, so their collectives stay matched.
+
+        Raises:
+            NonFiniteLossError: the loss is NaN/inf on any rank (nothing is written).
+        """
+        cfg, info, tr = self.cfg, self.info, self.cfg["train"]
+        self.lr = lr_at(
+            self.step,
+            self.total_steps,
+            self.warmup_steps,
+            self.peak_lr,
+            cfg["optim"]["final_lr_ratio"],
+        )
+        set_lr(self.optimizer, self.lr)
+        local = int(batch["size"])
+        too_small = torch.tensor([float(local < 2)], device=info.device)
+        if dist.all_reduce_sum(too_small).item() > 0:
+            self.log.warning(
+                "step %d: a process has fewer than 2 readable images in its batch (%s here, "
+                "the rest unreadable: see the skipped-image warnings); all processes skip it",
+                self.step,
+                local,
+            )
+            return False
+        x1, x2 = self.loader.prepare(batch, info.device)
+        with _autocast(info.device, tr["precision"]):
+            z1 = self.forward(x1)
+            z2 = self.forward(x2)
+        losses = self.criterion(z1.float(), z2.float())
+        loss = losses["loss"]
+        # one collective per step: [ranks with a non-finite loss, ranks signalled]
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss.detach())).float(),
+                torch.tensor(float(stop.signum is not None), device=loss.device),
+            ]
+        )
+        bad, stop_now = dist.all_reduce_sum(flags).tolist()
+        if bad > 0:
+            parts = {k: float(v.detach()) for k, v in losses.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.epoch}, step {self.step} ({parts}); training "
+                f"stopped and the last good checkpoint in {self.out} is left intact. "
+                f"Try a lower optim.base_lr or train.precision=bf16/fp32."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.losses = losses
+        self.views = (z1.detach(), z2.detach())
+        if stop_now > 0:
+            self.stop_requested, self.stop_signal = True, stop.signum
+        return True
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        """Train until the configured epochs / max_steps; returns a summary dict.
+        """Train until the schedule's last step; returns a summary dict.
 
         The summary has keys "status" ("finished" or "preempted"), "step", "epoch",
         "backbone" (path of the exported backbone when finished), "last_metrics".
         """
-        self._build()
-        cfg, info = self.cfg, self.info
-        tr, every = cfg["train"], cfg["log"]["every_steps"]
-        epoch, start_iter, step = self._resume()
-        if start_iter >= self.steps_per_epoch:
-            epoch, start_iter = epoch + 1, 0
-        writer = MetricWriter(self.out, rank=info.rank, tensorboard=cfg["log"]["tensorboard"])
+        with RunFolder(self.out, self.info.is_main):
+            return self._fit()
+
+    def _fit(self) -> dict:
+        self.build()
+        self.epoch, self.step_in_epoch, self.step = self.checkpointer.resume()
+        if self.info.is_main:  # after the resume check: a refused resume leaves it untouched
+            save_config(self.cfg, self.out / "config.yaml")
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
         stop = _StopRequest()
         stop.install()
         self.log.info(
@@ -256,166 +288,74 @@ class Trainer:
             self.batch_per_rank,
             self.peak_lr,
             self.warmup_steps,
-            step,
+            self.step,
         )
-        meters: dict[str, AverageMeter] = {}
-        last: dict[str, float] = {}
-        status = "finished"
-        t_log = time.perf_counter()
-        imgs_since = 0
         self.ddp.train()
         bar = progress(
-            range(step, self.total_steps),
+            range(self.step, self.total_steps),
             total=self.total_steps,
             desc="pretrain",
-            rank=info.rank,
-            initial=step,
+            rank=self.info.rank,
+            initial=self.step,
         )
         bar_iter = iter(bar)
-        self._t_start, self._probe_seconds = time.perf_counter(), 0.0
-        if step == 0 and self._probe_due(0):
-            self._run_probe(0, writer)  # the starting point of the learning curve
+        self._t_start = time.perf_counter()
         try:
-            while step < self.total_steps and epoch < tr["epochs"]:
-                self.loader.set_epoch(epoch, start_iter)
-                i = start_iter
-                for batch in self.loader:
-                    if step >= self.total_steps:
-                        break
-                    lr = lr_at(
-                        step,
-                        self.total_steps,
-                        self.warmup_steps,
-                        self.peak_lr,
-                        cfg["optim"]["final_lr_ratio"],
-                    )
-                    set_lr(self.optimizer, lr)
-                    x1, x2 = self.loader.prepare(batch, info.device)
-                    with _autocast(info.device, tr["precision"]):
-                        z1 = self.forward(x1)
-                        z2 = self.forward(x2)
-                    losses = self.criterion(z1.float(), z2.float())
-                    loss = losses["loss"]
-                    # one collective per step: [ranks with a non-finite loss, ranks signalled]
-                    flags = torch.stack(
-                        [
-                            (~torch.isfinite(loss.detach())).float(),
-                            torch.tensor(float(stop.local), device=loss.device),
-                        ]
-                    )
-                    bad, stop_now = dist.all_reduce_sum(flags).tolist()
-                    if bad > 0:
-                        parts = {k: float(v.detach()) for k, v in losses.items()}
-                        raise NonFiniteLossError(
-                            f"non-finite loss at epoch {epoch}, step {step} ({parts}); training "
-                            f"stopped and the last good checkpoint in {self.out} is left intact. "
-                            f"Try a lower optim.base_lr or train.precision=bf16/fp32."
-                        )
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    step += 1
-                    i += 1
-                    imgs_since += x1.shape[0] * info.world_size
-                    next(bar_iter, None)
-                    for k, v in losses.items():
-                        meters.setdefault(k, AverageMeter()).update(float(v.detach()))
-                    if step % every == 0 or step == self.total_steps:
-                        now = time.perf_counter()
-                        last = {k: m.avg for k, m in meters.items()}
-                        last.update(
-                            lr=lr,
-                            epoch=epoch + i / self.steps_per_epoch,
-                            images_per_s=imgs_since / max(now - t_log, 1e-9),
-                            skipped_images=self.loader.pop_skipped(),
-                            train_seconds=self._train_seconds(),
-                        )
-                        if self.scaler.is_enabled():
-                            last["loss_scale"] = self.scaler.get_scale()
-                        if tr["monitors"] and cfg["loss"]["name"] == "imsvd":
-                            last.update(
-                                code_monitors(
-                                    z1.detach(),
-                                    z2.detach(),
-                                    cfg["loss"]["bin_size"],
-                                    cfg["loss"]["temperature"],
-                                    step=step,
-                                )
-                            )
-                        writer.write(step, last)
-                        terms = " ".join(
-                            f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss_")
-                        )
-                        self.log.info(
-                            "ep %d step %d/%d loss %.4f (%s) lr %.4g %.1f img/s",
-                            epoch,
-                            step,
-                            self.total_steps,
-                            last["loss"],
-                            terms,
-                            lr,
-                            last["images_per_s"],
-                        )
-                        meters = {}
-                        t_log, imgs_since = now, 0
-                    if self._probe_due(step):
-                        self._run_probe(step, writer)
-                    every_steps = cfg["checkpoint"]["every_steps"]
-                    if stop_now > 0:
-                        self._save(epoch, i, step)
-                        status = "preempted"
-                        self.log.warning(
-                            "signal %s received: checkpoint written at step %d; exiting cleanly",
-                            stop.signum,
-                            step,
-                        )
-                        break
-                    if every_steps > 0 and step % every_steps == 0 and i < self.steps_per_epoch:
-                        self._save(epoch, i, step)
-                if status == "preempted":
-                    break
-                if i >= self.steps_per_epoch:
-                    epoch, start_iter = epoch + 1, 0
-                    if epoch % cfg["checkpoint"]["every_epochs"] == 0 or epoch == tr["epochs"]:
-                        self._save(epoch, 0, step)
-                else:  # stopped by max_steps inside the epoch
-                    self._save(epoch, i, step)
-                    break
+            for h in self.hooks:
+                h.before_train()
+            self._loop(stop, bar_iter)
+            if self.status == "running":
+                self.status = "finished"
+            for h in self.hooks:
+                h.after_train()
         finally:
             stop.restore()
-            writer.close()
+            self.writer.close()
             if hasattr(bar, "close"):
                 bar.close()
-
-        backbone_path = None
-        if status == "finished":
-            backbone_path = self.out / FINAL_BACKBONE
-            if info.is_main:
-                ckpt.export_backbone(
-                    backbone_path,
-                    self.model.backbone.state_dict(),
-                    arch=cfg["model"]["arch"],
-                    stem=cfg["model"]["stem"],
-                    epoch=epoch,
-                    config=dict(self.cfg),
-                )
-                self.log.info("exported backbone to %s", backbone_path)
-            dist.barrier()
         return {
-            "status": status,
-            "step": step,
-            "epoch": epoch,
-            "backbone": str(backbone_path) if backbone_path else None,
+            "status": self.status,
+            "step": self.step,
+            "epoch": self.epoch,
+            "backbone": str(self.backbone_path) if self.backbone_path else None,
             "last_metrics": {
-                k: v for k, v in last.items() if not isinstance(v, float) or math.isfinite(v)
+                k: v
+                for k, v in self.metrics_hook.last.items()
+                if not isinstance(v, float) or math.isfinite(v)
             },
         }
 
+    def _loop(self, stop: _StopRequest, bar_iter) -> None:
+        while self.step < self.total_steps:
+            self.loader.set_epoch(self.epoch, self.step_in_epoch)
+            stepped = False
+            for batch in self.loader:
+                done = self.run_step(batch, stop)
+                self.step_in_epoch += 1
+                if not done:
+                    continue
+                stepped = True
+                self.step += 1
+                next(bar_iter, None)
+                for h in self.hooks:
+                    h.after_step()
+                if self.stop_requested or self.step >= self.total_steps:
+                    break
+            if self.stop_requested or self.step_in_epoch < self.steps_per_epoch:
+                return  # preempted, or the last step fell inside this epoch
+            if not stepped:
+                raise ValueError(
+                    f"epoch {self.epoch} gave no batch with 2 readable images per process: "
+                    f"check data.root (see the skipped-image warnings in {self.out / 'log.txt'})"
+                )
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            for h in self.hooks:
+                h.after_epoch()
 
-def train(cfg: Mapping) -> dict:
+
+def train(cfg: Mapping, hooks: Sequence[HookBase] = ()) -> dict:
     """Run pretraining for a resolved config; see :meth:`Trainer.fit` for the summary."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, hooks)
     try:
         return trainer.fit()
     finally:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from pretrain.config import ConfigError, find_config, load_config
+from pretrain.log import LOGGER_NAME
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,11 +47,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pretrain.engine import train  # heavy imports after the config is known to be valid
+    # heavy imports after the config is known to be valid
+    from pretrain.checkpointer import (
+        CheckpointWriteError,
+        NonFiniteStateError,
+        RunFolderBusyError,
+    )
+    from pretrain.engine import NonFiniteLossError, train
 
+    user_errors = (
+        ValueError,  # config values, data paths, shapes, checkpoint formats, changed recipe
+        FileNotFoundError,
+        CheckpointWriteError,  # disk full, permissions
+        NonFiniteStateError,
+        NonFiniteLossError,
+        RunFolderBusyError,
+    )
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # user errors: data paths, shapes, formats
+    except user_errors as e:
+        logging.getLogger(LOGGER_NAME).error("%s", e)  # also in OUTPUT_DIR/log.txt
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"pretraining {summary['status']} at step {summary['step']}", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -35,7 +36,7 @@ from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("imsvd.probe")
 
-__all__ = ["KNNProbe", "ProbeSet", "build_probe"]
+__all__ = ["KNNProbe", "ProbeSet", "build_probe", "load_probe_set", "first_by_index"]
 
 
 class ProbeSet:
@@ -55,7 +56,14 @@ def _to_uint8(img, size: int) -> torch.Tensor:
     return T.PILToTensor()(img)
 
 
-def _decode(paths_labels: Sequence[tuple[str, int]], size: int, where: str) -> ProbeSet:
+def load_probe_set(paths_labels: Sequence[tuple[str, int]], size: int, where: str) -> ProbeSet:
+    """Decode (path, label) samples into a :class:`ProbeSet` (resize + centre crop to ``size``).
+
+    Unreadable images are dropped, counted in ``skipped`` and logged.
+
+    Raises:
+        DataError: no image could be read.
+    """
     images, labels, skipped = [], [], 0
     for path, label in paths_labels:
         try:
@@ -68,6 +76,20 @@ def _decode(paths_labels: Sequence[tuple[str, int]], size: int, where: str) -> P
     if not images:
         raise DataError(f"probe {where}: no readable image")
     return ProbeSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
+
+
+def first_by_index(samples: Sequence[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    """The samples whose file name (without suffix) is an integer below ``n``.
+
+    For image trees exported with each image's index in its source file as its name (the
+    Fashion-MNIST tree of tools/demo.py): "the first n images" of the original split.
+    """
+    out = []
+    for path, label in samples:
+        stem = Path(path).stem
+        if stem.isdigit() and int(stem) < n:
+            out.append((path, label))
+    return out
 
 
 def _synthetic(source: SyntheticImages, index: np.ndarray, size: int) -> ProbeSet:
@@ -191,11 +213,11 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
         mapping = _match_classes(bank_ds.classes, query_ds.classes, str(query_root))
         bank_idx = rng.permutation(len(bank_ds))[:n_bank]
         query_idx = rng.permutation(len(query_ds))[:n_query]
-        bank = _decode([bank_ds.samples[i] for i in bank_idx], size, "bank")
+        bank = load_probe_set([bank_ds.samples[i] for i in bank_idx], size, "bank")
         qs = [query_ds.samples[i] for i in query_idx]
         if mapping is not None:
             qs = [(p, mapping[y]) for p, y in qs]
-        queries = _decode(qs, size, "queries")
+        queries = load_probe_set(qs, size, "queries")
     elif data_cfg["kind"] == "synthetic":
         source = SyntheticImages(data_cfg["synthetic_length"], data_cfg["synthetic_size"])
         perm = rng.permutation(len(source))
@@ -208,8 +230,10 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
         perm = rng.permutation(len(ds))
         if n_bank + n_query > len(perm):
             n_bank, n_query = _shrink(n_bank, n_query, len(perm))
-        bank = _decode([ds.samples[i] for i in perm[:n_bank]], size, "bank")
-        queries = _decode([ds.samples[i] for i in perm[n_bank : n_bank + n_query]], size, "queries")
+        bank = load_probe_set([ds.samples[i] for i in perm[:n_bank]], size, "bank")
+        queries = load_probe_set(
+            [ds.samples[i] for i in perm[n_bank : n_bank + n_query]], size, "queries"
+        )
     logger.info(
         "kNN probe: bank %d, queries %d images at %d px (%.1f s to load)",
         len(bank),
@@ -234,3 +258,33 @@ def _shrink(n_bank: int, n_query: int, available: int) -> tuple[int, int]:
         q,
     )
     return available - q, q
+
+
+def indexed_folder_knn(
+    backbone: nn.Module,
+    bank_root: str | Path,
+    query_root: str | Path,
+    n_bank: int,
+    n_query: int,
+    size: int,
+    ks: Sequence[int] = (20, 200),
+) -> dict[str, float]:
+    """kNN top-1 (percent) of ``backbone`` with the first ``n_bank`` / ``n_query`` images of two
+    index-named labelled folders as bank and queries (see :func:`first_by_index`).
+
+    This is the demo's evaluation protocol (bank = the first 10,000 Fashion-MNIST train images,
+    queries = the first 2,000 test images); query classes are matched to the bank's by name.
+
+    Returns:
+        ``{"top1_k20": ..., "top1_k200": ...}``.
+    """
+    bank_ds = build_image_dataset(root=str(bank_root))
+    query_ds = build_image_dataset(root=str(query_root))
+    mapping = _match_classes(bank_ds.classes, query_ds.classes, str(query_root))
+    bank = load_probe_set(first_by_index(bank_ds.samples, n_bank), size, "bank")
+    qs = first_by_index(query_ds.samples, n_query)
+    if mapping is not None:
+        qs = [(p, mapping[y]) for p, y in qs]
+    queries = load_probe_set(qs, size, "queries")
+    res = KNNProbe(bank, queries, ks=ks)(backbone)
+    return {k[4:]: v for k, v in res.items() if k.startswith("knn/top1")}

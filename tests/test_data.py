@@ -411,13 +411,21 @@ def test_loader_drops_corrupt_images_and_strict(tree):
     _corrupt(tree)
     cfg = _cfg(kind="imagefolder", root=str(tree), image_size=16)
     ld = build_pretrain_loader(cfg, rank=0, world_size=1, seed=0, batch_size_per_rank=6)
-    total = 0
+    total, bad = 0, {
+        i for i, (p, _) in enumerate(ld.dataset.source.samples) if "bad" in p or "trunc" in p
+    }
     for ep in range(2):
-        for _, x1, x2 in _epoch(ld, ep):
-            assert x1.shape[0] == x2.shape[0]
+        for idx, x1, x2 in _epoch(ld, ep):
+            assert x1.shape[0] == x2.shape[0] == 6  # unreadable images are replaced: full batches
+            assert not bad & set(idx.tolist())  # by readable ones
             total += x1.shape[0]
-    assert ld.skipped == 4 and total == 20  # 2 bad files x 2 epochs; 12 - 2 per epoch
-    assert ld.pop_skipped() == 4 and ld.pop_skipped() == 0
+    # 2 bad files x 2 epochs, plus any replacement try that met a bad file again
+    skipped = ld.skipped
+    assert skipped >= 4 and total == 24
+    assert ld.pop_skipped() == skipped and ld.pop_skipped() == 0
+    again = build_pretrain_loader(cfg, rank=0, world_size=1, seed=0, batch_size_per_rank=6)
+    first = [b[0].tolist() for b in _epoch(again, 1)]
+    assert first == [b[0].tolist() for b in _epoch(again, 1)]  # replacements are deterministic
     strict = build_pretrain_loader(
         {**cfg, "strict": True}, rank=0, world_size=1, seed=0, batch_size_per_rank=6
     )
@@ -438,7 +446,16 @@ def test_loader_list_kind_and_all_bad_batch(tmp_path):
     cfg = _cfg(kind="list", list_file=str(tmp_path / "l.txt"), pipeline="fast")
     ld = build_pretrain_loader(cfg, rank=0, world_size=1, seed=0, batch_size_per_rank=2)
     got = _epoch(ld, 0)
-    assert ld.skipped == 4 and sum(x.shape[0] for _, x, _ in got) == 2
+    # each bad image is replaced by a readable one: 3 full batches of the two good images
+    assert ld.skipped >= 4 and [x.shape[0] for _, x, _ in got] == [2, 2, 2]
+    assert {i for idx, _, _ in got for i in idx.tolist()} <= {4, 5}
+    # nothing readable at all: every try fails, the batches are empty (the engine skips them)
+    (tmp_path / "all_bad.txt").write_text("".join(f"bad{i}.jpg 0\n" for i in range(4)))
+    cfg = _cfg(kind="list", list_file=str(tmp_path / "all_bad.txt"), pipeline="fast")
+    ld = build_pretrain_loader(cfg, rank=0, world_size=1, seed=0, batch_size_per_rank=2)
+    ld.set_epoch(0)
+    sizes = [b["size"] for b in ld]
+    assert sizes == [0, 0] and ld.skipped == 4  # four slots left empty
 
 
 def test_data_config_errors(tree):

@@ -1,5 +1,6 @@
 """Pretraining engine end to end on CPU: smoke run, resume, preemption, non-finite loss."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,7 +13,16 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain import engine
+from pretrain.checkpoint import train_state as ckpt_train_state
+from pretrain.checkpointer import (
+    CheckpointWriteError,
+    ConfigChangedError,
+    NonFiniteStateError,
+    RunFolder,
+    RunFolderBusyError,
+)
 from pretrain.config import load_config
+from pretrain.hooks import HookBase
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
@@ -90,23 +100,25 @@ def test_training_changes_weights_and_logs_metrics(tmp_path):
         assert key in row
 
 
-def test_preempt_and_resume_is_identical(tmp_path, monkeypatch):
-    """SIGTERM at step 2 writes a checkpoint; resuming reproduces the uninterrupted run."""
+class _AtStep(HookBase):
+    """Calls ``fn(trainer)`` once, after the given step."""
+
+    def __init__(self, step, fn):
+        self.at, self.fn, self.done = step, fn, False
+
+    def after_step(self):
+        if self.trainer.step == self.at and not self.done:
+            self.done = True
+            self.fn(self.trainer)
+
+
+def test_preempt_and_resume_is_identical(tmp_path):
+    """SIGTERM after step 2 writes a checkpoint; resuming reproduces the uninterrupted run."""
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
     engine.train(_cfg(ref_out, "checkpoint.every_steps=0"))
     reference = _final_state(ref_out)
-
-    real_lr_at = engine.lr_at
-
-    def lr_at_with_signal(step, *args):
-        if step == 2 and not (cut_out / "signalled").exists():
-            (cut_out / "signalled").touch()
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, *args)
-
-    cut_out.mkdir()
-    monkeypatch.setattr(engine, "lr_at", lr_at_with_signal)
-    first = engine.train(_cfg(cut_out, "checkpoint.every_steps=0"))
+    signal_hook = _AtStep(2, lambda tr: os.kill(os.getpid(), signal.SIGTERM))
+    first = engine.train(_cfg(cut_out, "checkpoint.every_steps=0"), hooks=[signal_hook])
     assert first["status"] == "preempted" and first["step"] == 3
     assert not (cut_out / engine.FINAL_BACKBONE).exists()
     second = engine.train(_cfg(cut_out, "checkpoint.every_steps=0"))
@@ -116,25 +128,95 @@ def test_preempt_and_resume_is_identical(tmp_path, monkeypatch):
         assert torch.equal(reference[k], resumed[k]), k
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+def _poison_weight(tr):
+    with torch.no_grad():
+        tr.model.backbone.conv1.weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     out = tmp_path / "nan"
-    real_forward = engine.IMSVDLoss.forward
-    calls = {"n": 0}
-
-    def nan_on_third(self, z1, z2):
-        out_ = real_forward(self, z1, z2)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            out_["loss"] = out_["loss"] * float("nan")
-        return out_
-
-    monkeypatch.setattr(engine.IMSVDLoss, "forward", nan_on_third)
-    with pytest.raises(engine.NonFiniteLossError, match="non-finite loss at epoch 1, step 2"):
-        engine.train(_cfg(out))
-    latest = ckpt.latest_checkpoint(out)
-    state = ckpt.load_training_state(latest)
-    assert state["step"] == 2
+    # step 1 is saved (checkpoint.every_steps=1), then the weights turn NaN: step 2's loss is NaN
+    with pytest.raises(engine.NonFiniteLossError, match="non-finite loss at epoch 0, step 1"):
+        engine.train(_cfg(out), hooks=[_AtStep(1, _poison_weight)])
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    assert state["step"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_buffer_is_never_saved(tmp_path):
+    """An inf BatchNorm running_var does not change the loss, but must not be checkpointed."""
+    out = tmp_path / "inf"
+
+    def poison_buffer(tr):
+        tr.model.backbone.bn1.running_var.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteStateError, match=r"backbone\.bn1\.running_var.*step 2"):
+        engine.train(_cfg(out), hooks=[_AtStep(1, poison_buffer)])
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    assert state["step"] == 1  # the last finite checkpoint is kept
+    assert torch.isfinite(state["model"]["backbone.bn1.running_var"]).all()
+
+
+def test_resume_with_a_changed_recipe_is_refused(tmp_path):
+    out = tmp_path / "run"
+    engine.train(_cfg(out, "train.max_steps=2"))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigChangedError) as e:
+        engine.train(_cfg(out, "train.max_steps=4", "loss.bin_size=16", "data.num_workers=1"))
+    msg = str(e.value)
+    assert "train.max_steps: 2 -> 4" in msg and "loss.bin_size: 80 -> 16" in msg
+    assert "num_workers" not in msg  # does not change the run
+    assert "allow_config_change" in msg
+    assert (out / "config.yaml").read_text() == before  # untouched by the refused run
+    res = engine.train(_cfg(out, "train.max_steps=4", "checkpoint.allow_config_change=true"))
+    assert res["status"] == "finished" and res["step"] == 4
+
+
+def test_output_folder_lock_and_stale_temp_files(tmp_path):
+    out = tmp_path / "locked"
+    out.mkdir()
+    stale = out / ".checkpoint_e0001_s00000002.pth.abc123.tmp"
+    stale.write_bytes(b"half")
+    with RunFolder(out, is_main=True):
+        assert not stale.exists()
+        with pytest.raises(RunFolderBusyError, match=str(os.getpid())):
+            with RunFolder(out, is_main=True):
+                pass
+    with RunFolder(out, is_main=True):  # released
+        pass
+
+
+def test_disk_full_is_one_clear_error(tmp_path, monkeypatch):
+    out = tmp_path / "full"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_train_state, "atomic_torch_save", no_space)
+    with pytest.raises(CheckpointWriteError, match="no space left on device"):
+        engine.train(_cfg(out))
+    assert ckpt.latest_checkpoint(out) is None
+    res = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL_MAIN, str(SMOKE), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "no space left on device" in res.stderr and "Traceback" not in res.stderr
+    assert "no space left on device" in (out / "log.txt").read_text()
+
+
+_DISK_FULL_MAIN = """
+import errno, sys
+import pretrain.checkpoint.train_state as ts
+def no_space(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+ts.atomic_torch_save = no_space
+from pretrain.main import main
+sys.exit(main(["--config", sys.argv[1], "checkpoint.output_dir=" + sys.argv[2]]))
+"""
 
 
 def test_config_errors_are_clear(tmp_path):

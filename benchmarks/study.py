@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Small-scale study runner: pretraining variants on Fashion-MNIST, compared by the kNN probe.
+
+Each variant is a list of dotted overrides of a base recipe (default: the demo recipe). Runs go
+one after another (two cores: parallel torch jobs thrash), each in its own output folder under
+``--out``; a finished run (its ``backbone_final.pth`` exists) is not run again, an interrupted one
+resumes. The probe is the online kNN probe on a seeded split of the TRAIN folder (bank 10k,
+queries 2k), so choices never look at the test split. Afterwards the table of the last probe of
+each run (kNN top-1 k=20, training seconds, steps) is printed and written to ``--out``/study.json.
+
+    python benchmarks/study.py --variants b10 b10_bn --steps 300
+    python benchmarks/study.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> overrides of the base recipe. Not in the paper: out_norm, B < 32 at this batch size.
+VARIANTS: dict[str, list[str]] = {
+    "demo_b80": [],
+    "b10": ["loss.bin_size=10"],
+    "b10_bn": ["loss.bin_size=10", "model.out_norm=bn"],
+    "b10_lars": ["loss.bin_size=10", "optim.name=lars", "optim.base_lr=0.6"],
+    "b10_lr06": ["loss.bin_size=10", "optim.base_lr=0.6"],
+    "b10_lr015": ["loss.bin_size=10", "optim.base_lr=0.15"],
+    "b10_t05": ["loss.bin_size=10", "loss.temperature=0.5"],
+    "b10_28px": ["loss.bin_size=10", "data.image_size=28"],
+    "b10_nozero": ["loss.bin_size=10", "model.zero_init_residual=false"],
+    "b16": ["loss.bin_size=16", 'model.projector="1024-1024"'],
+    "b5": ["loss.bin_size=5"],
+    "b10_warm": ["loss.bin_size=10", "optim.warmup_epochs=0.5"],
+    "b10_d2080": ["loss.bin_size=10", 'model.projector="1024-2080"'],
+    "b10_bs128": ["loss.bin_size=10", "train.batch_size=128"],
+    "vicreg": [
+        "loss.name=vicreg",
+        "optim.name=lars",
+        "optim.base_lr=0.2",
+        'model.projector="1024-1024"',
+    ],
+    "barlowtwins": [
+        "loss.name=barlowtwins",
+        "optim.name=lars",
+        "optim.base_lr=0.2",
+        'model.projector="1024-1024"',
+    ],
+}
+
+
+def run_variant(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    out = Path(args.out) / name
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.main",
+        "--config",
+        args.config,
+        f"data.root={args.data_root}",
+        f"train.max_steps={args.steps}",
+        f"train.epochs={args.epochs}",
+        f"eval.every_steps={args.probe_every}",
+        f"checkpoint.output_dir={out}",
+        "checkpoint.every_steps=0",
+        *overrides,
+        *args.extra,
+    ]
+    if not (out / "backbone_final.pth").exists():
+        print(f"[study] {name}: {' '.join(overrides) or '(base recipe)'}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        print(f"[study] {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc != 0:
+            return {"name": name, "status": f"exit {rc}"}
+    return summarise(name, out / "metrics.jsonl", overrides)
+
+
+def summarise(name: str, metrics: Path, overrides: list[str]) -> dict:
+    """Last probe and its curve from a run's metrics.jsonl."""
+    curve, last_loss = [], {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "knn/top1_k20" in row:
+            curve.append((row["step"], round(row["knn/top1_k20"], 2), row.get("train_seconds")))
+        elif "loss" in row:
+            last_loss = {k: v for k, v in row.items() if k.startswith("loss") or k == "mon/argmax"}
+    final = curve[-1] if curve else (None, None, None)
+    return {
+        "name": name,
+        "overrides": overrides,
+        "steps": final[0],
+        "knn_top1_k20": final[1],
+        "best_knn_top1_k20": max((c[1] for c in curve), default=None),
+        "train_seconds": final[2],
+        "curve": curve,
+        "last_losses": last_loss,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="*", default=["demo_b80", "b10"])
+    p.add_argument("--config", default="configs/pretrain/imsvd_demo.yaml")
+    p.add_argument("--data-root", default=str(ROOT / ".cache/fashion_mnist/train"))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--probe-every", type=int, default=100)
+    p.add_argument("--out", default=str(ROOT / "outputs/study"))
+    p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("extra", nargs="*", help="overrides applied to every variant")
+    args = p.parse_args(argv)
+    if args.list:
+        for k, v in VARIANTS.items():
+            print(f"{k:14s} {' '.join(v)}")
+        return 0
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; see --list")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    rows = [run_variant(v, VARIANTS[v], args) for v in args.variants]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if (out / "study.json").exists():
+        previous = {r["name"]: r for r in json.loads((out / "study.json").read_text())}
+    previous.update({r["name"]: r for r in rows})
+    (out / "study.json").write_text(json.dumps(list(previous.values()), indent=1))
+    print(f"\n{'variant':14s} {'steps':>6s} {'kNN k=20':>9s} {'best':>6s} {'train s':>8s}")
+    for r in previous.values():
+        print(
+            f"{r['name']:14s} {r.get('steps') or '-':>6} {r.get('knn_top1_k20') or '-':>9} "
+            f"{r.get('best_knn_top1_k20') or '-':>6} {round(r.get('train_seconds') or 0):>8}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

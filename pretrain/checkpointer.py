@@ -1,0 +1,290 @@
+"""When and how a pretraining run saves, resumes and exports (the engine's checkpoint policy).
+
+:class:`Checkpointer` owns the run folder's checkpoint side, in the spirit of Detectron2's
+PeriodicCheckpointer and timm's CheckpointSaver; the file formats themselves belong to
+:mod:`pretrain.checkpoint`, the one reader and writer of checkpoint artifacts.
+
+* one run per folder: an exclusive lock (``.lock``) while the run lives; stale temporary files
+  of a killed write are removed at start;
+* resume: the newest training state that loads and verifies (a corrupt or bit-flipped newest
+  file falls back to the previous one, with a warning); its recipe is compared with the current
+  one and a change of any key that changes the run is refused with the list of differences
+  (``checkpoint.allow_config_change=true`` continues anyway);
+* saving: every rank's RNG streams are gathered; parameters and buffers must be finite (a
+  diverged model is never written over the last good state); a full disk is one clear error;
+  the newest ``checkpoint.keep_last`` training states are kept;
+* export: ``backbone_final.pth`` only once the schedule's last step is done.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pretrain import checkpoint as ckpt
+from pretrain import dist
+
+logger = logging.getLogger("imsvd")
+
+FINAL_BACKBONE = "backbone_final.pth"
+
+# Keys that do not change what the run computes: a resume may change them freely (data moved to
+# another mount, more workers, other logging or probe settings, another checkpoint policy).
+RUN_NEUTRAL_KEYS = (
+    "data.root",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.pipeline",
+    "data.strict",
+    "train.device",
+    "train.compile",
+    "train.monitors",
+    "train.channels_last",
+    "checkpoint.",
+    "log.",
+    "eval.",
+)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the message names the path."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """Parameters or buffers hold NaN/inf; nothing was written over the last good checkpoint."""
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another live run holds the output folder's lock."""
+
+
+class ConfigChangedError(ValueError):
+    """Resuming with a recipe that changes the run (the message lists the differing keys)."""
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def run_changing_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two resolved configs and change the run.
+
+    Returns:
+        Lines ``"key: saved -> current"`` (a key absent on one side shows as ``<absent>``),
+        sorted; keys of :data:`RUN_NEUTRAL_KEYS` are ignored.
+    """
+    a, b = _flatten(saved), _flatten(current)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == n or (n.endswith(".") and key.startswith(n)) for n in RUN_NEUTRAL_KEYS):
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            lines.append(f"{key}: {va!r} -> {vb!r}")
+    return lines
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """Name of the first floating-point parameter or buffer holding NaN/inf (None if all finite)."""
+    for name, t in ckpt.unwrap_model(model).state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+class Checkpointer:
+    """Checkpoint policy of one pretraining run.
+
+    Args:
+        cfg: the resolved config (``checkpoint`` section: output_dir, every_steps, every_epochs,
+            keep_last, resume, allow_config_change).
+        model: the unwrapped model (backbone + projector).
+        optimizer: its optimizer.
+        scaler: the GradScaler (saved when enabled).
+        info: the process's :class:`pretrain.dist.DistInfo`.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], model, optimizer, scaler, info) -> None:
+        self.cfg = cfg
+        self.c = cfg["checkpoint"]
+        self.out = Path(self.c["output_dir"])
+        self.model, self.optimizer, self.scaler, self.info = model, optimizer, scaler, info
+        self.last_saved_step: int | None = None
+        self.last_saved_path: Path | None = None
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> tuple[int, int, int]:
+        """Restore the newest good training state, if any: (epoch, step_in_epoch, step).
+
+        Raises:
+            ConfigChangedError: the stored recipe differs in run-changing keys.
+            pretrain.checkpoint.CheckpointError: training states exist but none loads.
+        """
+        if not self.c["resume"]:
+            return 0, 0, 0
+        path, state = ckpt.load_latest_training_state(self.out)
+        if state is None:
+            return 0, 0, 0
+        diffs = run_changing_differences(state.get("config") or {}, self.cfg)
+        if diffs and not self.c["allow_config_change"]:
+            raise ConfigChangedError(
+                f"{path} was written by a different recipe; resuming would mix two runs:\n  "
+                + "\n  ".join(diffs)
+                + f"\nUse another checkpoint.output_dir (this one is {self.out}), or set "
+                "checkpoint.allow_config_change=true to continue with the new values."
+            )
+        if diffs:
+            logger.warning("resuming with a changed recipe (allowed): %s", "; ".join(diffs))
+        ckpt.restore_training_state(
+            state, model=self.model, optimizer=self.optimizer, scaler=self.scaler
+        )
+        rng = ckpt.rng_state_for_rank(state, self.info.rank, self.info.world_size)
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
+        else:  # per-rank streams were not saved for this world size: fresh, rank-distinct seeds
+            torch.manual_seed(self.cfg["train"]["seed"] + self.info.rank + int(state["step"]))
+        logger.info("resumed from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+        self.last_saved_step = int(state["step"])
+        return int(state["epoch"]), int(state["step_in_epoch"]), int(state["step"])
+
+    # -------------------------------------------------------------------- save
+    def save(self, epoch: int, step_in_epoch: int, step: int) -> None:
+        """Write a training state (once per step), then prune old ones; every rank calls this.
+
+        Raises:
+            NonFiniteStateError: a parameter or buffer is NaN/inf (nothing written).
+            CheckpointWriteError: the file could not be written (nothing half-written is left).
+        """
+        if step == self.last_saved_step:
+            return
+        rng = None  # one process: save_training_state captures this process's streams
+        if self.info.distributed:  # every rank's streams, so each resumes its own
+            rng = [None] * self.info.world_size
+            torch.distributed.all_gather_object(rng, ckpt.capture_rng_state())
+        error: Exception | None = None
+        if self.info.is_main:
+            path = self.out / ckpt.checkpoint_name(epoch, step)
+            try:
+                self._write(path, epoch, step_in_epoch, step, rng)
+            except (NonFiniteStateError, CheckpointWriteError) as e:
+                error = e
+        failed = dist.all_reduce_sum(torch.tensor([float(error is not None)]))
+        if error is not None:
+            raise error
+        if float(failed[0]) > 0:
+            raise CheckpointWriteError("the main process could not write the checkpoint")
+        self.last_saved_step = step
+
+    def _write(self, path: Path, epoch: int, step_in_epoch: int, step: int, rng) -> None:
+        bad = first_non_finite(self.model)
+        if bad is not None:
+            keep = self.last_saved_path or ckpt.latest_checkpoint(self.out)
+            raise NonFiniteStateError(
+                f"'{bad}' holds non-finite values at step {step}: checkpoint not written; the "
+                f"last finite one ({keep or 'none yet'}) is kept. Try a lower optim.base_lr or "
+                f"train.precision=bf16/fp32."
+            )
+        try:
+            ckpt.save_training_state(
+                path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scaler=self.scaler if self.scaler.is_enabled() else None,
+                epoch=epoch,
+                step=step,
+                step_in_epoch=step_in_epoch,
+                config=dict(self.cfg),
+                rng=rng,
+            )
+        except OSError as e:
+            raise CheckpointWriteError(_write_error(path, e)) from None
+        self.last_saved_path = path
+        ckpt.prune_checkpoints(self.out, self.c["keep_last"])
+        logger.info("saved %s", path)
+
+    def export_final(self, epoch: int) -> Path:
+        """Write ``backbone_final.pth`` (main process) and return its path."""
+        path = self.out / FINAL_BACKBONE
+        if self.info.is_main:
+            bad = first_non_finite(self.model.backbone)
+            if bad is not None:
+                raise NonFiniteStateError(f"'{bad}' holds non-finite values: {path} not written")
+            try:
+                ckpt.export_backbone(
+                    path,
+                    self.model.backbone.state_dict(),
+                    arch=self.cfg["model"]["arch"],
+                    stem=self.cfg["model"]["stem"],
+                    epoch=epoch,
+                    config=dict(self.cfg),
+                )
+            except OSError as e:
+                raise CheckpointWriteError(_write_error(path, e)) from None
+            logger.info("exported backbone to %s", path)
+        dist.barrier()
+        return path
+
+
+def _write_error(path: Path, e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"cannot write {path}: no space left on device (free some space, or set "
+            f"checkpoint.output_dir to another disk)"
+        )
+    return f"cannot write {path}: {e.strerror or e}"
+
+
+class RunFolder:
+    """Exclusive use of an output folder by one run (rank 0 holds an flock on ``.lock``).
+
+    Entering removes stale temporary files (``.<name>.<random>.tmp``) of an interrupted write.
+
+    Raises:
+        RunFolderBusyError: another live process holds the lock (its pid is in the message).
+    """
+
+    def __init__(self, out: Path, is_main: bool) -> None:
+        self.out, self.is_main = Path(out), is_main
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunFolder":
+        if not self.is_main:
+            return self
+        self.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"output folder {self.out} is in use by another run (pid {holder}); wait for it "
+                f"to end or choose another checkpoint.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        for stale in self.out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+            logger.info("removed the stale temporary file %s of an interrupted write", stale)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
