@@ -10,8 +10,8 @@ recipe:
 2. download the two wheels (mmengine, mmdet) and the mmcv sdist with pip and check each file's
    SHA-256 against the value recorded below;
 3. reuse the cached mmcv wheel for this recipe, torch version and Python, or build it: extract
-   the sdist, apply the small edits listed in ``MMCV_PATCHES`` and compile the ops with
-   ``MMCV_WITH_OPS=1 FORCE_CUDA=0`` (about 17 minutes on 2 cores), then cache the wheel;
+   the sdist, apply the small edits of ``mmcv_patches()`` and compile the ops with
+   ``MMCV_WITH_OPS=1 FORCE_CUDA=0`` (the long step: 77 C++ files), then cache the wheel;
 4. install the runtime dependencies first (``opencv-python-headless`` in place of the
    ``opencv-python`` that mmengine names, so no GUI libraries are needed), then the three
    packages without their dependency lists.
@@ -24,6 +24,10 @@ another torch is never reused; ``mmcv.__version__`` stays ``2.1.0``.
 Usage::
 
     python3 tools/install_mmdet.py [--python .venv/bin/python] [--jobs N] [--force] [--rebuild]
+                                   [--wait]
+
+Exit codes: 0 installed (or already working), 1 error, 3 deferred: another process is building
+mmcv into the same cache right now (``--wait`` waits for it instead).
 
 This script uses the standard library only, so any Python 3 can run it.
 """
@@ -59,7 +63,9 @@ HASHES: Dict[str, str] = {
     # 471435 bytes
     "mmcv-2.1.0.tar.gz": "d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f",
 }
-# Bump when MMCV_PATCHES change: it is part of the cached wheel's name.
+# Exit code when another process is building mmcv into the same cache (nothing was installed).
+DEFERRED = 3
+# Bump when mmcv_patches() change: it is part of the cached wheel's name.
 RECIPE = "imsvd.1"
 # Runtime needs of the three packages (their own lists, with opencv-python swapped for the
 # headless build and OpenCV kept below 5, which mmcv 2.1.0 predates).
@@ -386,6 +392,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="install even if mmdet imports")
     parser.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"wait for a build in progress in the same cache (default: exit {DEFERRED})",
+    )
+    parser.add_argument(
         "--rebuild", action="store_true", help="ignore the cached mmcv wheel and build it again"
     )
     args = parser.parse_args(argv)
@@ -406,11 +417,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pattern = f"mmcv-{MMCV_VERSION}{local_version}-{python_tag(python)}-*.whl"
     # Dependencies first: the mmcv build reads which OpenCV distribution is installed.
     run([python, "-m", "pip", "install", "-q", *RUNTIME_REQUIREMENTS])
-    # One build at a time per cache: a second set-up waits here, then reuses the wheel.
+    # One build at a time per cache. A set-up that finds a build in progress does not start a
+    # second one (it would compete for the same cores): it defers, and the next set-up retries.
     with open(cache_dir / ".mmcv-build.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not args.wait:
+                log(f"another install is building mmcv into {cache_dir}: deferred (exit 3)")
+                return DEFERRED
             log(f"another install is building mmcv into {cache_dir}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
         cached = [] if args.rebuild else sorted(cache_dir.glob(pattern))
