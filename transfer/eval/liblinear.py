@@ -100,3 +100,18 @@ def cross_validate_liblinear(
         for j in range(k)
     )
     return CVResult(costs, cv_ap, best, np.stack(weights), {"fits": len(jobs) * n_folds + k})
+
+
+def liblinear_fixed_cost(x, labels, mask, cost, weights, svm_cfg) -> np.ndarray:
+    """One LinearSVC per class at a fixed cost on the rows of ``mask`` (n, K).
+
+    Returns:
+        (K, d + 1) weights, bias last (the low-shot protocol's refits).
+    """
+    yb = binary_labels(labels)
+    args = (weights, float(svm_cfg["intercept_scaling"]), float(svm_cfg["tol"]),
+            int(svm_cfg["max_iter"]))  # fmt: skip
+    return np.stack(
+        [liblinear_fit(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
+         for j in range(labels.shape[1])]
+    )  # fmt: skip

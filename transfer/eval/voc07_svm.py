@@ -22,17 +22,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, find_config, load_config
 from pretrain.data import ImageDataset
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner, svm
 from transfer.eval.ap import voc_ap
-from transfer.eval.liblinear import cross_validate_liblinear, liblinear_fit
+from transfer.eval.liblinear import cross_validate_liblinear, liblinear_fixed_cost
 
 logger = logging.getLogger("imsvd.voc07")
 
-COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+# the protocol's cost list, as the recipe declares it (configs/eval/voc07_svm.yaml is its home)
+COSTS = tuple(load_config(find_config("voc07_svm", "eval"))["svm"]["costs"])
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -345,7 +346,7 @@ def low_shot_original(
                                  float(svm_cfg["newton_tol"]), row_mask=mask,
                                  setup=setup)  # fmt: skip
             else:
-                w = _liblinear_fixed_cost(xtr, train_labels, mask, cost, weights, svm_cfg)
+                w = liblinear_fixed_cost(xtr, train_labels, mask, cost, weights, svm_cfg)
             scores = svm.decision_scores(xte, w, scaling)
             aps = [voc_ap(scores[:, j], test_labels[:, j]) for j in range(n_cls)]
             maps.append(100.0 * float(np.mean(aps)))
@@ -353,16 +354,6 @@ def low_shot_original(
                        "mAPs": maps}  # fmt: skip
         logger.info("low-shot (original) k=%d: mAP %.2f%% +- %.2f", k, np.mean(maps), np.std(maps))
     return out
-
-
-def _liblinear_fixed_cost(x, labels, mask, cost, weights, svm_cfg) -> np.ndarray:
-    yb = svm.binary_labels(labels)
-    args = (weights, float(svm_cfg["intercept_scaling"]), float(svm_cfg["tol"]),
-            int(svm_cfg["max_iter"]))  # fmt: skip
-    return np.stack(
-        [liblinear_fit(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
-         for j in range(labels.shape[1])]
-    )  # fmt: skip
 
 
 def full_protocol_description(svm_cfg: Mapping[str, Any]) -> str:
