@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install everything the toolkit, its tests and its demo need:
-# torch/torchvision (pinned), the package with its dev extras, and Detectron2 (pure-Python build,
-# cached wheel; skipped when a working Detectron2 is already installed).
-# Re-running is cheap: a stamp keyed on setup.cfg and the Detectron2 recipe skips finished work.
+# torch/torchvision (pinned), the package with its dev extras, Detectron2 (pure-Python build,
+# cached wheel; skipped when a working Detectron2 is already installed) and MMDetection (mmengine,
+# mmdet, and mmcv with its C++ ops compiled for CPU once and cached; skipped when it already
+# imports; IMSVD_SKIP_MMDET=1 leaves it out and the MMDetection tests skip).
+# Re-running is cheap: a stamp keyed on setup.cfg and the two install recipes skips finished work
+# (not written while the MMDetection step is deferred because another set-up is building mmcv).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
@@ -11,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY_BOOT --version)"
   "$PY_BOOT" -m venv .venv
 fi
-stamp=".venv/.imsvd-setup-$(cat setup.cfg pyproject.toml tools/install_detectron2.py | sha256sum | cut -c1-16)"
+stamp=".venv/.imsvd-setup-$(cat setup.cfg pyproject.toml tools/install_detectron2.py tools/install_mmdet.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -24,6 +27,21 @@ echo "[setup] installing the imsvd package (editable) with dev extras"
 .venv/bin/python -c "import pretrain, transfer, sklearn, yaml" || { echo "[setup] package install failed" >&2; exit 1; }
 echo "[setup] Detectron2"
 .venv/bin/python tools/install_detectron2.py --python .venv/bin/python
+mmdet_rc=0
+if [ "${IMSVD_SKIP_MMDET:-0}" = "1" ]; then
+  echo "[setup] MMDetection skipped (IMSVD_SKIP_MMDET=1)"
+else
+  echo "[setup] MMDetection (the first time, compiling mmcv's C++ ops is the long step)"
+  .venv/bin/python tools/install_mmdet.py --python .venv/bin/python || mmdet_rc=$?
+  if [ "$mmdet_rc" = "3" ]; then
+    echo "[setup] MMDetection deferred: another set-up is building mmcv; its tests skip until then"
+  elif [ "$mmdet_rc" != "0" ]; then
+    echo "[setup] MMDetection install failed" >&2
+    exit 1
+  fi
+fi
 rm -f .venv/.imsvd-setup-*
-touch "$stamp"
+if [ "$mmdet_rc" = "0" ]; then
+  touch "$stamp"
+fi
 echo "[setup] done"
