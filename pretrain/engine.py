@@ -186,7 +186,7 @@ class Trainer:
         probe = None
         if cfg["eval"]["every_steps"] > 0 and info.is_main:
             probe = build_probe(cfg["eval"], cfg["data"])
-        self.writer = MetricWriter(self.out, rank=info.rank, tensorboard=cfg["log"]["tensorboard"])
+        self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)
         self.metrics_hook = MetricsHook(self.writer, cfg["log"]["every_steps"])
         self.hooks: list[HookBase] = [self.metrics_hook]
         if cfg["eval"]["every_steps"] > 0:
