@@ -450,7 +450,7 @@ def build_loss(loss_cfg: Mapping[str, Any]) -> nn.Module:
     Raises:
         LossConfigError: unknown name or invalid setting (the message names the config key).
     """
-    name = loss_cfg.get("name", "imsvd")
+    name = loss_cfg["name"]
     if name == "vicreg":
         c = loss_cfg["vicreg"]
         try:

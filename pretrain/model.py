@@ -115,10 +115,11 @@ def build_model(model_cfg: Mapping) -> IMSVDModel:
     """
     backbone = build_backbone(
         model_cfg["arch"],
-        zero_init_residual=bool(model_cfg.get("zero_init_residual", True)),
-        stem=model_cfg.get("stem", "standard"),
+        zero_init_residual=bool(model_cfg["zero_init_residual"]),
+        stem=model_cfg["stem"],
     )
     projector = Projector(backbone.num_features, model_cfg["projector"])
+    # recipes stored in checkpoints written before model.out_norm existed lack the key
     return IMSVDModel(backbone, projector, out_norm=model_cfg.get("out_norm", "none"))
 
 

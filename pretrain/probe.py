@@ -193,7 +193,7 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
     Raises:
         DataError: missing folders, too few images, classes of the queries unknown to the bank.
     """
-    size = int(eval_cfg.get("image_size") or data_cfg["image_size"])
+    size = int(eval_cfg["image_size"] or data_cfg["image_size"])
     n_bank, n_query = int(eval_cfg["bank_size"]), int(eval_cfg["query_size"])
     if n_bank <= 0 or n_query <= 0:
         raise DataError(
@@ -204,7 +204,7 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
     t0 = time.perf_counter()
     kw = dict(ks=eval_cfg["ks"], temperature=eval_cfg["temperature"])
     kw["batch_size"] = eval_cfg["batch_size"]
-    bank_root, query_root = eval_cfg.get("bank_root"), eval_cfg.get("query_root")
+    bank_root, query_root = eval_cfg["bank_root"], eval_cfg["query_root"]
     if bool(bank_root) != bool(query_root):
         raise DataError("config keys 'eval.bank_root' and 'eval.query_root' must be set together")
     if bank_root:
@@ -226,7 +226,7 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
         bank = _synthetic(source, perm[:n_bank], size)
         queries = _synthetic(source, perm[n_bank : n_bank + n_query], size)
     else:
-        ds = build_image_dataset(root=data_cfg.get("root"), list_file=data_cfg.get("list_file"))
+        ds = build_image_dataset(root=data_cfg["root"], list_file=data_cfg["list_file"])
         perm = rng.permutation(len(ds))
         if n_bank + n_query > len(perm):
             n_bank, n_query = _shrink(n_bank, n_query, len(perm))
