@@ -3,7 +3,7 @@ as used by the IMSVD paper's Table II; docs/PROTOCOLS.md section 3.1).
 
 Features are L2-normalised; each query votes over its k most cosine-similar bank samples with
 weights exp(sim / T), T = 0.07. This is the one implementation: the offline evaluation
-(``transfer.knn``) and the online probe of pretraining (``pretrain.probe``) both call it.
+(``transfer.eval.knn``) and the online probe of pretraining (``pretrain.probe``) both call it.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain.knn import knn_accuracy
 from pretrain.model import build_backbone
 from transfer.eval.ap import voc_ap
 from transfer.eval.features import extract_features, freeze
-from transfer.eval.knn import knn_accuracy
 from transfer.eval.svm import cross_validate_svms, decision_scores
 from transfer.eval.voc07_svm import l2_normalize
 

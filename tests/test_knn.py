@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from eval_helpers import run_module
 
-from transfer.eval.knn import knn_accuracy, knn_classify, main
+from pretrain.knn import knn_accuracy, knn_classify
+from transfer.eval import knn as knn_eval
+from transfer.eval.knn import main
 
 
 def test_weighted_vote_hand_checked():
@@ -47,6 +49,11 @@ def test_bad_inputs():
         knn_classify(np.ones((2, 2)), [0, 1], np.ones((1, 2)), temperature=0)
     with pytest.raises(ValueError, match="differ"):
         knn_classify(np.ones((2, 2)), [0, 1], np.ones((1, 3)))
+
+
+def test_evaluation_uses_the_shared_implementation():
+    # one kNN for the online probe and the offline evaluation: no second copy in transfer/
+    assert knn_eval.knn_classify is knn_classify and knn_eval.knn_accuracy is knn_accuracy
 
 
 @pytest.fixture(scope="module")

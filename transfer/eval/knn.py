@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m transfer.eval.knn --weights W ... (same arguments)
 
 Features are L2-normalised; each test sample votes over its k most cosine-similar training
-samples with weights exp(sim / T), T = 0.07, k = 20 and 200. Extraction is sharded over
+samples with weights exp(sim / T), T = 0.07, k = 20 and 200 (the one implementation,
+:func:`pretrain.knn.knn_accuracy`, also used by the online probe). Extraction is sharded over
 processes but the vote always uses the features of the WHOLE train set (gathered), never a
 per-shard bank. Results (top-1 in percent per k) go to OUT/knn_results.json (OUT defaults to
 the recipe's output_dir, outputs/knn); the log says where.
@@ -13,82 +14,19 @@ the recipe's output_dir, outputs/knn); the log says where.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 from pretrain.config import ConfigError
 from pretrain.data import build_train_val_datasets
+from pretrain.knn import knn_accuracy, knn_classify
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner
 
+# knn_classify / knn_accuracy live in pretrain.knn (shared with the online probe); they stay
+# importable from here for callers of the evaluation module.
+__all__ = ["knn_accuracy", "knn_classify", "main", "run", "validate", "RESULTS_NAME"]
+
 RESULTS_NAME = "knn_results.json"
-
-
-def knn_classify(
-    train_feats: np.ndarray | torch.Tensor,
-    train_labels: np.ndarray | torch.Tensor,
-    test_feats: np.ndarray | torch.Tensor,
-    ks: Sequence[int] = (20, 200),
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk_size: int = 1024,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """Weighted cosine k-NN predictions.
-
-    Args:
-        train_feats: (N, D) bank features (normalised here).
-        train_labels: (N,) integer labels.
-        test_feats: (M, D) query features.
-        ks: neighbour counts (each capped at N).
-        temperature: vote weight exp(sim / temperature).
-        num_classes: label count (default: max label + 1).
-        chunk_size: query rows per similarity block (bounds memory to chunk_size x N).
-        device: where the similarity products run.
-    Returns:
-        {k: (M,) int64 numpy predictions} for each k in ks.
-    """
-    if temperature <= 0:
-        raise ValueError(f"kNN temperature must be positive, got {temperature}")
-    bank = F.normalize(torch.as_tensor(train_feats, dtype=torch.float32, device=device), dim=1)
-    labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
-    queries = torch.as_tensor(test_feats, dtype=torch.float32)
-    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"kNN: bank {tuple(bank.shape)} and queries {tuple(queries.shape)} differ")
-    if labels.shape[0] != bank.shape[0] or bank.shape[0] == 0:
-        raise ValueError(f"kNN: {bank.shape[0]} bank rows but {labels.shape[0]} labels")
-    if not ks or any(int(k) <= 0 for k in ks):
-        raise ValueError(f"kNN: ks must be positive integers, got {list(ks)}")
-    n_cls = int(num_classes) if num_classes else int(labels.max()) + 1
-    kmax = min(max(int(k) for k in ks), bank.shape[0])
-    preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
-    for start in range(0, queries.shape[0], chunk_size):
-        q = F.normalize(queries[start : start + chunk_size].to(device), dim=1)
-        sim, idx = (q @ bank.T).topk(kmax, dim=1)  # sorted, descending
-        weight = (sim / temperature).exp()
-        onehot = F.one_hot(labels[idx], n_cls).to(weight.dtype)  # (m, kmax, C)
-        for k in preds:
-            kk = min(k, kmax)
-            votes = (onehot[:, :kk] * weight[:, :kk, None]).sum(1)
-            preds[k].append(votes.argmax(1).cpu())
-    return {k: torch.cat(v).numpy() if v else np.zeros(0, np.int64) for k, v in preds.items()}
-
-
-def knn_accuracy(
-    train_feats, train_labels, test_feats, test_labels, ks=(20, 200), temperature=0.07, **kw
-) -> dict:
-    """Top-1 accuracy (percent) per k of :func:`knn_classify`.
-
-    Returns:
-        {"top1_k20": float, "top1_k200": float, ...}.
-    """
-    preds = knn_classify(train_feats, train_labels, test_feats, ks, temperature, **kw)
-    y = np.asarray(test_labels)
-    return {f"top1_k{k}": 100.0 * float((p == y).mean()) for k, p in preds.items()}
 
 
 def validate(cfg: dict) -> None:
