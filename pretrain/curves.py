@@ -142,7 +142,14 @@ def plot_curves(
         terms = sorted({k for r in rows for k in r if k.startswith("loss_")})
         for t, term in enumerate(terms):
             xs, ys = _series(rows, term, "step")
-            lax.plot(xs, ys, lw=1.4, color=colours(t), label=term[5:])
+            lax.plot(
+                xs,
+                ys,
+                lw=1.4,
+                marker="." if len(xs) < 20 else None,
+                color=colours(t),
+                label=term[5:],
+            )
         lax.set_title(f"{name}: loss terms", fontsize=10)
         lax.set_xlabel("training step")
         lax.grid(alpha=0.3)

@@ -24,14 +24,27 @@ sys.path.insert(0, str(ROOT))
 
 from install_fashion_mnist import DatasetMissingError, ensure_installed  # noqa: E402  (tools/)
 
-from pretrain.checkpoint import model_from_checkpoint  # noqa: E402
+from pretrain.checkpoint import (  # noqa: E402
+    latest_checkpoint,
+    load_training_state,
+    model_from_checkpoint,
+)
 from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.curves import plot_curves  # noqa: E402
 from pretrain.data import build_image_dataset  # noqa: E402
+from pretrain.engine import train  # noqa: E402
 from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
+from pretrain.knn import knn_accuracy  # noqa: E402
 from pretrain.log import print_table, write_json_atomic  # noqa: E402
-from pretrain.transforms import eval_transform  # noqa: E402
-from transfer.eval.features import extract_features  # noqa: E402
-from transfer.eval.knn import knn_accuracy  # noqa: E402
+from pretrain.model import build_backbone, build_model  # noqa: E402
+from pretrain.monitors import soft_codes  # noqa: E402
+from pretrain.probe import (  # noqa: E402
+    KNNProbe,
+    first_by_index,
+    indexed_folder_knn,
+    load_probe_set,
+)
+from transfer.analysis.codes import CodeStatsAccumulator  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,36 +74,43 @@ def _raw_pixel_knn(data_dir: Path, bank: int, test: int) -> dict:
     return knn_accuracy(xtr - mean, ytr[:bank], xte - mean, yte[:test], ks=(20, 200))
 
 
-def _features_knn(
-    weights: str | None, cfg: dict, tree: Path, bank: int, test: int, zero_init: bool = True
-) -> dict:
-    """kNN top-1 of a backbone (from a checkpoint, or at random init when weights is None).
+def _backbone(weights: str | None, cfg: dict, zero_init: bool = True) -> torch.nn.Module:
+    """The pretrained backbone, or the network at random initialisation when weights is None.
 
     ``zero_init`` (random init only): zero the last BN gamma of each residual block, as the
     recipe does (the run's starting point); False gives torchvision's default initialisation.
     """
-    size = cfg["data"]["image_size"]
-    tf = eval_transform(resize=size, crop=size)
-    train_ds = build_image_dataset(root=str(tree / "train"), transform=tf)
-    test_ds = build_image_dataset(root=str(tree / "test"), transform=tf)
     if weights is None:
-        from pretrain.model import build_backbone
-
         torch.manual_seed(cfg["train"]["seed"])  # the same initial weights the run started from
-        model = build_backbone(cfg["model"]["arch"], zero_init, cfg["model"]["stem"])
-    else:
-        model, _, _ = model_from_checkpoint(weights, device=torch.device("cpu"))
-    model.eval()
-    # the exported tree's file names are the idx indices: keep the first N of each split
-    bank_idx = _indices_below(train_ds, bank)
-    test_idx = _indices_below(test_ds, test)
-    ftr, ytr = extract_features(model, torch.utils.data.Subset(train_ds, bank_idx), batch_size=256)
-    fte, yte = extract_features(model, torch.utils.data.Subset(test_ds, test_idx), batch_size=256)
-    return knn_accuracy(ftr, ytr, fte, yte, ks=(20, 200))
+        return build_backbone(cfg["model"]["arch"], zero_init, cfg["model"]["stem"])
+    return model_from_checkpoint(weights, device=torch.device("cpu"))[0]
 
 
-def _indices_below(ds, n: int) -> list[int]:
-    return [i for i, (path, _) in enumerate(ds.samples) if int(Path(path).stem) < n]
+def _code_stats(out: Path, cfg: dict, tree: Path, test: int) -> dict | None:
+    """Statistics of the discrete codes of the test queries (IMSVD runs only).
+
+    The whole trained model (backbone, projector and any output norm) comes from the run's last
+    training state; the definitions are those of transfer.analysis (CodeStatsAccumulator).
+    """
+    if cfg["loss"]["name"] != "imsvd":
+        return None
+    model = build_model(cfg["model"])
+    model.load_state_dict(load_training_state(latest_checkpoint(out))["model"])
+    ds = build_image_dataset(root=str(tree / "test"))
+    queries = load_probe_set(first_by_index(ds.samples, test), cfg["data"]["image_size"], "test")
+    z = KNNProbe(queries, queries).features(model.eval(), queries.images)
+    b = cfg["loss"]["bin_size"]
+    acc = CodeStatsAccumulator(z.shape[1] // b, b)
+    acc.update(soft_codes(z, b, cfg["loss"]["temperature"]))
+    s = acc.summary()
+    return {
+        "argmax_marginal_entropy": s["hard_marginal_entropy_mean"],
+        "log_bin_size": s["log_bin_size"],
+        "active_units_mean": s["active_units_mean"],
+        "onehot_0.9": s["onehot_0.9"],
+        "onehot_0.99": s["onehot_0.99"],
+        "num_images": s["num_images"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[demo] Fashion-MNIST image tree: {tree} ({time.perf_counter() - t0:.0f} s)")
-
-    from pretrain.engine import train
-
+    method = {"imsvd": "IMSVD", "vicreg": "VICReg", "barlowtwins": "Barlow Twins"}
+    name = method[cfg["loss"]["name"]]
     t1 = time.perf_counter()
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t_train = time.perf_counter() - t1
     if summary["status"] != "finished":
         print(f"[demo] pretraining {summary['status']} at step {summary['step']}; rerun to resume")
@@ -120,44 +143,54 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] pretraining took {t_train / 60:.1f} min")
 
     t2 = time.perf_counter()
-    rows = []
-    results = {}
+    size = cfg["data"]["image_size"]
     zero_init = cfg["model"]["zero_init_residual"]
-    runs = [
-        ("raw pixels (mean-centred)", lambda: _raw_pixel_knn(data_dir, args.bank, args.test)),
-        (
-            "ResNet, random init (the run's start)",
-            lambda: _features_knn(None, cfg, tree, args.bank, args.test, zero_init),
-        ),
-    ]
-    if zero_init:  # also the plain torchvision init, a stronger random-feature baseline
-        runs.append(
-            (
-                "ResNet, random init (torchvision)",
-                lambda: _features_knn(None, cfg, tree, args.bank, args.test, False),
-            )
-        )
+    runs = [("raw pixels (mean-centred)", None)]
     runs.append(
-        (
-            "ResNet after IMSVD",
-            lambda: _features_knn(summary["backbone"], cfg, tree, args.bank, args.test),
-        )
+        ("ResNet-18, random init (the run's start)", lambda: _backbone(None, cfg, zero_init))
     )
-    for name, fn in runs:
-        res = fn()
-        results[name] = res
+    if zero_init:  # also the plain torchvision init, a stronger random-feature baseline
+        runs.append(("ResNet-18, random init (torchvision)", lambda: _backbone(None, cfg, False)))
+    runs.append((f"ResNet-18 after {name}", lambda: _backbone(summary["backbone"], cfg)))
+    rows, results = [], {}
+    for label, make in runs:
+        if make is None:
+            res = _raw_pixel_knn(data_dir, args.bank, args.test)
+        else:
+            res = indexed_folder_knn(
+                make(), tree / "train", tree / "test", args.bank, args.test, size=size
+            )
+        results[label] = res
         rows.append(
-            {"features": name, "kNN top-1 k=20 (%)": res["top1_k20"], "k=200 (%)": res["top1_k200"]}
+            {
+                "features": label,
+                "kNN top-1 k=20 (%)": res["top1_k20"],
+                "k=200 (%)": res["top1_k200"],
+            }
         )
+    out = Path(cfg["checkpoint"]["output_dir"])
+    codes = _code_stats(out, cfg, tree, args.test)
     t_eval = time.perf_counter() - t2
     print_table(
         rows,
         title=f"\nFashion-MNIST weighted kNN (cosine, T=0.07), bank = first "
         f"{args.bank} train images, test = first {args.test} test images",
     )
-    out = Path(cfg["checkpoint"]["output_dir"])
+    if codes:
+        print(
+            f"\n[demo] codes of the {codes['num_images']} test images: argmax-marginal entropy "
+            f"{codes['argmax_marginal_entropy']:.3f} nats (log B = {codes['log_bin_size']:.3f}; "
+            f"{codes['active_units_mean']:.1f} units in use per variable), sub-vectors with max "
+            f"> 0.9: {100 * codes['onehot_0.9']:.1f}%"
+        )
+    curves = None
+    if cfg["eval"]["every_steps"] > 0:
+        refs = [(k, v["top1_k20"]) for k, v in results.items() if "after" not in k]
+        curves = plot_curves([out], out / "curves.png", labels=[name], refs=refs[:1] + refs[-1:])
     report = {
+        "method": cfg["loss"]["name"],
         "knn": results,
+        "codes": codes,
         "bank": args.bank,
         "test": args.test,
         "steps": summary["step"],
@@ -168,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(report, out / "demo_results.json")
     print(
         f"\n[demo] checkpoint: {summary['backbone']}\n[demo] results: {out / 'demo_results.json'}"
-        f"\n[demo] total {(time.perf_counter() - t0) / 60:.1f} min"
+        + (f"\n[demo] learning curves: {curves}" if curves else "")
+        + f"\n[demo] total {(time.perf_counter() - t0) / 60:.1f} min"
     )
     return 0
 
