@@ -24,13 +24,8 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from pretrain.data import (
-    CorruptImageError,
-    DataError,
-    SyntheticImages,
-    build_image_dataset,
-    load_rgb,
-)
+from pretrain.datasets import SyntheticImages, build_image_dataset
+from pretrain.images import CorruptImageError, DataError, load_rgb
 from pretrain.knn import knn_accuracy
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -7,19 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.data import (
-    CorruptImageError,
-    DataError,
-    TwoViewDataset,
+from pretrain.data import TwoViewDataset, build_pretrain_loader
+from pretrain.datasets import (
     build_image_dataset,
-    build_pretrain_loader,
     build_train_val_datasets,
     collate_readable,
-    load_rgb,
     parse_list_file,
     scan_image_folder,
-    to_rgb,
 )
+from pretrain.images import CorruptImageError, DataError, load_rgb, to_rgb
 from pretrain.transforms import AugmentConfig, eval_transform, train_linear_transform
 
 

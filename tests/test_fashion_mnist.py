@@ -10,7 +10,7 @@ from eval_helpers import REPO
 from PIL import Image
 
 from pretrain import fashion_mnist as fm
-from pretrain.data import build_image_dataset
+from pretrain.datasets import build_image_dataset
 
 
 def _installer():

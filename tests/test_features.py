@@ -10,7 +10,8 @@ import torch
 from eval_helpers import make_image_tree
 
 from pretrain.checkpoint import model_from_checkpoint
-from pretrain.data import CorruptImageError, build_image_dataset
+from pretrain.datasets import build_image_dataset
+from pretrain.images import CorruptImageError
 from pretrain.transforms import eval_transform
 from transfer.eval import features as feat_mod
 from transfer.eval.features import (

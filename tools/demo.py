@@ -31,7 +31,7 @@ from pretrain.checkpoint import (  # noqa: E402
 )
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.curves import plot_curves  # noqa: E402
-from pretrain.data import build_image_dataset  # noqa: E402
+from pretrain.datasets import build_image_dataset  # noqa: E402
 from pretrain.engine import train  # noqa: E402
 from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
 from pretrain.knn import knn_accuracy  # noqa: E402

@@ -38,7 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pretrain.config import ConfigError, complete_section, find_config, load_config
-from pretrain.data import build_image_dataset, load_rgb
+from pretrain.datasets import build_image_dataset
+from pretrain.images import load_rgb
 from pretrain.log import format_table, progress
 from pretrain.model import IMSVDModel, build_model
 from pretrain.transforms import AugmentConfig, eval_transform, reference_two_views, sample_two_views
@@ -152,7 +153,7 @@ class AnalysisViews(Dataset):
 
     Augmented views reuse the pretraining augmentation with parameters drawn from
     (seed, 0, index), so they do not depend on worker count or order. An unreadable image gives
-    None (see :class:`pretrain.data.ImageDataset`).
+    None (see :class:`pretrain.datasets.ImageDataset`).
 
     Args:
         base: dataset returning (PIL image, label) or None (transform None).

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain.checkpoint import atomic_write
-from pretrain.data import collate_readable
+from pretrain.datasets import collate_readable
 from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size
 from pretrain.log import progress, write_json_atomic
 
@@ -107,7 +107,7 @@ def extract_features(
 
     Each process extracts one contiguous shard; the shards are all-gathered, so every process
     returns the full arrays. Items the dataset yields as None (unreadable images, see
-    :class:`pretrain.data.ImageDataset`) are left out, logged and counted: the arrays then have
+    :class:`pretrain.datasets.ImageDataset`) are left out, logged and counted: the arrays then have
     ``len(dataset) - unreadable`` rows, each with its own image's label (nothing is replaced).
 
     Args:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from pretrain.config import ConfigError
-from pretrain.data import build_train_val_datasets
+from pretrain.datasets import build_train_val_datasets
 from pretrain.knn import knn_accuracy, knn_classify
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
@@ -43,7 +43,7 @@ def validate(cfg: dict) -> None:
 def run(ctx: runner.EvalContext) -> dict:
     """kNN evaluation (knn.yaml schema) in a set-up context.
 
-    Val labels follow the train split's class names (:func:`pretrain.data.
+    Val labels follow the train split's class names (:func:`pretrain.datasets.
     build_train_val_datasets`); unreadable images are left out and counted (``data.strict``:
     fail instead).
 

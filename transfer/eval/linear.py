@@ -36,7 +36,7 @@ from torch import nn
 
 from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain, tensor_sha256
 from pretrain.config import ConfigError
-from pretrain.data import build_train_val_datasets, collate_readable
+from pretrain.datasets import build_train_val_datasets, collate_readable
 from pretrain.dist import all_gather_tensor
 from pretrain.log import MetricWriter, format_table, progress
 from pretrain.transforms import eval_transform, train_linear_transform

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pretrain.config import ConfigError, find_config, load_config
-from pretrain.data import ImageDataset
+from pretrain.datasets import ImageDataset
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner, svm

@@ -1,0 +1,112 @@
+"""Reading image files as 8-bit RGB, and the errors of the data layer.
+
+Every image goes through one decoder, :func:`load_rgb` (or :func:`decode_rgb` for a file opened
+lazily), which turns any PIL mode into 8-bit RGB by its meaning (16-bit and float data rescaled,
+transparency composited over white), not by PIL's saturating ``convert("RGB")``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """Bad data configuration: missing root, empty tree, malformed list file, unknown key."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded (a dataset raises it only in strict mode)."""
+
+
+# Exceptions PIL raises for unreadable / truncated / non-image files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# Composited behind transparent pixels: transparent regions of web images and icons are meant to
+# be seen on a light page, and a fixed colour keeps the result a pure function of the file.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Integer modes whose values span 0..65535 (16-bit PNG / TIFF grey levels).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes PIL converts to RGB by their meaning already (no range or alpha question).
+_DIRECT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any PIL mode to 8-bit RGB by what its values mean.
+
+    * ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N`` / ``I`` (16-bit grey, ``I`` clipped to
+      0..65535): v -> round(v / 257), so 65535 is 255 and mid-grey stays mid-grey (PIL's own
+      conversion saturates every value above 255 to white).
+    * ``F`` (float grey): taken as 0..1 (the convention of float image arrays), clipped,
+      v -> round(255 v).
+    * alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, a ``P``/``L``/``RGB`` image with a
+      transparency entry): composited over :data:`ALPHA_BACKGROUND` (white) with PIL's exact
+      ``alpha_composite``, instead of exposing whatever colour hides under transparent pixels.
+    * ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGBX``, ``HSV``: PIL's conversion (CMYK as
+      R = (255 - C)(255 - K) / 255, rounded); ``LAB`` through an sRGB colour transform.
+
+    Args:
+        img: a loaded PIL image.
+    Returns:
+        A new RGB image of the same size.
+    Raises:
+        CorruptImageError: a mode with no defined conversion to RGB (the message names it).
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        a = np.asarray(img)
+        if mode == "F":
+            a8 = np.rint(np.clip(np.nan_to_num(a.astype(np.float64)), 0.0, 1.0) * 255.0)
+        else:
+            # round(v / 257) in integers: 257 is odd, so v / 257 is never exactly x.5
+            a8 = (2 * np.clip(a.astype(np.int64), 0, 65535) + 257) // 514
+        return Image.fromarray(a8.astype(np.uint8), "L").convert("RGB")
+    try:
+        if _has_alpha(img):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        if mode in _DIRECT_MODES:
+            return img.convert("RGB")
+        if mode == "LAB":  # convert("RGB") would copy the L, a, b bytes as if they were R, G, B
+            from PIL import ImageCms
+
+            lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+            return ImageCms.applyTransform(img, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    except (ValueError, OSError) as exc:
+        raise CorruptImageError(f"image mode {mode!r} has no conversion to RGB: {exc}") from exc
+    raise CorruptImageError(f"image mode {mode!r} has no defined conversion to RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB (any mode, see :func:`to_rgb`).
+
+    Args:
+        path: image file.
+    Returns:
+        A loaded RGB PIL image.
+    Raises:
+        CorruptImageError: the file is missing, truncated, not an image, or of a mode with no
+            RGB meaning; the message names the file.
+    """
+    try:
+        with Image.open(path) as img:
+            return decode_rgb(img)
+    except DECODE_ERRORS as exc:  # includes CorruptImageError (a ValueError) from to_rgb
+        raise CorruptImageError(f"cannot read image {path!r}: {exc}") from exc
+
+
+def decode_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image now (truncation errors surface here, not in a transform) as RGB.
+
+    Raises:
+        One of :data:`DECODE_ERRORS` for unreadable data or a mode with no RGB meaning.
+    """
+    img.load()
+    return to_rgb(img)
