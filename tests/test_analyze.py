@@ -108,6 +108,39 @@ def test_cli_writes_every_output(tiny, capsys):
     assert npz["mi"].shape == (5, 5) and npz["marginals"].shape == (5, B)
 
 
+def test_vector_formats_and_labelled_figures(tiny, capsys):
+    out = tiny["root"] / "svg"
+    code, stdout, stderr = run(
+        [
+            "--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
+            "data.num_workers=0", "figures.variables=[3]", "figures.units_per_variable=2",
+            "figures.exemplars=2", "figures.format=svg", "figures.dpi=72",
+            f"gradcam.images=[{tiny['paths'][1]}]",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    stems = ["joint_corner", "views", "exemplars_var3", "gradcam_var3", "gradcam_images"]
+    assert not list(out.glob("*.png"))
+    text = {}
+    for stem in stems:
+        path = out / f"{stem}.svg"
+        assert str(path) in stdout and path.stat().st_size > 5_000, path
+        text[stem] = path.read_text()
+        assert text[stem].lstrip().startswith("<?xml") and "<svg" in text[stem]
+    # text stays text in SVG: the labels a reader needs are in the files
+    assert "joint probability P (log10)" in text["joint_corner"]
+    assert "pointwise MI" in text["joint_corner"] and "1/B²" in text["joint_corner"]
+    assert "variable 4" in text["views"]  # the legend names every plotted variable
+    assert "variable 3, unit" in text["exemplars_var3"] and "rank 1" in text["exemplars_var3"]
+    for stem in ("gradcam_var3", "gradcam_images"):
+        assert "Grad-CAM relevance" in text[stem]  # the colorbar of the maps
+    # a bad format or resolution is a config error naming the key
+    for bad, key in (("figures.format=jpg", "figures.format"), ("figures.dpi=0", "figures.dpi")):
+        code, _, err = run(["--weights", tiny["ckpt"], f"data.root={tiny['data']}", bad], capsys)
+        assert code == 2 and key in err, err
+
+
 def test_same_view_matrix_equals_direct_computation(tiny, capsys):
     out = tiny["root"] / "same"
     code, _, stderr = run(

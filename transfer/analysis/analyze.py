@@ -12,11 +12,15 @@ analyze.yaml, every option a dotted key):
   finite-sample floor), diagonal-block trace, the loss's DE / OE terms, cross-view agreement;
 * ``code_stats.npz``: per-variable marginals, the M x M MI matrix (and floor), block entropies;
 * ``joint_corner.npy`` / ``joint_corner.png``: the cross-joint matrix P over the first k variables
-  (Fig. 3a); ``codes.save_full_joint=true`` adds ``joint_full.npy`` (the whole D x D, fp32);
+  (Fig. 3a) on a log scale, and its pointwise dependence; ``codes.save_full_joint=true`` adds
+  ``joint_full.npy`` (the whole D x D, fp32);
 * ``views.png``: two augmented views of one image and their first variables' codes (Figs. 3b-c);
 * ``exemplars_var{m}.png``: top images of the most populated units of each chosen variable
   (Fig. 4) and ``gradcam_var{m}.png``: their Grad-CAM maps (Fig. 5);
 * ``gradcam_images.png``: Grad-CAM maps on the images of ``gradcam.images``.
+
+Figures are PNG by default; ``figures.format=pdf`` (or ``svg``) writes vector files instead and
+``figures.dpi`` sets the raster resolution.
 
 P is accumulated in fp32 on the device without keeping embeddings (4 D^2 bytes, twice with the
 independence floor). The codes of the clean (resize + centre crop) view give the one-hot rates,
@@ -51,6 +55,7 @@ from transfer.analysis.codes import (
     summarize,
 )
 from transfer.analysis.figures import (
+    FigureStyle,
     exemplar_figures,
     gradcam_figure,
     plot_joint_corner,
@@ -283,6 +288,15 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"codes.views must be 'two' or 'same', got {cfg['codes']['views']!r}")
     if not cfg["figures"]["variables"]:
         raise ConfigError("figures.variables must name at least one variable")
+    try:
+        figure_style(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def figure_style(cfg: dict) -> FigureStyle:
+    """The figure format and resolution of an analyze recipe (``figures.format``, ``.dpi``)."""
+    return FigureStyle(str(cfg["figures"]["format"]), int(cfg["figures"]["dpi"]))
 
 
 def run(ctx: runner.EvalContext) -> dict[str, Any]:
@@ -360,16 +374,20 @@ def run(ctx: runner.EvalContext) -> dict[str, Any]:
     del joint, joint_acc  # free the D x D accumulators before the figures
     npz = {name: v.cpu().numpy() for name, v in arrays.items()}
     outputs["block statistics (npz)"] = save_npz(npz, out / "code_stats.npz")
-    path = out / "joint_corner.png"
-    outputs["joint corner (Fig. 3a)"] = plot_joint_corner(corner, bin_size, path)
+    style = figure_style(cfg)
+    names = ("view 1", "view 2") if augment is not None else ("clean view", "clean view")
+    path = style.path(out, "joint_corner")
+    outputs["joint corner (Fig. 3a)"] = plot_joint_corner(corner, bin_size, path, style.dpi, names)
 
     # Figs. 3b-c: two augmented views of one image (the clean view twice with codes.views=same)
     item = _first_readable(views, int(figs["view_image"]))
     v1, v2 = item[1], item[2]
     q = model_codes(model, torch.stack([v1, v2]), bin_size, temperature, device)
     q = q[:, : min(int(figs["view_vars"]), m)].cpu().numpy()
-    path = out / "views.png"
-    outputs["two views (Figs. 3b-c)"] = plot_views([to_uint8(v1), to_uint8(v2)], q, bin_size, path)
+    path = style.path(out, "views")
+    outputs["two views (Figs. 3b-c)"] = plot_views(
+        [to_uint8(v1), to_uint8(v2)], q, bin_size, path, style.dpi
+    )
 
     layer = gc["layer"]
     if layer == "auto":
@@ -379,7 +397,7 @@ def run(ctx: runner.EvalContext) -> dict[str, Any]:
         outputs.update(
             exemplar_figures(
                 cam_fn, exemplars, lambda i: clean_tf(base[i][0]), bin_size,
-                int(figs["units_per_variable"]), out, device,
+                int(figs["units_per_variable"]), out, device, style,
             )  # fmt: skip
         )
         if gc["images"]:
@@ -387,7 +405,7 @@ def run(ctx: runner.EvalContext) -> dict[str, Any]:
             unit = None if int(gc["unit"]) < 0 else int(gc["unit"])
             outputs["Grad-CAM, given images"] = gradcam_figure(
                 cam_fn, model, imgs, [Path(p).name for p in gc["images"]], gradcam_variable,
-                unit, bin_size, temperature, out / "gradcam_images.png",
+                unit, bin_size, temperature, style.path(out, "gradcam_images"), style.dpi,
             )  # fmt: skip
     stats["elapsed_s"] = round(time.perf_counter() - t0, 2)
     stats["outputs"] = {name: str(p) for name, p in outputs.items()}

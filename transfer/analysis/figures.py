@@ -1,10 +1,18 @@
-"""Files and figures of the code analysis (paper Figs. 3-5): atomic .npy / .npz / .png writers,
-the plots, and the exemplar / Grad-CAM figures of :mod:`transfer.analysis.analyze`."""
+"""Files and figures of the code analysis (paper Figs. 3-5): atomic .npy / .npz / figure writers,
+the plots, and the exemplar / Grad-CAM figures of :mod:`transfer.analysis.analyze`.
+
+Figures are written as PNG, PDF or SVG (:class:`FigureStyle`, from ``figures.format`` and
+``figures.dpi``). Every colour scale has a labelled colorbar naming its quantity and unit; maps
+use perceptually uniform colormaps (viridis for probabilities, inferno for Grad-CAM, a diverging
+red-blue map centred on zero for dependence); block separators and ticks follow the variables.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +22,49 @@ from pretrain.checkpoint import atomic_write
 from pretrain.log import progress
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 from transfer.analysis.codes import UnitExemplars, model_codes
-from transfer.analysis.gradcam import GradCAM, overlay, unit_score
+from transfer.analysis.gradcam import CAM_COLORMAP, GradCAM, overlay, unit_score
+
+FORMATS = ("png", "pdf", "svg")
+# decades of joint probability shown below the largest entry (smaller values share the lowest
+# colour): enough to separate the ideal diagonal 1/B from the ideal off-block 1/B^2 for B <= 300
+LOG_DECADES = 5.0
+# shared look of every figure: small serif-free fonts sized for a two-column paper
+_STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "figure.titlesize": 10,
+    "svg.fonttype": "none",  # text stays text in SVG (editable, searchable)
+    "pdf.fonttype": 42,  # TrueType in PDF (journals reject Type 3 fonts)
+}
+
+
+@dataclass(frozen=True)
+class FigureStyle:
+    """How figures are written.
+
+    Args:
+        format: file format, one of :data:`FORMATS`.
+        dpi: resolution of PNGs and of the images embedded in PDF / SVG.
+    """
+
+    format: str = "png"
+    dpi: int = 300
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(
+                f"figures.format must be one of {', '.join(FORMATS)}, got {self.format!r}"
+            )
+        if int(self.dpi) < 10:
+            raise ValueError(f"figures.dpi must be at least 10, got {self.dpi!r}")
+
+    def path(self, folder: Path, stem: str) -> Path:
+        """``folder / stem.<format>``."""
+        return Path(folder) / f"{stem}.{self.format}"
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -51,11 +101,26 @@ def save_npz(arrays: dict[str, np.ndarray], path: Path) -> Path:
     return _atomic(path, write)
 
 
-def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Atomically save a matplotlib figure as PNG and close it."""
+def save_figure(fig, path: Path, dpi: int = 300) -> Path:
+    """Atomically save a matplotlib figure (format from the suffix of ``path``) and close it.
+
+    The bounding box is cropped to the drawn content; PDF and SVG carry no creation date, so
+    the same figure gives the same file.
+    """
     plt = _pyplot()
+    fmt = Path(path).suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: figure format {fmt!r} is not one of {', '.join(FORMATS)}")
+    metadata = {"png": None, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
+
+    def write(tmp: Path) -> None:
+        with plt.rc_context(_STYLE):
+            fig.savefig(
+                tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.04, metadata=metadata
+            )
+
     try:
-        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+        return _atomic(path, write)
     finally:
         plt.close(fig)
 
@@ -70,73 +135,250 @@ def _pyplot():
     return plt
 
 
-def plot_joint_corner(corner: np.ndarray, bin_size: int, path: Path) -> Path:
-    """Fig. 3a: the upper-left corner of P, linear and log scale, block borders marked."""
-    plt = _pyplot()
+def _variable_ticks(ax, k: int, bin_size: int, axes: str, sep_colour: str) -> None:
+    """Ticks at the centre of each variable's B units, labelled by variable index, and a thin
+    separator line every B units, on the x axis, the y axis or both (``axes``: "x", "y", "xy")."""
+    step = max(1, math.ceil(k / 16))  # at most ~16 labels per axis
+    centres = [m * bin_size + (bin_size - 1) / 2 for m in range(0, k, step)]
+    names = [str(m) for m in range(0, k, step)]
+    for b in range(1, k):
+        if "x" in axes:
+            ax.axvline(b * bin_size - 0.5, color=sep_colour, lw=0.6)
+        if "y" in axes:
+            ax.axhline(b * bin_size - 0.5, color=sep_colour, lw=0.6)
+    if "x" in axes:
+        ax.set_xticks(centres, names)
+    if "y" in axes:
+        ax.set_yticks(centres, names)
+    ax.tick_params(length=0)
+
+
+def log_joint(corner: np.ndarray, decades: float = LOG_DECADES) -> tuple[np.ndarray, float, float]:
+    """log10 of the joint probabilities over the range of the data, at most ``decades`` deep.
+
+    Returns:
+        (log10 P with entries below the floor set to it, floor, log10 of the largest entry); the
+        floor is the smallest positive entry, or ``decades`` below the largest if that is higher.
+    """
+    positive = corner[corner > 0]
+    if positive.size == 0:
+        return np.full(corner.shape, -decades), -decades, 0.0
+    vmax = math.log10(float(positive.max()))
+    vmin = max(math.log10(float(positive.min())), vmax - decades)
+    if vmax - vmin < 1e-6:  # a constant matrix: give the colour scale some width
+        vmin -= 0.5
+    return np.log10(np.maximum(corner, 10.0**vmin)), vmin, vmax
+
+
+def pointwise_dependence(corner: np.ndarray, bin_size: int) -> np.ndarray:
+    """log2 P / (p1 p2) per block: each block's joint over the product of its own marginals.
+
+    0 everywhere for independent variables; log2 B on the diagonal of a diagonal block when both
+    views pick the same unit of a uniform variable. NaN where a unit is never used (a zero
+    marginal); -inf where P is 0 but both marginals are not.
+    """
     k = corner.shape[0] // bin_size
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    floor = max(float(corner[corner > 0].min()) if (corner > 0).any() else 1e-12, 1e-12)
-    panels = [(corner, "P (linear)"), (np.log10(np.maximum(corner, floor)), "log10 P")]
-    for ax, (img, title) in zip(axes, panels):
-        im = ax.imshow(img, cmap="viridis", interpolation="nearest")
-        for b in range(1, k):
-            ax.axhline(b * bin_size - 0.5, color="white", lw=0.4, alpha=0.6)
-            ax.axvline(b * bin_size - 0.5, color="white", lw=0.4, alpha=0.6)
-        ax.set_title(f"{title}: first {k} variables (ideal: diag 1/B, off-block 1/B^2)", fontsize=8)
-        ax.set_xlabel("unit (view 2)")
-        ax.set_ylabel("unit (view 1)")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    blocks = corner.astype(np.float64).reshape(k, bin_size, k, bin_size)
+    rows = blocks.sum(axis=3, keepdims=True)  # p1 of the row variable, per block
+    cols = blocks.sum(axis=1, keepdims=True)  # p2 of the column variable, per block
+    independent = rows * cols  # (k, B, k, B)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log2(blocks / independent)
+    out[independent == 0] = np.nan
+    return out.reshape(corner.shape)
+
+
+def joint_figure(corner: np.ndarray, bin_size: int, views: tuple[str, str] = ("view 1", "view 2")):
+    """Fig. 3a: the upper-left corner of P on a log scale, and its dependence structure.
+
+    Args:
+        corner: the first k * B rows and columns of P.
+        bin_size: B.
+        views: names of the row and column views (the clean view twice for a self-joint).
+
+    Returns:
+        The figure: (a) log10 P with block separators, the ideal levels 1/B and 1/B^2 marked on
+        its colorbar; (b) log2 P / (p1 p2) per block (pointwise mutual information, bits).
+    """
+    plt = _pyplot()
+    from matplotlib.colors import Normalize
+
+    k = corner.shape[0] // bin_size
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(7.4, 3.3), layout="constrained")
+        logp, vmin, vmax = log_joint(corner)
+        ax = axes[0]
+        im = ax.imshow(logp, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        clipped = float(corner.min()) < 10**vmin
+        cb = fig.colorbar(im, ax=ax, shrink=0.9, extend="min" if clipped else "neither")
+        cb.set_label("joint probability P (log10)")
+        for value, name in ((1 / bin_size, "1/B"), (1 / bin_size**2, "1/B²")):
+            level = math.log10(value)
+            if vmin <= level <= vmax:
+                cb.ax.axhline(level, color="white", lw=1.2)
+                cb.ax.text(-0.15, level, name, transform=cb.ax.get_yaxis_transform(),
+                           ha="right", va="center", fontsize=6)  # fmt: skip
+        ax.set_title(f"(a) joint probability P, first {k} variables")
+        _variable_ticks(ax, k, bin_size, "xy", "white")
+        ax.set_xlabel(f"variable ({views[1]}, {bin_size} units each)")
+        ax.set_ylabel(f"variable ({views[0]})")
+
+        ax = axes[1]
+        limit = math.log2(bin_size)
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.8")
+        dep = np.clip(pointwise_dependence(corner, bin_size), -limit, limit)
+        im = ax.imshow(dep, cmap=cmap, norm=Normalize(-limit, limit), interpolation="nearest")
+        cb = fig.colorbar(im, ax=ax, shrink=0.9)
+        cb.set_label("pointwise MI log2 P / (p1 p2) (bits; 0: independent)")
+        ax.set_title("(b) P relative to independence")
+        _variable_ticks(ax, k, bin_size, "xy", "0.35")
+        ax.set_xlabel(f"variable ({views[1]})")
+        ax.set_ylabel(f"variable ({views[0]})")
+    return fig
+
+
+def plot_joint_corner(
+    corner: np.ndarray,
+    bin_size: int,
+    path: Path,
+    dpi: int = 300,
+    views: tuple[str, str] = ("view 1", "view 2"),
+) -> Path:
+    """Write :func:`joint_figure` to ``path`` (format from its suffix)."""
+    return save_figure(joint_figure(corner, bin_size, views), path, dpi)
 
 
 def plot_views(
-    images: Sequence[np.ndarray], codes: Sequence[np.ndarray], bin_size: int, path: Path
+    images: Sequence[np.ndarray], codes: np.ndarray, bin_size: int, path: Path, dpi: int = 300
 ) -> Path:
-    """Figs. 3b-c: each view and its soft one-hot vectors over the first variables."""
+    """Figs. 3b-c: each view and its soft one-hot vectors over the first variables.
+
+    Args:
+        images: the two views, (H, W, 3) uint8 each.
+        codes: (views, m, B) soft codes of the first m variables.
+        bin_size: B.
+        path: output file (format from its suffix).
+        dpi: raster resolution.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(
-        len(images), 2, figsize=(12, 2.6 * len(images)), gridspec_kw={"width_ratios": [1, 5]}
-    )
-    axes = np.atleast_2d(axes)
-    colours = plt.get_cmap("tab10")
-    for r, (img, q) in enumerate(zip(images, codes)):
-        axes[r, 0].imshow(img)
-        axes[r, 0].set_axis_off()
-        axes[r, 0].set_title(f"view {r + 1}", fontsize=9)
-        ax = axes[r, 1]
-        for m in range(q.shape[0]):
-            x = np.arange(m * bin_size, (m + 1) * bin_size)
-            ax.bar(x, q[m], width=1.0, color=colours(m % 10))
-        ax.set_xlim(-0.5, q.shape[0] * bin_size - 0.5)
-        ax.set_ylim(0, 1.02)
-        ax.set_ylabel("q")
-        ax.set_title(
-            f"codes of the first {q.shape[0]} variables (one colour per variable)", fontsize=9
-        )
-    axes[-1, 1].set_xlabel("unit")
-    fig.tight_layout()
-    return save_figure(fig, path)
+    from matplotlib.patches import Patch
+
+    codes = np.asarray(codes)
+    m = codes.shape[1]
+    colours = plt.get_cmap("tab10" if m <= 10 else "tab20")
+    n_colours = colours.N
+    argmax = codes.argmax(axis=2)
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(
+            len(images), 2, figsize=(7.2, 1.45 * len(images) + 0.5), layout="constrained",
+            gridspec_kw={"width_ratios": [1, 6]}, squeeze=False,
+        )  # fmt: skip
+        for r, (img, q) in enumerate(zip(images, codes)):
+            axes[r, 0].imshow(img)
+            axes[r, 0].set_xticks([])
+            axes[r, 0].set_yticks([])
+            axes[r, 0].set_ylabel(f"view {r + 1}")
+            ax = axes[r, 1]
+            for v in range(m):
+                x = np.arange(v * bin_size, (v + 1) * bin_size)
+                ax.bar(x, q[v], width=1.0, color=colours(v % n_colours))
+            _variable_ticks(ax, m, bin_size, "x", "0.8")
+            ax.set_xlim(-0.5, m * bin_size - 0.5)
+            ax.set_ylim(0, 1.02)
+            ax.set_ylabel("code probability q")
+            ax.spines[["top", "right"]].set_visible(False)
+            if r > 0:
+                same = int((argmax[r] == argmax[0]).sum())
+                ax.set_title(f"view {r + 1}: same argmax unit as view 1 in {same} of {m} variables",
+                             loc="left")  # fmt: skip
+            else:
+                ax.set_title(f"view 1: soft codes of the first {m} variables", loc="left")
+        axes[-1, 1].set_xlabel(f"variable ({bin_size} units each)")
+        handles = [Patch(color=colours(v % n_colours), label=f"variable {v}") for v in range(m)]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(m, 10), frameon=False,
+                   handlelength=1.0, columnspacing=1.0)  # fmt: skip
+    return save_figure(fig, path, dpi)
 
 
-def plot_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], title: str, path: Path) -> Path:
-    """A grid of images, one titled row per unit (Figs. 4 and 5)."""
+class GridRow(NamedTuple):
+    """One row of an image grid: its label, images and one caption per image."""
+
+    label: str
+    images: Sequence[np.ndarray]
+    captions: Sequence[str] = ()
+
+
+def grid_figure(
+    rows: Sequence[GridRow],
+    title: str,
+    column_labels: Sequence[str] = (),
+    colorbar_label: str = "",
+    cell: float = 0.9,
+):
+    """A tight grid of square images: a label left of each row, headers above the columns,
+    captions below the images, and optionally a colorbar of :data:`CAM_COLORMAP` (0-1).
+
+    Args:
+        rows: the rows (empty cells where a row has fewer images).
+        title: the figure title.
+        column_labels: one header per column.
+        colorbar_label: quantity and unit of the colorbar; empty: no colorbar.
+        cell: side of one image, inches.
+
+    Returns:
+        The figure.
+    """
     plt = _pyplot()
-    ncols = max(1, max((len(imgs) for _, imgs in rows), default=1))
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    ncols = max(1, max((len(r.images) for r in rows), default=1))
     nrows = max(1, len(rows))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols + 1.6, 1.5 * nrows + 0.4))
-    axes = np.array(axes).reshape(nrows, ncols)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for r, (label, imgs) in enumerate(rows):
-        for c, img in enumerate(imgs):
-            axes[r, c].imshow(img)
-        axes[r, 0].text(
-            -0.08, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8
-        )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0.1, 0, 1, 0.95))
-    return save_figure(fig, path)
+    gap, cap = 0.05, (0.16 if any(r.captions for r in rows) else 0.0)
+    left = 0.12 + 0.055 * max((len(line) for r in rows for line in r.label.split("\n")), default=0)
+    top = 0.3 + (0.16 if column_labels else 0.0)
+    right = 0.75 if colorbar_label else 0.05
+    width = left + ncols * cell + (ncols - 1) * gap + right
+    height = top + nrows * (cell + cap) + (nrows - 1) * gap + 0.05
+    with plt.rc_context(_STYLE):
+        fig = plt.figure(figsize=(width, height))
+        for r in range(nrows):
+            for c in range(ncols):
+                x0 = left + c * (cell + gap)
+                y0 = height - top - (r + 1) * (cell + cap) - r * gap + cap
+                ax = fig.add_axes((x0 / width, y0 / height, cell / width, cell / height))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                row = rows[r] if r < len(rows) else GridRow("", [])
+                if c < len(row.images):
+                    ax.imshow(row.images[c], interpolation="nearest")
+                    if c < len(row.captions):
+                        ax.set_xlabel(row.captions[c], fontsize=6.5, labelpad=1.5)
+                else:
+                    ax.set_axis_off()
+                if c == 0:
+                    ax.set_ylabel(row.label, rotation=0, ha="right", va="center", labelpad=5)
+                if r == 0 and c < len(column_labels):
+                    ax.set_title(column_labels[c], fontsize=7, pad=2)
+        fig.suptitle(title, y=1 - 0.12 / height, va="top")
+        if colorbar_label:
+            x0 = left + ncols * cell + (ncols - 1) * gap + 0.1
+            bottom = height - top - nrows * (cell + cap) - (nrows - 1) * gap + cap
+            cax = fig.add_axes((x0 / width, bottom / height, 0.1 / width,
+                                (height - top - bottom) / height))  # fmt: skip
+            mappable = ScalarMappable(Normalize(0.0, 1.0), plt.get_cmap(CAM_COLORMAP))
+            fig.colorbar(mappable, cax=cax).set_label(colorbar_label)
+    return fig
+
+
+def plot_grid(
+    rows: Sequence[GridRow], title: str, path: Path, dpi: int = 300, **kwargs: Any
+) -> Path:
+    """Write :func:`grid_figure` to ``path`` (format from its suffix)."""
+    return save_figure(grid_figure(rows, title, **kwargs), path, dpi)
+
+
+CAM_LABEL = "Grad-CAM relevance (each image's maximum = 1)"
 
 
 def exemplar_figures(
@@ -147,6 +389,7 @@ def exemplar_figures(
     units_per_variable: int,
     out: Path,
     device: torch.device,
+    style: FigureStyle = FigureStyle(),
 ) -> dict[str, Path]:
     """Figs. 4 and 5: per variable, top images of its most used units and their Grad-CAM maps.
 
@@ -158,26 +401,40 @@ def exemplar_figures(
         units_per_variable: rows per figure.
         out: output folder.
         device: model device.
+        style: file format and resolution.
 
     Returns:
         {summary name: written path}.
     """
     outputs = {}
     for v in progress(exemplars.variables, desc="exemplars"):
+        counts = exemplars.counts[exemplars.variables.index(v)]
+        total = max(int(counts.sum()), 1)
         rows, cam_rows = [], []
         for u in exemplars.top_units(v, units_per_variable):
-            imgs = torch.stack([load(i) for i, _ in exemplars.exemplars(v, u)])
-            count = int(exemplars.counts[exemplars.variables.index(v), u])
-            label = f"unit {u}\n(#{v * bin_size + u})\nn={count}"
+            top = exemplars.exemplars(v, u)
+            imgs = torch.stack([load(i) for i, _ in top])
+            n = int(counts[u])
+            label = f"variable {v}, unit {u}\n{n} images ({100 * n / total:.0f}%)"
+            captions = [f"q = {s:.2f}" for _, s in top]
             cams = cam_fn(imgs.to(device), unit_score(v, u, bin_size)).numpy()
-            rows.append((label, [to_uint8(x) for x in imgs]))
-            cam_rows.append((label, [overlay(to_uint8(x), c) for x, c in zip(imgs, cams)]))
+            rows.append(GridRow(label, [to_uint8(x) for x in imgs], captions))
+            cam_rows.append(
+                GridRow(label, [overlay(to_uint8(x), c) for x, c in zip(imgs, cams)], captions)
+            )
+        ncols = max((len(r.images) for r in rows), default=0)
+        headers = [f"rank {c + 1}" for c in range(ncols)]
+        what = f"its {len(rows)} most used units" if len(rows) > 1 else "its most used unit"
         outputs[f"exemplars, variable {v} (Fig. 4)"] = plot_grid(
-            rows, f"variable {v}: top images of its most used units", out / f"exemplars_var{v}.png"
-        )
+            rows, f"Variable {v}: top images of {what} (ranked by q)",
+            style.path(out, f"exemplars_var{v}"),
+            style.dpi, column_labels=headers,
+        )  # fmt: skip
         outputs[f"Grad-CAM, variable {v} (Fig. 5)"] = plot_grid(
-            cam_rows, f"variable {v}: Grad-CAM of each image's unit", out / f"gradcam_var{v}.png"
-        )
+            cam_rows, f"Variable {v}: Grad-CAM of each image's unit",
+            style.path(out, f"gradcam_var{v}"), style.dpi, column_labels=headers,
+            colorbar_label=CAM_LABEL,
+        )  # fmt: skip
     return outputs
 
 
@@ -191,6 +448,7 @@ def gradcam_figure(
     bin_size: int,
     temperature: float,
     path: Path,
+    dpi: int = 300,
 ) -> Path:
     """Grad-CAM of one variable on given images: each row shows the image and its map.
 
@@ -205,5 +463,10 @@ def gradcam_figure(
     for i, (name, u) in enumerate(zip(names, units.tolist())):
         img = to_uint8(images[i])
         q = float(qv[i, u]) if 0 <= u < bin_size else float("nan")
-        rows.append((f"{name}\nunit {u} q={q:.2f}", [img, overlay(img, cams[i])]))
-    return plot_grid(rows, f"variable {variable}: Grad-CAM", path)
+        short = name if len(name) <= 24 else "..." + name[-21:]
+        rows.append(GridRow(f"{short}\nunit {u}, q = {q:.2f}", [img, overlay(img, cams[i])]))
+    which = "each image's argmax unit" if unit is None else f"unit {unit}"
+    return plot_grid(
+        rows, f"Grad-CAM, variable {variable} ({which})", path, dpi,
+        column_labels=["input", "Grad-CAM"], colorbar_label=CAM_LABEL,
+    )  # fmt: skip

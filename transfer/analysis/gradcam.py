@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GradCAM", "unit_score", "choose_layer", "overlay"]
+__all__ = ["GradCAM", "unit_score", "choose_layer", "overlay", "CAM_COLORMAP"]
+
+# perceptually uniform, dark (irrelevant) to bright (relevant); shown with a colorbar
+CAM_COLORMAP = "inferno"
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -161,8 +164,11 @@ def choose_layer(
     return candidates[-1]
 
 
-def overlay(image: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = 0.5) -> np.ndarray:
-    """Blend a [0, 1] map (jet colours) over an RGB uint8 image of the same height and width.
+def overlay(image: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = 0.55) -> np.ndarray:
+    """Blend a [0, 1] map in :data:`CAM_COLORMAP` over the grey levels of an RGB uint8 image.
+
+    The image is shown in grey so that every colour in the result reads as a map value on the
+    colormap's colorbar.
 
     Args:
         image: (H, W, 3) uint8.
@@ -177,6 +183,7 @@ def overlay(image: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = 0.
     cam = np.asarray(cam, dtype=np.float32)
     if cam.shape != image.shape[:2]:
         raise ValueError(f"overlay: map {cam.shape} and image {image.shape[:2]} differ in size")
-    heat = colormaps["jet"](np.clip(cam, 0.0, 1.0))[..., :3]
-    out = (1 - alpha) * image.astype(np.float32) / 255.0 + alpha * heat
+    heat = colormaps[CAM_COLORMAP](np.clip(cam, 0.0, 1.0))[..., :3]
+    grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+    out = (1 - alpha) * grey[..., None] + alpha * heat
     return (np.clip(out, 0.0, 1.0) * 255).round().astype(np.uint8)
