@@ -1,6 +1,7 @@
-"""Shared fixtures: the repository root, tiny ImageFolder trees and a tiny exported backbone.
+"""Shared fixtures: the repository root, tiny ImageFolder trees, a tiny exported backbone and a
+torchvision ResNet-18 state dict.
 
-The builders behind them live in ``eval_helpers.py`` (tests that need a fresh, mutable copy call
+The builders behind them live in ``helpers.py`` (tests that need a fresh, mutable copy call
 them directly on ``tmp_path``).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from eval_helpers import REPO, make_image_tree, make_weights
+from helpers import REPO, make_image_tree, make_weights, torchvision_resnet18_sd
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,12 @@ def tiny_trees(tmp_path_factory) -> Path:
     make_image_tree(root / "train", n_per_class=8, seed=0)
     make_image_tree(root / "val", n_per_class=4, seed=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def tv18():
+    """A torchvision ResNet-18 state dict with fc, random BN means and num_batches_tracked 7.
+
+    Module-scoped: a test module may change it in place, never across modules.
+    """
+    return torchvision_resnet18_sd()

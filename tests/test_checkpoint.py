@@ -12,45 +12,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import TINY_CONFIG, assert_same_tensors, no_fc, tiny_imsvd_model
 from torch import nn
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import IMSVDModel, Projector, build_backbone
-
-CONFIG = {"model": {"arch": "resnet18", "stem": "small", "projector": "64-32"}, "seed": 0}
-
-
-def _tiny_model(spec: str = "64-32", stem: str = "small") -> IMSVDModel:
-    return IMSVDModel(build_backbone("resnet18", stem=stem), Projector(512, spec))
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert list(a) == list(b) or set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k].cpu(), b[k].cpu()), k
-
-
-@pytest.fixture(scope="module")
-def tv18() -> "OrderedDict[str, torch.Tensor]":
-    """A torchvision ResNet-18 state_dict with fc and non-trivial BN statistics."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    sd = net.state_dict()
-    for k, v in sd.items():
-        if k.endswith("running_mean"):
-            v.normal_()
-        elif k.endswith("num_batches_tracked"):
-            v.fill_(7)
-    return sd
+from pretrain.model import Projector, build_backbone
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A tiny IMSVD model after one fp16-scaler-style SGD step, with its optimizer and scaler."""
     torch.manual_seed(1)
-    model = _tiny_model()
+    model = tiny_imsvd_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
     loss = model(torch.randn(4, 3, 16, 16)).pow(2).mean()
@@ -145,27 +119,27 @@ def test_training_state_roundtrip(tmp_path: Path, trained) -> None:
         epoch=3,
         step=120,
         step_in_epoch=20,
-        config=CONFIG,
+        config=TINY_CONFIG,
         extra={"meter": 1.5},
     )
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "imsvd-train-state" and raw["format_version"] == 2
     assert (raw["arch"], raw["stem"]) == ("resnet18", "small")
     assert (raw["epoch"], raw["step"], raw["step_in_epoch"]) == (3, 120, 20)
-    assert raw["config"] == CONFIG and raw["extra"] == {"meter": 1.5}
+    assert raw["config"] == TINY_CONFIG and raw["extra"] == {"meter": 1.5}
     assert raw["torch_version"] == torch.__version__ and raw["created"].endswith("Z")
     assert all(k.startswith(("backbone.", "projector.")) for k in raw["model"])
-    _assert_same(raw["model"], model.state_dict())
+    assert_same_tensors(raw["model"], model.state_dict())
     assert raw["scaler"]["scale"] == scaler.get_scale()
 
     state = ckpt.load_training_state(path)
     torch.manual_seed(5)
-    model2 = _tiny_model()
+    model2 = tiny_imsvd_model()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     scaler2 = torch.amp.GradScaler("cpu")
     pos = ckpt.restore_training_state(state, model=model2, optimizer=opt2, scaler=scaler2)
     assert pos == {"epoch": 3, "step": 120, "step_in_epoch": 20}
-    _assert_same(model2.state_dict(), model.state_dict())
+    assert_same_tensors(model2.state_dict(), model.state_dict())
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
     for i in s1["state"]:
@@ -184,20 +158,20 @@ def test_restore_names_mismatched_keys(tmp_path: Path, trained) -> None:
         epoch=0,
         step=1,
         step_in_epoch=1,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     state = ckpt.load_training_state(path)
     assert state["scaler"] is None
     with pytest.raises(CheckpointError) as e:
-        ckpt.restore_training_state(state, model=_tiny_model(spec="64-16"))
+        ckpt.restore_training_state(state, model=tiny_imsvd_model(spec="64-16"))
     assert "projector.3.weight: (32, 64) vs expected (16, 64)" in str(e.value)
-    deeper = _tiny_model(spec="64-64-32")
+    deeper = tiny_imsvd_model(spec="64-64-32")
     with pytest.raises(CheckpointError) as e:
         ckpt.restore_training_state(state, model=deeper)
     assert "missing keys" in str(e.value) and "projector.6.weight" in str(e.value)
     other_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(CheckpointError, match="optimizer state does not match"):
-        ckpt.restore_training_state(state, model=_tiny_model(), optimizer=other_opt)
+        ckpt.restore_training_state(state, model=tiny_imsvd_model(), optimizer=other_opt)
 
 
 def test_save_training_state_rejects_non_imsvd_model(tmp_path: Path) -> None:
@@ -210,7 +184,7 @@ def test_save_training_state_rejects_non_imsvd_model(tmp_path: Path) -> None:
             epoch=0,
             step=0,
             step_in_epoch=0,
-            config=CONFIG,
+            config=TINY_CONFIG,
         )
 
 
@@ -225,7 +199,7 @@ def test_load_training_state_errors(tmp_path: Path, trained) -> None:
         epoch=0,
         step=0,
         step_in_epoch=0,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     raw = torch.load(path, weights_only=True)
     raw["format_version"] = 99
@@ -243,7 +217,7 @@ def test_load_training_state_errors(tmp_path: Path, trained) -> None:
         arch="resnet18",
         stem="small",
         epoch=1,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     with pytest.raises(CheckpointError, match="exported backbone"):
         ckpt.load_training_state(tmp_path / "bb.pth")
@@ -305,15 +279,15 @@ def test_export_backbone_roundtrip_and_hash(tmp_path: Path, trained) -> None:
     backbone = trained[0].backbone
     path = tmp_path / "backbone.pth"
     digest = ckpt.export_backbone(
-        path, backbone.state_dict(), arch="resnet18", stem="small_s2", epoch=7, config=CONFIG
+        path, backbone.state_dict(), arch="resnet18", stem="small_s2", epoch=7, config=TINY_CONFIG
     )
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "imsvd-backbone" and raw["format_version"] == 1
     assert raw["sha256"] == digest == ckpt.tensor_sha256(backbone.state_dict())
-    assert raw["hash_scheme"] == "imsvd-tensor-sha256-v1" and raw["config"] == CONFIG
+    assert raw["hash_scheme"] == "imsvd-tensor-sha256-v1" and raw["config"] == TINY_CONFIG
     assert not any(k.startswith("fc.") for k in raw["state_dict"])
     sd, meta = ckpt.load_backbone(path)
-    _assert_same(sd, backbone.state_dict())
+    assert_same_tensors(sd, backbone.state_dict())
     assert meta["source_format"] == "imsvd-backbone"
     assert (meta["arch"], meta["stem"], meta["epoch"]) == ("resnet18", "small_s2", 7)
     assert meta["stem_source"] == "metadata" and meta["sha256"] == digest
@@ -357,24 +331,20 @@ def test_load_backbone_from_training_state(tmp_path: Path, trained) -> None:
         epoch=1,
         step=10,
         step_in_epoch=0,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     sd, meta = ckpt.load_backbone(path)
-    _assert_same(sd, model.backbone.state_dict())
+    assert_same_tensors(sd, model.backbone.state_dict())
     assert meta["source_format"] == "imsvd-train-state"
     assert (meta["arch"], meta["stem"], meta["epoch"], meta["step"]) == ("resnet18", "small", 1, 10)
-    assert meta["config"] == CONFIG
+    assert meta["config"] == TINY_CONFIG
 
 
 # --------------------------------------------------------------------------- foreign formats
 
 
-def _no_fc(sd):
-    return OrderedDict((k, v) for k, v in sd.items() if not k.startswith("fc."))
-
-
 def _foreign(kind: str, tv: "OrderedDict[str, torch.Tensor]") -> object:
-    bb = _no_fc(tv)
+    bb = no_fc(tv)
     proj = Projector(512, "64-32").state_dict()
     if kind == "reference-model":
         model = {f"module.backbone.{k}": v for k, v in bb.items()}
@@ -423,7 +393,7 @@ def test_load_backbone_foreign(tmp_path: Path, tv18, kind, source, epoch, note) 
     path = tmp_path / "weights.pth"  # same file name for every kind: detection is by content
     torch.save(_foreign(kind, tv18), path)
     sd, meta = ckpt.load_backbone(path)
-    _assert_same(sd, _no_fc(tv18))
+    assert_same_tensors(sd, no_fc(tv18))
     assert meta["source_format"] == source and meta["epoch"] == epoch
     assert (meta["arch"], meta["stem"], meta["stem_source"]) == ("resnet18", "standard", "inferred")
     if note:
@@ -438,19 +408,19 @@ def test_load_backbone_resnet50_keysets(tmp_path: Path) -> None:
     full = OrderedDict((k, torch.zeros(v.shape, dtype=v.dtype)) for k, v in ref.items())
     torch.save(full, tmp_path / "r50.pth")
     sd, meta = ckpt.load_backbone(tmp_path / "r50.pth")
-    assert meta["arch"] == "resnet50" and set(sd) == set(_no_fc(ref))
+    assert meta["arch"] == "resnet50" and set(sd) == set(no_fc(ref))
     # pre-2018 torchvision files lack num_batches_tracked: filled so strict loading works
     old = OrderedDict((k, v) for k, v in full.items() if not k.endswith("num_batches_tracked"))
     torch.save(old, tmp_path / "r50_old.pth")
     sd, meta = ckpt.load_backbone(tmp_path / "r50_old.pth")
-    assert set(sd) == set(_no_fc(ref))
+    assert set(sd) == set(no_fc(ref))
     assert any("filled 53" in n for n in meta["notes"]), meta["notes"]
     with torch.device("meta"):
         build_backbone("resnet50").load_state_dict(sd, strict=True, assign=True)
 
 
 def test_load_backbone_key_mismatch_is_named(tmp_path: Path, tv18) -> None:
-    bad = _no_fc(tv18)
+    bad = no_fc(tv18)
     del bad["layer4.1.bn2.weight"]
     bad["layer4.1.extra.weight"] = torch.zeros(1)
     torch.save(bad, tmp_path / "bad.pth")
@@ -463,12 +433,12 @@ def test_load_backbone_key_mismatch_is_named(tmp_path: Path, tv18) -> None:
 
 def test_pickled_objects_refused_unless_allowed(tmp_path: Path, tv18) -> None:
     path = tmp_path / "with_args.pth"
-    torch.save({"state_dict": _no_fc(tv18), "args": argparse.Namespace(lr=0.1)}, path)
+    torch.save({"state_dict": no_fc(tv18), "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(CheckpointError) as e:
         ckpt.load_backbone(path)
     assert "argparse.Namespace" in str(e.value) and "allow_unsafe=True" in str(e.value)
     sd, meta = ckpt.load_backbone(path, allow_unsafe=True)
-    _assert_same(sd, _no_fc(tv18))
+    assert_same_tensors(sd, no_fc(tv18))
     assert any("'state_dict' entry" in n for n in meta["notes"])
 
 
@@ -516,10 +486,10 @@ def test_load_projector(tmp_path: Path, trained, tv18) -> None:
         epoch=2,
         step=5,
         step_in_epoch=0,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     sd, meta = ckpt.load_projector(path)
-    _assert_same(sd, model.projector.state_dict())
+    assert_same_tensors(sd, model.projector.state_dict())
     assert (meta["spec"], meta["in_dim"], meta["out_dim"]) == ("64-32", 512, 32)
     assert meta["matches_projector"] and meta["linear_bias"] == [True, False]
     assert meta["source_format"] == "imsvd-train-state" and meta["epoch"] == 2
@@ -535,11 +505,11 @@ def test_load_projector(tmp_path: Path, trained, tv18) -> None:
         arch="resnet18",
         stem="small",
         epoch=2,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     with pytest.raises(CheckpointError, match="carries no projector"):
         ckpt.load_projector(tmp_path / "bb.pth")
-    torch.save(_no_fc(tv18), tmp_path / "vicreg.pth")
+    torch.save(no_fc(tv18), tmp_path / "vicreg.pth")
     with pytest.raises(CheckpointError, match="backbone only, no projector"):
         ckpt.load_projector(tmp_path / "vicreg.pth")
 
@@ -579,7 +549,7 @@ def test_latest_and_prune(tmp_path: Path) -> None:
 def test_cuda_state_roundtrip(tmp_path: Path) -> None:
     dev = torch.device("cuda")
     torch.manual_seed(2)
-    model = _tiny_model().to(dev)
+    model = tiny_imsvd_model().to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda")
     with torch.autocast("cuda", dtype=torch.float16):
@@ -599,7 +569,7 @@ def test_cuda_state_roundtrip(tmp_path: Path) -> None:
         epoch=0,
         step=1,
         step_in_epoch=1,
-        config=CONFIG,
+        config=TINY_CONFIG,
         rng=rng,
     )
     state = ckpt.load_training_state(path)  # map_location="cpu"
@@ -607,17 +577,17 @@ def test_cuda_state_roundtrip(tmp_path: Path) -> None:
     assert state["scaler"]["scale"] == scaler.get_scale()
     ckpt.restore_rng_state(state["rng"])
     assert torch.equal(torch.rand(8, device=dev), first)
-    model2 = _tiny_model().to(dev)
+    model2 = tiny_imsvd_model().to(dev)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     ckpt.restore_training_state(state, model=model2, optimizer=opt2, scaler=None)
-    _assert_same(model2.state_dict(), model.state_dict())
+    assert_same_tensors(model2.state_dict(), model.state_dict())
     digest = ckpt.export_backbone(
         tmp_path / "bb.pth",
         model.backbone.state_dict(),
         arch="resnet18",
         stem="small",
         epoch=0,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     cpu_sd = {k: v.cpu() for k, v in model.backbone.state_dict().items()}
     assert digest == ckpt.tensor_sha256(cpu_sd)

@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import REPO, TINY_CONFIG, assert_same_tensors, load_tool, no_fc, tiny_imsvd_model
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import IMSVDModel, Projector, build_backbone
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = {"model": {"arch": "resnet18", "stem": "small", "projector": "64-32"}, "seed": 0}
+from pretrain.model import Projector, build_backbone
 
 
 class _Evil:
@@ -34,26 +32,6 @@ class _Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch '{self.marker}'",))
-
-
-@pytest.fixture(scope="module")
-def tv18() -> "OrderedDict[str, torch.Tensor]":
-    torch.manual_seed(0)
-    sd = torchvision.models.resnet18(weights=None).state_dict()
-    for k, v in sd.items():
-        if k.endswith("running_mean"):
-            v.normal_()
-    return sd
-
-
-def _no_fc(sd):
-    return OrderedDict((k, v) for k, v in sd.items() if not k.startswith("fc."))
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # --------------------------------------------------------------------------- 1. no code runs
@@ -84,7 +62,7 @@ def test_weights_pickle_of_numpy_arrays_reads(tmp_path: Path) -> None:
 def test_torch_file_with_code_is_refused_by_every_reader(tmp_path: Path, tv18) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": _no_fc(tv18), "optimizer": {"x": _Evil(marker)}}, path)
+    torch.save({"state_dict": no_fc(tv18), "optimizer": {"x": _Evil(marker)}}, path)
     for reader in (ckpt.load_backbone, ckpt.load_projector, ckpt.load_training_state):
         with pytest.raises(CheckpointError) as e:
             reader(path)
@@ -115,7 +93,7 @@ def test_reference_model_pth_with_main_function(tmp_path, monkeypatch, tv18, mai
     monkeypatch.setitem(sys.modules, main_name, module)
     monkeypatch.setattr(module, "exclude_bias_and_norm", fn, raising=False)
     proj = Projector(512, "64-32").state_dict()
-    model = {f"module.backbone.{k}": v for k, v in _no_fc(tv18).items()}
+    model = {f"module.backbone.{k}": v for k, v in no_fc(tv18).items()}
     model.update({f"module.projector.{k}": v for k, v in proj.items()})
     group = {"params": [0, 1], "lr": 0.2, "weight_decay_filter": fn, "lars_adaptation_filter": fn}
     opt = {"state": {0: {"mu": torch.ones(3)}}, "param_groups": [group]}
@@ -128,7 +106,7 @@ def test_reference_model_pth_with_main_function(tmp_path, monkeypatch, tv18, mai
     modules_before = set(sys.modules)
 
     sd, meta = ckpt.load_backbone(path)
-    _assert_same(sd, _no_fc(tv18))
+    assert_same_tensors(sd, no_fc(tv18))
     assert meta["source_format"] == "imsvd-reference-model" and meta["epoch"] == 3
     assert any(f"{main_name}.exclude_bias_and_norm" in n for n in meta["notes"]), meta["notes"]
     psd, pmeta = ckpt.load_projector(path)
@@ -136,7 +114,7 @@ def test_reference_model_pth_with_main_function(tmp_path, monkeypatch, tv18, mai
     _, _, mmeta = ckpt.model_from_checkpoint(path)
     assert mmeta["projector"]["spec"] == "64-32"
     sd2, _ = ckpt.load_backbone(path, allow_unsafe=True)  # the safe path answers first
-    _assert_same(sd2, sd)
+    assert_same_tensors(sd2, sd)
     assert not marker.exists()
     assert set(sys.modules) - modules_before == set()  # nothing was imported
 
@@ -146,7 +124,7 @@ def test_placeholders_only_inside_the_optimizer(tmp_path, monkeypatch, tv18) -> 
     fn.__module__, fn.__qualname__ = "__main__", "exclude_bias_and_norm"
     monkeypatch.setattr(sys.modules["__main__"], "exclude_bias_and_norm", fn, raising=False)
     path = tmp_path / "m.pth"
-    torch.save({"state_dict": _no_fc(tv18), "loss_fn": fn}, path)
+    torch.save({"state_dict": no_fc(tv18), "loss_fn": fn}, path)
     monkeypatch.undo()
     with pytest.raises(CheckpointError) as e:
         ckpt.load_backbone(path)
@@ -155,7 +133,7 @@ def test_placeholders_only_inside_the_optimizer(tmp_path, monkeypatch, tv18) -> 
 
 def test_namespace_args_need_allow_unsafe(tmp_path, tv18) -> None:
     path = tmp_path / "with_args.pth"
-    torch.save({"state_dict": _no_fc(tv18), "args": argparse.Namespace(lr=0.1)}, path)
+    torch.save({"state_dict": no_fc(tv18), "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(CheckpointError, match="argparse.Namespace.*--allow-unsafe"):
         ckpt.load_backbone(path)
     _, meta = ckpt.load_backbone(path, allow_unsafe=True)
@@ -178,7 +156,7 @@ def _cifar_resnet18(tv: dict) -> "OrderedDict[str, torch.Tensor]":
 
 def _layout(kind: str, tv: dict) -> tuple[object, dict]:
     """(checkpoint object, expected torchvision-named backbone) for each layout."""
-    bb = _no_fc(tv)
+    bb = no_fc(tv)
     if kind in ("cifar-model", "cifar-final"):
         cif = _cifar_resnet18(tv)
         expect = OrderedDict(
@@ -231,7 +209,7 @@ def test_foreign_layouts(tmp_path, tv18, kind, label, arch_stem, note) -> None:
     path = tmp_path / "weights.pth"
     torch.save(obj, path)
     sd, meta = ckpt.load_backbone(path)
-    _assert_same(sd, expect)
+    assert_same_tensors(sd, expect)
     assert meta["source_format"] == label
     assert (meta["arch"], meta["stem"]) == arch_stem
     assert any(note in n for n in meta["notes"]), meta["notes"]
@@ -258,7 +236,7 @@ def test_checkpoint_key_and_prefix(tmp_path, tv18) -> None:
     sd, meta = ckpt.load_backbone(
         tmp_path / "dino.pth", checkpoint_key="student", prefix="module.backbone."
     )
-    _assert_same(sd, student)
+    assert_same_tensors(sd, student)
     assert meta["source_format"] == (
         "custom (checkpoint_key='student', prefix='module.backbone.', entry 'student')"
     )
@@ -266,7 +244,7 @@ def test_checkpoint_key_and_prefix(tmp_path, tv18) -> None:
     with pytest.raises(CheckpointError, match="Accepted inputs"):
         ckpt.load_backbone(tmp_path / "o.pth")
     sd, meta = ckpt.load_backbone(tmp_path / "o.pth", checkpoint_key="weights", prefix="enc.trunk.")
-    _assert_same(sd, expect)
+    assert_same_tensors(sd, expect)
     with pytest.raises(CheckpointError, match="checkpoint_key 'nope' not found"):
         ckpt.load_backbone(tmp_path / "o.pth", checkpoint_key="nope")
     with pytest.raises(CheckpointError, match="prefix 'x.'"):
@@ -331,14 +309,7 @@ def test_export_tool_torchvision_format(tmp_path, tv18, tools_export) -> None:
 @pytest.fixture
 def tools_export():
     """tools/export_backbone.py as a module (tools/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "export_backbone", REPO / "tools" / "export_backbone.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("export_backbone")
 
 
 # ------------------------------------------------- 8. corrupt training states, content hash
@@ -346,7 +317,7 @@ def tools_export():
 
 def _state(tmp_path: Path, step: int, seed: int = 1) -> Path:
     torch.manual_seed(seed)
-    model = IMSVDModel(build_backbone("resnet18", stem="small"), Projector(512, "64-32"))
+    model = tiny_imsvd_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 16, 16)).pow(2).mean().backward()
     opt.step()
@@ -359,7 +330,7 @@ def _state(tmp_path: Path, step: int, seed: int = 1) -> Path:
         epoch=0,
         step=step,
         step_in_epoch=step,
-        config=CONFIG,
+        config=TINY_CONFIG,
     )
     return path
 
@@ -441,7 +412,7 @@ def test_model_from_checkpoint_reads_once(tmp_path: Path, monkeypatch) -> None:
     backbone, projector, meta = ckpt.model_from_checkpoint(path)
     assert len(calls) == 1
     state = ckpt.load_training_state(path)
-    _assert_same(
+    assert_same_tensors(
         backbone.state_dict(),
         {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")},
     )

@@ -5,7 +5,6 @@ Skipped when Detectron2 is not installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import load_tool
 from PIL import Image
 
 pytest.importorskip("detectron2")
@@ -23,7 +23,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from pretrain.checkpoint import export_backbone  # noqa: E402
 from transfer import train_net  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # three of the 80 official COCO categories, with their official ids
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},
@@ -40,12 +39,7 @@ def weights(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("w")
     exported, path = str(folder / "backbone.pth"), str(folder / "r50.pkl")
     export_backbone(exported, sd, arch="resnet50", stem="standard", epoch=1, config=None)
-    spec = importlib.util.spec_from_file_location(
-        "convert_to_d2", os.path.join(REPO, "tools", "convert_to_d2.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.convert(exported, path)
+    load_tool("convert_to_d2").convert(exported, path)
     return path
 
 

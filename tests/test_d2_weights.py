@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -13,9 +12,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import (
+    CHECKPOINT_KINDS,
+    REPO,
+    load_tool,
+    randomised,
+    resnet18_backbone_sd,
+    write_checkpoint_kind,
+)
 
-from pretrain.checkpoint import export_backbone, save_training_state
-from pretrain.model import IMSVDModel, Projector, build_backbone
+from pretrain.checkpoint import export_backbone
+from pretrain.model import build_backbone
 from transfer.d2_weights import (
     D2ConversionError,
     check_arch,
@@ -27,30 +34,7 @@ from transfer.d2_weights import (
     write_d2_pickle,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_tool(name: str):
-    """Import a script of tools/ (not a package) by path."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_main = _load_tool("convert_to_d2").main
-
-
-def _randomised(sd: dict, seed: int = 0) -> dict:
-    """Random values everywhere (BN statistics included) so that equality checks mean something."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in sd.items():
-        if v.is_floating_point():
-            out[k] = torch.rand(v.shape, generator=g) + 0.1
-        else:
-            out[k] = v.clone()
-    return out
+convert_main = load_tool("convert_to_d2").main
 
 
 @pytest.mark.parametrize(
@@ -76,7 +60,7 @@ def test_key_renaming_table(tv_key, d2_key):
 def test_round_trip_resnet50():
     """torchvision -> d2 names -> back: a bijection on the backbone, values untouched."""
     src = torchvision.models.resnet50()
-    sd = _randomised(src.state_dict())
+    sd = randomised(src.state_dict())
     blobs, report = convert_torchvision_to_d2(sd)
 
     backbone_keys = [k for k in sd if not k.startswith("fc.") and "num_batches" not in k]
@@ -146,47 +130,11 @@ def test_pickle_format_atomic_and_no_overwrite(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def _backbone_sd(seed: int = 1) -> dict:
-    return _randomised(build_backbone("resnet18", stem="standard").state_dict(), seed)
-
-
-def _write_kind(kind: str, path: str, sd: dict) -> None:
-    if kind == "exported":
-        export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
-    elif kind == "train_state":
-        model = IMSVDModel(build_backbone("resnet18"), Projector(512, "64-32"))
-        model.backbone.load_state_dict(sd)
-        cfg = {"model": {"arch": "resnet18", "stem": "standard", "projector": "64-32"}}
-        save_training_state(
-            path, model=model, optimizer=None, scaler=None, epoch=1, step=10, step_in_epoch=0,
-            config=cfg,
-        )  # fmt: skip
-    elif kind == "reference_model":  # IMSVD reference model.pth
-        model = {f"module.backbone.{k}": v for k, v in sd.items()}
-        model["module.projector.0.weight"] = torch.zeros(8, 512)
-        torch.save({"epoch": 5, "model": model, "optimizer": {"state": {}}}, path)
-    elif kind == "model_final":  # reference model_final.pth: bare backbone, no fc
-        torch.save(sd, path)
-    elif kind == "torchvision":  # e.g. VICReg / Barlow Twins resnet50.pth, or with fc
-        torch.save({**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, path)
-    elif kind == "moco":
-        state = {f"module.encoder_q.{k}": v for k, v in sd.items()}
-        state.update({f"module.encoder_k.{k}": v for k, v in sd.items()})
-        state["module.encoder_q.fc.0.weight"] = torch.zeros(512, 512)
-        state["module.encoder_q.fc.2.weight"] = torch.zeros(128, 512)
-        state["module.queue"] = torch.zeros(128, 16)
-        torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
-    else:  # pragma: no cover
-        raise AssertionError(kind)
-
-
-@pytest.mark.parametrize(
-    "kind", ["exported", "train_state", "reference_model", "model_final", "torchvision", "moco"]
-)
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
 def test_convert_cli_each_kind(kind, tmp_path, capsys):
-    sd = _backbone_sd()
+    sd = resnet18_backbone_sd()
     src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pkl")
-    _write_kind(kind, src, sd)
+    write_checkpoint_kind(kind, src, sd)
     assert convert_main([src, out]) == 0
     printed = capsys.readouterr().out
     expected = {torchvision_key_to_d2(k): v for k, v in sd.items() if "num_batches" not in k}
@@ -229,14 +177,14 @@ def test_convert_cli_bad_inputs(tmp_path, capsys):
 
 def test_convert_cli_errors_list_accepted_inputs_and_allow_unsafe(tmp_path, capsys):
     src, out = str(tmp_path / "in.pth"), str(tmp_path / "o.pkl")
-    torch.save({"state_dict": _backbone_sd(), "args": argparse.Namespace(lr=0.1)}, src)
+    torch.save({"state_dict": resnet18_backbone_sd(), "args": argparse.Namespace(lr=0.1)}, src)
     assert convert_main([src, out]) == 2
     err = capsys.readouterr().err
     assert "argparse.Namespace" in err and "--allow-unsafe" in err
     assert "Accepted inputs" in err and "SwAV" in err
     assert convert_main([src, out, "--allow-unsafe"]) == 0
     assert "torchvision-state-dict" in capsys.readouterr().out
-    torch.save({"weights": {f"net.{k}": v for k, v in _backbone_sd().items()}}, src)
+    torch.save({"weights": {f"net.{k}": v for k, v in resnet18_backbone_sd().items()}}, src)
     assert convert_main([src, out, "--force"]) == 2
     assert "--checkpoint-key" in capsys.readouterr().err
     argv = [src, out, "--force", "--checkpoint-key", "weights", "--prefix", "net."]
@@ -296,7 +244,7 @@ def test_convert_script_runs_as_a_command(tmp_path):
     src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pkl")
     torch.save(torchvision.models.resnet18().state_dict(), src)
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "convert_to_d2.py"), src, out],
+        [sys.executable, str(REPO / "tools" / "convert_to_d2.py"), src, out],
         capture_output=True,
         text=True,
         cwd=str(tmp_path),
@@ -311,7 +259,7 @@ def test_convert_script_runs_as_a_command(tmp_path):
 
 
 def test_install_numpy_alias_patch():
-    inst = _load_tool("install_detectron2")
+    inst = load_tool("install_detectron2")
     src = (
         "a = np.zeros(3).astype(np.bool)\nb = np.int64(1) + np.float32(2) + np.int(3)\nc = np.bool_"
     )
@@ -325,7 +273,7 @@ def test_install_numpy_alias_patch():
 
 
 def test_install_c_import_patch_and_strictness():
-    inst = _load_tool("install_detectron2")
+    inst = load_tool("install_detectron2")
     out = inst._tolerant_c_import("import torch\nfrom detectron2 import _C\n", "deform_conv.py")
     namespace: dict = {}
     exec(out.replace("import torch\n", ""), namespace)  # no detectron2._C here: must not raise
@@ -334,7 +282,7 @@ def test_install_c_import_patch_and_strictness():
 
 
 def test_install_refuses_bad_sdist_hash(tmp_path, monkeypatch):
-    inst = _load_tool("install_detectron2")
+    inst = load_tool("install_detectron2")
     fake = tmp_path / "pb1-detectron2-0.6.tar.gz"
     fake.write_bytes(b"not the sdist")
     monkeypatch.setenv("IMSVD_CACHE", str(tmp_path / "cache"))

@@ -5,7 +5,6 @@ Skipped when Detectron2 is not installed (tools/install_detectron2.py installs i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import REPO, load_tool
 from PIL import Image
 
 pytest.importorskip("detectron2")
@@ -40,8 +40,6 @@ from transfer.d2_weights import (  # noqa: E402
     write_d2_pickle,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # The only parameters a converted backbone cannot provide: the untrained heads.
 HEAD_PREFIXES = (
     "proposal_generator.rpn_head.",
@@ -63,12 +61,7 @@ def _source_resnet50() -> dict:
 
 
 def _convert_tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_to_d2", os.path.join(REPO, "tools", "convert_to_d2.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("convert_to_d2")
 
 
 class _Evil:
@@ -399,7 +392,7 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 
 
 def test_cli_bad_config_and_help():
-    script = os.path.join(REPO, "transfer", "train_net.py")
+    script = str(REPO / "transfer" / "train_net.py")
     proc = subprocess.run(
         [sys.executable, script, "--config", "nope.yaml"], capture_output=True, text=True
     )

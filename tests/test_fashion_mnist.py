@@ -1,12 +1,11 @@
 """The demo's dataset helpers: idx reading, image-tree export, missing-dataset message."""
 
 import gzip
-import importlib.util
 import struct
 
 import numpy as np
 import pytest
-from eval_helpers import REPO
+from helpers import load_tool
 from PIL import Image
 
 from pretrain import fashion_mnist as fm
@@ -15,11 +14,7 @@ from pretrain.datasets import build_image_dataset
 
 def _installer():
     """tools/install_fashion_mnist.py as a module (tools/ is not a package)."""
-    path = REPO / "tools" / "install_fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("install_fashion_mnist", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("install_fashion_mnist")
 
 
 def _write_idx(path, arr):

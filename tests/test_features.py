@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import make_image_tree
+from helpers import make_image_tree
 
 from pretrain.checkpoint import model_from_checkpoint
 from pretrain.datasets import build_image_dataset

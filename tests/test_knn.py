@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from eval_helpers import run_module
+from helpers import run_module
 
 from pretrain.knn import knn_accuracy, knn_classify
 from transfer.eval import knn as knn_eval

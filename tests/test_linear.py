@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from eval_helpers import REPO, make_weights, run_module
+from helpers import REPO, make_weights, run_module
 
 from pretrain.config import load_config
 from transfer.eval import features as feat_mod

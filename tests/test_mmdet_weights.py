@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -11,9 +10,17 @@ import sys
 import pytest
 import torch
 import torchvision
+from helpers import (
+    CHECKPOINT_KINDS,
+    REPO,
+    load_tool,
+    randomised,
+    resnet18_backbone_sd,
+    write_checkpoint_kind,
+)
 
-from pretrain.checkpoint import export_backbone, save_training_state
-from pretrain.model import IMSVDModel, Projector, build_backbone
+from pretrain.checkpoint import export_backbone
+from pretrain.model import build_backbone
 from transfer.mmdet_weights import (
     MMDetWeightsError,
     check_depth,
@@ -24,32 +31,11 @@ from transfer.mmdet_weights import (
 )
 from transfer.resnet_keys import drop_category, infer_depth, is_backbone_key
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".mmdet_payload_ran")
 
 
-def _load_tool(name: str):
-    """Import a script of tools/ (not a package) by path."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_tool = _load_tool("convert_to_mmdet")
-install_tool = _load_tool("install_mmdet")
-
-
-def _randomised(sd: dict, seed: int = 0) -> dict:
-    """Random values everywhere (BN statistics included) so that equality checks mean something."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in sd.items():
-        if v.is_floating_point():
-            out[k] = torch.rand(v.shape, generator=g) + 0.1
-        else:
-            out[k] = torch.randint(0, 1000, v.shape, generator=g, dtype=v.dtype)
-    return out
+convert_tool = load_tool("convert_to_mmdet")
+install_tool = load_tool("install_mmdet")
 
 
 @pytest.mark.parametrize(
@@ -65,14 +51,14 @@ def _randomised(sd: dict, seed: int = 0) -> dict:
     ],
 )
 def test_c4_placement_table(tv_key, mm_key):
-    sd = _randomised(torchvision.models.resnet50().state_dict())
+    sd = randomised(torchvision.models.resnet50().state_dict(), integers=True)
     out, _ = convert_torchvision_to_mmdet(sd)
     assert mm_key in out
     assert torch.equal(out[mm_key], sd[tv_key])
 
 
 def test_round_trip_resnet50_c4_and_backbone_layouts():
-    sd = _randomised(torchvision.models.resnet50().state_dict())
+    sd = randomised(torchvision.models.resnet50().state_dict(), integers=True)
     out, report = convert_torchvision_to_mmdet(sd)
     assert report.converted == len(out) == 318  # 265 tensors + 53 num_batches_tracked
     assert report.prefix_counts == {"backbone.": 258, "roi_head.shared_head.": 60}
@@ -92,8 +78,8 @@ def test_round_trip_resnet50_c4_and_backbone_layouts():
 
 
 def test_projector_dropped_and_half_precision_widened():
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in _randomised(
-        torchvision.models.resnet18().state_dict()).items()}  # fmt: skip
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in randomised(
+        torchvision.models.resnet18().state_dict(), integers=True).items()}  # fmt: skip
     sd["projector.0.weight"] = torch.zeros(3, 3)
     out, report = convert_torchvision_to_mmdet(sd)
     assert report.dropped["projector"] == ["projector.0.weight"]
@@ -150,47 +136,11 @@ def test_writer_atomic_no_overwrite_and_plain(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def _backbone_sd(seed: int = 1) -> dict:
-    return _randomised(build_backbone("resnet18", stem="standard").state_dict(), seed)
-
-
-def _write_kind(kind: str, path: str, sd: dict) -> None:
-    if kind == "exported":
-        export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
-    elif kind == "train_state":
-        model = IMSVDModel(build_backbone("resnet18"), Projector(512, "64-32"))
-        model.backbone.load_state_dict(sd)
-        cfg = {"model": {"arch": "resnet18", "stem": "standard", "projector": "64-32"}}
-        save_training_state(
-            path, model=model, optimizer=None, scaler=None, epoch=1, step=10, step_in_epoch=0,
-            config=cfg,
-        )  # fmt: skip
-    elif kind == "reference_model":  # IMSVD reference model.pth
-        model = {f"module.backbone.{k}": v for k, v in sd.items()}
-        model["module.projector.0.weight"] = torch.zeros(8, 512)
-        torch.save({"epoch": 5, "model": model, "optimizer": {"state": {}}}, path)
-    elif kind == "model_final":  # reference model_final.pth: bare backbone, no fc
-        torch.save(sd, path)
-    elif kind == "torchvision":  # e.g. VICReg / Barlow Twins resnet50.pth, or with fc
-        torch.save({**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, path)
-    elif kind == "moco":
-        state = {f"module.encoder_q.{k}": v for k, v in sd.items()}
-        state.update({f"module.encoder_k.{k}": v for k, v in sd.items()})
-        state["module.encoder_q.fc.0.weight"] = torch.zeros(512, 512)
-        state["module.encoder_q.fc.2.weight"] = torch.zeros(128, 512)
-        state["module.queue"] = torch.zeros(128, 16)
-        torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
-    else:  # pragma: no cover
-        raise AssertionError(kind)
-
-
-@pytest.mark.parametrize(
-    "kind", ["exported", "train_state", "reference_model", "model_final", "torchvision", "moco"]
-)
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
 def test_convert_cli_each_kind(kind, tmp_path, capsys):
-    sd = _backbone_sd()
+    sd = resnet18_backbone_sd(integers=True)
     src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
-    _write_kind(kind, src, sd)
+    write_checkpoint_kind(kind, src, sd)
     assert convert_tool.main([src, out]) == 0
     printed = capsys.readouterr().out
     # ResNet-18: 20 convs + 20 norms x 4 tensors + 20 num_batches_tracked counters.
@@ -215,7 +165,7 @@ def test_convert_cli_each_kind(kind, tmp_path, capsys):
 
 
 def test_convert_cli_checkpoint_key_and_prefix(tmp_path, capsys):
-    sd = _backbone_sd(seed=4)
+    sd = resnet18_backbone_sd(seed=4, integers=True)
     src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
     torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 9}, src)
     argv = [src, out, "--checkpoint-key", "teacher", "--prefix", "backbone."]
@@ -244,7 +194,7 @@ def test_convert_script_runs_as_a_command(tmp_path):
     src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
     torch.save(torchvision.models.resnet18().state_dict(), src)
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "convert_to_mmdet.py"), src, out],
+        [sys.executable, str(REPO / "tools" / "convert_to_mmdet.py"), src, out],
         capture_output=True,
         text=True,
         cwd=str(tmp_path),

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from eval_helpers import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from eval_helpers import VOC_TINY_CLASSES, make_voc_tree, make_weights
+from helpers import VOC_TINY_CLASSES, make_voc_tree, make_weights
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC

@@ -1,0 +1,206 @@
+"""Builders shared by the tests: tiny image trees and VOC folders, tiny models and weights in
+every checkpoint layout the readers accept, state-dict comparisons, and tools/ scripts as modules.
+
+Fixtures over these live in ``conftest.py``; tests that need a fresh, mutable copy call the
+builders directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+VOC_TINY_CLASSES = ("aeroplane", "bicycle", "bird")
+# a tiny IMSVD recipe (ResNet-18, CIFAR stem, 64-32 projector) as a training state records it
+TINY_CONFIG = {"model": {"arch": "resnet18", "stem": "small", "projector": "64-32"}, "seed": 0}
+# the layouts write_checkpoint_kind writes (every one is read by pretrain.checkpoint)
+CHECKPOINT_KINDS = ("exported", "train_state", "reference_model", "model_final", "torchvision",
+                    "moco")  # fmt: skip
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` (tools/ is not a package) by path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_imsvd_model(spec: str = "64-32", stem: str = "small"):
+    """An IMSVD model: ResNet-18 (``stem``) and a projector ``spec`` (random init)."""
+    from pretrain.model import IMSVDModel, Projector, build_backbone
+
+    return IMSVDModel(build_backbone("resnet18", stem=stem), Projector(512, spec))
+
+
+def randomised(sd: dict, seed: int = 0, integers: bool = False) -> dict:
+    """Random values everywhere (BN statistics included) so that equality checks mean something.
+
+    Args:
+        sd: a state dict.
+        seed: generator seed.
+        integers: also draw integer tensors (num_batches_tracked) instead of copying them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            out[k] = torch.rand(v.shape, generator=g) + 0.1
+        elif integers:
+            out[k] = torch.randint(0, 1000, v.shape, generator=g, dtype=v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def resnet18_backbone_sd(seed: int = 1, integers: bool = False) -> dict:
+    """A randomised ResNet-18 backbone state dict (standard stem, no fc)."""
+    from pretrain.model import build_backbone
+
+    return randomised(build_backbone("resnet18", stem="standard").state_dict(), seed, integers)
+
+
+def torchvision_resnet18_sd() -> "OrderedDict[str, torch.Tensor]":
+    """A seeded torchvision ResNet-18 state dict with fc, random BN means, num_batches 7."""
+    import torchvision
+
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    for k, v in sd.items():
+        if k.endswith("running_mean"):
+            v.normal_()
+        elif k.endswith("num_batches_tracked"):
+            v.fill_(7)
+    return sd
+
+
+def no_fc(sd: dict) -> "OrderedDict[str, torch.Tensor]":
+    """``sd`` without the classifier (``fc.*``)."""
+    return OrderedDict((k, v) for k, v in sd.items() if not k.startswith("fc."))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Same keys, and per key the same dtype and values (compared on the CPU)."""
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k
+
+
+def write_checkpoint_kind(kind: str, path: str, sd: dict) -> None:
+    """Write a ResNet-18 backbone ``sd`` (standard stem) in one of :data:`CHECKPOINT_KINDS`."""
+    from pretrain.checkpoint import export_backbone, save_training_state
+    from pretrain.model import IMSVDModel, Projector, build_backbone
+
+    if kind == "exported":
+        export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
+    elif kind == "train_state":
+        model = IMSVDModel(build_backbone("resnet18"), Projector(512, "64-32"))
+        model.backbone.load_state_dict(sd)
+        cfg = {"model": {"arch": "resnet18", "stem": "standard", "projector": "64-32"}}
+        save_training_state(
+            path, model=model, optimizer=None, scaler=None, epoch=1, step=10, step_in_epoch=0,
+            config=cfg,
+        )  # fmt: skip
+    elif kind == "reference_model":  # IMSVD reference model.pth
+        model = {f"module.backbone.{k}": v for k, v in sd.items()}
+        model["module.projector.0.weight"] = torch.zeros(8, 512)
+        torch.save({"epoch": 5, "model": model, "optimizer": {"state": {}}}, path)
+    elif kind == "model_final":  # reference model_final.pth: bare backbone, no fc
+        torch.save(sd, path)
+    elif kind == "torchvision":  # e.g. VICReg / Barlow Twins resnet50.pth, or with fc
+        torch.save({**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, path)
+    elif kind == "moco":
+        state = {f"module.encoder_q.{k}": v for k, v in sd.items()}
+        state.update({f"module.encoder_k.{k}": v for k, v in sd.items()})
+        state["module.encoder_q.fc.0.weight"] = torch.zeros(512, 512)
+        state["module.encoder_q.fc.2.weight"] = torch.zeros(128, 512)
+        state["module.queue"] = torch.zeros(128, 16)
+        torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
+    else:
+        raise ValueError(f"unknown checkpoint kind {kind!r}: expected one of {CHECKPOINT_KINDS}")
+
+
+def make_weights(path: Path, seed: int = 0, arch: str = "resnet18", stem: str = "small_s2") -> Path:
+    """Export a random-init backbone in this project's backbone format."""
+    from pretrain.checkpoint import export_backbone
+    from pretrain.model import build_backbone
+
+    torch.manual_seed(seed)
+    net = build_backbone(arch, zero_init_residual=False, stem=stem)
+    export_backbone(path, net.state_dict(), arch=arch, stem=stem, epoch=0, config=None)
+    return path
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """An RGB image whose colour and stripe direction depend on the label (learnable)."""
+    base = np.zeros((size, size, 3), dtype=np.float64)
+    base[..., label % 3] = 180.0
+    stripes = (np.arange(size) // (2 + label)) % 2 * 60.0
+    base += stripes[None, :, None] if label % 2 else stripes[:, None, None]
+    base += rng.normal(0, 25, size=base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def make_image_tree(root: Path, n_per_class: int, n_classes: int = 3, seed: int = 0) -> Path:
+    """ImageFolder tree root/c{k}/img{i}.png."""
+    rng = np.random.default_rng(seed)
+    for c in range(n_classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            class_image(c, rng).save(root / f"c{c}" / f"img{i:03d}.png")
+    return root
+
+
+def make_voc_tree(root: Path, n_trainval: int = 30, n_test: int = 24, seed: int = 0) -> Path:
+    """VOCdevkit/VOC2007 with JPEGImages and ImageSets/Main/<class>_{trainval,test}.txt.
+
+    Image i shows class i % 3 (its label 1); a few images are marked difficult (0) for their
+    class; every other (image, class) pair is -1.
+    """
+    rng = np.random.default_rng(seed)
+    voc = root / "VOCdevkit" / "VOC2007"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    splits = {"trainval": range(n_trainval), "test": range(n_trainval, n_trainval + n_test)}
+    for split, ids in splits.items():
+        lines = {c: [] for c in VOC_TINY_CLASSES}
+        for i in ids:
+            img_id = f"{i:06d}"
+            label = i % 3
+            class_image(label, rng).save(voc / "JPEGImages" / f"{img_id}.jpg", quality=95)
+            for c, name in enumerate(VOC_TINY_CLASSES):
+                lab = 1 if c == label else -1
+                if c == label and i % 7 == 0:
+                    lab = 0
+                lines[name].append(f"{img_id} {lab:2d}")
+        for name, rows in lines.items():
+            (voc / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text("\n".join(rows) + "\n")
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text(
+            "\n".join(f"{i:06d}" for i in ids) + "\n"
+        )
+    return voc
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 120) -> str:
+    """Run ``python -m module args`` (or torchrun with nproc gloo processes); return stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", module, *args]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
