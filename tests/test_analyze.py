@@ -59,6 +59,13 @@ def run(args, capsys):
     return code, captured.out, captured.err
 
 
+def run_on_tiny(tiny, out, overrides, capsys):
+    """The CLI on the tiny tree and checkpoint (no loader workers), writing into ``out``."""
+    args = ["--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
+            "data.num_workers=0", *overrides]  # fmt: skip
+    return run(args, capsys)
+
+
 def assert_png(path):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, path
@@ -68,13 +75,11 @@ def assert_png(path):
 
 def test_cli_writes_every_output(tiny, capsys):
     out = tiny["root"] / "out"
-    code, stdout, stderr = run(
-        [
-            "--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
-            "data.batch_size=3", "data.num_workers=0", "figures.variables=[0,2]",
-            "figures.units_per_variable=2", "figures.exemplars=3", "codes.corner_vars=3",
-            f"gradcam.images=[{tiny['paths'][0]},{tiny['paths'][5]}]",
-        ],
+    code, stdout, stderr = run_on_tiny(
+        tiny, out,
+        ["data.batch_size=3", "figures.variables=[0,2]", "figures.units_per_variable=2",
+         "figures.exemplars=3", "codes.corner_vars=3",
+         f"gradcam.images=[{tiny['paths'][0]},{tiny['paths'][5]}]"],
         capsys,
     )  # fmt: skip
     assert code == 0, stderr
@@ -110,13 +115,10 @@ def test_cli_writes_every_output(tiny, capsys):
 
 def test_vector_formats_and_labelled_figures(tiny, capsys):
     out = tiny["root"] / "svg"
-    code, stdout, stderr = run(
-        [
-            "--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
-            "data.num_workers=0", "figures.variables=[3]", "figures.units_per_variable=2",
-            "figures.exemplars=2", "figures.format=svg", "figures.dpi=72",
-            f"gradcam.images=[{tiny['paths'][1]}]",
-        ],
+    code, stdout, stderr = run_on_tiny(
+        tiny, out,
+        ["figures.variables=[3]", "figures.units_per_variable=2", "figures.exemplars=2",
+         "figures.format=svg", "figures.dpi=72", f"gradcam.images=[{tiny['paths'][1]}]"],
         capsys,
     )  # fmt: skip
     assert code == 0, stderr
@@ -143,14 +145,12 @@ def test_vector_formats_and_labelled_figures(tiny, capsys):
 
 def test_same_view_matrix_equals_direct_computation(tiny, capsys):
     out = tiny["root"] / "same"
-    code, _, stderr = run(
-        [
-            "--weights", tiny["ckpt"], "--output-dir", out, f"data.root={tiny['data']}",
-            "codes.views=same", "codes.save_full_joint=true", "data.batch_size=3",
-            "data.num_workers=0", "data.num_images=5", "figures.variables=[1]",
-            "figures.units_per_variable=1", "figures.exemplars=1", "gradcam.layer=layer3",
-            "device=cpu",  # the reference below runs on the CPU (CUDA convolutions may use TF32)
-        ],
+    code, _, stderr = run_on_tiny(
+        tiny, out,
+        ["codes.views=same", "codes.save_full_joint=true", "data.batch_size=3",
+         "data.num_images=5", "figures.variables=[1]", "figures.units_per_variable=1",
+         "figures.exemplars=1", "gradcam.layer=layer3",
+         "device=cpu"],  # the reference below runs on the CPU (CUDA convolutions may use TF32)
         capsys,
     )  # fmt: skip
     assert code == 0, stderr
