@@ -98,18 +98,25 @@ def test_demo_end_to_end_on_a_small_fake_dataset(tmp_path):
         [sys.executable, str(repo / "tools/demo.py"), "--data-dir", str(d),
          "--data-cache", str(tmp_path / "tree"), "--bank", "100", "--test", "40",
          f"checkpoint.output_dir={out}", "train.max_steps=2", "train.batch_size=32",
-         "data.num_workers=0", "log.every_steps=1"],
+         "data.num_workers=0", "log.every_steps=1", "eval.every_steps=1",
+         "eval.bank_size=60", "eval.query_size=30"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads((out / "demo_results.json").read_text())
     assert report["steps"] == 2 and report["bank"] == 100 and report["test"] == 40
     names = list(report["knn"])
-    assert names[0].startswith("raw pixels") and names[-1] == "ResNet after IMSVD"
+    assert names[0].startswith("raw pixels") and names[-1] == "ResNet-18 after IMSVD"
     assert any("torchvision" in n for n in names)
     for accs in report["knn"].values():
         assert set(accs) == {"top1_k20", "top1_k200"}
         assert all(0.0 <= v <= 100.0 for v in accs.values())
     assert report["knn"][names[0]]["top1_k20"] > 50.0  # the bands make pixels separable
     assert (out / "backbone_final.pth").is_file()
-    assert "ResNet after IMSVD" in res.stdout
+    assert "ResNet-18 after IMSVD" in res.stdout
+    codes = report["codes"]  # statistics of the test images' discrete codes
+    assert codes["num_images"] == 40
+    assert 0.0 <= codes["argmax_marginal_entropy"] <= codes["log_bin_size"] + 1e-6
+    assert (out / "curves.png").stat().st_size > 10000  # the learning-curve figure
+    probes = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in probes if "knn/top1_k20" in r] == [0, 1, 2]
