@@ -24,9 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> overrides of the base recipe. Not in the paper: out_norm, B < 32 at this batch size.
+# name -> overrides of the base recipe (the demo recipe: B = 10, zero-init residual, SGD 0.3).
+# Not in the paper: out_norm, B < 32 at this batch size.
 VARIANTS: dict[str, list[str]] = {
-    "demo_b80": [],
+    "demo_b80": ["loss.bin_size=80"],
     "b10": ["loss.bin_size=10"],
     "b10_bn": ["loss.bin_size=10", "model.out_norm=bn"],
     "b10_lars": ["loss.bin_size=10", "optim.name=lars", "optim.base_lr=0.6"],
