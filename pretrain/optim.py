@@ -68,12 +68,16 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, exclude_1d: bool = True) -> list[dict]:
+def param_groups(
+    model: nn.Module, exclude_1d: bool = True, excluded_lr_ratio: float = 1.0
+) -> list[dict]:
     """Split parameters: weights (ndim > 1) get weight decay + LARS; biases/norm params do not.
 
     Args:
         model: the (possibly DDP-wrapped) model.
         exclude_1d: put 1-D parameters in a group with ``lars=False, weight_decay=0``.
+        excluded_lr_ratio: learning rate of that group relative to the weights' (Barlow Twins
+            uses 0.0048 / 0.2 = 0.024); :func:`set_lr` applies it as ``lr_ratio``.
     """
     regular, excluded = [], []
     for p in model.parameters():
@@ -82,7 +86,9 @@ def param_groups(model: nn.Module, exclude_1d: bool = True) -> list[dict]:
         (excluded if exclude_1d and p.ndim <= 1 else regular).append(p)
     groups = [{"params": regular}]
     if excluded:
-        groups.append({"params": excluded, "lars": False, "weight_decay": 0.0})
+        groups.append(
+            {"params": excluded, "lars": False, "weight_decay": 0.0, "lr_ratio": excluded_lr_ratio}
+        )
     return groups
 
 
@@ -95,7 +101,11 @@ def build_optimizer(model: nn.Module, optim_cfg: Mapping, lr: float) -> torch.op
         lr: the peak learning rate (already scaled by the batch size).
     """
     name = optim_cfg["name"]
-    groups = param_groups(model, exclude_1d=bool(optim_cfg["exclude_bias_and_norm"]))
+    groups = param_groups(
+        model,
+        exclude_1d=bool(optim_cfg["exclude_bias_and_norm"]),
+        excluded_lr_ratio=float(optim_cfg["excluded_lr_ratio"]),
+    )
     if name == "lars":
         return LARS(
             groups,
@@ -140,6 +150,6 @@ def lr_at(
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the same learning rate on every parameter group."""
+    """Set ``lr`` on every parameter group (times the group's ``lr_ratio``, default 1)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_ratio", 1.0)

@@ -64,6 +64,7 @@ def test_build_optimizer_and_errors():
         "weight_decay": 1e-6,
         "eta": 0.001,
         "exclude_bias_and_norm": True,
+        "excluded_lr_ratio": 1.0,
     }
     assert isinstance(build_optimizer(model, cfg, 0.1), LARS)
     assert isinstance(build_optimizer(model, {**cfg, "name": "sgd"}, 0.1), torch.optim.SGD)
@@ -85,3 +86,15 @@ def test_schedule_by_hand():
         end + (peak - end) * 0.5 * (1 + math.cos(math.pi * t))
     )
     assert lr_at(0, 10, 0, 1.0, 0.0) == pytest.approx(1.0)
+
+
+def test_excluded_lr_ratio_scales_the_bias_and_norm_group():
+    """Barlow Twins' recipe: biases / norm parameters at 0.0048 / 0.2 of the weights' lr."""
+    from pretrain.optim import param_groups, set_lr
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    groups = param_groups(net, exclude_1d=True, excluded_lr_ratio=0.024)
+    opt = torch.optim.SGD(groups, lr=0.1)
+    set_lr(opt, 2.0)
+    assert [g["lr"] for g in opt.param_groups] == [2.0, pytest.approx(0.048)]
+    assert sum(p.numel() for p in opt.param_groups[1]["params"]) == 3 + 3 + 3  # bias, BN w, b
