@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-D2_MODULES = {"transfer.train_net", "transfer.d2_ext"}
+D2_MODULES = {"transfer.train_net", "transfer.d2_ext", "transfer.d2_data"}
 MMDET_MODULES = {"transfer.mmdet_train", "transfer.mmdet_ext"}
 MMDET = ("mmdet", "mmcv", "mmengine")
 
