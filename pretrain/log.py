@@ -15,6 +15,26 @@ from typing import Any, Iterable, Mapping, Sequence
 LOGGER_NAME = "imsvd"
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """A stream handler for whatever ``sys.stdout`` is when a record is written.
+
+    ``sys.stdout`` may be replaced after the logger is set up (a notebook, a test harness that
+    captures output, a wrapper script); a handler bound to the old object would write to a
+    closed file and print logging's own traceback instead of the message.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # the base class assigns it; the live sys.stdout wins
+        pass
+
+
 def setup_logging(
     output_dir: str | os.PathLike | None = None, rank: int = 0, name: str = LOGGER_NAME
 ) -> logging.Logger:
@@ -36,7 +56,7 @@ def setup_logging(
         h.close()
     fmt = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     if rank == 0:
-        sh = logging.StreamHandler(sys.stdout)
+        sh = _CurrentStdout()
         sh.setFormatter(fmt)
         logger.addHandler(sh)
     if output_dir is not None:

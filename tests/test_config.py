@@ -24,6 +24,7 @@ def test_paper_recipe_values():
         "weight_decay": 1e-6,
         "eta": 0.001,
         "exclude_bias_and_norm": True,
+        "excluded_lr_ratio": 1.0,
         "warmup_epochs": 10.0,
         "final_lr_ratio": 0.001,
     }
@@ -43,8 +44,10 @@ def test_every_recipe_is_consistent():
     assert len(files) >= 20
     for f in files:
         cfg = load_config(f)
-        d = int(cfg["model"]["projector"].split("-")[-1])
-        assert d % cfg["loss"]["bin_size"] == 0, f
+        assert cfg["loss"]["name"] in ("imsvd", "vicreg", "barlowtwins"), f
+        if cfg["loss"]["name"] == "imsvd":  # the baselines have no bins
+            d = int(cfg["model"]["projector"].split("-")[-1])
+            assert d % cfg["loss"]["bin_size"] == 0, f
 
 
 def test_ablation_values():
