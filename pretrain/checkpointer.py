@@ -182,7 +182,9 @@ class Checkpointer:
                 self._write(path, epoch, step_in_epoch, step, rng)
             except (NonFiniteStateError, CheckpointWriteError) as e:
                 error = e
-        failed = dist.all_reduce_sum(torch.tensor([float(error is not None)]))
+        # on the process's device: NCCL reduces CUDA tensors only
+        flag = torch.tensor([float(error is not None)], device=self.info.device)
+        failed = dist.all_reduce_sum(flag)
         if error is not None:
             raise error
         if float(failed[0]) > 0:
