@@ -22,7 +22,7 @@ try:  # the reason is shown by pytest -rs
     import mmdet  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     pytest.skip(
-        f"MMDetection is not installed ({exc}); tools/install_mmdet.py installs it",
+        f"MMDetection is not installed ({exc}); `make setup-mmdet` compiles and installs it",
         allow_module_level=True,
     )
 pytestmark = pytest.mark.mmdet
