@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check: IMSVD, VICReg and Barlow Twins on Fashion-MNIST for tens of epochs each.
 
-Meant for one short session on a GPU machine (about 10 minutes in all on a recent GPU): each
+Meant for one short run on a GPU machine (about 10 minutes in all on a recent GPU): each
 method pretrains the demo network (ResNet-18, small_s2 stem, 32 px) with the fast data pipeline
 and bf16 autocast for ``--epochs`` epochs, with the online kNN probe (bank 10k / queries 2k of
 a seeded split of the TRAIN folder) every ``--probe-every`` steps; then the final backbones are
