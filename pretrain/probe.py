@@ -93,22 +93,6 @@ def _synthetic(source: SyntheticImages, index: np.ndarray, size: int) -> ProbeSe
     return ProbeSet(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
 
-def _match_classes(
-    bank_classes: Sequence[str] | None, query_classes: Sequence[str] | None, root: str
-) -> dict[int, int] | None:
-    """Map query folder labels onto the bank's, by class name."""
-    if bank_classes is None or query_classes is None:
-        return None
-    index = {name: i for i, name in enumerate(bank_classes)}
-    missing = [c for c in query_classes if c not in index]
-    if missing:
-        raise DataError(
-            f"config key 'eval.query_root' ({root}): classes {missing} are not in the bank's "
-            f"classes {list(bank_classes)}"
-        )
-    return {i: index[c] for i, c in enumerate(query_classes)}
-
-
 class KNNProbe:
     """Weighted kNN top-1 of the pooled backbone features on a fixed bank / query pair.
 
@@ -204,14 +188,12 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
         raise DataError("config keys 'eval.bank_root' and 'eval.query_root' must be set together")
     if bank_root:
         bank_ds = build_image_dataset(root=str(bank_root))
-        query_ds = build_image_dataset(root=str(query_root))
-        mapping = _match_classes(bank_ds.classes, query_ds.classes, str(query_root))
+        # queries labelled by the bank's class names (an unknown class is an error naming it)
+        query_ds = build_image_dataset(root=str(query_root), class_names=bank_ds.classes)
         bank_idx = rng.permutation(len(bank_ds))[:n_bank]
         query_idx = rng.permutation(len(query_ds))[:n_query]
         bank = load_probe_set([bank_ds.samples[i] for i in bank_idx], size, "bank")
         qs = [query_ds.samples[i] for i in query_idx]
-        if mapping is not None:
-            qs = [(p, mapping[y]) for p, y in qs]
         queries = load_probe_set(qs, size, "queries")
     elif data_cfg["kind"] == "synthetic":
         source = SyntheticImages(data_cfg["synthetic_length"], data_cfg["synthetic_size"])
@@ -274,12 +256,10 @@ def indexed_folder_knn(
         ``{"top1_k20": ..., "top1_k200": ...}``.
     """
     bank_ds = build_image_dataset(root=str(bank_root))
-    query_ds = build_image_dataset(root=str(query_root))
-    mapping = _match_classes(bank_ds.classes, query_ds.classes, str(query_root))
+    # queries labelled by the bank's class names (an unknown class is an error naming it)
+    query_ds = build_image_dataset(root=str(query_root), class_names=bank_ds.classes)
     bank = load_probe_set(first_by_index(bank_ds.samples, n_bank), size, "bank")
     qs = first_by_index(query_ds.samples, n_query)
-    if mapping is not None:
-        qs = [(p, mapping[y]) for p, y in qs]
     queries = load_probe_set(qs, size, "queries")
     res = KNNProbe(bank, queries, ks=ks)(backbone)
     return {k[4:]: v for k, v in res.items() if k.startswith("knn/top1")}
