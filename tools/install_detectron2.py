@@ -27,16 +27,19 @@ This script uses the standard library only, so any Python 3 can run it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import wheel_cache  # noqa: E402  (tools/ is not a package)
+from wheel_cache import InstallError, replace_exact  # noqa: E402
+
+TOOL = "install_detectron2"
 
 SDIST_NAME = "pb1-detectron2"
 SDIST_VERSION = "0.6"
@@ -63,62 +66,21 @@ RUNTIME_REQUIREMENTS = [
 ]
 
 
-class InstallError(RuntimeError):
-    """Raised when a step of the install recipe cannot be completed."""
-
-
 def log(msg: str) -> None:
     """Print a progress line prefixed with the script name."""
-    print(f"[install_detectron2] {msg}", flush=True)
+    wheel_cache.log(TOOL, msg)
 
 
-def run(cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run a command, echoing it, and raise InstallError if it fails.
-
-    Args:
-        cmd: argument list.
-        **kwargs: passed to subprocess.run.
-
-    Returns:
-        The completed process.
-    """
-    log("$ " + " ".join(str(c) for c in cmd))
-    proc = subprocess.run(list(cmd), **kwargs)
-    if proc.returncode != 0:
-        raise InstallError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
-    return proc
+def run(cmd: Sequence[str], **kwargs):
+    """Run a command, echoing it; InstallError if it fails."""
+    return wheel_cache.run(TOOL, cmd, **kwargs)
 
 
 def detectron2_works(python: str) -> Optional[str]:
-    """Return the installed Detectron2 version if the target Python can import it, else None.
-
-    Args:
-        python: path of the target interpreter.
-
-    Returns:
-        Version string, or None when ``import detectron2`` (and its engine) fails.
-    """
-    probe = "import detectron2, detectron2.engine; print(detectron2.__version__)"
-    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None
-    return proc.stdout.strip() or "unknown"
-
-
-def sha256_of(path: Path) -> str:
-    """Return the hex SHA-256 of a file.
-
-    Args:
-        path: file to hash.
-
-    Returns:
-        Lowercase hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Return the installed Detectron2 version if the target Python can import it, else None."""
+    return wheel_cache.probe_import(
+        python, "import detectron2, detectron2.engine; print(detectron2.__version__)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,11 +89,7 @@ def sha256_of(path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _replace(text: str, old: str, new: str, path: str, count: int = 1) -> str:
-    found = text.count(old)
-    if found != count:
-        raise InstallError(f"patch of {path}: expected {count} x {old!r}, found {found}")
-    return text.replace(old, new)
+_replace = replace_exact
 
 
 _TOLERANT_C_IMPORT = (
@@ -268,37 +226,14 @@ def build_wheel(python: str, sdist: Path, out_dir: Path) -> Path:
     Returns:
         Path of the built wheel.
     """
-    got = sha256_of(sdist)
-    if got != SDIST_SHA256:
-        raise InstallError(
-            f"{sdist}: SHA-256 {got} does not match the expected {SDIST_SHA256}; refusing to build"
-        )
+    got = wheel_cache.verify(sdist, {sdist.name: SDIST_SHA256})
     log(f"sdist hash verified: {got}")
     with tempfile.TemporaryDirectory(prefix="d2build-") as tmp:
-        with tarfile.open(sdist, "r:gz") as tar:
-            if hasattr(tarfile, "data_filter"):  # refuse links/paths outside tmp (3.11.4+)
-                tar.extractall(tmp, filter="data")
-            else:
-                tar.extractall(tmp)
+        wheel_cache.extract(sdist, tmp)
         src = Path(tmp) / f"{SDIST_NAME}-{SDIST_VERSION}"
         patch_tree(src)
         env = dict(os.environ, D2_VERSION_SUFFIX=f"+{RECIPE}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        build_out = Path(tmp) / "dist"
-        run(
-            [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-             str(build_out), str(src)],
-            env=env,
-        )  # fmt: skip
-        wheels = list(build_out.glob("*.whl"))
-        if len(wheels) != 1:
-            raise InstallError(f"expected one wheel in {build_out}, found {wheels}")
-        # Copy then rename so a crash never leaves a truncated wheel in the cache.
-        final = out_dir / wheels[0].name
-        partial = out_dir / (wheels[0].name + ".partial")
-        shutil.copyfile(wheels[0], partial)
-        os.replace(partial, final)
-    return final
+        return wheel_cache.build_into_cache(TOOL, python, src, Path(tmp) / "dist", out_dir, env)
 
 
 def cached_wheel(cache_dir: Path) -> Optional[Path]:
@@ -348,8 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"detectron2 {version} already importable by {python}; nothing to do")
             return 0
 
-    cache_root = Path(os.environ.get("IMSVD_CACHE", Path.home() / ".cache" / "imsvd"))
-    wheel_dir = cache_root / "wheels"
+    wheel_dir = wheel_cache.cache_dir()
     wheel = None if args.rebuild else cached_wheel(wheel_dir)
     if wheel is not None:
         log(f"reusing cached wheel {wheel}")

@@ -40,16 +40,20 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import wheel_cache  # noqa: E402  (tools/ is not a package)
+from wheel_cache import InstallError, replace_exact  # noqa: E402
+
+TOOL = "install_mmdet"
 
 SKIPPED = 4
 BUILD_HOURS = 1.5  # measured cold build on 2 cores (see the module docstring)
@@ -95,30 +99,14 @@ RUNTIME_REQUIREMENTS = [
 ]
 
 
-class InstallError(RuntimeError):
-    """Raised when a step of the install recipe cannot be completed."""
-
-
 def log(msg: str) -> None:
     """Print a progress line prefixed with the script name."""
-    print(f"[install_mmdet] {msg}", flush=True)
+    wheel_cache.log(TOOL, msg)
 
 
-def run(cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run a command, echoing it, and raise InstallError if it fails.
-
-    Args:
-        cmd: argument list.
-        **kwargs: passed to subprocess.run.
-
-    Returns:
-        The completed process.
-    """
-    log("$ " + " ".join(str(c) for c in cmd))
-    proc = subprocess.run(list(cmd), **kwargs)
-    if proc.returncode != 0:
-        raise InstallError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
-    return proc
+def run(cmd: Sequence[str], **kwargs):
+    """Run a command, echoing it; InstallError if it fails."""
+    return wheel_cache.run(TOOL, cmd, **kwargs)
 
 
 def mmdet_works(python: str) -> Optional[str]:
@@ -135,10 +123,7 @@ def mmdet_works(python: str) -> Optional[str]:
         "print(f'mmdet {mmdet.__version__} / mmcv {mmcv.__version__} / "
         "mmengine {mmengine.__version__}')"
     )
-    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None
-    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "unknown"
+    return wheel_cache.probe_import(python, probe)
 
 
 def torch_tag(python: str) -> str:
@@ -174,22 +159,6 @@ def python_tag(python: str) -> str:
     return proc.stdout.strip()
 
 
-def sha256_of(path: Path) -> str:
-    """Return the hex SHA-256 of a file.
-
-    Args:
-        path: file to hash.
-
-    Returns:
-        Lowercase hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(path: Path) -> None:
     """Check a downloaded file against HASHES.
 
@@ -199,12 +168,7 @@ def verify(path: Path) -> None:
     Raises:
         InstallError: on an unknown file name or a hash mismatch.
     """
-    expected = HASHES.get(path.name)
-    if expected is None:
-        raise InstallError(f"{path}: no recorded hash for this file name")
-    got = sha256_of(path)
-    if got != expected:
-        raise InstallError(f"{path}: SHA-256 {got} does not match the expected {expected}")
+    wheel_cache.verify(path, HASHES)
     log(f"hash verified: {path.name}")
 
 
@@ -213,11 +177,7 @@ def verify(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _replace(text: str, old: str, new: str, path: str, count: int = 1) -> str:
-    found = text.count(old)
-    if found != count:
-        raise InstallError(f"patch of {path}: expected {count} x {old!r}, found {found}")
-    return text.replace(old, new)
+_replace = replace_exact
 
 
 def _make_setup_patch(local_version: str) -> Callable[[str, str], str]:
@@ -337,11 +297,7 @@ def build_mmcv(python: str, sdist: Path, out_dir: Path, local_version: str, jobs
         Path of the cached wheel.
     """
     with tempfile.TemporaryDirectory(prefix="mmcvbuild-") as tmp:
-        with tarfile.open(sdist, "r:gz") as tar:
-            if hasattr(tarfile, "data_filter"):  # refuse links/paths outside tmp (3.11.4+)
-                tar.extractall(tmp, filter="data")
-            else:
-                tar.extractall(tmp)
+        wheel_cache.extract(sdist, tmp)
         src = Path(tmp) / f"mmcv-{MMCV_VERSION}"
         patches = mmcv_patches(local_version)
         for rel, fn in patches:
@@ -356,22 +312,9 @@ def build_mmcv(python: str, sdist: Path, out_dir: Path, local_version: str, jobs
             # A GPU on the build machine must not switch setup.py to a CUDA build.
             CUDA_VISIBLE_DEVICES="",
         )
-        build_out = Path(tmp) / "dist"
         start = time.monotonic()
-        run(
-            [python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-             str(build_out), str(src)],
-            env=env,
-        )  # fmt: skip
+        final = wheel_cache.build_into_cache(TOOL, python, src, Path(tmp) / "dist", out_dir, env)
         log(f"mmcv built in {time.monotonic() - start:.0f} s with {jobs} job(s)")
-        wheels = list(build_out.glob("*.whl"))
-        if len(wheels) != 1:
-            raise InstallError(f"expected one wheel in {build_out}, found {wheels}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        final = out_dir / wheels[0].name
-        partial = out_dir / (wheels[0].name + ".partial")
-        shutil.copyfile(wheels[0], partial)
-        os.replace(partial, final)  # never a truncated wheel in the cache
     return final
 
 
@@ -424,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
 
     local_version = f"+{RECIPE}.torch{torch_tag(python)}"
-    cache_dir = Path(os.environ.get("IMSVD_CACHE", Path.home() / ".cache" / "imsvd")) / "wheels"
+    cache_dir = wheel_cache.cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     pattern = f"mmcv-{MMCV_VERSION}{local_version}-{python_tag(python)}-*.whl"
     if args.cached_only and not sorted(cache_dir.glob(pattern)):

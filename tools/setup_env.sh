@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY_BOOT --version)"
   "$PY_BOOT" -m venv .venv
 fi
-stamp=".venv/.imsvd-setup-$(cat setup.cfg pyproject.toml tools/install_detectron2.py tools/install_mmdet.py | sha256sum | cut -c1-16)"
+stamp=".venv/.imsvd-setup-$(cat setup.cfg pyproject.toml tools/install_detectron2.py tools/install_mmdet.py tools/wheel_cache.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
