@@ -4,7 +4,7 @@
 setup:
 	bash tools/setup_env.sh
 
-# MMDetection with mmcv's C++ ops compiled for CPU (about 1.5 h on 2 cores the first time; the
+# MMDetection with mmcv's C++ ops compiled for CPU (about 32 minutes on 2 cores the first time; the
 # wheel is cached and later set-ups install it in seconds)
 setup-mmdet: setup
 	.venv/bin/python tools/install_mmdet.py --python .venv/bin/python
