@@ -41,6 +41,9 @@ VARIANTS: dict[str, list[str]] = {
     "b10_warm": ["loss.bin_size=10", "optim.warmup_epochs=0.5"],
     "b10_d2080": ["loss.bin_size=10", 'model.projector="1024-2080"'],
     "b10_bs128": ["loss.bin_size=10", "train.batch_size=128"],
+    "b10_bn_ti3": ["loss.bin_size=10", "model.out_norm=bn", "loss.ti_coeff=3.0"],
+    "b10_bn_t05": ["loss.bin_size=10", "model.out_norm=bn", "loss.temperature=0.5"],
+    "b10_ti3": ["loss.bin_size=10", "loss.ti_coeff=3.0"],
     "vicreg": [
         "loss.name=vicreg",
         "optim.name=lars",
