@@ -132,6 +132,24 @@ class Projector(nn.Sequential):
 OUT_NORMS = ("none", "bn")
 
 
+class NormedProjector(nn.Module):
+    """A :class:`Projector` followed by ``BatchNorm1d(out_dim, affine=False)`` (``out_norm: bn``).
+
+    What :func:`pretrain.checkpoint.model_from_checkpoint` returns for a training state whose
+    recipe normalises the projector output, so code analyses see the logits the loss saw.
+    ``spec``, ``in_dim`` and ``out_dim`` are the projector's.
+    """
+
+    def __init__(self, projector: Projector) -> None:
+        super().__init__()
+        self.mlp = projector
+        self.out_norm = nn.BatchNorm1d(projector.out_dim, affine=False)
+        self.spec, self.in_dim, self.out_dim = projector.spec, projector.in_dim, projector.out_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(self.mlp(z))
+
+
 class IMSVDModel(nn.Module):
     """Backbone followed by the projector (and, optionally, a norm of the projector output).
 

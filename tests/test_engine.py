@@ -343,3 +343,24 @@ def test_two_processes_skip_a_batch_together(tmp_path):
     assert "pretraining finished at step 10" in res.stdout
     state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
     assert state["step"] == 10 and state["epoch"] >= 1
+
+
+def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
+    """model.out_norm=bn: the norm's statistics are saved, resumed and read by the readers."""
+    from pretrain.model import IMSVDModel, NormedProjector, build_model
+
+    out = tmp_path / "bn"
+    cfg = _cfg(out, "model.out_norm=bn")
+    stop = _AtStep(1, lambda tr: os.kill(os.getpid(), signal.SIGTERM))
+    assert engine.train(cfg, hooks=[stop])["status"] == "preempted"
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    assert {"out_norm.running_mean", "out_norm.running_var"} <= set(state["model"])
+    assert engine.train(cfg)["step"] == 4  # resumed, and the final states are written
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    trained = build_model(cfg["model"])
+    trained.load_state_dict(state["model"])
+    backbone, projector, meta = ckpt.model_from_checkpoint(ckpt.latest_checkpoint(out))
+    assert isinstance(projector, NormedProjector) and meta["projector"]["out_norm"] == "bn"
+    x = torch.randn(3, 3, 32, 32)
+    read = IMSVDModel(backbone, projector).eval()
+    torch.testing.assert_close(read(x), trained.eval()(x))  # the logits the loss saw

@@ -352,13 +352,16 @@ def model_from_checkpoint(
         ``(backbone, projector, meta)``: ``build_backbone(arch, stem=stem)`` with the weights
         loaded strictly (``fc`` is an Identity, output ``backbone.num_features`` wide);
         ``pretrain.model.Projector`` with its weights, or None when the file has no projector
-        or it does not match that module (``meta["projector"]`` says which); meta as from
+        or it does not match that module (``meta["projector"]`` says which); when the training
+        state has a norm on the projector output (``model.out_norm: bn``) the projector is
+        :class:`pretrain.model.NormedProjector` (Projector then that norm, same ``spec`` /
+        ``out_dim``) and ``meta["projector"]["out_norm"]`` is "bn" ("none" otherwise); meta as from
         :func:`load_backbone` plus ``projector`` (the projector's meta or None).
 
     Raises:
         CheckpointError: as :func:`load_backbone`.
     """
-    from pretrain.model import Projector, build_backbone
+    from pretrain.model import NormedProjector, Projector, build_backbone
 
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
     opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
@@ -372,9 +375,18 @@ def model_from_checkpoint(
         psd, pmeta = _finish_projector(path, label, ex)
         pmeta.pop("notes", None)
         meta["projector"] = pmeta
+        pmeta["out_norm"] = "bn" if ex.out_norm else "none"
         if pmeta["matches_projector"]:
             projector = Projector(pmeta["in_dim"], pmeta["spec"])
             projector.load_state_dict(psd, strict=True)
+            if ex.out_norm:
+                projector = NormedProjector(projector)
+                try:
+                    projector.out_norm.load_state_dict(ex.out_norm, strict=True)
+                except RuntimeError as e:
+                    raise CheckpointError(
+                        f"{path}: the out_norm.* statistics do not fit: {e}"
+                    ) from None
             projector.to(device)
         else:
             meta["notes"].append("projector weights do not match pretrain.model.Projector")

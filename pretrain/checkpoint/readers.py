@@ -40,13 +40,16 @@ TensorDict = "OrderedDict[str, torch.Tensor]"
 class Extracted:
     """What a reader found: raw backbone weights (torchvision names), projector, metadata.
 
-    ``meta`` may hold ``epoch``, ``config``, ``notes`` and, when the file records them, ``arch``,
-    ``stem`` (with ``stem_source``) and the other metadata of this project's formats.
+    ``out_norm`` holds the running statistics of the norm on the projector output
+    (``model.out_norm: bn``) when the training state has one. ``meta`` may hold ``epoch``,
+    ``config``, ``notes`` and, when the file records them, ``arch``, ``stem`` (with
+    ``stem_source``) and the other metadata of this project's formats.
     """
 
     backbone: "OrderedDict[str, torch.Tensor]"
     projector: "OrderedDict[str, torch.Tensor] | None" = None
     meta: dict[str, Any] = field(default_factory=dict)
+    out_norm: "OrderedDict[str, torch.Tensor] | None" = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,12 @@ def _read_train_state(obj: Any, path: Path, verify_hash: bool) -> Extracted:
         notes=[],
     )
     model = st["model"]
-    return Extracted(strip_prefix(model, "backbone."), strip_prefix(model, "projector."), meta)
+    return Extracted(
+        strip_prefix(model, "backbone."),
+        strip_prefix(model, "projector."),
+        meta,
+        out_norm=strip_prefix(model, "out_norm.") or None,
+    )
 
 
 def _is_dino(obj: Any) -> bool:

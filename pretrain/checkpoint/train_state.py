@@ -102,7 +102,8 @@ def save_training_state(
     Args:
         path: destination (use :func:`checkpoint_name` inside the output folder).
         model: the IMSVDModel, possibly wrapped in DDP / DataParallel / torch.compile; its
-            state_dict must consist of ``backbone.*`` and ``projector.*`` keys.
+            state_dict must consist of ``backbone.*`` and ``projector.*`` keys (and ``out_norm.*``
+            when the recipe has ``model.out_norm: bn``).
         optimizer: optimizer whose state_dict is stored (None allowed).
         scaler: torch.amp.GradScaler or None; a disabled scaler is stored as None.
         epoch: epoch in progress (0-based), see above.
@@ -120,10 +121,11 @@ def save_training_state(
     model_sd = net.state_dict()
     if any(k.startswith("module.") for k in model_sd):
         model_sd = OrderedDict((k.removeprefix("module."), v) for k, v in model_sd.items())
-    bad = [k for k in model_sd if not k.startswith(("backbone.", "projector."))]
+    bad = [k for k in model_sd if not k.startswith(("backbone.", "projector.", "out_norm."))]
     if bad or not any(k.startswith("backbone.") for k in model_sd):
         raise CheckpointError(
-            "save_training_state expects an IMSVDModel (keys backbone.* and projector.*); "
+            "save_training_state expects an IMSVDModel (keys backbone.*, projector.* and, with "
+            "model.out_norm: bn, out_norm.*); "
             f"got keys such as {fmt_keys(bad or list(model_sd), 5)}"
         )
     if not isinstance(config, Mapping):
