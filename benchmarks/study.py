@@ -4,8 +4,9 @@
 Each variant is a list of dotted overrides of a base recipe (default: the demo recipe). Runs go
 one after another (two cores: parallel torch jobs thrash), each in its own output folder under
 ``--out``; a finished run (its ``backbone_final.pth`` exists) is not run again, an interrupted one
-resumes. The probe is the online kNN probe on a seeded split of the TRAIN folder (bank 10k,
-queries 2k), so choices never look at the test split. Afterwards the table of the last probe of
+resumes. The probe is the online kNN probe on a seeded split of the TRAIN folder (the recipe's
+``eval.bank_size`` / ``eval.query_size``: 5,000 / 1,000 in the demo recipe), so choices never
+look at the test split. Afterwards the table of the last probe of
 each run (kNN top-1 k=20, training seconds, steps) is printed and written to ``--out``/study.json.
 
     python benchmarks/study.py --variants b10 b10_bn --steps 300

@@ -22,15 +22,18 @@ _LAYOUT = {
 class SmallInputConv2d(nn.Conv2d):
     """``nn.Conv2d`` that computes a 1x1 output as one matrix product of the taps that see input.
 
-    When the output is 1x1 (the last stages of a ResNet on 28-64 px images: a 3x3 / padding 1
-    conv on a 1x1 map, or a stride-2 one on a 2x2 map), most taps only ever meet zero padding.
+    When the output is 1x1 (layer4 of a ResNet with the standard or small_s2 stem on images of
+    32 px or less: a 3x3 / padding 1 conv on a 1x1 map, or a stride-2 one on a 2x2 map), most
+    taps only ever meet zero padding.
     The result is then ``x[:, :, :h, :w].flatten(1) @ W[:, :, p:p+h, p:p+w].flatten(1).T``:
     the same sum without the zero terms, so outputs and gradients equal ``nn.Conv2d``'s up to
     float summation order (the padding taps' weight gradients are exactly 0, as they are in
     ``nn.Conv2d``). oneDNN's CPU backward of a 512-channel 3x3 conv on a 1x1 map at batch 256
     takes about 10x its forward (``benchmarks/bench_small_input_conv.py`` measures the ratio).
     Every other shape, and groups / dilation / non-zero padding modes, go to ``nn.Conv2d``.
-    State-dict keys and parameters are those of ``nn.Conv2d``.
+    State-dict keys and parameters are those of ``nn.Conv2d``. The shape test is Python code in
+    ``forward``: ``torch.fx`` tracing / ``torch.jit.script`` of the backbone need plain convs
+    (``m.__class__ = nn.Conv2d`` for each module restores them).
     """
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias):

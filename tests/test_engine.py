@@ -364,3 +364,8 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     read = IMSVDModel(backbone, projector).eval()
     torch.testing.assert_close(read(x), trained.eval()(x))  # the logits the loss saw
+    # a bare IMSVDModel.state_dict() of such a run reads the same way
+    torch.save(trained.state_dict(), tmp_path / "model_sd.pth")
+    _, projector2, meta2 = ckpt.model_from_checkpoint(tmp_path / "model_sd.pth")
+    assert isinstance(projector2, NormedProjector) and meta2["projector"]["out_norm"] == "bn"
+    torch.testing.assert_close(IMSVDModel(backbone, projector2).eval()(x), read(x))

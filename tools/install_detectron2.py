@@ -35,7 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wheel_cache  # noqa: E402  (tools/ is not a package)
 from wheel_cache import InstallError, replace_exact  # noqa: E402
 

@@ -298,6 +298,7 @@ def _finish_projector(
         raise CheckpointError(f"{path} ({label}): no 'projector.*' weights found")
     pmeta = _projector_meta(ex.projector, path)
     pmeta.update(source_format=label, epoch=ex.meta.get("epoch"), path=str(path))
+    pmeta["out_norm"] = "bn" if ex.out_norm else "none"
     pmeta["notes"] = list(ex.meta.get("notes", []))
     return dict(ex.projector), pmeta
 
@@ -375,7 +376,6 @@ def model_from_checkpoint(
         psd, pmeta = _finish_projector(path, label, ex)
         pmeta.pop("notes", None)
         meta["projector"] = pmeta
-        pmeta["out_norm"] = "bn" if ex.out_norm else "none"
         if pmeta["matches_projector"]:
             projector = Projector(pmeta["in_dim"], pmeta["spec"])
             projector.load_state_dict(psd, strict=True)

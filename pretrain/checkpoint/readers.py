@@ -232,7 +232,12 @@ def _has_backbone(obj: Any) -> bool:
 
 def _read_imsvd_model(obj: Any, path: Path, verify_hash: bool) -> Extracted:
     _, sd, meta = _base(obj)
-    return Extracted(strip_prefix(sd, "backbone."), strip_prefix(sd, "projector.") or None, meta)
+    return Extracted(
+        strip_prefix(sd, "backbone."),
+        strip_prefix(sd, "projector.") or None,
+        meta,
+        out_norm=strip_prefix(sd, "out_norm.") or None,
+    )
 
 
 def _is_torchvision(obj: Any) -> bool:
