@@ -55,6 +55,12 @@ VARIANTS: dict[str, list[str]] = {
     "b10_warm": [*PAPER_HEAD, "optim.warmup_epochs=0.5"],
     "b10_d2080": [*PAPER_HEAD, 'model.projector="1024-2080"'],
     "b10_bs128": [*PAPER_HEAD, "train.batch_size=128"],
+    # changes of the demo recipe itself
+    "demo_t05": ["loss.temperature=0.5"],
+    "demo_t025": ["loss.temperature=0.25"],
+    "demo_crop08": ["data.crop_scale=[0.08,1.0]"],
+    "demo_crop05": ["data.crop_scale=[0.5,1.0]"],
+    "demo_bs128": ["train.batch_size=128"],
     "vicreg": ["loss.name=vicreg", *BASELINE],
     "barlowtwins": ["loss.name=barlowtwins", *BASELINE],
 }
