@@ -135,6 +135,11 @@ class Projector(nn.Sequential):
 OUT_NORMS = ("none", "bn")
 
 
+def output_norm(dim: int) -> nn.BatchNorm1d:
+    """The norm of ``model.out_norm: bn``: ``BatchNorm1d(dim, affine=False)`` on N x dim logits."""
+    return nn.BatchNorm1d(dim, affine=False)
+
+
 class NormedProjector(nn.Module):
     """A :class:`Projector` followed by ``BatchNorm1d(out_dim, affine=False)`` (``out_norm: bn``).
 
@@ -146,7 +151,7 @@ class NormedProjector(nn.Module):
     def __init__(self, projector: Projector) -> None:
         super().__init__()
         self.mlp = projector
-        self.out_norm = nn.BatchNorm1d(projector.out_dim, affine=False)
+        self.out_norm = output_norm(projector.out_dim)
         self.spec, self.in_dim, self.out_dim = projector.spec, projector.in_dim, projector.out_dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -172,7 +177,7 @@ class IMSVDModel(nn.Module):
         self.backbone = backbone
         self.projector = projector
         if out_norm == "bn":
-            self.out_norm = nn.BatchNorm1d(projector.out_dim, affine=False)
+            self.out_norm = output_norm(projector.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.projector(self.backbone(x))
