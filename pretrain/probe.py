@@ -26,7 +26,7 @@ from torch import nn
 
 from pretrain.datasets import SyntheticImages, build_image_dataset
 from pretrain.images import CorruptImageError, DataError, load_rgb
-from pretrain.knn import knn_accuracy
+from pretrain.knn import check_temperature, knn_accuracy
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("imsvd.probe")
@@ -100,7 +100,7 @@ class KNNProbe:
         bank: labelled bank (:class:`ProbeSet`).
         queries: labelled queries.
         ks: neighbour counts (top-1 is reported for each).
-        temperature: vote temperature (0.07).
+        temperature: vote temperature (0.07); finite and > 0.
         batch_size: images per forward pass.
 
     Calling the probe with a backbone (N x 3 x S x S -> N x C pooled features) returns
@@ -120,7 +120,7 @@ class KNNProbe:
             raise ValueError(f"config key 'eval.batch_size': {batch_size} must be positive")
         self.bank, self.queries = bank, queries
         self.ks = tuple(int(k) for k in ks)
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, key="config key 'eval.temperature'")
         self.batch_size = int(batch_size)
         self.num_classes = int(max(bank.labels.max(), queries.labels.max())) + 1
         self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255

@@ -51,6 +51,70 @@ def test_bad_inputs():
         knn_classify(np.ones((2, 2)), [0, 1], np.ones((1, 3)))
 
 
+def _exact_votes(bank, labels, q, k, temperature):
+    """float64 reference: exp(sim / T) summed per class over the k most similar rows."""
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    qq = q / np.linalg.norm(q, axis=1, keepdims=True)
+    sim = qq @ b.T
+    idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    s = np.take_along_axis(sim, idx, 1)
+    w = np.exp((s - s[:, :1]) / temperature)  # scaled per row: same argmax as exp(sim / T)
+    votes = np.zeros((q.shape[0], labels.max() + 1))
+    for r in range(q.shape[0]):
+        np.add.at(votes[r], labels[idx[r]], w[r])
+    return votes.argmax(1)
+
+
+def _two_cluster_problem(n_per_class=20):
+    rng = np.random.default_rng(3)
+    centres = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    bank = np.concatenate([c + 0.05 * rng.normal(size=(n_per_class, 4)) for c in centres])
+    labels = np.repeat([0, 1], n_per_class)
+    q = np.concatenate([c + 0.05 * rng.normal(size=(10, 4)) for c in centres])
+    return bank, labels, q, np.repeat([0, 1], 10)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.005, 1e-3, 1e-5])
+def test_small_temperature_does_not_overflow(temperature):
+    # exp(sim / T) overflows float32 for T below ~0.0113: the vote is max-subtracted
+    bank, labels, q, y = _two_cluster_problem()
+    acc = knn_accuracy(bank, labels, q, y, ks=(1, 3, 20), temperature=temperature)
+    assert acc == {"top1_k1": 100.0, "top1_k3": 100.0, "top1_k20": 100.0}
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.02, 0.5, 10.0])
+def test_max_subtracted_vote_matches_the_exact_vote(temperature):
+    # where exp(sim / T) does not overflow, the predictions are those of the plain vote
+    rng = np.random.default_rng(1)
+    bank, labels = rng.normal(size=(200, 8)), rng.integers(0, 4, 200)
+    q = rng.normal(size=(50, 8))
+    for k in (1, 5, 20, 200):
+        got = knn_classify(bank, labels, q, ks=(k,), temperature=temperature)[k]
+        np.testing.assert_array_equal(got, _exact_votes(bank, labels, q, k, temperature))
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -float("inf"), 0.0, -0.07])
+def test_non_finite_or_non_positive_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        knn_classify(np.ones((2, 2)), [0, 1], np.ones((1, 2)), temperature=temperature)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_refused(bad):
+    bank = np.ones((3, 2))
+    bank[1, 0] = bad
+    with pytest.raises(ValueError, match="bank features contain NaN"):
+        knn_classify(bank, [0, 1, 1], np.ones((1, 2)))
+    with pytest.raises(ValueError, match="query features contain NaN"):
+        knn_classify(np.ones((3, 2)), [0, 1, 1], bank)
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_non_positive_chunk_size_is_refused(chunk):
+    with pytest.raises(ValueError, match="chunk_size"):
+        knn_classify(np.ones((2, 2)), [0, 1], np.ones((1, 2)), chunk_size=chunk)
+
+
 def test_evaluation_uses_the_shared_implementation():
     # one kNN for the online probe and the offline evaluation: no second copy in transfer/
     assert knn_eval.knn_classify is knn_classify and knn_eval.knn_accuracy is knn_accuracy
@@ -171,3 +235,24 @@ def test_unreadable_images_counted_in_results(tiny, tmp_path, split):
     assert main(["--config", "knn_tiny", "--weights", str(weights), "--output-dir",
                  str(tmp_path / "strict"), f"data.train_root={tree / 'train'}",
                  f"data.val_root={tree / 'val'}", "data.strict=true"]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("knn.temperature=nan", "knn.temperature"),
+        ("knn.temperature=.inf", "knn.temperature"),
+        ("knn.temperature=0", "knn.temperature"),
+        ("knn.temperature=-0.07", "knn.temperature"),
+        ("knn.chunk_size=0", "knn.chunk_size"),
+        ("knn.chunk_size=-4", "knn.chunk_size"),
+    ],
+)
+def test_bad_knn_settings_are_refused_naming_the_key(tiny, tmp_path, capsys, override, needle):
+    root, weights = tiny
+    code = main(["--config", "knn_tiny", "--weights", str(weights), "--output-dir",
+                 str(tmp_path / "o"), f"data.train_root={root / 'train'}",
+                 f"data.val_root={root / 'val'}", override])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not (tmp_path / "o" / "knn_results.json").exists()

@@ -85,6 +85,20 @@ EVAL = {
 DATA = {"kind": "imagefolder", "root": None, "list_file": None, "image_size": 8}
 
 
+@pytest.mark.parametrize("temperature", [0.01, 1e-3])
+def test_small_temperature_does_not_overflow(temperature):
+    # the probe votes with pretrain.knn: exp(sim / T) is max-subtracted there
+    probe = KNNProbe(_coloured(300, 0), _coloured(90, 1), ks=(1, 3, 20), temperature=temperature)
+    out = probe(_pooling())
+    assert out["knn/top1_k1"] == out["knn/top1_k3"] == out["knn/top1_k20"] == 100.0
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_temperature_is_refused_naming_the_key(temperature):
+    with pytest.raises(ValueError, match="eval.temperature"):
+        KNNProbe(_coloured(30, 0), _coloured(9, 1), temperature=temperature)
+
+
 def test_seeded_split_is_disjoint_and_reproducible(tmp_path):
     root = _tree(tmp_path / "train", ["red", "green", "blue"], 15)
     p1 = build_probe(EVAL, {**DATA, "root": str(root)})

@@ -17,7 +17,7 @@ import sys
 
 from pretrain.config import ConfigError
 from pretrain.datasets import build_train_val_datasets
-from pretrain.knn import knn_accuracy, knn_classify
+from pretrain.knn import check_temperature, knn_accuracy, knn_classify
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner
@@ -36,8 +36,13 @@ def validate(cfg: dict) -> None:
         raise ConfigError("kNN needs data.train_root (or train_list) and data.val_root/val_list")
     if not cfg["knn"]["ks"] or any(int(k) <= 0 for k in cfg["knn"]["ks"]):
         raise ConfigError(f"knn.ks must be positive integers, got {cfg['knn']['ks']!r}")
-    if float(cfg["knn"]["temperature"]) <= 0:
-        raise ConfigError(f"knn.temperature must be positive, got {cfg['knn']['temperature']!r}")
+    try:
+        check_temperature(cfg["knn"]["temperature"], key="config key 'knn.temperature'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    chunk = cfg["knn"]["chunk_size"]
+    if int(chunk) <= 0:
+        raise ConfigError(f"config key 'knn.chunk_size' must be a positive integer, got {chunk!r}")
 
 
 def run(ctx: runner.EvalContext) -> dict:
