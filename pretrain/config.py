@@ -8,6 +8,14 @@ the schema: a key it does not declare, or a value whose type differs from the ro
 their values as defaults), which is how the evaluation recipes share the sections of
 ``configs/eval/base.yaml``.
 
+Every key has a type (:mod:`pretrain.keytypes`): the type of its default, or a declaration in
+the schema file's ``_types_`` section (``data.root: str?``, ``train.batch_size: int >=1``);
+keys whose default is null must be declared. Null is refused unless the type allows it, floats
+must be finite, declared bounds are checked, each error naming the key and the file or override.
+Files and overrides are read with one rule, the YAML 1.2 core schema (:class:`_Loader`): ``010``
+and ``1:30`` are not numbers and ``no`` is not a boolean, so no value changes its meaning in
+the reading. An override of a string key keeps its text exactly (``#``, ``: `` and all).
+
 The shipped recipes live in the ``configs`` package (``configs/pretrain``, ``configs/eval``),
 installed as package data; :func:`find_config` resolves a bare name there.
 """
@@ -17,14 +25,18 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
+from pretrain.keytypes import KeyType, KeyTypeError, check_value, key_type
+
 BASE_KEY = "_base_"
 SCHEMA_KEY = "_schema_"
-_META_KEYS = (BASE_KEY, SCHEMA_KEY)
+TYPES_KEY = "_types_"
+_META_KEYS = (BASE_KEY, SCHEMA_KEY, TYPES_KEY)
 CONFIG_KINDS = ("pretrain", "eval")
 
 
@@ -109,10 +121,81 @@ def find_config(name_or_path: str | os.PathLike, kind: str) -> Path:
         raise ConfigError(f"{e}; shipped {kind} recipes: {', '.join(config_names(kind))}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the scalars of the YAML 1.2 core schema.
+
+    PyYAML's SafeLoader follows YAML 1.1, where ``1:30`` is 90 (sexagesimal), ``010`` is 8
+    (octal), ``1_000`` is 1000 and ``no`` / ``on`` are booleans. Here a plain scalar is an int
+    only as ``[-+]?(0|[1-9][0-9]*)``, a float only in decimal / exponent form or ``.inf`` /
+    ``.nan``, a bool only ``true`` / ``false``, null only ``null`` / ``~`` / empty; anything
+    else is a string (so a number key given ``010`` or ``1:30`` is refused, never reread).
+    """
+
+    yaml_implicit_resolvers: dict = {}
+
+
+_INT_RE = r"^[-+]?(?:0|[1-9][0-9]*)$"
+_FLOAT_RE = (
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_RESOLVERS = (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:int", _INT_RE, "-+0123456789"),
+    ("tag:yaml.org,2002:float", _FLOAT_RE, "-+0123456789."),
+)
+for _tag, _regexp, _first in _RESOLVERS:
+    _Loader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if not re.match(_INT_RE, text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not a decimal integer", node.start_mark
+        )
+    return int(text)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = loader.construct_scalar(node)
+    if not re.match(_FLOAT_RE, text) and not re.match(_INT_RE, text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not a decimal number", node.start_mark
+        )
+    return float(text.replace(".inf", "inf").replace(".Inf", "inf").replace(".INF", "inf")
+                 .replace(".nan", "nan").replace(".NaN", "nan").replace(".NAN", "nan"))  # fmt: skip
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also quotes strings the YAML 1.2 rules of :class:`_Loader` would read as
+    numbers (``1e-3``), so a saved config reads back the same with either rule set."""
+
+    yaml_implicit_resolvers = copy.deepcopy(yaml.SafeDumper.yaml_implicit_resolvers)
+
+
+for _tag, _regexp, _first in _RESOLVERS:
+    _Dumper.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+
+
+def yaml_load(stream: Any) -> Any:
+    """Parse YAML text or a file object with the YAML 1.2 core scalars of :class:`_Loader`.
+
+    Raises:
+        yaml.YAMLError: not valid YAML.
+    """
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     except yaml.YAMLError as e:
@@ -124,22 +207,30 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _type_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    if isinstance(default, int):
-        return isinstance(value, int)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
+def _leaf_type(dotted: str, default: Any, types: Mapping[str, str], source: str) -> KeyType:
+    try:
+        return key_type(dotted, default, dict(types))
+    except KeyTypeError as e:
+        raise ConfigError(f"{e} (schema of {source})") from None
 
 
-def _merge(schema: dict, base: dict, update: Mapping, source: str, prefix: str = "") -> dict:
-    """Merge ``update`` into ``base`` (a copy), checked against ``schema``."""
+def _merge(
+    schema: dict, base: dict, update: Mapping, source: str, types: Mapping[str, str], prefix=""
+) -> dict:
+    """Merge ``update`` into ``base`` (a copy), each value checked against its key's type.
+
+    Args:
+        schema: the declared keys and their defaults (nested).
+        base: the values so far.
+        update: the values to apply (nested).
+        source: where ``update`` comes from (a file, an override), for errors.
+        types: the ``_types_`` declarations, by dotted key.
+        prefix: dotted path of ``schema`` inside the whole config.
+
+    Raises:
+        ConfigError: unknown key, wrong type, null where not allowed, non-finite or out-of-range
+            number (naming the key and ``source``).
+    """
     out = copy.deepcopy(base)
     for key, value in update.items():
         dotted = f"{prefix}{key}"
@@ -154,22 +245,12 @@ def _merge(schema: dict, base: dict, update: Mapping, source: str, prefix: str =
                 raise ConfigError(
                     f"config key '{dotted}' in {source} must be a mapping, got {value!r}"
                 )
-            out[key] = _merge(default, out.get(key, {}), value, source, prefix=f"{dotted}.")
+            out[key] = _merge(default, out.get(key, {}), value, source, types, f"{dotted}.")
             continue
-        if isinstance(default, float) and not isinstance(default, bool) and isinstance(value, str):
-            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the float it means
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if not _type_ok(default, value):
-            raise ConfigError(
-                f"config key '{dotted}' in {source} expects {type(default).__name__} "
-                f"(default {default!r}), got {type(value).__name__} {value!r}"
-            )
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[key] = value
+        try:
+            out[key] = check_value(_leaf_type(dotted, default, types, source), value)
+        except KeyTypeError as e:
+            raise ConfigError(f"config key '{dotted}' in {source} {e}") from None
     return out
 
 
@@ -202,6 +283,13 @@ def _extend_schema(schema: dict, data: Mapping) -> dict:
     return out
 
 
+def _types_of(path: Path, data: Mapping) -> dict[str, str]:
+    types = data.get(TYPES_KEY, {})
+    if not isinstance(types, Mapping) or not all(isinstance(v, str) for v in types.values()):
+        raise ConfigError(f"'{TYPES_KEY}' in {path} must map dotted keys to type declarations")
+    return {str(k): v for k, v in types.items()}
+
+
 def complete_section(
     partial: Mapping[str, Any], kind: str, section: str, extra: Mapping[str, Any] | None = None
 ) -> dict:
@@ -225,17 +313,30 @@ def complete_section(
         ConfigError: unknown key or wrong type, naming ``section.key``.
     """
     root = config_dir(kind) / "base.yaml"
-    schema = _read_yaml(root).get(section)
+    data = _read_yaml(root)
+    schema = data.get(section)
     if not isinstance(schema, dict):
         raise ConfigError(f"{root} declares no section '{section}'")
     schema = {**schema, **dict(extra or {})}
-    return _merge(schema, schema, partial, source=f"the {section} section", prefix=f"{section}.")
+    types = _types_of(root, data)
+    return _merge(schema, schema, partial, f"the {section} section", types, f"{section}.")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+_QUOTED_RE = re.compile(r"""^\s*(?:"(?:[^"\\]|\\.)*"|'(?:[^']|'')*')\s*$""")
+_NULL_WORDS = ("null", "Null", "NULL", "~")
+
+
+def parse_override(text: str, string: bool = False) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], parsed value).
 
-    The value is parsed as a YAML scalar or flow collection (``1e-3``, ``true``, ``[1, 2]``).
+    The value is parsed as a YAML 1.2 core scalar or flow collection (``1e-3``, ``true``,
+    ``[1, 2]``; :class:`_Loader`). With ``string=True`` (the key holds a string or a path) the
+    value is the text after ``=`` exactly as given, whatever it contains (``#``, ``: ``,
+    spaces), except a value written in YAML quotes (which are removed) and ``null`` / ``~``
+    (null; the key's type decides whether that is allowed).
+
+    Raises:
+        ConfigError: no ``=``, an empty key part, or a value that is not valid YAML.
     """
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
@@ -243,11 +344,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key part")
+    if string and raw.strip() in _NULL_WORDS:
+        return key.split("."), None
+    if string and not _QUOTED_RE.match(raw):
+        return key.split("."), raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = yaml_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': cannot parse value: {e}") from None
     return key.split("."), value
+
+
+def _schema_leaf(schema: Mapping, keys: list[str]) -> tuple[bool, Any]:
+    node: Any = schema
+    for k in keys:
+        if not isinstance(node, Mapping) or k not in node:
+            return False, None
+        node = node[k]
+    return True, node
+
+
+def _is_string_key(schema: Mapping, types: Mapping[str, str], keys: list[str]) -> bool:
+    found, default = _schema_leaf(schema, keys)
+    if not found or isinstance(default, dict):
+        return False
+    try:
+        return key_type(".".join(keys), default, dict(types)).base == "str"
+    except KeyTypeError:
+        return False
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
@@ -255,27 +379,37 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
 
     Args:
         path: the config file.
-        overrides: strings ``key.sub=value``; applied in order after the files.
+        overrides: strings ``key.sub=value``; applied in order after the files (a string key
+            takes the text after ``=`` as it is; :func:`parse_override`).
 
     Returns:
-        The resolved config as a nested plain dict (no ``_base_`` key).
+        The resolved config as a nested plain dict (no ``_base_`` / ``_types_`` key).
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type, null where not allowed,
+            non-finite or out-of-range number (naming the key and the file or override).
     """
     chain = _chain(Path(path))
-    root_path, schema = chain[0]
-    schema = {k: v for k, v in schema.items() if k not in _META_KEYS}
-    cfg = copy.deepcopy(schema)
+    root_path, root_data = chain[0]
+    types = _types_of(root_path, root_data)
+    schema = {k: v for k, v in root_data.items() if k not in _META_KEYS}
+    cfg = _merge(schema, copy.deepcopy(schema), schema, str(root_path), types)
     for file_path, data in chain[1:]:
         if data.get(SCHEMA_KEY, False) is True:
             schema = _extend_schema(schema, data)
+            types = {**types, **_types_of(file_path, data)}
         elif SCHEMA_KEY in data:
             raise ConfigError(f"'{SCHEMA_KEY}' in {file_path} must be true when present")
-        cfg = _merge(schema, cfg, data, source=str(file_path))
+        elif TYPES_KEY in data:
+            raise ConfigError(f"'{TYPES_KEY}' in {file_path}: only a schema file declares types")
+        cfg = _merge(schema, cfg, data, str(file_path), types)
     for text in overrides:
-        keys, value = parse_override(text)
+        head = text.split("=", 1)[0].strip().split(".")
+        keys, value = parse_override(text, string=_is_string_key(schema, types, head))
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        cfg = _merge(schema, cfg, nested, source=f"command-line override '{text}'")
+        cfg = _merge(schema, cfg, nested, f"command-line override '{text}'", types)
     return cfg
 
 
@@ -286,7 +420,7 @@ def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
 
     atomic_write(
         path,
-        lambda f: yaml.safe_dump(dict(cfg), f, sort_keys=False, default_flow_style=None),
+        lambda f: yaml.dump(dict(cfg), f, Dumper=_Dumper, sort_keys=False, default_flow_style=None),
         mode="w",
     )
 

@@ -122,3 +122,177 @@ def test_save_config_round_trip(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert again == cfg
+
+
+SMOKE = CFG_DIR / "imsvd_smoke.yaml"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_steps=1:30", "train.max_steps"),  # YAML 1.1 sexagesimal: 90
+        ("train.batch_size=010", "train.batch_size"),  # YAML 1.1 octal: 8
+        ("train.batch_size=0o10", "train.batch_size"),
+        ("train.batch_size=0x10", "train.batch_size"),
+        ("train.batch_size=1_000", "train.batch_size"),
+        ("train.epochs=1e2", "train.epochs"),  # a float for an int key
+        ("optim.base_lr=1:30", "optim.base_lr"),
+        ("data.strict=no", "data.strict"),  # YAML 1.1 boolean
+        ("data.strict=on", "data.strict"),
+        ("data.strict=Y", "data.strict"),
+    ],
+)
+def test_yaml_1_1_number_and_bool_forms_are_refused(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, [override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1:30", "1:30"),
+        ("010", "010"),
+        ("no", "no"),
+        ("2024", "2024"),
+        ("1e-3", "1e-3"),
+        ("[1, 2]", "[1, 2]"),
+        ("{a: 1}", "{a: 1}"),
+        ("'quoted'", "quoted"),
+        ('"a #b"', "a #b"),
+    ],
+)
+def test_string_keys_keep_the_text_as_written(text, expected):
+    cfg = load_config(SMOKE, [f"data.root={text}", f"model.projector={text}"])
+    assert cfg["data"]["root"] == expected and cfg["model"]["projector"] == expected
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("optim.base_lr=1e-3", ("optim", "base_lr"), 1e-3),
+        ("optim.base_lr=.5", ("optim", "base_lr"), 0.5),
+        ("optim.base_lr=2", ("optim", "base_lr"), 2.0),
+        ("train.batch_size=10", ("train", "batch_size"), 10),
+        ("train.batch_size=+10", ("train", "batch_size"), 10),
+        ("data.strict=True", ("data", "strict"), True),
+        ("data.strict=false", ("data", "strict"), False),
+        ("eval.image_size=null", ("eval", "image_size"), None),
+        ("eval.image_size=32", ("eval", "image_size"), 32),
+        ("data.root=null", ("data", "root"), None),
+        ("data.root=~", ("data", "root"), None),
+    ],
+)
+def test_yaml_1_2_core_values_are_read_as_written(override, key, value):
+    cfg = load_config(SMOKE, [override])
+    got = cfg[key[0]][key[1]]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.epochs=null", "train.epochs"),
+        ("train.batch_size=~", "train.batch_size"),
+        ("optim.base_lr=null", "optim.base_lr"),
+        ("model.arch=null", "model.arch"),
+        ("data.crop_scale=null", "data.crop_scale"),
+        ("eval.image_size=abc", "eval.image_size"),
+        ("eval.image_size=true", "eval.image_size"),
+    ],
+)
+def test_null_and_wrong_types_are_refused_for_every_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, [override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.base_lr=nan", "optim.base_lr"),
+        ("optim.base_lr=.nan", "optim.base_lr"),
+        ("optim.base_lr=-.inf", "optim.base_lr"),
+        ("optim.base_lr=.inf", "optim.base_lr"),
+        ("optim.base_lr=inf", "optim.base_lr"),
+        ("optim.base_lr=0", "optim.base_lr"),
+        ("optim.base_lr=-0.1", "optim.base_lr"),
+        ("loss.temperature=.nan", "loss.temperature"),
+        ("eval.temperature=0", "eval.temperature"),
+        ("eval.temperature=.inf", "eval.temperature"),
+        ("optim.weight_decay=-1e-6", "optim.weight_decay"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.epochs=-3", "train.epochs"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("eval.image_size=0", "eval.image_size"),
+        ("eval.ks=[]", "eval.ks"),
+        ("eval.ks=[20, 0]", "eval.ks"),
+        ("data.blur_prob=[1.5, 0.1]", "data.blur_prob"),
+        ("data.crop_scale=[0.08, .nan]", "data.crop_scale"),
+    ],
+)
+def test_non_finite_and_out_of_range_values_are_refused(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, [override])
+    assert needle in str(e.value) and "command-line override" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("train:\n  max_steps: 1:30\n", "train.max_steps"),
+        ("train:\n  batch_size: 010\n", "train.batch_size"),
+        ("data:\n  strict: no\n", "data.strict"),
+        ("train:\n  epochs: null\n", "train.epochs"),
+        ("train:\n  epochs:\n", "train.epochs"),
+        ("optim:\n  base_lr: .nan\n", "optim.base_lr"),
+        ("optim:\n  base_lr: -.inf\n", "optim.base_lr"),
+        ("eval:\n  image_size: abc\n", "eval.image_size"),
+        ("data:\n  root: [1, 2]\n", "data.root"),
+        ("data:\n  root: 2024\n", "data.root"),  # a number for a string key: quote it
+        ("data:\n  crop_scale: [0.5]\n", "data.crop_scale"),
+        ("_types_:\n  train.epochs: int\n", "_types_"),
+    ],
+)
+def test_recipe_files_are_read_with_the_same_rule(tmp_path, body, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_base_: {CFG_DIR / 'base.yaml'}\n{body}")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert needle in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_recipe_files_read_yaml_1_2_numbers(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        f"_base_: {CFG_DIR / 'base.yaml'}\noptim:\n  base_lr: 1e-3\n  weight_decay: 0\n"
+        "data:\n  root: '010'\n  list_file: no\ntrain:\n  max_steps: -1\n"
+    )
+    cfg = load_config(good)
+    assert cfg["optim"]["base_lr"] == 1e-3 and cfg["optim"]["weight_decay"] == 0.0
+    assert cfg["data"]["root"] == "010" and cfg["train"]["max_steps"] == -1
+    assert cfg["data"]["list_file"] == "no"  # YAML 1.2: a string, not False
+
+
+def test_every_null_default_is_declared(tmp_path):
+    # a schema key whose default is null needs a type in _types_
+    root = tmp_path / "root.yaml"
+    root.write_text("a:\n  b: null\n")
+    with pytest.raises(ConfigError, match="'a.b' has a null default"):
+        load_config(root)
+    root.write_text("a:\n  b: null\n_types_:\n  a.b: int? >=0\n")
+    assert load_config(root, ["a.b=3"])["a"]["b"] == 3
+    with pytest.raises(ConfigError, match="a.b"):
+        load_config(root, ["a.b=-1"])
+    root.write_text("a:\n  b: 1\n_types_:\n  a.b: integer\n")
+    with pytest.raises(ConfigError, match="unknown type"):
+        load_config(root)
+
+
+def test_saved_config_reads_back_the_same_with_either_yaml_rule(tmp_path):
+    from pretrain.config import yaml_load
+
+    cfg = load_config(SMOKE, ["data.root=1e-3", "model.projector=010", "data.list_file=no"])
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert yaml.safe_load(text) == cfg and yaml_load(text) == cfg
