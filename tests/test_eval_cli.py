@@ -98,3 +98,85 @@ def test_run_writes_config_log_and_results(tiny_trees, tiny_backbone, tmp_path, 
                      "teacher", "--output-dir", str(out), f"data.train_root={tiny_trees / 'train'}",
                      f"data.val_root={tiny_trees / 'val'}"]) == 2  # fmt: skip
     assert "teacher" in capsys.readouterr().err
+
+
+def _corrupt_weights(path, name, value, seed=0):
+    """A tiny exported backbone whose tensor ``name`` is filled with ``value`` (or, for a
+    running_var, has its first entry set to it)."""
+    import torch
+
+    from pretrain.checkpoint import export_backbone
+    from pretrain.model import build_backbone
+
+    torch.manual_seed(seed)
+    net = build_backbone("resnet18", zero_init_residual=False, stem="small_s2")
+    sd = net.state_dict()
+    if name.endswith("running_var"):
+        sd[name][0] = value
+    else:
+        sd[name].view(-1)[: max(1, sd[name].numel() // 7)] = value
+    export_backbone(path, sd, arch="resnet18", stem="small_s2", epoch=0, config=None)
+    return path
+
+
+CORRUPTIONS = [
+    ("conv1.weight", float("nan")),
+    ("layer2.0.conv1.weight", float("inf")),
+    ("layer1.0.bn1.bias", -float("inf")),
+    ("bn1.running_mean", float("nan")),
+    ("layer3.1.bn2.running_var", -1.0),
+    ("layer4.0.bn1.running_var", 0.0),
+]
+
+
+def _tool_args(tool, tmp_path, trees, weights):
+    out = ["--weights", str(weights), "--output-dir", str(tmp_path / "o")]
+    if tool == "voc07_svm":
+        from helpers import make_voc_tree
+
+        voc = make_voc_tree(tmp_path / "data", n_trainval=6, n_test=6)
+        return ["--config", "voc07_svm_tiny", f"data.voc_root={voc}"] + out
+    folders = [f"data.train_root={trees / 'train'}", f"data.val_root={trees / 'val'}"]
+    return ["--config", f"{tool}_tiny"] + folders + out
+
+
+@pytest.mark.parametrize("tool", ["knn", "linear", "voc07_svm"])
+@pytest.mark.parametrize("name, value", CORRUPTIONS, ids=[f"{n}={v}" for n, v in CORRUPTIONS])
+def test_non_finite_weights_are_refused_naming_tensor_and_file(
+    tool, name, value, tiny_trees, tmp_path, capsys
+):
+    weights = _corrupt_weights(tmp_path / "bad weights.pth", name, value)
+    tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main}[tool]
+    assert tool_main(_tool_args(tool, tmp_path, tiny_trees, weights)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert f"'{name}'" in err[0] and str(weights) in err[0]
+    assert not list((tmp_path / "o").glob("*results.json"))
+
+
+def test_analyze_refuses_non_finite_weights(tiny_trees, tmp_path, capsys):
+    weights = _corrupt_weights(tmp_path / "w.pth", "layer1.0.bn2.running_var", -1.0)
+    code = analyze.main(["--weights", str(weights), "--output-dir", str(tmp_path / "o"),
+                         "--config", "analyze", f"data.root={tiny_trees / 'train'}",
+                         "model.recipe=imsvd_smoke"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "layer1.0.bn2.running_var" in err and str(weights) in err
+
+
+@pytest.mark.parametrize("tool", ["knn", "linear"])
+def test_non_finite_features_are_refused(tool, tiny_trees, tmp_path, capsys):
+    # finite but huge weights: the activations overflow to inf / NaN
+    weights = _corrupt_weights(tmp_path / "w.pth", "conv1.weight", 3e38)
+    assert {"knn": knn.main, "linear": linear.main}[tool](
+        _tool_args(tool, tmp_path, tiny_trees, weights)
+    ) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN/inf" in err[0] and str(weights) in err[0], err
+
+
+@pytest.mark.parametrize("tool", ["knn", "linear", "voc07_svm"])
+def test_a_directory_as_weights_is_refused_naming_the_key(tool, tiny_trees, tmp_path, capsys):
+    tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main}[tool]
+    assert tool_main(_tool_args(tool, tmp_path, tiny_trees, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "model.weights" in err and "is a directory" in err

@@ -230,6 +230,10 @@ def test_malicious_files_are_refused_without_running_code(tmp_path):
     assert not os.path.exists(MARKER)
     with pytest.raises(MMDetWeightsError, match="does not exist"):
         read_mmdet_weights(str(tmp_path / "none.pth"))
+    for folder in (tmp_path, tmp_path / "dir.pth"):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(MMDetWeightsError, match="is a directory"):
+            read_mmdet_weights(str(folder))
     junk = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], junk)
     with pytest.raises(MMDetWeightsError, match="expected a dict"):

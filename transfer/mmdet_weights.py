@@ -255,6 +255,8 @@ def read_mmdet_weights(
         MMDetWeightsError: unreadable, refused or tensor-less files, naming the path.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MMDetWeightsError(f"weights {path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise MMDetWeightsError(f"weights file {path!r} does not exist")
     if path.lower().endswith(_PICKLE_SUFFIXES):

@@ -23,6 +23,8 @@ code from a file unless ``allow_unsafe`` is given. Modules:
 
 from .atomic import atomic_torch_save, atomic_write, check_plain, fsync_dir
 from .backbone import (
+    NonFiniteWeightsError,
+    check_finite_weights,
     export_backbone,
     export_torchvision_state_dict,
     load_backbone,
@@ -69,6 +71,7 @@ __all__ = [
     "TRAIN_STATE_FORMAT",
     "TRAIN_STATE_VERSION",
     "CheckpointError",
+    "NonFiniteWeightsError",
     "Reader",
     "UnresolvedGlobal",
     "accepted_inputs",
@@ -77,6 +80,7 @@ __all__ = [
     "atomic_write",
     "capture_rng_state",
     "check_plain",
+    "check_finite_weights",
     "checkpoint_name",
     "export_backbone",
     "export_torchvision_state_dict",

@@ -333,6 +333,44 @@ def load_projector(
     return _finish_projector(path, label, ex)
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A loaded parameter or buffer holds NaN / inf, or a BatchNorm running variance is <= 0."""
+
+
+def check_finite_weights(
+    module: nn.Module, path: str | os.PathLike, part: str = "backbone"
+) -> None:
+    """Refuse weights no evaluation can give a meaningful number with.
+
+    Every floating-point parameter and buffer must be finite, and every BatchNorm's
+    ``running_var`` > 0 (in eval mode it divides the activations).
+
+    Args:
+        module: the loaded module.
+        path: the file it was read from (named in the error).
+        part: which module of the file ("backbone", "projector"), named in the error.
+
+    Raises:
+        NonFiniteWeightsError: naming the file, the part and the first offending tensor.
+    """
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteWeightsError(
+                f"weights {path}: {part} tensor '{name}' holds {bad} NaN/inf value(s) of "
+                f"{t.numel()}; these weights cannot be evaluated"
+            )
+    for mod_name, mod in module.named_modules():
+        var = getattr(mod, "running_var", None)
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and var is not None:
+            if not bool((var > 0).all()):
+                raise NonFiniteWeightsError(
+                    f"weights {path}: {part} tensor '{mod_name}.running_var' has "
+                    f"{int((var <= 0).sum())} value(s) <= 0 (min {float(var.min()):g}); a "
+                    "BatchNorm variance must be positive"
+                )
+
+
 def model_from_checkpoint(
     path: str | os.PathLike,
     *,
@@ -360,7 +398,8 @@ def model_from_checkpoint(
         :func:`load_backbone` plus ``projector`` (the projector's meta or None).
 
     Raises:
-        CheckpointError: as :func:`load_backbone`.
+        CheckpointError: as :func:`load_backbone`. NonFiniteWeightsError: a NaN / inf
+            parameter or buffer, or a BatchNorm running_var <= 0 (:func:`check_finite_weights`).
     """
     from pretrain.model import NormedProjector, Projector, build_backbone
 
@@ -370,6 +409,7 @@ def model_from_checkpoint(
     sd, meta = _finish_backbone(path, label, ex, verify_hash)
     backbone = build_backbone(meta["arch"], zero_init_residual=False, stem=meta["stem"])
     backbone.load_state_dict(sd, strict=True)
+    check_finite_weights(backbone, path, "backbone")
     projector = None
     meta["projector"] = None
     if label in PROJECTOR_SOURCES and ex.projector:
@@ -387,6 +427,7 @@ def model_from_checkpoint(
                     raise CheckpointError(
                         f"{path}: the out_norm.* statistics do not fit: {e}"
                     ) from None
+            check_finite_weights(projector, path, "projector")
             projector.to(device)
         else:
             meta["notes"].append("projector weights do not match pretrain.model.Projector")

@@ -347,6 +347,11 @@ def run(ctx: runner.EvalContext) -> dict:
                 all_feats = all_gather_tensor(feats)
             if all_feats.shape[0] == 0:  # the same on every rank: skip the step everywhere
                 continue
+            if not bool(torch.isfinite(all_feats).all()):  # the same on every rank
+                raise features.FeatureError(
+                    f"epoch {epoch}: training features of weights {cfg['model']['weights']} hold "
+                    "NaN/inf: these weights cannot be evaluated"
+                )
             labels = labels.to(info.device)
             offset = int(sizes[: info.rank].sum())
             logits = model(all_feats, slice(offset, offset + feats.shape[0]))

@@ -31,12 +31,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.checkpoint import model_from_checkpoint, with_accepted_inputs
+from pretrain.checkpoint import (
+    NonFiniteWeightsError,
+    model_from_checkpoint,
+    with_accepted_inputs,
+)
 from pretrain.config import ConfigError, save_config
 from pretrain.dist import DistInfo, init_distributed
 from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
 from transfer.eval.evalcfg import build_parser, load_eval_config
-from transfer.eval.features import cached_features, extract_features, freeze
+from transfer.eval.features import FeatureError, cached_features, extract_features, freeze
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -102,14 +106,24 @@ class EvalContext:
             (backbone, projector or None, meta with ``arch``, ``stem``, ``sha256``, ...).
 
         Raises:
-            ConfigError: no weights given. CheckpointError: unreadable file (its message ends
-                with the accepted inputs).
+            ConfigError: no weights given, or not a file. CheckpointError: unreadable file (its
+                message ends with the accepted inputs). NonFiniteWeightsError: a NaN / inf
+                parameter or buffer, or a BatchNorm running_var <= 0 (one line naming the tensor
+                and the file).
         """
         m = self.cfg["model"]
         if not m["weights"]:
             raise ConfigError("config key 'model.weights' is required (use --weights)")
-        if not Path(m["weights"]).is_file():
-            raise ConfigError(f"--weights {m['weights']!r}: no such file")
+        weights = Path(m["weights"])
+        if weights.is_dir():
+            raise ConfigError(
+                f"config key 'model.weights' (--weights) {m['weights']!r} is a directory, not a "
+                "checkpoint file"
+            )
+        if not weights.is_file():
+            raise ConfigError(
+                f"config key 'model.weights' (--weights) {m['weights']!r}: no such file"
+            )
         try:
             backbone, projector, meta = model_from_checkpoint(
                 m["weights"],
@@ -118,6 +132,8 @@ class EvalContext:
                 checkpoint_key=m["checkpoint_key"] or None,
                 prefix=m["prefix"] or None,
             )
+        except NonFiniteWeightsError:
+            raise
         except ValueError as e:
             raise type(e)(with_accepted_inputs(e)) from None
         if projector is not None:
@@ -145,6 +161,9 @@ class EvalContext:
 
         Returns:
             (features float32 (N, D), labels int64 (N,)), N = readable images.
+
+        Raises:
+            FeatureError: a feature is NaN / inf (naming the split and ``model.weights``).
         """
         kw = dict(
             layer=self.cfg["features"]["layer"],
@@ -153,8 +172,18 @@ class EvalContext:
             num_workers=int(self.cfg["data"]["num_workers"]),
         )
         if self.out is None:
-            return extract_features(model, dataset, desc=f"{split} features", **kw)
-        return cached_features(self.out / "features", split, model, dataset, weights_sha256, **kw)
+            feats, labels = extract_features(model, dataset, desc=f"{split} features", **kw)
+        else:
+            feats, labels = cached_features(
+                self.out / "features", split, model, dataset, weights_sha256, **kw
+            )
+        if not bool(np.isfinite(feats).all()):
+            rows = int((~np.isfinite(feats)).any(axis=1).sum())
+            raise FeatureError(
+                f"the {split} features of weights {self.cfg['model']['weights']} hold NaN/inf "
+                f"({rows} of {feats.shape[0]} images): these weights cannot be evaluated"
+            )
+        return feats, labels
 
 
 def usable_dir(path: str) -> Path | None:
