@@ -14,7 +14,8 @@ keys whose default is null must be declared. Null is refused unless the type all
 must be finite, declared bounds are checked, each error naming the key and the file or override.
 Files and overrides are read with one rule, the YAML 1.2 core schema (:class:`_Loader`): ``010``
 and ``1:30`` are not numbers and ``no`` is not a boolean, so no value changes its meaning in
-the reading. An override of a string key keeps its text exactly (``#``, ``: `` and all).
+the reading. An override of a string key keeps its text exactly (``#``, ``: `` and all); a string
+starting with ``~`` is refused (it would not be expanded).
 
 The shipped recipes live in the ``configs`` package (``configs/pretrain``, ``configs/eval``),
 installed as package data; :func:`find_config` resolves a bare name there.
@@ -251,6 +252,11 @@ def _merge(
             out[key] = check_value(_leaf_type(dotted, default, types, source), value)
         except KeyTypeError as e:
             raise ConfigError(f"config key '{dotted}' in {source} {e}") from None
+        if isinstance(out[key], str) and out[key].startswith("~"):
+            raise ConfigError(
+                f"config key '{dotted}' in {source}: {out[key]!r} starts with '~', which is not "
+                "expanded here: write the full path"
+            )
     return out
 
 
@@ -323,7 +329,7 @@ def complete_section(
 
 
 _QUOTED_RE = re.compile(r"""^\s*(?:"(?:[^"\\]|\\.)*"|'(?:[^']|'')*')\s*$""")
-_NULL_WORDS = ("null", "Null", "NULL", "~")
+_NULL_WORDS = ("null", "Null", "NULL")
 
 
 def parse_override(text: str, string: bool = False) -> tuple[list[str], Any]:
@@ -332,8 +338,9 @@ def parse_override(text: str, string: bool = False) -> tuple[list[str], Any]:
     The value is parsed as a YAML 1.2 core scalar or flow collection (``1e-3``, ``true``,
     ``[1, 2]``; :class:`_Loader`). With ``string=True`` (the key holds a string or a path) the
     value is the text after ``=`` exactly as given, whatever it contains (``#``, ``: ``,
-    spaces), except a value written in YAML quotes (which are removed) and ``null`` / ``~``
-    (null; the key's type decides whether that is allowed).
+    spaces), except a value written in YAML quotes (which are removed) and ``null`` (null; the
+    key's type decides whether that is allowed). A string starting with ``~`` is refused by the
+    schema check (it is not expanded).
 
     Raises:
         ConfigError: no ``=``, an empty key part, or a value that is not valid YAML.

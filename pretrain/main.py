@@ -2,6 +2,10 @@
 
 python -m pretrain.main --config imsvd_r50_100ep data.root=/imagenet/train
 imsvd-pretrain --config imsvd_smoke --output-dir outputs/smoke train.max_steps=4
+
+``--output-dir DIR`` sets ``checkpoint.output_dir``; giving both is an error, and so is an empty
+or null folder (tools/pretrain.sh passes its ``--output-dir`` here, so the rule is the same for
+both entry points). ``--check`` only loads and checks the config.
 """
 
 from __future__ import annotations
@@ -27,15 +31,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir", metavar="DIR", help="run folder (sets checkpoint.output_dir)"
     )
+    parser.add_argument(
+        "--check", action="store_true", help="check the config and the overrides, run nothing"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
     return parser.parse_intermixed_args(argv)
 
 
+OUTPUT_KEY = "checkpoint.output_dir"
+
+
 def overrides_of(args: argparse.Namespace) -> list[str]:
-    """The flags as ``key=value`` overrides (values quoted), then the dotted overrides."""
+    """The flags as ``key=value`` overrides (values quoted), then the dotted overrides.
+
+    Raises:
+        ConfigError: ``--output-dir`` empty or null, or given together with a
+            ``checkpoint.output_dir=`` override (one place names the run folder).
+    """
     flags = []
     if args.output_dir is not None:
-        flags.append(f"checkpoint.output_dir={json.dumps(str(args.output_dir))}")
+        value = str(args.output_dir)
+        if value.strip() in ("", "null", "Null", "NULL", "~"):
+            raise ConfigError(f"--output-dir {value!r}: give the run folder (a path)")
+        given = [o for o in args.overrides if o.split("=", 1)[0].strip() == OUTPUT_KEY]
+        if given:
+            raise ConfigError(
+                f"--output-dir {value!r} and the override '{given[0]}' both name the run "
+                "folder: give one of them"
+            )
+        flags.append(f"{OUTPUT_KEY}={json.dumps(value)}")
     return flags + list(args.overrides)
 
 
@@ -47,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     # heavy imports after the config is known to be valid
     from pretrain.checkpointer import (
         CheckpointWriteError,

@@ -180,7 +180,6 @@ def test_string_keys_keep_the_text_as_written(text, expected):
         ("eval.image_size=null", ("eval", "image_size"), None),
         ("eval.image_size=32", ("eval", "image_size"), 32),
         ("data.root=null", ("data", "root"), None),
-        ("data.root=~", ("data", "root"), None),
     ],
 )
 def test_yaml_1_2_core_values_are_read_as_written(override, key, value):
@@ -199,6 +198,10 @@ def test_yaml_1_2_core_values_are_read_as_written(override, key, value):
         ("data.crop_scale=null", "data.crop_scale"),
         ("eval.image_size=abc", "eval.image_size"),
         ("eval.image_size=true", "eval.image_size"),
+        ("data.root=~", "data.root"),  # not expanded, not null: refused
+        ("data.root=~/imagenet", "data.root"),
+        ("data.root='~/imagenet'", "data.root"),
+        ("eval.bank_root=~user/x", "eval.bank_root"),
     ],
 )
 def test_null_and_wrong_types_are_refused_for_every_key(override, needle):

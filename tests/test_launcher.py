@@ -134,3 +134,74 @@ def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
     # no worker survives its launcher (it would otherwise keep training)
     time.sleep(1.0)
     assert _processes_mentioning(str(out)) == []
+
+
+def _launch_recorded(tmp_path, *args, home=None):
+    """Run the launcher with a PYTHON that runs the config check for real but records the
+    torchrun command instead of training; returns (result, config the workers would load)."""
+    import shlex
+    import sys
+
+    record = tmp_path / "argv.bin"
+    fake = tmp_path / "python"
+    real = shlex.quote(sys.executable)
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = -m ] && [ "$2" = pretrain.main ]; then exec {real} "$@"; fi\n'
+        f"printf '%s\\0' \"$@\" > {shlex.quote(str(record))}\n"
+    )
+    fake.chmod(0o755)
+    work = tmp_path / "cwd"
+    work.mkdir(exist_ok=True)
+    env = _env(PYTHON=str(fake), HOME=str(home or tmp_path / "home"))
+    res = subprocess.run(["bash", str(LAUNCHER), str(SMOKE), *args], cwd=work,
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    if res.returncode != 0 or not record.exists():
+        return res, None
+    argv = record.read_bytes().decode().split("\0")[:-1]
+    worker = argv[argv.index("pretrain.main") + 1 :]
+    from pretrain.config import find_config, load_config
+    from pretrain.main import overrides_of, parse_args
+
+    parsed = parse_args(worker)
+    return res, load_config(find_config(parsed.config, "pretrain"), overrides_of(parsed))
+
+
+@pytest.mark.parametrize("name", ["run #2", "a: b", 'say "hi"', "it's", "x #y: z", "#start"])
+def test_values_arrive_intact(tmp_path, name):
+    res, cfg = _launch_recorded(tmp_path, "--output-dir", f"runs/{name}", f"data.root=imgs {name}",
+                                f"model.projector={name}")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    work = tmp_path / "cwd"
+    assert cfg["checkpoint"]["output_dir"] == f"{work}/runs/{name}"
+    assert cfg["data"]["root"] == f"{work}/imgs {name}"
+    assert cfg["model"]["projector"] == name
+
+
+def test_leading_tilde_is_home_or_refused(tmp_path):
+    home = tmp_path / "home"
+    res, cfg = _launch_recorded(tmp_path, "--output-dir", "~/runs/a", "data.root=~", home=home)
+    assert res.returncode == 0, res.stderr
+    assert cfg["checkpoint"]["output_dir"] == f"{home}/runs/a" and cfg["data"]["root"] == str(home)
+    res, cfg = _launch_recorded(tmp_path, "data.root=~someone/imgs")
+    assert res.returncode == 2 and cfg is None and "~someone/imgs" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--output-dir", ""], "--output-dir"),
+        (["--output-dir", "null"], "--output-dir"),
+        (["checkpoint.output_dir="], "checkpoint.output_dir"),
+        (["checkpoint.output_dir=null"], "checkpoint.output_dir"),
+        (["checkpoint.output_dir=b", "--output-dir", "a"], "give one of them"),
+        (["--output-dir", "a", "checkpoint.output_dir=b"], "give one of them"),
+        (["--output-dir", "a", "--output-dir", "b"], "given twice"),
+    ],
+)
+def test_run_folder_rules_are_those_of_imsvd_pretrain(tmp_path, args, needle):
+    res, cfg = _launch_recorded(tmp_path, *args)
+    assert res.returncode == 2 and cfg is None, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert "Traceback" not in res.stderr

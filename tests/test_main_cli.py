@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pretrain.config import find_config, load_config
 from pretrain.main import main, overrides_of, parse_args
 
@@ -11,10 +13,36 @@ def test_output_dir_is_an_alias_of_checkpoint_output_dir():
     assert args.config == "imsvd_smoke"
     cfg = load_config(find_config(args.config, "pretrain"), overrides_of(args))
     assert cfg["checkpoint"]["output_dir"] == "o: 1" and cfg["train"]["max_steps"] == 1
-    # a dotted key given too wins (it comes after the flag)
-    args = parse_args(["--config", "imsvd_smoke", "--output-dir", "a", "checkpoint.output_dir=b"])
-    cfg = load_config(find_config(args.config, "pretrain"), overrides_of(args))
-    assert cfg["checkpoint"]["output_dir"] == "b"
+    for text in ("runs/run #2", "a: b", 'say "hi"', "it's"):  # the text arrives intact
+        args = parse_args(["--config", "imsvd_smoke", "--output-dir", text])
+        cfg = load_config(find_config(args.config, "pretrain"), overrides_of(args))
+        assert cfg["checkpoint"]["output_dir"] == text
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--output-dir", "a", "checkpoint.output_dir=b"], "give one of them"),
+        (["checkpoint.output_dir=b", "--output-dir", "a"], "give one of them"),
+        (["--output-dir", ""], "--output-dir ''"),
+        (["--output-dir", "null"], "--output-dir 'null'"),
+        (["--output-dir", "~"], "--output-dir '~'"),
+        (["checkpoint.output_dir="], "checkpoint.output_dir"),
+        (["checkpoint.output_dir=null"], "checkpoint.output_dir"),
+        (["checkpoint.output_dir=~/runs"], "checkpoint.output_dir"),
+        (["data.root=~/imagenet"], "data.root"),
+    ],
+)
+def test_run_folder_rules(argv, needle, capsys):
+    assert main(["--config", "imsvd_smoke", "--check"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def test_check_only_runs_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--config", "imsvd_smoke", "--check", "--output-dir", str(out)]) == 0
+    assert not out.exists()
 
 
 def test_config_errors_exit_2_and_name_the_problem(capsys):

@@ -7,7 +7,9 @@
 # on the command line (CONFIG, --output-dir, data.root=, data.list_file=, checkpoint.output_dir=,
 # eval.bank_root=, eval.query_root=) are relative to the directory the command is run from;
 # relative paths written inside a config file are relative to the repository root.
-# --output-dir DIR is the same as checkpoint.output_dir=DIR.
+# --output-dir DIR is the same as checkpoint.output_dir=DIR (giving both is an error; an empty
+# or null folder is refused). Values arrive intact whatever they contain (" #", ": ", quotes);
+# a leading "~" or "~/" in those paths is this user's home, "~user" is refused.
 #
 # The config and the overrides are checked before torchrun starts: a bad key or value prints one
 # error line naming it and exits with status 2.
@@ -34,30 +36,47 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 # A path given relative to the caller's directory, made absolute; null, "" and absolute paths are
-# kept as they are.
+# kept as they are (the config check refuses what is not allowed); "~" and "~/..." are $HOME.
 caller_path() {
   case "$1" in
-    "" | null | Null | NULL | "~" | /*) printf '%s' "$1" ;;
+    "" | null | Null | NULL | /*) printf '%s' "$1" ;;
+    "~") printf '%s' "$HOME" ;;
+    "~/"*) printf '%s/%s' "$HOME" "${1#\~/}" ;;
+    "~"*)
+      echo "error: '$1': only ~ and ~/ are expanded, write the full path" >&2
+      exit 2
+      ;;
     *) printf '%s/%s' "$caller" "${1#./}" ;;
   esac
 }
 
 config=""
 overrides=()
+outdir=()
+add_outdir() {
+  if [ ${#outdir[@]} -gt 0 ]; then
+    echo "error: --output-dir given twice" >&2
+    exit 2
+  fi
+  local path
+  path="$(caller_path "$1")" || exit 2
+  outdir=(--output-dir "$path")
+}
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage ;;
     --output-dir)
       [ $# -ge 2 ] || usage
-      overrides+=("checkpoint.output_dir=$(caller_path "$2")")
+      add_outdir "$2"
       shift 2
       ;;
     --output-dir=*)
-      overrides+=("checkpoint.output_dir=$(caller_path "${1#*=}")")
+      add_outdir "${1#*=}"
       shift
       ;;
     data.root=* | data.list_file=* | checkpoint.output_dir=* | eval.bank_root=* | eval.query_root=*)
-      overrides+=("${1%%=*}=$(caller_path "${1#*=}")")
+      value="$(caller_path "${1#*=}")" || exit 2
+      overrides+=("${1%%=*}=$value")
       shift
       ;;
     -*)
@@ -76,16 +95,10 @@ if [ -f "$config" ]; then config="$(caller_path "$config")"; fi
 
 cd "$here"
 
-# Check the recipe before starting any process: the error, not a torchrun traceback around it.
-"$PYTHON" -c '
-import sys
-from pretrain.config import ConfigError, find_config, load_config
-try:
-    load_config(find_config(sys.argv[1], "pretrain"), sys.argv[2:])
-except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-' "$config" ${overrides[@]+"${overrides[@]}"}
+# Check the recipe before starting any process (the same rules as pretrain.main, which checks
+# it again in every worker): the error, not a torchrun traceback around it.
+"$PYTHON" -m pretrain.main --check --config "$config" \
+  ${outdir[@]+"${outdir[@]}"} ${overrides[@]+"${overrides[@]}"}
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
@@ -102,7 +115,7 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM
     --nproc_per_node="$NPROC_PER_NODE" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" \
     --master_port="${MASTER_PORT:-29500}" \
-    -m pretrain.main --config "$config" ${overrides[@]+"${overrides[@]}"}
+    -m pretrain.main --config "$config" ${outdir[@]+"${outdir[@]}"} ${overrides[@]+"${overrides[@]}"}
 ) &
 torchrun_pid=$!
 
