@@ -180,3 +180,33 @@ def test_a_directory_as_weights_is_refused_naming_the_key(tool, tiny_trees, tmp_
     assert tool_main(_tool_args(tool, tmp_path, tiny_trees, tmp_path)) == 2
     err = capsys.readouterr().err
     assert "model.weights" in err and "is a directory" in err
+
+
+@pytest.mark.parametrize(
+    "tool, override, needle",
+    [
+        ("linear", "data.train_scale=[0.5]", "list length 1"),
+        ("linear", "data.train_scale=[0.2, 1.0, 0.5]", "list length 3"),
+        ("linear", "data.train_scale=[0.5, 2.0]", "<= 1"),
+        ("linear", "data.train_scale=[0.5, abc]", "element 1"),
+        ("linear", "data.train_scale=0.5", "expects list[float]"),
+        ("linear", "train.milestones=[5, -1]", "train.milestones"),
+        ("linear", "train.lr=.nan", "finite"),
+        ("linear", "train.batch_size=0", "train.batch_size"),
+        ("knn", "knn.chunk_size=0", ">= 1"),
+        ("knn", "knn.ks=[]", "list length 0"),
+        ("knn", "knn.ks=[20, 0]", "knn.ks"),
+        ("knn", "knn.temperature=.inf", "finite"),
+        ("knn", "data.batch_size=0", "data.batch_size"),
+        ("knn", "output_dir=null", "output_dir"),
+        ("voc07_svm", "svm.costs=[]", "svm.costs"),
+        ("voc07_svm", "svm.costs=[1.0, -2.0]", "svm.costs"),
+        ("voc07_svm", "svm.folds=1", "svm.folds"),
+        ("voc07_svm", "low_shot.ks=[0]", "low_shot.ks"),
+    ],
+)
+def test_malformed_values_are_schema_errors_naming_the_key(tool, override, needle):
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError) as e:
+        load_eval_config(tool, _args(override, default={"linear": "linear_tiny"}.get(tool, tool)))
+    assert f"'{key}'" in str(e.value) and needle in str(e.value)
