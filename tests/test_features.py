@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -143,3 +144,120 @@ def test_no_readable_image_is_an_error(setup, tmp_path):
     ds = build_image_dataset(str(tmp_path), transform=eval_transform(40, 32))
     with pytest.raises(FeatureError, match="none of the 2 images"):
         extract_features(model, ds, batch_size=2)
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = feat_mod.extract_features
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(feat_mod, "extract_features", counting)
+    return calls
+
+
+def _tree_dataset(root, seed=0):
+    tree = make_image_tree(root, n_per_class=2, seed=seed)
+    return build_image_dataset(str(tree), transform=eval_transform(40, 32))
+
+
+def test_images_overwritten_under_the_same_names_are_re_extracted(
+    setup, tmp_path, monkeypatch, caplog
+):
+    _, model, meta, _ = setup
+    ds = _tree_dataset(tmp_path / "val", seed=0)
+    first = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    calls = _counting(monkeypatch)
+    make_image_tree(tmp_path / "val", n_per_class=2, seed=5)  # new pixels, same file names
+    ds = build_image_dataset(str(tmp_path / "val"), transform=eval_transform(40, 32))
+    with caplog.at_level("INFO", logger="imsvd.features"):
+        again = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    assert calls == [1] and not np.array_equal(first[0], again[0])
+    assert "files (size / mtime_ns / content) under the same paths changed" in caplog.text
+    # only an mtime change (same bytes): re-extracted too
+    path = ds.samples[0][0]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    assert calls == [1, 1]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="imsvd.features"):
+        cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    assert calls == [1, 1] and "features cache hit" in caplog.text
+
+
+def test_content_check_sees_same_size_same_mtime_rewrites(setup, tmp_path, monkeypatch):
+    _, model, meta, _ = setup
+    ds = _tree_dataset(tmp_path / "val")
+    for check in ("stat", "content"):
+        cached_features(tmp_path / check, "val", model, ds, meta["sha256"], check=check)
+    path = ds.samples[0][0]
+    st = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF  # same size; the mtime is put back below
+    open(path, "wb").write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    calls = _counting(monkeypatch)
+    cached_features(tmp_path / "stat", "val", model, ds, meta["sha256"], check="stat")
+    assert calls == []  # size and mtime_ns unchanged: the stat check cannot see it
+    cached_features(tmp_path / "content", "val", model, ds, meta["sha256"], check="content")
+    assert calls == [1]
+    with pytest.raises(FeatureError, match="cache_check"):
+        cached_features(tmp_path / "x", "val", model, ds, meta["sha256"], check="mtime")
+
+
+def test_relative_roots_from_another_directory_are_other_files(setup, tmp_path, monkeypatch):
+    _, model, meta, _ = setup
+    for where, seed in (("a", 0), ("b", 7)):
+        make_image_tree(tmp_path / where / "val", n_per_class=2, seed=seed)
+    monkeypatch.chdir(tmp_path / "a")
+    ds = build_image_dataset("val", transform=eval_transform(40, 32))
+    first = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    monkeypatch.chdir(tmp_path / "b")
+    ds = build_image_dataset("val", transform=eval_transform(40, 32))
+    calls = _counting(monkeypatch)
+    again = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    assert calls == [1] and not np.array_equal(first[0], again[0])
+    stored = json.loads((tmp_path / "cache" / "val_pool5.json").read_text())
+    assert stored["samples_sha256"] == feat_mod.dataset_signature(ds)
+
+
+@pytest.mark.parametrize("killed_after", ["feats", "labels"])
+def test_a_killed_rewrite_never_leaves_a_valid_looking_mix(
+    setup, tmp_path, monkeypatch, killed_after
+):
+    _, model, meta, _ = setup
+    ds = _tree_dataset(tmp_path / "val")
+    cache = tmp_path / "cache"
+    w1 = cached_features(cache, "val", model, ds, meta["sha256"])
+    # a run with other weights is killed right after it replaced one array
+    torch.manual_seed(3)
+    other = freeze(_other_weights(model))
+    real_save = feat_mod._save_npy_atomic
+
+    def save_then_die(arr, path):
+        real_save(arr, path)
+        if str(path).endswith(f"{killed_after}.npy"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(feat_mod, "_save_npy_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(cache, "val", other, ds, "1" * 64)
+    monkeypatch.setattr(feat_mod, "_save_npy_atomic", real_save)
+    calls = _counting(monkeypatch)
+    again = cached_features(cache, "val", model, ds, meta["sha256"])  # w1 again
+    assert calls == [1]  # not a "hit" on w2's arrays under w1's name
+    np.testing.assert_allclose(again[0], w1[0], rtol=1e-5, atol=1e-6)
+
+
+def _other_weights(model):
+    """A copy of ``model`` with other random weights (same architecture)."""
+    import copy
+
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    return net

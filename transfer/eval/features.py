@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pretrain.checkpoint import atomic_write
+from pretrain.checkpoint import atomic_write, fsync_dir
 from pretrain.datasets import collate_readable
 from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size
 from pretrain.log import progress, write_json_atomic
@@ -165,18 +165,80 @@ def extract_features(
     return all_f, all_y
 
 
+CACHE_CHECKS = ("stat", "content")
+
+
 def dataset_signature(dataset: Dataset) -> str:
-    """Hash of the sample list (paths and labels) when the dataset exposes ``samples``."""
+    """Hash of the sample list: each sample's absolute resolved path and label.
+
+    Without ``samples`` (a dataset that is not a list of files) only its length is hashed.
+    """
     samples = getattr(dataset, "samples", None)
     h = hashlib.sha256(str(len(dataset)).encode())
     if samples is not None:
         for path, label in samples:
-            h.update(f"{path}\0{label}\n".encode())
+            h.update(f"{_resolved(path)}\0{label}\n".encode())
+    return h.hexdigest()
+
+
+def _resolved(path: Any) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError, TypeError):
+        return str(path)
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_signature(dataset: Dataset, check: str = "stat") -> str:
+    """Hash of what the sample files are now: size and mtime_ns of each (``check="stat"``), and
+    also the sha256 of its bytes (``check="content"``); a missing file counts as "missing".
+
+    Raises:
+        FeatureError: unknown ``check``.
+    """
+    if check not in CACHE_CHECKS:
+        raise FeatureError(f"features.cache_check {check!r} is not one of {CACHE_CHECKS}")
+    h = hashlib.sha256(check.encode())
+    for path, _ in getattr(dataset, "samples", None) or []:
+        try:
+            st = os.stat(path)
+            ident = f"{st.st_size}:{st.st_mtime_ns}"
+            if check == "content":
+                ident += ":" + _file_hash(path)
+        except OSError:
+            ident = "missing"
+        h.update(f"{ident}\n".encode())
     return h.hexdigest()
 
 
 def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda f: np.save(f, arr))
+
+
+def cache_meta(
+    split: str, layer: str, dataset: Dataset, weights_sha256: str, check: str = "stat"
+) -> dict[str, Any]:
+    """What a cache entry must match to be reused: cache version, weights hash, layer, split,
+    transform, sample count, the sample list (:func:`dataset_signature`) and the files as they
+    are now (:func:`files_signature`)."""
+    return {
+        "version": CACHE_VERSION,
+        "weights_sha256": weights_sha256,
+        "layer": layer,
+        "split": split,
+        "transform": repr(getattr(dataset, "transform", None)),
+        "num_samples": len(dataset),
+        "samples_sha256": dataset_signature(dataset),
+        "files_sha256": files_signature(dataset, check),
+        "cache_check": check,
+    }
 
 
 def cached_features(
@@ -189,22 +251,30 @@ def cached_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    check: str = "stat",
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract_features` behind an on-disk cache.
 
-    ``<cache_dir>/<split>_<layer>.{feats.npy,labels.npy,json}``; the JSON holds the weights hash,
-    layer, split, transform and sample-list hash. A cache whose metadata matches is reused;
-    otherwise the features are extracted again and the cache is rewritten (rank 0, atomically,
-    metadata last so a partial write never looks valid).
+    ``<cache_dir>/<split>_<layer>.{feats.npy,labels.npy,json}``; the JSON (:func:`cache_meta`)
+    holds the weights hash, layer, split, transform, the hash of the samples' absolute resolved
+    paths and labels, and the hash of the files' size and mtime_ns (``check="content"``: also
+    their bytes). A cache whose metadata matches is reused; otherwise the features are
+    extracted again and the entry rewritten by rank 0: the metadata file is removed first, then
+    the arrays are written (atomically each) and the metadata last, so an entry is valid as a
+    whole or not at all, whenever a writer is killed. The log says why an entry was used or
+    rebuilt.
 
     Args:
         cache_dir: folder of the cache.
         split: split name (part of the file names and metadata).
         model, dataset, layer, batch_size, device, num_workers: as for extract_features.
         weights_sha256: content hash of the backbone weights (load_backbone's meta["sha256"]).
+        check: "stat" (size + mtime_ns of every file) or "content" (also a sha256 of each).
     Returns:
         (features, labels) as extract_features (unreadable images left out; their number is
         ``len(dataset) - len(labels)``).
+    Raises:
+        FeatureError: unknown ``check``; as extract_features.
     """
     cache_dir = Path(cache_dir)
     stem = cache_dir / f"{split}_{layer}"
@@ -213,38 +283,69 @@ def cached_features(
         Path(f"{stem}.labels.npy"),
         Path(f"{stem}.json"),
     )
-    meta: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "weights_sha256": weights_sha256,
-        "layer": layer,
-        "split": split,
-        "transform": repr(getattr(dataset, "transform", None)),
-        "num_samples": len(dataset),
-        "samples_sha256": dataset_signature(dataset),
-    }
+    meta = cache_meta(split, layer, dataset, weights_sha256, check)
     hit = _read_cache(m_path, f_path, y_path, meta)
     if hit is not None and getattr(dataset, "strict", False) and hit[0].shape[0] < len(dataset):
-        hit = None  # rows were dropped when it was written: strict mode must see the bad file
+        logger.info(
+            "features cache %s was written with unreadable images left out: strict mode "
+            "re-extracts",
+            stem,
+        )
+        hit = None
     if hit is not None:
-        logger.info("features cache hit: %s (%d x %d)", stem, *hit[0].shape)
+        logger.info(
+            "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths and "
+            "file sizes / mtimes (%s check)",
+            stem,
+            *hit[0].shape,
+            check,
+        )
         return hit
     logger.info("extracting %s features (%d images, layer %s)", split, len(dataset), layer)
     feats, labels = extract_features(
         model, dataset, batch_size, layer, device, num_workers, desc=f"{split} features"
     )
     if get_rank() == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_npy_atomic(feats, f_path)
-        _save_npy_atomic(labels, y_path)
-        write_json_atomic(dict(meta, shape=list(feats.shape)), m_path)
+        _write_cache(cache_dir, m_path, f_path, y_path, meta, feats, labels)
     barrier()
     return feats, labels
+
+
+def _write_cache(cache_dir, m_path, f_path, y_path, meta, feats, labels) -> None:
+    """Invalidate (remove the metadata), write the arrays, then the metadata: never a mix."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        m_path.unlink()
+    except FileNotFoundError:
+        pass
+    fsync_dir(cache_dir)
+    _save_npy_atomic(feats, f_path)
+    _save_npy_atomic(labels, y_path)
+    write_json_atomic(dict(meta, shape=list(feats.shape)), m_path)
+
+
+_MEANING = {
+    "version": "cache format version",
+    "weights_sha256": "weights",
+    "layer": "layer",
+    "split": "split",
+    "transform": "transform",
+    "num_samples": "number of samples",
+    "samples_sha256": "sample list (absolute paths / labels)",
+    "files_sha256": "files (size / mtime_ns / content) under the same paths",
+    "cache_check": "cache check",
+}
 
 
 def _read_cache(
     m_path: Path, f_path: Path, y_path: Path, meta: Mapping[str, Any]
 ) -> tuple[np.ndarray, np.ndarray] | None:
     if not (m_path.is_file() and f_path.is_file() and y_path.is_file()):
+        if f_path.exists() or y_path.exists():
+            logger.info(
+                "features cache %s has no valid metadata (an interrupted write?): re-extracting",
+                m_path,
+            )
         return None
     try:
         stored = json.loads(m_path.read_text(encoding="utf-8"))
@@ -252,7 +353,10 @@ def _read_cache(
             return None
         shape = stored.pop("shape", None)
         if stored != dict(meta):
-            logger.info("features cache %s is stale (metadata differs): re-extracting", m_path)
+            differ = [_MEANING.get(k, k) for k in meta if stored.get(k) != meta[k]]
+            differ += [k for k in stored if k not in meta]
+            why = ", ".join(differ) or "metadata"
+            logger.info("features cache %s is stale (%s changed): re-extracting", m_path, why)
             return None
         feats = np.load(f_path)
         labels = np.load(y_path)

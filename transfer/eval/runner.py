@@ -174,8 +174,9 @@ class EvalContext:
         if self.out is None:
             feats, labels = extract_features(model, dataset, desc=f"{split} features", **kw)
         else:
+            check = str(self.cfg["features"]["cache_check"])
             feats, labels = cached_features(
-                self.out / "features", split, model, dataset, weights_sha256, **kw
+                self.out / "features", split, model, dataset, weights_sha256, check=check, **kw
             )
         if not bool(np.isfinite(feats).all()):
             rows = int((~np.isfinite(feats)).any(axis=1).sum())
