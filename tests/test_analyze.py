@@ -99,7 +99,9 @@ def test_cli_writes_every_output(tiny, capsys):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["num_images"] == 8 and stats["num_variables"] == 5 and stats["bin_size"] == B
     assert 0.0 <= stats["onehot_0.99"] <= stats["onehot_0.9"] <= 1.0
-    assert 0.0 <= stats["marginal_entropy_mean"] <= math.log(B) + 1e-6
+    # float32 entropies against the float64 log B: a few float32 steps per summed term
+    f32 = float(np.finfo(np.float32).eps)
+    assert 0.0 <= stats["marginal_entropy_mean"] <= math.log(B) * (1 + 4 * B * f32)
     assert len(stats["marginal_entropy_per_variable"]) == 5
     assert 0.0 <= stats["offblock_mi_mean"] <= stats["offblock_mi_max"]
     assert 0.0 <= stats["agreement"] <= 1.0
@@ -167,7 +169,10 @@ def test_same_view_matrix_equals_direct_computation(tiny, capsys):
     assert np.allclose(np.load(out / "joint_full.npy"), expected, atol=1e-5)
     # same view: every diagonal block is the self-joint, whose MI is the soft marginal entropy
     # of one-hot codes at most
-    assert stats["diag_trace_mean"] > 0 and stats["crossview_mi_mean"] <= math.log(B) + 1e-5
+    assert stats["diag_trace_mean"] > 0
+    assert stats["crossview_mi_mean"] <= math.log(B) * (
+        1 + 32 * B * float(np.finfo(np.float32).eps)
+    )
 
 
 def test_clear_errors(tiny, capsys):

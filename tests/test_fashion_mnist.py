@@ -116,7 +116,8 @@ def test_demo_end_to_end_on_a_small_fake_dataset(tmp_path):
     assert "ResNet-18 after IMSVD" in res.stdout
     codes = report["codes"]  # statistics of the test images' discrete codes
     assert codes["num_images"] == 40
-    assert 0.0 <= codes["argmax_marginal_entropy"] <= codes["log_bin_size"] + 1e-6
+    f32 = float(np.finfo(np.float32).eps)  # a float32 entropy against a float64 log B
+    assert 0.0 <= codes["argmax_marginal_entropy"] <= codes["log_bin_size"] * (1 + 64 * f32)
     assert (out / "curves.png").stat().st_size > 10000  # the learning-curve figure
     probes = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in probes if "knn/top1_k20" in r] == [0, 1, 2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transfer.analysis.codes import joint_matrix
 from transfer.analysis.figures import (
     FigureStyle,
     GridRow,
+    floor_clips,
     joint_figure,
     log_joint,
     plot_grid,
@@ -69,9 +72,24 @@ def test_joint_panel_is_not_almost_uniformly_dark():
 
 def test_log_scale_and_dependence_values():
     corner = peaked_joint()
+    assert corner.dtype == np.float32  # the dtype the analysis hands over
     logp, vmin, vmax = log_joint(corner)
-    assert vmax == pytest.approx(np.log10(corner.max()))
-    assert vmax - 5.0 - 1e-9 <= vmin < vmax and logp.min() >= vmin - 1e-9
+    assert logp.dtype == np.float64  # bounds and values in one precision
+    assert vmax == math.log10(float(corner.max()))  # the library's own computation
+    # float64 throughout: the clipped entries are log10(10 ** vmin), within a few ulps of vmin
+    ulps = 4 * np.finfo(np.float64).eps * abs(vmin)
+    assert vmax - 5.0 - ulps <= vmin < vmax and logp.min() >= vmin - ulps
+    assert logp.max() <= vmax + 4 * np.finfo(np.float64).eps * max(abs(vmax), 1.0)
+    assert not floor_clips(corner, vmin)  # the smallest entry is the floor: nothing clipped
+    for seed in range(6):  # 10 ** vmin rounds above the minimum for some of these
+        c = peaked_joint(seed)
+        assert not floor_clips(c, log_joint(c)[1])
+    wide = corner.copy()
+    wide[0, 0] = corner.max() * 1e-9  # nine decades below the peak: the 5-decade floor clips
+    assert floor_clips(wide, log_joint(wide)[1])
+    zero = corner.copy()
+    zero[0, 1] = 0.0
+    assert floor_clips(zero, log_joint(zero)[1])
     dep = pointwise_dependence(corner, B)
     blocks = dep.reshape(M, B, M, B)
     # off-diagonal blocks: independent variables -> about 0 bits; diagonal: log2 B on the

@@ -159,7 +159,10 @@ def log_joint(corner: np.ndarray, decades: float = LOG_DECADES) -> tuple[np.ndar
     Returns:
         (log10 P with entries below the floor set to it, floor, log10 of the largest entry); the
         floor is the smallest positive entry, or ``decades`` below the largest if that is higher.
+        All in float64 whatever the dtype of ``corner``, so every returned entry lies within
+        [floor, largest] exactly (in float32 the clipped entries could fall an ulp below it).
     """
+    corner = np.asarray(corner, dtype=np.float64)
     positive = corner[corner > 0]
     if positive.size == 0:
         return np.full(corner.shape, -decades), -decades, 0.0
@@ -168,6 +171,20 @@ def log_joint(corner: np.ndarray, decades: float = LOG_DECADES) -> tuple[np.ndar
     if vmax - vmin < 1e-6:  # a constant matrix: give the colour scale some width
         vmin -= 0.5
     return np.log10(np.maximum(corner, 10.0**vmin)), vmin, vmax
+
+
+def floor_clips(corner: np.ndarray, vmin: float) -> bool:
+    """Whether :func:`log_joint` raised an entry of ``corner`` to its floor ``vmin``.
+
+    True for a zero entry, or when the floor is the decades limit above the smallest positive
+    entry. Compares logs computed as ``log_joint`` computes them (``10 ** vmin`` itself can round
+    above the smallest entry when that entry is the floor).
+    """
+    corner = np.asarray(corner, dtype=np.float64)
+    positive = corner[corner > 0]
+    if positive.size < corner.size:
+        return True
+    return math.log10(float(positive.min())) < vmin
 
 
 def pointwise_dependence(corner: np.ndarray, bin_size: int) -> np.ndarray:
@@ -209,7 +226,7 @@ def joint_figure(corner: np.ndarray, bin_size: int, views: tuple[str, str] = ("v
         logp, vmin, vmax = log_joint(corner)
         ax = axes[0]
         im = ax.imshow(logp, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-        clipped = float(corner.min()) < 10**vmin
+        clipped = floor_clips(corner, vmin)
         cb = fig.colorbar(im, ax=ax, shrink=0.9, extend="min" if clipped else "neither")
         cb.set_label("joint probability P (log10)")
         for value, name in ((1 / bin_size, "1/B"), (1 / bin_size**2, "1/B²")):
