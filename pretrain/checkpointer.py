@@ -255,12 +255,17 @@ class RunFolder:
 
     Entering removes stale temporary files (``.<name>.<random>.tmp``) of an interrupted write.
 
+    Args:
+        out: the folder (created if needed).
+        is_main: only rank 0 takes the lock.
+        key: the config key that names the folder (in the busy message).
+
     Raises:
         RunFolderBusyError: another live process holds the lock (its pid is in the message).
     """
 
-    def __init__(self, out: Path, is_main: bool) -> None:
-        self.out, self.is_main = Path(out), is_main
+    def __init__(self, out: Path, is_main: bool, key: str = "checkpoint.output_dir") -> None:
+        self.out, self.is_main, self.key = Path(out), is_main, key
         self._fd: int | None = None
 
     def __enter__(self) -> "RunFolder":
@@ -275,7 +280,7 @@ class RunFolder:
             os.close(fd)
             raise RunFolderBusyError(
                 f"output folder {self.out} is in use by another run (pid {holder}); wait for it "
-                f"to end or choose another checkpoint.output_dir"
+                f"to end or choose another {self.key}"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

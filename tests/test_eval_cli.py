@@ -210,3 +210,27 @@ def test_malformed_values_are_schema_errors_naming_the_key(tool, override, needl
     with pytest.raises(ConfigError) as e:
         load_eval_config(tool, _args(override, default={"linear": "linear_tiny"}.get(tool, tool)))
     assert f"'{key}'" in str(e.value) and needle in str(e.value)
+
+
+@pytest.mark.parametrize("tool", ["knn", "linear", "voc07_svm"])
+def test_one_run_per_output_folder(tool, tiny_trees, tiny_backbone, tmp_path, capsys):
+    from pretrain.checkpointer import RunFolder
+
+    tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main}[tool]
+    out = tmp_path / "o"
+    with RunFolder(out, is_main=True):  # another run holds the folder
+        assert tool_main(_tool_args(tool, tmp_path, tiny_trees, tiny_backbone)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is in use by another run" in err[0] and "output_dir" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
+
+
+def test_the_folder_is_released_after_a_run_and_after_an_error(
+    tiny_trees, tiny_backbone, tmp_path, capsys
+):
+    args = _tool_args("knn", tmp_path, tiny_trees, tiny_backbone)
+    assert knn.main(args + [f"data.val_root={tmp_path / 'missing'}"]) == 2
+    assert knn.main(args) == 0 and knn.main(args) == 0
+    assert (
+        "results written to" in capsys.readouterr().out + (tmp_path / "o" / "log.txt").read_text()
+    )

@@ -36,6 +36,7 @@ from pretrain.checkpoint import (
     model_from_checkpoint,
     with_accepted_inputs,
 )
+from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
 from pretrain.dist import DistInfo, init_distributed
 from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
@@ -82,11 +83,19 @@ class EvalContext:
         cfg: the resolved config.
         info: process group facts (rank, world size, device).
         out: the output folder, or None when the tool runs without one.
+        lock: the output folder's lock (one run per folder), or None without a folder.
     """
 
     cfg: dict
     info: DistInfo
     out: Path | None
+    lock: RunFolder | None = None
+
+    def release(self) -> None:
+        """Release the output folder's lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
 
     @property
     def device(self) -> torch.device:
@@ -221,23 +230,31 @@ def setup(ev: Evaluation, cfg: dict) -> EvalContext:
 
     Raises:
         ConfigError: the tool needs an output folder and ``output_dir`` is empty or cannot be
-            written.
+            written. RunFolderBusyError: another run uses the output folder (an flock on
+            ``OUTPUT_DIR/.lock``, as pretraining), before anything is written there.
     """
     info = init_distributed(cfg["device"])
     out = usable_dir(cfg["output_dir"])
     if out is None and ev.output_required:
         what = "is empty" if not cfg["output_dir"] else "cannot be written"
         raise ConfigError(f"config key 'output_dir' {what} (use --output-dir)")
-    setup_logging(str(out) if out else None, rank=info.rank)
-    if cfg["output_dir"] and out is None:
-        logger.warning(
-            "output_dir %r cannot be written: no feature cache, no results file", cfg["output_dir"]
-        )
-    seed_everything(int(cfg["seed"]))
-    if out is not None and info.is_main:
-        save_config(cfg, out / "config.yaml")
-        logger.info("%s: resolved config written to %s", ev.name, out / "config.yaml")
-    return EvalContext(cfg=cfg, info=info, out=out)
+    lock = RunFolder(out, info.is_main, key="output_dir").__enter__() if out else None
+    ctx = EvalContext(cfg=cfg, info=info, out=out, lock=lock)
+    try:
+        setup_logging(str(out) if out else None, rank=info.rank)
+        if cfg["output_dir"] and out is None:
+            logger.warning(
+                "output_dir %r cannot be written: no feature cache, no results file",
+                cfg["output_dir"],
+            )
+        seed_everything(int(cfg["seed"]))
+        if out is not None and info.is_main:
+            save_config(cfg, out / "config.yaml")
+            logger.info("%s: resolved config written to %s", ev.name, out / "config.yaml")
+    except BaseException:
+        ctx.release()
+        raise
+    return ctx
 
 
 def report(ev: Evaluation, ctx: EvalContext, results: dict) -> Path | None:
@@ -271,9 +288,12 @@ def run_config(ev: Evaluation, cfg: dict) -> dict:
     """
     ev.validate(cfg)
     ctx = setup(ev, cfg)
-    results = ev.run(ctx)
-    if ctx.is_main:
-        report(ev, ctx, results)
+    try:
+        results = ev.run(ctx)
+        if ctx.is_main:
+            report(ev, ctx, results)
+    finally:
+        ctx.release()
     return results
 
 
@@ -292,7 +312,7 @@ def main(ev: Evaluation, argv: list[str] | None = None) -> int:
     try:
         cfg, _ = load_eval_config(ev.name, args)
         run_config(ev, cfg)
-    except (ValueError, FileNotFoundError) as e:  # config, data, checkpoint errors
+    except (ValueError, FileNotFoundError, RunFolderBusyError) as e:  # config, data, weights
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
