@@ -21,7 +21,7 @@ pytestmark = pytest.mark.detectron2
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
-from transfer import train_net  # noqa: E402
+from transfer import d2_trainer, train_net  # noqa: E402
 
 # three of the 80 official COCO categories, with their official ids
 CATEGORIES = [
@@ -102,7 +102,7 @@ def _flags(coco, train=True, test=True):
 
 
 def test_flags_register_the_data_and_replace_the_datasets(weights, coco, tmp_path):
-    cfg = train_net.setup(_args(weights, tmp_path / "o", *_flags(coco)))
+    cfg = d2_trainer.setup(_args(weights, tmp_path / "o", *_flags(coco)))
     assert cfg.DATASETS.TRAIN == ("imsvd_coco_train",)
     assert cfg.DATASETS.TEST == ("imsvd_coco_test",)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3  # follows the data (the config says 80)
@@ -117,7 +117,7 @@ def test_flags_register_the_data_and_replace_the_datasets(weights, coco, tmp_pat
     other = _write_coco(str(tmp_path / "other"), "val", [7])
     args = _args(weights, tmp_path / "o2", "--test-json", other, "--test-images",
                  str(tmp_path / "other" / "images"), eval_only=True)  # fmt: skip
-    cfg = train_net.setup(args)
+    cfg = d2_trainer.setup(args)
     assert cfg.DATASETS.TRAIN == ("coco_2017_val_100",)  # no --train-json: the config's
     assert len(DatasetCatalog.get("imsvd_coco_test")) == 1
 
@@ -156,29 +156,29 @@ def test_flag_errors(weights, coco, tmp_path, capsys, change, message):
 def test_data_checks_name_the_file_and_the_fix(weights, coco, tmp_path):
     root = str(tmp_path)
     with pytest.raises(
-        train_net.TrainNetError,
+        d2_trainer.TrainNetError,
         match=r"train.json has 3 categories .*is 2: pass MODEL.ROI_HEADS.NUM_CLASSES 3",
     ):
-        train_net.setup(_args(weights, tmp_path / "a", *_flags(coco),
-                              opts=["MODEL.ROI_HEADS.NUM_CLASSES", "2"]))  # fmt: skip
+        d2_trainer.setup(_args(weights, tmp_path / "a", *_flags(coco),
+                               opts=["MODEL.ROI_HEADS.NUM_CLASSES", "2"]))  # fmt: skip
     boxes = _write_coco(root, "boxes", [1, 2], masks=False)
     flags = ["--train-json", boxes, "--train-images", os.path.join(root, "images")]
-    with pytest.raises(train_net.TrainNetError, match="boxes.json: 4 annotations have no segm"):
-        train_net.setup(_args(weights, tmp_path / "b", *flags, *_flags(coco, train=False)))
-    cfg = train_net.setup(_args(weights, tmp_path / "c", *flags, *_flags(coco, train=False),
-                                opts=["MODEL.MASK_ON", "False"]))  # fmt: skip
+    with pytest.raises(d2_trainer.TrainNetError, match="boxes.json: 4 annotations have no segm"):
+        d2_trainer.setup(_args(weights, tmp_path / "b", *flags, *_flags(coco, train=False)))
+    cfg = d2_trainer.setup(_args(weights, tmp_path / "c", *flags, *_flags(coco, train=False),
+                                 opts=["MODEL.MASK_ON", "False"]))  # fmt: skip
     assert not cfg.MODEL.MASK_ON
     cats = [dict(c) for c in CATEGORIES]
     cats[2] = {"id": 19, "name": "horse", "supercategory": "animal"}
     horse = _write_coco(root, "horse", [8], categories=cats)
     flags = ["--test-json", horse, "--test-images", os.path.join(root, "images")]
-    with pytest.raises(train_net.TrainNetError, match=r"categories .* differ .*\[18\].*\[19\]"):
-        train_net.setup(_args(weights, tmp_path / "d", *_flags(coco, test=False), *flags))
+    with pytest.raises(d2_trainer.TrainNetError, match=r"categories .* differ .*\[18\].*\[19\]"):
+        d2_trainer.setup(_args(weights, tmp_path / "d", *_flags(coco, test=False), *flags))
     with open(tmp_path / "bad.json", "w") as f:
         json.dump({"images": []}, f)
     flags = ["--test-json", str(tmp_path / "bad.json"), "--test-images", root]
-    with pytest.raises(train_net.TrainNetError, match="bad.json is not a COCO instances json"):
-        train_net.setup(_args(weights, tmp_path / "e", *flags, eval_only=True))
+    with pytest.raises(d2_trainer.TrainNetError, match="bad.json is not a COCO instances json"):
+        d2_trainer.setup(_args(weights, tmp_path / "e", *flags, eval_only=True))
 
 
 @pytest.mark.slow
@@ -186,7 +186,7 @@ def test_instant_config_trains_and_evaluates_on_own_data(weights, coco, tmp_path
     """The instant config, 2 iterations on CPU, on a tiny COCO json instead of coco_2017_val_100."""
     out = tmp_path / "out"
     opts = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1"]
-    results = train_net.main(_args(weights, out, *_flags(coco), opts=opts))
+    results = d2_trainer.main(_args(weights, out, *_flags(coco), opts=opts))
     res = results.get("imsvd_coco_test", results)
     for task in ("bbox", "segm"):
         for metric in ("AP", "AP50", "AP75"):

@@ -30,7 +30,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
-from transfer import train_net  # noqa: E402
+from transfer import d2_trainer, train_net  # noqa: E402
 from transfer.d2_ext import single_process_norm  # noqa: E402
 from transfer.d2_weights import (  # noqa: E402
     D2ConversionError,
@@ -90,19 +90,19 @@ def converted(tmp_path_factory):
 
 def _cfg_from(name: str, *opts: str):
     cfg = get_cfg()
-    cfg.merge_from_file(train_net.resolve_config(name))
+    cfg.merge_from_file(d2_trainer.resolve_config(name))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     single_process_norm(cfg)
     return cfg
 
 
 def test_resolve_config_names_and_paths():
-    path = train_net.resolve_config("mask_rcnn_C4_1x.yaml")
+    path = d2_trainer.resolve_config("mask_rcnn_C4_1x.yaml")
     assert path.endswith(os.path.join("transfer", "configs", "mask_rcnn_C4_1x.yaml"))
-    assert train_net.resolve_config("mask_rcnn_C4_1x") == path
-    assert train_net.resolve_config(path) == path
-    with pytest.raises(train_net.TrainNetError, match="nope.yaml"):
-        train_net.resolve_config("nope.yaml")
+    assert d2_trainer.resolve_config("mask_rcnn_C4_1x") == path
+    assert d2_trainer.resolve_config(path) == path
+    with pytest.raises(d2_trainer.TrainNetError, match="nope.yaml"):
+        d2_trainer.resolve_config("nope.yaml")
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_resolve_config_names_and_paths():
 )
 def test_configs_match_protocol(name):
     cfg = get_cfg()
-    cfg.merge_from_file(train_net.resolve_config(name))
+    cfg.merge_from_file(d2_trainer.resolve_config(name))
     assert cfg.MODEL.RESNETS.NORM == "SyncBN"
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0
@@ -135,7 +135,7 @@ def test_configs_match_protocol(name):
 
 def test_single_process_norm_replaces_syncbn():
     cfg = get_cfg()
-    cfg.merge_from_file(train_net.resolve_config("mask_rcnn_C4_1x.yaml"))
+    cfg.merge_from_file(d2_trainer.resolve_config("mask_rcnn_C4_1x.yaml"))
     assert single_process_norm(cfg) == ["MODEL.RESNETS.NORM"]
     assert cfg.MODEL.RESNETS.NORM == "BN"
 
@@ -173,7 +173,7 @@ def test_loading_check_only_heads_missing(converted):
 def test_safe_checkpointer_refuses_code_and_a_partial_fit(converted, tmp_path):
     """MODEL.WEIGHTS that would run code, or leave backbone tensors unloaded, is an error."""
     model = build_model(_cfg_from("mask_rcnn_C4_1x.yaml"))
-    checkpointer = train_net.SafeCheckpointer(model)
+    checkpointer = d2_trainer.SafeCheckpointer(model)
     marker, evil = tmp_path / "pwned", str(tmp_path / "evil.pkl")
     with open(evil, "wb") as f:
         pickle.dump({"model": {"stem.conv1.weight": _Evil(marker)}, "__author__": "x"}, f)
@@ -204,10 +204,10 @@ def test_startup_refuses_another_depth_and_prints_what_it_read(converted, tmp_pa
     _convert_tool().convert(src, r18)
     argv = ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path / "o")]
     args = train_net.build_parser().parse_args(argv + ["MODEL.WEIGHTS", r18])
-    with pytest.raises(train_net.TrainNetError, match="resnet18 backbone.*DEPTH 50"):
-        train_net.setup(args)
+    with pytest.raises(d2_trainer.TrainNetError, match="resnet18 backbone.*DEPTH 50"):
+        d2_trainer.setup(args)
     cfg = _cfg_from("mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", converted[3])
-    label = train_net.check_weights(cfg)
+    label = d2_trainer.check_weights(cfg)
     assert "converted by IMSVD (arch resnet50, stem standard, from imsvd-backbone)" in label
     assert label in capsys.readouterr().out
 
@@ -339,7 +339,7 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path):
     _, _, _, weights = converted
     out = str(tmp_path / "out")
     wall, cpu = time.perf_counter(), time.process_time()
-    results = train_net.main(_instant_args(weights, out, tiny_coco))
+    results = d2_trainer.main(_instant_args(weights, out, tiny_coco))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     res = _check_results(results, tiny_coco)
     print(f"\ninstant test (4 iters + precise BN + eval): wall {wall:.1f} s, CPU {cpu:.1f} s")
@@ -355,7 +355,7 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path):
     assert first_run and max(first_run) == 3
 
     # Resume: continues at iteration 4 from model_final.pth, trains to 6.
-    results = train_net.main(
+    results = d2_trainer.main(
         _instant_args(weights, out, tiny_coco, "SOLVER.MAX_ITER", "6", resume=True)
     )
     _check_results(results, tiny_coco)
@@ -365,7 +365,7 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path):
 
     # Eval-only on the trained model.
     final = os.path.join(out, "model_final.pth")
-    results = train_net.main(
+    results = d2_trainer.main(
         _instant_args(final, str(tmp_path / "eval"), tiny_coco, eval_only=True)
     )
     _check_results(results, tiny_coco)
@@ -376,19 +376,19 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", str(tmp_path / "x.pkl"),
          "OUTPUT_DIR", str(tmp_path)]
     )  # fmt: skip
-    with pytest.raises(train_net.TrainNetError, match="x.pkl"):
-        train_net.setup(args)
+    with pytest.raises(d2_trainer.TrainNetError, match="x.pkl"):
+        d2_trainer.setup(args)
     args = train_net.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path)]
     )
-    with pytest.raises(train_net.TrainNetError, match="MODEL.WEIGHTS is empty"):
-        train_net.setup(args)
+    with pytest.raises(d2_trainer.TrainNetError, match="MODEL.WEIGHTS is empty"):
+        d2_trainer.setup(args)
     # --resume without a checkpoint to resume from is no excuse for random weights either.
     args = train_net.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "--resume", "OUTPUT_DIR", str(tmp_path)]
     )
-    with pytest.raises(train_net.TrainNetError, match="last_checkpoint"):
-        train_net.setup(args)
+    with pytest.raises(d2_trainer.TrainNetError, match="last_checkpoint"):
+        d2_trainer.setup(args)
 
 
 def test_cli_bad_config_and_help():
@@ -405,7 +405,7 @@ def test_evaluator_scores_ground_truth_as_perfect(tiny_coco, tmp_path):
     from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
 
     cfg = _cfg_from("mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path))
-    evaluator = train_net.Trainer.build_evaluator(cfg, tiny_coco)
+    evaluator = d2_trainer.Trainer.build_evaluator(cfg, tiny_coco)
     evaluator.reset()
     for record in DatasetCatalog.get(tiny_coco):
         h, w = record["height"], record["width"]

@@ -10,6 +10,7 @@ inside a function) and checked by importing with the frameworks blocked:
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-D2_MODULES = {"transfer.train_net", "transfer.d2_ext", "transfer.d2_data"}
-MMDET_MODULES = {"transfer.mmdet_train", "transfer.mmdet_ext"}
+D2_MODULES = {"transfer.d2_trainer", "transfer.d2_ext", "transfer.d2_data"}
+MMDET_MODULES = {"transfer.mmdet_trainer", "transfer.mmdet_ext"}
 MMDET = ("mmdet", "mmcv", "mmengine")
+# Builds the detection command lines with either stack or without: imports them inside
+# try/except ImportError only (checked below by importing it with both blocked).
+STACK_PROBES = {"transfer.stacks"}
 
 
 def _module_files(package: str) -> dict[str, Path]:
@@ -90,7 +94,7 @@ def test_pretrain_never_imports_transfer():
 )
 def test_frameworks_are_imported_only_by_their_own_modules(framework, owners):
     found = {m: _hits(imported_names(p), framework) for m, p in _library().items()}
-    users = {m for m, h in found.items() if h}
+    users = {m for m, h in found.items() if h} - STACK_PROBES
     assert users == owners, {m: found[m] for m in users ^ owners}
 
 
@@ -99,9 +103,8 @@ def test_detectron2_modules_do_not_import_mmdetection():
         assert not _hits(imported_names(_library()[module]), MMDET)
 
 
-def _import_in_subprocess(
-    modules: list[str], blocked: str | tuple[str, ...]
-) -> subprocess.CompletedProcess:
+def _blocked_run(body: str, blocked: str | tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh Python where importing any of ``blocked`` raises ImportError."""
     names = (blocked,) if isinstance(blocked, str) else tuple(blocked)
     code = f"""
 import importlib, sys
@@ -113,15 +116,23 @@ class Block:
             raise ImportError("blocked by the layering test: " + name)
         return None
 sys.meta_path.insert(0, Block())
+""" + body
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def _import_in_subprocess(
+    modules: list[str], blocked: str | tuple[str, ...]
+) -> subprocess.CompletedProcess:
+    body = f"""
 for m in {modules!r}:
     importlib.import_module(m)
 leaked = [m for m in sys.modules if hit(m)]
 assert not leaked, leaked
 print("imported", len({modules!r}))
 """
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    return _blocked_run(body, blocked)
 
 
 def test_the_library_imports_without_detectron2_and_mmdetection():
@@ -134,3 +145,37 @@ def test_the_library_imports_without_detectron2_and_mmdetection():
 def test_pretrain_imports_without_transfer():
     res = _import_in_subprocess(sorted(_module_files("pretrain")), "transfer")
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "module, run_argv, flag, stack, first_module",
+    [
+        ("transfer.train_net", ["--config", "mask_rcnn_C4_1x.yaml"], "--train-json", "Detectron2",
+         "detectron2"),
+        ("transfer.mmdet_train", ["mask_rcnn_C4_1x", "--weights", "w.pth"], "--cfg-options",
+         "MMDetection", "mmengine"),
+    ],
+)  # fmt: skip
+def test_detection_entry_points_without_their_stack(module, run_argv, flag, stack, first_module):
+    # --help works and a run is one error line naming the package and the install command
+    body = f"""
+import contextlib, io, json
+cli = importlib.import_module({module!r}).cli
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        code = cli(["--help"])
+    except SystemExit as e:
+        code = e.code
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    run = cli({run_argv!r})
+print(json.dumps([code, out.getvalue(), run, err.getvalue()]))
+"""
+    res = _blocked_run(body, ("detectron2",) + MMDET)
+    assert res.returncode == 0, res.stderr[-2000:]
+    code, usage, run, err = json.loads(res.stdout.strip().splitlines()[-1])
+    assert code == 0 and usage.startswith("usage:") and flag in usage
+    assert run == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"error: {stack} is not installed: {first_module} (" in err and "make setup" in err
+    assert "Traceback" not in err + res.stderr

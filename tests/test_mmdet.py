@@ -34,7 +34,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
-from transfer import mmdet_train  # noqa: E402
+from transfer import mmdet_train, mmdet_trainer  # noqa: E402
 from transfer.mmdet_ext import (  # noqa: E402
     ResLayerExtraNorm,
     set_pretrained_checkpoint,
@@ -98,7 +98,7 @@ def converted(tmp_path_factory):
 
 
 def _cfg(name: str) -> Config:
-    return Config.fromfile(mmdet_train.resolve_config(name))
+    return Config.fromfile(mmdet_trainer.resolve_config(name))
 
 
 @pytest.mark.parametrize(
@@ -153,12 +153,12 @@ def test_configs_build(name):
 def test_metrics_to_results_percent_and_missing_sizes():
     coco = {"coco/bbox_mAP": 0.393, "coco/bbox_mAP_50": 0.591, "coco/bbox_mAP_l": -1.0}
     coco.update({"coco/segm_mAP_75": 0.366, "coco/bbox_mAP_copypaste": "0.393 ..."})
-    res = mmdet_train.metrics_to_results(coco)
+    res = mmdet_trainer.metrics_to_results(coco)
     assert res["bbox"]["AP"] == pytest.approx(39.3) and res["bbox"]["APl"] is None
     assert res["segm"] == {"AP75": pytest.approx(36.6)}
     voc = {"pascal_voc/mAP": 0.5, "pascal_voc/AP50": 0.8, "pascal_voc/AP75": 0.55}
     voc["pascal_voc/AP55"] = 0.7
-    assert mmdet_train.metrics_to_results(voc) == {
+    assert mmdet_trainer.metrics_to_results(voc) == {
         "bbox": {"AP": 50.0, "AP50": 80.0, "AP75": pytest.approx(55.0)}
     }
 
@@ -232,37 +232,39 @@ def _args(*argv: str):
 
 
 def test_refuses_without_weights_and_bad_resume(tmp_path):
-    with pytest.raises(mmdet_train.MMDetTrainError, match="no pretrained weights"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--work-dir", str(tmp_path)))
-    with pytest.raises(mmdet_train.MMDetTrainError, match="no checkpoint to resume"):
-        mmdet_train.setup(
+    with pytest.raises(mmdet_trainer.MMDetTrainError, match="no pretrained weights"):
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--work-dir", str(tmp_path)))
+    with pytest.raises(mmdet_trainer.MMDetTrainError, match="no checkpoint to resume"):
+        mmdet_trainer.setup(
             _args("mask_rcnn_C4_instant_test", "--work-dir", str(tmp_path), "--resume")
         )
-    cfg = mmdet_train.setup(
+    cfg = mmdet_trainer.setup(
         _args("mask_rcnn_C4_instant_test", "--work-dir", str(tmp_path), "--no-weights")
     )
     assert cfg.model.backbone.init_cfg is None and cfg.model.roi_head.shared_head.init_cfg is None
-    with pytest.raises(mmdet_train.MMDetTrainError, match="nope.py"):
-        mmdet_train.resolve_config("nope.py")
+    with pytest.raises(mmdet_trainer.MMDetTrainError, match="nope.py"):
+        mmdet_trainer.resolve_config("nope.py")
 
 
 def test_refuses_mismatched_arch(tmp_path, capsys):
     _, r18, _ = _convert(tmp_path, "resnet18")
     with pytest.raises(MMDetWeightsError, match=r"resnet18 \(depth 18\).*ResNet-50"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--weights", r18))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--weights", r18))
     # The same file without its metadata: the block counts give it away.
     data = torch.load(r18, weights_only=True)
     bare = str(tmp_path / "bare.pth")
     torch.save(data["state_dict"], bare)
     with pytest.raises(MMDetWeightsError, match="ResNet-18 .block counts."):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--weights", bare))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--weights", bare))
     # Also through --cfg-options instead of --weights, and as a command-line error.
     opt = f"model.backbone.init_cfg.checkpoint={r18}"
-    with pytest.raises(mmdet_train.MMDetTrainError, match="shared_head.init_cfg has no checkpoint"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--cfg-options", opt))
+    with pytest.raises(
+        mmdet_trainer.MMDetTrainError, match="shared_head.init_cfg has no checkpoint"
+    ):
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--cfg-options", opt))
     opt2 = f"model.roi_head.shared_head.init_cfg.checkpoint={r18}"
     with pytest.raises(MMDetWeightsError, match="ResNet-50"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--cfg-options", opt, opt2))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--cfg-options", opt, opt2))
     assert mmdet_train.cli(["mask_rcnn_C4_instant_test", "--weights", r18]) == 2
     assert "depth 18" in capsys.readouterr().err
 
@@ -281,18 +283,18 @@ def test_refuses_malicious_files(tmp_path, converted):
     evil = str(tmp_path / "evil.pth")
     torch.save(data, evil)
     with pytest.raises(MMDetWeightsError, match="refused by the safe loader"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--weights", evil))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--weights", evil))
     with pytest.raises(MMDetWeightsError, match="refused by the safe loader"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--eval-only", "--weights", evil))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--eval-only", "--weights", evil))
     pkl = str(tmp_path / "weights.pkl")
     with open(pkl, "wb") as f:
         f.write(b"anything")
     with pytest.raises(MMDetWeightsError, match="pickle files are not read"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--weights", pkl))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--weights", pkl))
     assert not os.path.exists(MARKER)
     # A converted backbone has no detection heads: nothing to evaluate.
     with pytest.raises(MMDetWeightsError, match="no detection heads"):
-        mmdet_train.setup(_args("mask_rcnn_C4_instant_test", "--eval-only", "--weights", good))
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--eval-only", "--weights", good))
 
 
 # ------------------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path, capsys):
     work = str(tmp_path / "work")
     opts = _data_options(tiny_coco)
     wall, cpu = time.perf_counter(), time.process_time()
-    results = mmdet_train.main(
+    results = mmdet_trainer.main(
         _args("mask_rcnn_C4_instant_test", "--work-dir", work, "--weights", weights,
               "--cfg-options", *opts)
     )  # fmt: skip
@@ -410,7 +412,7 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path, capsys):
         )
 
     # Resume: continues after iteration 4 from iter_4.pth, trains to 6.
-    results = mmdet_train.main(
+    results = mmdet_trainer.main(
         _args("mask_rcnn_C4_instant_test", "--work-dir", work, "--weights", weights, "--resume",
               "--cfg-options", *opts, "train_cfg.max_iters=6", "train_cfg.val_interval=6")
     )  # fmt: skip
@@ -420,7 +422,7 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path, capsys):
 
     # Eval-only on the trained detector.
     final = os.path.join(work, "iter_6.pth")
-    results = mmdet_train.main(
+    results = mmdet_trainer.main(
         _args("mask_rcnn_C4_instant_test", "--work-dir", str(tmp_path / "eval"), "--eval-only",
               "--weights", final, "--cfg-options", *opts)
     )  # fmt: skip

@@ -19,10 +19,10 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from transfer.stacks import DATASET_NAMES  # the command line names them too
+
 logger = logging.getLogger("imsvd.train_net")
 
-# Names under which --train-json / --test-json data are registered with Detectron2.
-DATASET_NAMES = {"train": "imsvd_coco_train", "test": "imsvd_coco_test"}
 DATA_FLAGS = "--train-json/--train-images and --test-json/--test-images"
 
 

@@ -1,30 +1,7 @@
-#!/usr/bin/env python
-"""Fine-tune a converted backbone with Detectron2 (Mask R-CNN / Faster R-CNN R50-C4).
+"""Detectron2 side of ``transfer/train_net.py``: config resolution, the trainer, the run.
 
-Examples::
-
-    python tools/convert_to_d2.py backbone.pth imsvd_r50.pkl
-    python transfer/train_net.py --config mask_rcnn_C4_1x.yaml --num-gpus 8 \\
-        MODEL.WEIGHTS imsvd_r50.pkl
-    python transfer/train_net.py --config mask_rcnn_C4_1x.yaml --eval-only \\
-        MODEL.WEIGHTS output/mask_rcnn_C4_1x/model_final.pth
-
-A bare config name resolves inside transfer/configs/; a path works too. Trailing ``KEY VALUE``
-pairs override the config as in Detectron2's own tools.
-
-One's own COCO-format data (a json with images, annotations and categories, plus the image
-folder) replaces DATASETS.TRAIN / DATASETS.TEST with ``--train-json J --train-images DIR`` and
-``--test-json J --test-images DIR``; they are registered as ``imsvd_coco_train`` and
-``imsvd_coco_test``::
-
-    python transfer/train_net.py --config mask_rcnn_C4_instant_test.yaml \
-        --train-json ann/train.json --train-images images/ \
-        --test-json ann/val.json --test-images images/ MODEL.WEIGHTS imsvd_r50.pkl
-
-MODEL.WEIGHTS (and the checkpoint of ``--resume``) is read without executing code from the file
-(``--allow-unsafe`` lifts that for trusted files); converted weights must match
-MODEL.RESNETS.DEPTH, and a weights file that leaves a backbone tensor unloaded or has a shape
-mismatch is an error, not a warning.
+Imported only once the command line is parsed and Detectron2 is known to import (see
+:mod:`transfer.train_net`, the entry point, and :mod:`transfer.stacks`).
 """
 
 from __future__ import annotations
@@ -44,7 +21,6 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     DefaultTrainer,
-    default_argument_parser,
     default_setup,
     hooks,
     launch,
@@ -56,15 +32,11 @@ from detectron2.evaluation import (
     verify_results,
 )
 
-from pretrain.checkpoint import add_weights_args
 from pretrain.log import print_table, write_json_atomic
-from transfer.d2_data import (  # noqa: F401  (DATASET_NAMES, read_coco_summary: public here too)
-    DATA_FLAGS,
-    DATASET_NAMES,
+from transfer.d2_data import (
     TrainNetError,
     check_data_available,
     data_args,
-    read_coco_summary,
     register_data,
 )
 from transfer.d2_ext import has_cpp_ops, single_process_norm
@@ -292,50 +264,15 @@ def main(args: argparse.Namespace) -> Dict:
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Detectron2's argument parser, with ``--config`` as the documented spelling.
-
-    Returns:
-        The parser (--config/--config-file, --num-gpus, --num-machines, --machine-rank,
-        --dist-url, --resume, --eval-only, --allow-unsafe, --train-json/--train-images,
-        --test-json/--test-images, trailing KEY VALUE opts).
-    """
-    parser = default_argument_parser()
-    add_weights_args(parser, layout_options=False)
-    parser.add_argument(
-        "--config", dest="config_file", metavar="FILE",
-        help="config name in transfer/configs/ (e.g. mask_rcnn_C4_1x.yaml) or a path",
-    )  # fmt: skip
-    data = parser.add_argument_group(
-        "own COCO-format data",
-        f"registered as {DATASET_NAMES['train']} / {DATASET_NAMES['test']}; they replace "
-        "DATASETS.TRAIN / DATASETS.TEST",
-    )
-    for split in ("train", "test"):
-        data.add_argument(
-            f"--{split}-json", metavar="JSON", help=f"COCO instances json of the {split} set"
-        )
-        data.add_argument(
-            f"--{split}-images",
-            metavar="DIR",
-            help=f"folder that the file_name entries of --{split}-json are relative to",
-        )
-    return parser
-
-
-def cli(argv: Optional[list] = None) -> int:
-    """Parse arguments and launch one process per GPU (Detectron2's launch).
+def run(args: argparse.Namespace) -> int:
+    """Check the config and data flags, then launch one process per GPU (Detectron2's launch).
 
     Args:
-        argv: arguments (defaults to sys.argv[1:]).
+        args: the parsed command line of :func:`transfer.train_net.build_parser`.
 
     Returns:
         Exit code: 0 on success, 2 on a bad config or weights file.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.config_file:
-        parser.error("--config is required")
     try:
         resolve_config(args.config_file)  # fail before spawning workers
         data_args(args)
@@ -351,7 +288,3 @@ def cli(argv: Optional[list] = None) -> int:
         print(f"train_net: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

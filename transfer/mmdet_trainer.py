@@ -1,19 +1,7 @@
-#!/usr/bin/env python
-"""Fine-tune a converted backbone with MMDetection (Mask R-CNN / Faster R-CNN R50-C4).
+"""MMDetection side of ``transfer/mmdet_train.py``: config resolution, set-up, the run.
 
-Examples::
-
-    python tools/convert_to_mmdet.py backbone.pth imsvd_r50_mmdet.pth
-    python transfer/mmdet_train.py mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
-    torchrun --nproc_per_node 8 transfer/mmdet_train.py mask_rcnn_C4_1x.py \\
-        --launcher pytorch --weights imsvd_r50_mmdet.pth
-    python transfer/mmdet_train.py mask_rcnn_C4_1x.py --eval-only \\
-        --weights output/mmdet/mask_rcnn_C4_1x/iter_90000.pth
-
-A bare config name resolves inside transfer/configs/mmdet/; a path works too. A thin wrapper over
-mmengine's Runner, as MMDetection's own tools/train.py: ``--cfg-options k=v`` overrides the
-config, ``--resume`` continues from the last checkpoint in the work dir. Weights are read with
-``torch.load(weights_only=True)`` only; the recorded arch must match the config's depth.
+Imported only once the command line is parsed and MMDetection is known to import (see
+:mod:`transfer.mmdet_train`, the entry point, and :mod:`transfer.stacks`).
 """
 
 from __future__ import annotations
@@ -22,10 +10,10 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.runner import Runner, find_latest_checkpoint
 
@@ -228,55 +216,15 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, Optional[float]]]:
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line (MMDetection's tools/train.py options plus weights and eval-only).
-
-    Returns:
-        The parser.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="config name in transfer/configs/mmdet/ or a path")
-    parser.add_argument("--work-dir", help="output folder (default: the config's work_dir)")
-    parser.add_argument(
-        "--weights", help="converted backbone (.pth, tools/convert_to_mmdet.py); with "
-        "--eval-only: a trained checkpoint"
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-weights",
-        action="store_true",
-        help="train from random initialisation on purpose (otherwise weights are required)",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint in the work dir"
-    )
-    parser.add_argument("--eval-only", action="store_true", help="evaluate --weights only")
-    parser.add_argument(
-        "--cfg-options",
-        nargs="+",
-        action=DictAction,
-        help="override config entries: key=value (e.g. optim_wrapper.optimizer.lr=0.02)",
-    )
-    parser.add_argument(
-        "--launcher", choices=["none", "pytorch", "slurm"], default="none", help="job launcher"
-    )
-    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    return parser
-
-
-def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse arguments and run.
+def run(args: argparse.Namespace) -> int:
+    """Run :func:`main` on the parsed command line; errors of config or weights are one line.
 
     Args:
-        argv: arguments (defaults to sys.argv[1:]).
+        args: the parsed command line of :func:`transfer.mmdet_train.build_parser`.
 
     Returns:
         Exit code: 0 on success, 2 on a bad config or weights file.
     """
-    args = build_parser().parse_args(argv)
-    if args.weights and args.no_weights:
-        print("mmdet_train: error: --weights and --no-weights exclude each other", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(args)
@@ -284,7 +232,3 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mmdet_train: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
