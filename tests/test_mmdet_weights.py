@@ -6,6 +6,9 @@ import os
 import pickle
 import subprocess
 import sys
+import types
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -264,13 +267,101 @@ def test_install_patches_are_strict():
         "                extra_compile_args['nvcc'] += ['-std=c++17']\n"
         "    version=get_version(),\n"
     )
-    (rel, patch), (rel2, patch2) = install_tool.mmcv_patches("+imsvd.1.torch2.14.1")
+    (rel, patch), (rel2, patch2) = install_tool.mmcv_patches("+imsvd.2.torch2.14.1")
     out = patch(setup_py, rel)
     assert "pkg_resources" not in out and "c++17" not in out and "-std=c++20" in out
-    assert "version=get_version() + '+imsvd.1.torch2.14.1'," in out
+    assert "version=get_version() + '+imsvd.2.torch2.14.1'," in out
     with pytest.raises(install_tool.InstallError, match="setup.py"):
         patch(out, rel)  # already patched: nothing to replace, and it says so
     assert patch2("dtype=np.float))", rel2) == "dtype=np.float64))"
+
+
+def test_install_shipped_ops_patches():
+    # the three edits of --ops shipped, on excerpts of the mmcv 2.1.0 files they change
+    patches = dict(install_tool.mmcv_patches("+imsvd.2.shipped.torch2.14.1", "shipped")[2:])
+    assert set(patches) == {
+        "setup.py",
+        "mmcv/ops/csrc/pytorch/pybind.cpp",
+        "mmcv/utils/ext_loader.py",
+    }
+    setup_py = (
+        "        else:\n"
+        "            print(f'Compiling {ext_name} only with CPU')\n"
+        "            op_files = glob.glob('./mmcv/ops/csrc/pytorch/*.cpp') + \\\n"
+        "                glob.glob('./mmcv/ops/csrc/pytorch/cpu/*.cpp')\n"
+        "            extension = CppExtension\n"
+    )
+    out = patches["setup.py"](setup_py, "setup.py")
+    assert "glob.glob" not in out and "'./mmcv/ops/csrc/pytorch/cpu/roi_align.cpp'" in out
+    assert "'./mmcv/ops/csrc/pytorch/pybind.cpp'" in out and out.count(".cpp'") == 6
+    pybind = (
+        "Tensor nms(Tensor boxes, Tensor scores, float iou_threshold, int offset);\n"
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+        '  m.def("upfirdn2d", &upfirdn2d, "upfirdn2d (CUDA)", py::arg("input"));\n'
+        '  m.def("get_compiler_version", &get_compiler_version, "get_compiler_version");\n'
+        '  m.def("get_compiling_cuda_version", &get_compiling_cuda_version,\n'
+        '        "get_compiling_cuda_version");\n'
+        '  m.def("nms", &nms, "nms (CPU/CUDA) ", py::arg("boxes"));\n'
+        '  m.def("softnms", &softnms, "softnms (CPU) ", py::arg("boxes"));\n'
+        '  m.def("nms_match", &nms_match, "nms_match (CPU) ", py::arg("dets"));\n'
+        '  m.def("nms_rotated", &nms_rotated, "NMS for rotated boxes", py::arg("dets"));\n'
+        '  m.def("roi_align_forward", &roi_align_forward, "roi_align forward");\n'
+        '  m.def("roi_align_backward", &roi_align_backward, "roi_align backward");\n'
+        "}\n"
+    )
+    rel = "mmcv/ops/csrc/pytorch/pybind.cpp"
+    out = patches[rel](pybind, rel)
+    assert "upfirdn2d" not in out and "nms_rotated" not in out and out.count("m.def(") == 7
+    assert out.startswith("Tensor nms(") and out.rstrip().endswith("}")
+    with pytest.raises(install_tool.InstallError, match="bindings"):  # a binding gone: refuse
+        patches[rel](pybind.replace('  m.def("nms_match"', '  m.def("nms_matcher"'), rel)
+    loader = (
+        "import importlib\nimport torch\n\n"
+        "if torch.__version__ != 'parrots':\n\n"
+        "    def load_ext(name, funcs):\n"
+        "        ext = importlib.import_module('mmcv.' + name)\n"
+        "        for fun in funcs:\n"
+        "            assert hasattr(ext, fun), f'{fun} miss in module {name}'\n"
+        "        return ext\n"
+    )
+    rel = "mmcv/utils/ext_loader.py"
+    patched = patches[rel](loader, rel)
+    with pytest.raises(install_tool.InstallError, match="ext_loader"):
+        patches[rel](patched, rel)  # already patched: nothing to replace
+    # the patched loader keeps a compiled op and turns an absent one into a clear error
+    fake = types.ModuleType("mmcv._ext")
+    fake.nms = lambda: "compiled nms"
+    namespace: dict = {}
+    with mock.patch.dict(sys.modules, {"mmcv": types.ModuleType("mmcv"), "mmcv._ext": fake}):
+        exec(compile(patched, rel, "exec"), namespace)
+        ext = namespace["load_ext"]("_ext", ["nms", "deform_conv_forward"])
+    assert ext.nms() == "compiled nms"
+    with pytest.raises(
+        RuntimeError, match="mmcv op deform_conv_forward is not compiled.*setup-mmdet"
+    ):
+        ext.deform_conv_forward(1, 2)
+    # --ops all leaves sources, bindings and loader alone
+    assert len(install_tool.mmcv_patches("+imsvd.2.torch2.14.1", "all")) == 2
+    assert install_tool.local_label("shipped", "2.14.1") == "+imsvd.2.shipped.torch2.14.1"
+    assert install_tool.local_label("all", "2.14.1") == "+imsvd.2.torch2.14.1"
+
+
+def test_install_prefers_a_cached_all_ops_wheel(tmp_path):
+    tag, release = install_tool.python_tag(sys.executable), install_tool.torch_tag(sys.executable)
+
+    def wheel(label: str) -> Path:
+        path = tmp_path / f"mmcv-2.1.0{label}-{tag}-{tag}-linux_x86_64.whl"
+        path.write_bytes(b"")
+        return path
+
+    assert install_tool.cached_wheel(tmp_path, sys.executable, "shipped") is None
+    shipped = wheel(install_tool.local_label("shipped", release))
+    wheel("+imsvd.2.shipped.torch1.0.0")  # another torch: never reused
+    assert install_tool.cached_wheel(tmp_path, sys.executable, "shipped") == shipped
+    assert install_tool.cached_wheel(tmp_path, sys.executable, "all") is None
+    full = wheel(install_tool.local_label("all", release))
+    for ops in ("shipped", "all"):
+        assert install_tool.cached_wheel(tmp_path, sys.executable, ops) == full
 
 
 def test_install_refuses_bad_hash(tmp_path):

@@ -11,7 +11,16 @@ recipe:
    SHA-256 against the value recorded below;
 3. reuse the cached mmcv wheel for this recipe, torch version and Python, or build it: extract
    the sdist, apply the small edits of ``mmcv_patches()`` and compile the ops with
-   ``MMCV_WITH_OPS=1 FORCE_CUDA=0`` (the long step: 77 C++ files), then cache the wheel;
+   ``MMCV_WITH_OPS=1 FORCE_CUDA=0``, then cache the wheel. Two op sets (``--ops``):
+
+   - ``shipped`` (the default set-up's): only the C++ ops the toolkit's MMDetection configs run
+     (``SHIPPED_OPS``: NMS and RoIAlign, plus mmcv's build-info functions), 6 C++ files, about
+     3 minutes on 2 cores. mmcv's op loader is edited so that an op outside the set raises
+     ``RuntimeError`` naming the op and ``make setup-mmdet`` when it is called (it asserts at
+     import today, so every op must otherwise be present);
+   - ``all`` (``make setup-mmdet``): every CPU op of mmcv, 77 C++ files, the long build.
+
+   A cached ``all`` wheel is preferred when both exist;
 4. install the runtime dependencies first (``opencv-python-headless`` in place of the
    ``opencv-python`` that mmengine names, so no GUI libraries are needed), then the three
    packages without their dependency lists.
@@ -23,14 +32,13 @@ another torch is never reused; ``mmcv.__version__`` stays ``2.1.0``.
 
 Usage::
 
-    python3 tools/install_mmdet.py [--python .venv/bin/python] [--jobs N] [--force] [--rebuild]
-                                   [--wait]
+    python3 tools/install_mmdet.py [--python .venv/bin/python] [--ops shipped|all] [--jobs N]
+                                   [--force] [--rebuild] [--wait] [--cached-only]
 
 Exit codes: 0 installed (or already working), 1 error, 3 deferred: another process is building
 mmcv into the same cache right now (``--wait`` waits for it instead), 4 skipped: ``--cached-only``
-and no cached mmcv wheel (the default set-up of ``make demo`` / ``make test`` passes it, because
-the cold build does not fit a short set-up: 1939 s with ``--jobs 2`` on a 2-core machine;
-``make setup-mmdet`` builds and caches it, and the install from the cached wheel takes 23 s).
+and no cached mmcv wheel. Measured on a 2-core machine: the ``all`` build 1939 s with
+``--jobs 2``; the install from a cached wheel 23 s.
 
 This script uses the standard library only, so any Python 3 can run it.
 """
@@ -56,7 +64,7 @@ from wheel_cache import InstallError, replace_exact  # noqa: E402
 TOOL = "install_mmdet"
 
 SKIPPED = 4
-BUILD_MINUTES = 32  # measured cold build on 2 cores (see the module docstring)
+BUILD_MINUTES = {"all": 32, "shipped": 3}  # measured cold builds on 2 cores (module docstring)
 MMENGINE_VERSION = "0.10.7"
 MMDET_VERSION = "3.3.0"
 MMCV_VERSION = "2.1.0"
@@ -76,7 +84,20 @@ HASHES: Dict[str, str] = {
 # Exit code when another process is building mmcv into the same cache (nothing was installed).
 DEFERRED = 3
 # Bump when mmcv_patches() change: it is part of the cached wheel's name.
-RECIPE = "imsvd.1"
+RECIPE = "imsvd.2"
+# The mmcv ops that the toolkit's MMDetection configs (transfer/configs/mmdet/) run: name -> (C++
+# files under mmcv/ops/csrc/pytorch/, the Python bindings they define). RPN and test-time NMS
+# (mmcv.ops.nms / batched_nms), the RoI heads' RoIAlign, and "info", mmcv's build report
+# (mmcv.ops.get_compiler_version, read by mmengine's collect_env).
+SHIPPED_OPS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "info": (("info.cpp",), ("get_compiler_version", "get_compiling_cuda_version")),
+    "nms": (("nms.cpp", "cpu/nms.cpp"), ("nms", "softnms", "nms_match")),
+    "roi_align": (
+        ("roi_align.cpp", "cpu/roi_align.cpp"),
+        ("roi_align_forward", "roi_align_backward"),
+    ),
+}
+OP_SETS = ("shipped", "all")
 # Runtime needs of the three packages (their own lists, with opencv-python swapped for the
 # headless build and OpenCV kept below 5, which mmcv 2.1.0 predates).
 RUNTIME_REQUIREMENTS = [
@@ -110,7 +131,10 @@ def run(cmd: Sequence[str], **kwargs):
 
 
 def mmdet_works(python: str) -> Optional[str]:
-    """Return "mmdet X / mmcv Y" if the target Python imports mmdet and the mmcv ops, else None.
+    """Return "mmdet X / mmcv Y / mmengine Z" if the mmcv ops run in the target Python, else None.
+
+    Y is mmcv's distribution version, with the local label of this recipe's wheels
+    ("2.1.0+imsvd.2.shipped.torch2.14.1"), so a shipped-ops build can be told from a full one.
 
     Args:
         python: path of the target interpreter.
@@ -118,9 +142,19 @@ def mmdet_works(python: str) -> Optional[str]:
     Returns:
         A version string, or None when the imports fail.
     """
+    # The compiled ops are run, not only imported: NMS keeps the higher of two overlapping boxes,
+    # RoIAlign of a constant map is that constant.
     probe = (
-        "import mmdet, mmcv, mmengine, mmcv.ops; from mmcv.ops import RoIAlign, batched_nms; "
-        "print(f'mmdet {mmdet.__version__} / mmcv {mmcv.__version__} / "
+        "import importlib.metadata as md, torch, mmdet, mmcv, mmengine\n"
+        "from mmcv.ops import batched_nms, roi_align\n"
+        "b = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])\n"
+        "_, keep = batched_nms(b, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3), "
+        "dict(iou_threshold=0.5))\n"
+        "assert keep.tolist() == [0, 2], keep\n"
+        "out = roi_align(torch.full((1, 1, 8, 8), 3.), torch.tensor([[0., 1., 1., 6., 6.]]), "
+        "(2, 2), 1.0, 2, 'avg', True)\n"
+        "assert torch.allclose(out, torch.full_like(out, 3.)), out\n"
+        'print(f\'mmdet {mmdet.__version__} / mmcv {md.version("mmcv")} / '
         "mmengine {mmengine.__version__}')"
     )
     return wheel_cache.probe_import(python, probe)
@@ -221,19 +255,94 @@ def _pixel_group(text: str, path: str) -> str:
     return _replace(text, "dtype=np.float))", "dtype=np.float64))", path)
 
 
-def mmcv_patches(local_version: str) -> List[Tuple[str, Callable[[str, str], str]]]:
+_CPU_SOURCES = (
+    "            print(f'Compiling {ext_name} only with CPU')\n"
+    "            op_files = glob.glob('./mmcv/ops/csrc/pytorch/*.cpp') + \\\n"
+    "                glob.glob('./mmcv/ops/csrc/pytorch/cpu/*.cpp')\n"
+)
+_LOADER_ASSERT = "            assert hasattr(ext, fun), f'{fun} miss in module {name}'\n"
+
+
+def _shipped_sources(text: str, path: str) -> str:
+    # setup.py's CPU-only branch: the files of SHIPPED_OPS and the bindings file, not the glob.
+    files = ["pybind.cpp"] + [f for sources, _ in SHIPPED_OPS.values() for f in sources]
+    listed = ", ".join(repr(f"./mmcv/ops/csrc/pytorch/{f}") for f in files)
+    return _replace(
+        text,
+        _CPU_SOURCES,
+        "            print(f'Compiling {ext_name} only with CPU "
+        f"(ops: {', '.join(SHIPPED_OPS)})')\n"
+        f"            op_files = [{listed}]\n",
+        path,
+    )
+
+
+def _shipped_bindings(text: str, path: str) -> str:
+    # pybind.cpp binds every op in one module block of m.def(...) statements: keep those of
+    # SHIPPED_OPS (a binding of an op that is not compiled would not link).
+    head, sep, body = text.partition("PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n")
+    if not sep or not body.rstrip().endswith("}"):
+        raise InstallError(f"patch of {path}: no PYBIND11_MODULE block")
+    keep = sorted(name for _, names in SHIPPED_OPS.values() for name in names)
+    kept = []
+    for statement in body.rstrip()[:-1].split(";\n"):
+        parts = statement.split('"')
+        if statement.strip().startswith("m.def(") and len(parts) > 1 and parts[1] in keep:
+            kept.append(statement)
+    found = sorted(st.split('"')[1] for st in kept)
+    if found != keep:
+        raise InstallError(f"patch of {path}: bindings {keep} expected, found {found}")
+    return head + sep + ";\n".join(kept) + ";\n}\n"
+
+
+_LOADER_BRANCH = "if torch.__version__ != 'parrots':\n"
+_NOT_COMPILED = (
+    "def _not_compiled(fun):\n\n"
+    "    def missing(*args, **kwargs):\n"
+    "        raise RuntimeError(\n"
+    "            f'mmcv op {{fun}} is not compiled in this build (it has the ops of the IMSVD '\n"
+    "            'MMDetection configs only: {ops}); build every op with `make setup-mmdet`')\n\n"
+    "    return missing\n\n\n"
+)
+
+
+def _tolerant_loader(text: str, path: str) -> str:
+    # mmcv.utils.ext_loader asserts at import that every op a module names is compiled; with the
+    # shipped set an absent op becomes a function that raises RuntimeError naming it when called.
+    text = _replace(
+        text,
+        _LOADER_ASSERT,
+        "            if not hasattr(ext, fun):\n"
+        "                setattr(ext, fun, _not_compiled(fun))\n",
+        path,
+    )
+    ops = ", ".join(SHIPPED_OPS)
+    return _replace(text, _LOADER_BRANCH, _NOT_COMPILED.format(ops=ops) + _LOADER_BRANCH, path)
+
+
+def mmcv_patches(
+    local_version: str, ops: str = "all"
+) -> List[Tuple[str, Callable[[str, str], str]]]:
     """Return the (relative path, edit) list applied to the mmcv sources before the build.
 
     Args:
         local_version: the "+..." label appended to the distribution version.
+        ops: "all" (every CPU op) or "shipped" (SHIPPED_OPS only, with the tolerant op loader).
 
     Returns:
         The edits, in order.
     """
-    return [
+    patches = [
         ("setup.py", _make_setup_patch(local_version)),
         ("mmcv/ops/pixel_group.py", _pixel_group),
     ]
+    if ops == "shipped":
+        patches += [
+            ("setup.py", _shipped_sources),
+            ("mmcv/ops/csrc/pytorch/pybind.cpp", _shipped_bindings),
+            ("mmcv/utils/ext_loader.py", _tolerant_loader),
+        ]
+    return patches
 
 
 def fetch(python: str, cache_dir: Path, need_sdist: bool) -> Dict[str, Path]:
@@ -283,14 +392,38 @@ def fetch(python: str, cache_dir: Path, need_sdist: bool) -> Dict[str, Path]:
     return files
 
 
-def build_mmcv(python: str, sdist: Path, out_dir: Path, local_version: str, jobs: int) -> Path:
+def local_label(ops: str, torch_release: str) -> str:
+    """The "+..." version label of this recipe's mmcv wheel, e.g. "+imsvd.2.shipped.torch2.14.1".
+
+    Args:
+        ops: "all" or "shipped" (OP_SETS).
+        torch_release: the torch it is compiled against.
+    """
+    return f"+{RECIPE}{'.shipped' if ops == 'shipped' else ''}.torch{torch_release}"
+
+
+def cached_wheel(cache_dir: Path, python: str, ops: str) -> Optional[Path]:
+    """The cached mmcv wheel for this recipe, torch and Python: the ``all`` one if there is one,
+    else (``ops="shipped"``) the shipped one; None when neither is cached.
+    """
+    release, tag = torch_tag(python), python_tag(python)
+    for kind in ("all",) if ops == "all" else ("all", "shipped"):
+        found = sorted(
+            cache_dir.glob(f"mmcv-{MMCV_VERSION}{local_label(kind, release)}-{tag}-*.whl")
+        )
+        if found:
+            return found[-1]
+    return None
+
+
+def build_mmcv(python: str, sdist: Path, out_dir: Path, ops: str, jobs: int) -> Path:
     """Extract, patch and compile mmcv (ops for CPU) into a wheel placed in out_dir.
 
     Args:
         python: interpreter (with torch) that builds the wheel.
         sdist: the verified mmcv sdist.
         out_dir: the wheel cache.
-        local_version: "+..." label for the distribution version.
+        ops: "all" or "shipped" (OP_SETS): which C++ ops are compiled.
         jobs: parallel compile jobs (MAX_JOBS).
 
     Returns:
@@ -299,7 +432,7 @@ def build_mmcv(python: str, sdist: Path, out_dir: Path, local_version: str, jobs
     with tempfile.TemporaryDirectory(prefix="mmcvbuild-") as tmp:
         wheel_cache.extract(sdist, tmp)
         src = Path(tmp) / f"mmcv-{MMCV_VERSION}"
-        patches = mmcv_patches(local_version)
+        patches = mmcv_patches(local_label(ops, torch_tag(python)), ops)
         for rel, fn in patches:
             path = src / rel
             path.write_text(fn(path.read_text(encoding="utf-8"), rel), encoding="utf-8")
@@ -314,24 +447,25 @@ def build_mmcv(python: str, sdist: Path, out_dir: Path, local_version: str, jobs
         )
         start = time.monotonic()
         final = wheel_cache.build_into_cache(TOOL, python, src, Path(tmp) / "dist", out_dir, env)
-        log(f"mmcv built in {time.monotonic() - start:.0f} s with {jobs} job(s)")
+        log(f"mmcv ({ops} ops) built in {time.monotonic() - start:.0f} s with {jobs} job(s)")
     return final
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: see the module docstring.
-
-    Args:
-        argv: command-line arguments (defaults to sys.argv[1:]).
-
-    Returns:
-        Process exit code.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--python",
         default=os.environ.get("IMSVD_PYTHON", ".venv/bin/python"),
         help="interpreter of the target environment (default: $IMSVD_PYTHON or .venv/bin/python)",
+    )
+    parser.add_argument(
+        "--ops",
+        choices=OP_SETS,
+        default="shipped",
+        help="mmcv C++ ops to compile: those of the toolkit's MMDetection configs (shipped, "
+        f"about {BUILD_MINUTES['shipped']} min on 2 cores; the default) or all of them (about "
+        f"{BUILD_MINUTES['all']} min)",
     )
     parser.add_argument(
         "--jobs",
@@ -352,52 +486,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--cached-only",
         action="store_true",
         help=f"install only from a cached mmcv wheel; without one, skip (exit {SKIPPED}) "
-        "instead of compiling (the default set-up does this: the build is long)",
+        "instead of compiling",
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    t0 = time.monotonic()
-    python = args.python
-    if shutil.which(python) is None and not Path(python).is_file():
-        raise InstallError(f"target python {python!r} not found")
-    if not args.force:
-        version = mmdet_works(python)
-        if version is not None:
-            log(f"{version} already importable by {python}; nothing to do")
-            return 0
 
-    local_version = f"+{RECIPE}.torch{torch_tag(python)}"
-    cache_dir = wheel_cache.cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    pattern = f"mmcv-{MMCV_VERSION}{local_version}-{python_tag(python)}-*.whl"
-    if args.cached_only and not sorted(cache_dir.glob(pattern)):
-        log(
-            f"no cached mmcv wheel in {cache_dir}: MMDetection not installed, its tests skip "
-            f"(build it once with `make setup-mmdet`: about {BUILD_MINUTES} minutes on 2 cores)"
-        )
-        return SKIPPED
-    # Dependencies first: the mmcv build reads which OpenCV distribution is installed.
-    run([python, "-m", "pip", "install", "-q", *RUNTIME_REQUIREMENTS])
-    # One build at a time per cache. A set-up that finds a build in progress does not start a
-    # second one (it would compete for the same cores): it defers, and the next set-up retries.
+def provide_wheel(python: str, cache_dir: Path, args: argparse.Namespace) -> Optional[Path]:
+    """The mmcv wheel to install: cached, or built now (one build at a time per cache).
+
+    Returns:
+        The wheel, or None when another process holds the build lock and ``--wait`` is not set
+        (a set-up that finds a build in progress does not start a second one on the same cores).
+    """
     with open(cache_dir / ".mmcv-build.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not args.wait:
                 log(f"another install is building mmcv into {cache_dir}: deferred (exit 3)")
-                return DEFERRED
+                return None
             log(f"another install is building mmcv into {cache_dir}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = [] if args.rebuild else sorted(cache_dir.glob(pattern))
-        files = fetch(python, cache_dir, need_sdist=not cached)
-        if cached:
-            mmcv_wheel = cached[-1]
-            log(f"reusing cached wheel {mmcv_wheel}")
-        else:
-            sdist = files[f"mmcv-{MMCV_VERSION}.tar.gz"]
-            mmcv_wheel = build_mmcv(python, sdist, cache_dir, local_version, args.jobs)
-            log(f"built and cached {mmcv_wheel}")
+        cached = None if args.rebuild else cached_wheel(cache_dir, python, args.ops)
+        files = fetch(python, cache_dir, need_sdist=cached is None)
+        if cached is not None:
+            log(f"reusing cached wheel {cached}")
+            return cached
+        sdist = files[f"mmcv-{MMCV_VERSION}.tar.gz"]
+        wheel = build_mmcv(python, sdist, cache_dir, args.ops, args.jobs)
+        log(f"built and cached {wheel}")
+        return wheel
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: see the module docstring.
+
+    Args:
+        argv: command-line arguments (defaults to sys.argv[1:]).
+
+    Returns:
+        Process exit code.
+    """
+    args = build_parser().parse_args(argv)
+    t0 = time.monotonic()
+    python = args.python
+    if shutil.which(python) is None and not Path(python).is_file():
+        raise InstallError(f"target python {python!r} not found")
+    version = None if args.force else mmdet_works(python)
+    if version is not None and not (args.ops == "all" and ".shipped." in version):
+        log(f"{version} already importable by {python}; nothing to do")
+        return 0
+    cache_dir = wheel_cache.cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if args.cached_only and cached_wheel(cache_dir, python, args.ops) is None:
+        log(
+            f"no cached mmcv wheel in {cache_dir}: MMDetection not installed, its tests skip "
+            f"(`make setup-mmdet` builds it: about {BUILD_MINUTES[args.ops]} minutes on 2 cores)"
+        )
+        return SKIPPED
+    # Dependencies first: the mmcv build reads which OpenCV distribution is installed.
+    run([python, "-m", "pip", "install", "-q", *RUNTIME_REQUIREMENTS])
+    mmcv_wheel = provide_wheel(python, cache_dir, args)
+    if mmcv_wheel is None:
+        return DEFERRED
+    files = fetch(python, cache_dir, need_sdist=False)
     run(
         [python, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(mmcv_wheel),
          str(files[f"mmengine-{MMENGINE_VERSION}-py3-none-any.whl"]),
@@ -405,7 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )  # fmt: skip
     version = mmdet_works(python)
     if version is None:
-        raise InstallError(f"mmdet / mmcv.ops were installed but do not import with {python}")
+        raise InstallError(f"mmdet / mmcv.ops were installed but do not work with {python}")
     log(f"{version} installed into {python} in {time.monotonic() - t0:.0f} s")
     return 0
 
