@@ -241,3 +241,59 @@ def test_unreadable_images_counted(tiny, tmp_path):
     res = json.loads((one / "linear_results.json").read_text())
     assert res["unreadable_images"] == {"train": 1, "val": 1}
     assert main(_args(data, weights, tmp_path / "strict", "data.strict=true")) == 2
+
+
+@pytest.mark.parametrize("n", [21, 101, 102, 7, 1])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_batches_are_the_same_for_any_process_count(n, world):
+    from transfer.eval.linear import GlobalBatchSampler
+
+    batch = 6
+    one = GlobalBatchSampler(n, batch, 1, 0, seed=4)
+    shards = [GlobalBatchSampler(n, batch, world, r, seed=4) for r in range(world)]
+    for epoch in (0, 3):
+        for s in [one, *shards]:
+            s.set_epoch(epoch)
+        single = list(one)
+        per_rank = [list(s) for s in shards]
+        assert all(len(b) == len(single) == -(-n // batch) for b in per_rank)
+        for step, block in enumerate(single):
+            union = [i for b in per_rank for i in b[step]]
+            assert sorted(union) == sorted(block)  # the same global batch, nothing padded
+        assert sorted(i for b in single for i in b) == list(range(n))  # each sample once
+    if n > 2:  # epochs reshuffle
+        one.set_epoch(0)
+        first = list(one)
+        one.set_epoch(1)
+        assert list(one) != first
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one_with_an_odd_count_and_a_bad_image(tiny, tmp_path):
+    # 21 training images, global batch 8: the last batch (5) is split 3 / 2; DistributedSampler
+    # would pad to 22 with a duplicate of the permutation's first image, the unreadable one here
+    root, weights = tiny
+    data = tmp_path / "data"
+    from helpers import make_image_tree
+
+    make_image_tree(data / "train", n_per_class=7, seed=0)
+    shutil.copytree(root / "val", data / "val")
+    ds_paths = sorted((data / "train").rglob("*.png"))
+    g = torch.Generator()
+    g.manual_seed(0)  # seed 0, epoch 0: the sample DistributedSampler pads with
+    ds_paths[int(torch.randperm(21, generator=g)[0])].write_bytes(b"junk")
+    heads, results = [], []
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        args = _args(data, weights, out, "train.batch_size=8")
+        run_module("transfer.eval.linear", args, nproc=nproc, timeout=180)
+        heads.append(torch.load(out / "linear_checkpoint.pth", weights_only=True)["head"])
+        results.append(json.loads((out / "linear_results.json").read_text()))
+    for key in heads[0]:
+        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5)
+    for r in results:
+        assert r["unreadable_images"]["train"] == 1 and r["num_train"] == 20
+    assert results[0]["top1"] == results[1]["top1"]
+    assert [h["loss"] for h in results[0]["history"]] == pytest.approx(
+        [h["loss"] for h in results[1]["history"]], rel=1e-4
+    )

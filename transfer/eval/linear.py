@@ -9,7 +9,10 @@
 The backbone is frozen in eval mode; its pooled features go through an optional
 BatchNorm1d(affine=False) (Places205 protocol) and one Linear layer, the only trained module
 (DistributedDataParallel across processes). The BatchNorm normalises over the GLOBAL batch
-(features are all-gathered; they carry no gradient), so N processes train exactly like one.
+(features are all-gathered; they carry no gradient), each step's global batch is the same block
+of one seeded permutation whatever the process count (:class:`GlobalBatchSampler`, no padded
+duplicates) and the loss is the mean over that whole batch, so N processes train exactly like
+one.
 Every epoch the head and optimizer are saved atomically to OUT/linear_checkpoint.pth together
 with the training class names, a signature of the training sample list and the training
 settings; a rerun resumes from it only when all of these (and the backbone weights) match, and
@@ -69,6 +72,42 @@ class LinearHead(nn.Module):
     def forward(self, feats: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         x = self.bn(feats)
         return self.fc(x if rows is None else x[rows])
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Batches of one process: its share of each global batch, without padding.
+
+    Each epoch draws one permutation of the N samples (``torch.randperm`` seeded with
+    ``seed + epoch``, as DistributedSampler); step s's global batch is the permutation's block
+    ``[s * B, (s + 1) * B)`` (the last one shorter) and process r takes every ``world``-th
+    index of it from position r. The union over processes is the batch one process would see,
+    every sample appears once per epoch (no padded duplicates), and every process has
+    ceil(N / B) steps (a share may be empty).
+
+    Args:
+        n: number of samples.
+        global_batch: B, samples per step over all processes.
+        world, rank: process count and this process's rank.
+        seed: permutation seed.
+    """
+
+    def __init__(self, n: int, global_batch: int, world: int, rank: int, seed: int) -> None:
+        self.n, self.batch, self.world, self.rank = int(n), int(global_batch), world, rank
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for start in range(0, self.n, self.batch):
+            yield perm[start : start + self.batch][self.rank :: self.world]
 
 
 def lr_at_epoch(epoch: int, cfg: dict) -> float:
@@ -254,7 +293,6 @@ def run(ctx: runner.EvalContext) -> dict:
         raise ConfigError(
             f"train.batch_size={t['batch_size']} is not divisible by {world} processes"
         )
-    local_bs = int(t["batch_size"]) // world
     backbone, _, meta = ctx.load_model()
     hash_before = tensor_sha256(backbone.state_dict())
     train_ds, val_ds = _datasets(cfg)
@@ -301,12 +339,11 @@ def run(ctx: runner.EvalContext) -> dict:
         start_epoch, history = int(state["epoch"]), list(state["history"])
         logger.info("resumed linear head from %s at epoch %d", ckpt_path, start_epoch)
 
-    sampler = torch.utils.data.DistributedSampler(
-        train_ds, num_replicas=world, rank=info.rank, shuffle=True, seed=int(cfg["seed"])
-    )
+    sampler = GlobalBatchSampler(len(train_ds), int(t["batch_size"]), world, info.rank,
+                                 int(cfg["seed"]))  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=local_bs, sampler=sampler, num_workers=int(cfg["data"]["num_workers"]),
-        pin_memory=info.device.type == "cuda", drop_last=False, collate_fn=collate_readable,
+        train_ds, batch_sampler=sampler, num_workers=int(cfg["data"]["num_workers"]),
+        pin_memory=info.device.type == "cuda", collate_fn=collate_readable,
     )  # fmt: skip
     writer = MetricWriter(str(out), rank=info.rank, tensorboard=False)
     epochs = int(t["epochs"])
@@ -355,15 +392,19 @@ def run(ctx: runner.EvalContext) -> dict:
             labels = labels.to(info.device)
             offset = int(sizes[: info.rank].sum())
             logits = model(all_feats, slice(offset, offset + feats.shape[0]))
-            # summed / count: the mean, and 0 (still a DDP step) for an empty local batch
-            loss = F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
+            # the mean over the GLOBAL batch once DDP averages the gradients over the processes
+            # (0, still a DDP step, for an empty local share)
+            ce_sum = F.cross_entropy(logits, labels, reduction="sum")
+            loss = ce_sum * world / all_feats.shape[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach()
+            # the logged loss: the global batch's mean, the same for any process count
+            step_loss = all_gather_tensor(ce_sum.detach().view(1)).sum() / all_feats.shape[0]
+            loss_sum += step_loss
             step += 1
             if int(t["log_every"]) and step % int(t["log_every"]) == 0:
-                writer.write(step, {"loss": loss.item(), "lr": lr, "epoch": epoch})
+                writer.write(step, {"loss": step_loss.item(), "lr": lr, "epoch": epoch})
         dropped = int(all_gather_tensor(torch.tensor([dropped], device=info.device)).sum())
         unreadable["train"] = max(unreadable["train"], dropped)
         record = {"epoch": epoch + 1, "lr": lr, "loss": (loss_sum / max(len(loader), 1)).item()}
