@@ -35,7 +35,9 @@ from pretrain.images import (  # noqa: F401  (idem)
     IMG_EXTENSIONS,
     CorruptImageError,
     DataError,
+    check_pixels,
     decode_rgb,
+    exif_orientation,
     load_rgb,
     to_rgb,
 )
@@ -85,9 +87,10 @@ class TwoViewDataset(Dataset):
         try:
             # Lazy open: the fast pipeline may still choose a reduced JPEG decoding scale.
             img = Image.open(path)
-            if self.pipeline == "pil" or img.mode not in ("RGB", "L"):
+            check_pixels(img)
+            if self.pipeline == "pil" or img.mode not in ("RGB", "L") or exif_orientation(img) != 1:
                 # the fast pipeline decodes lazily (JPEG draft) and converts with PIL, which is
-                # right for RGB and L only: any other mode is decoded now through to_rgb
+                # right for upright RGB and L only: anything else is decoded now (decode_rgb)
                 with img:
                     img = decode_rgb(img)
             return img, label

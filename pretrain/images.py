@@ -3,12 +3,21 @@
 Every image goes through one decoder, :func:`load_rgb` (or :func:`decode_rgb` for a file opened
 lazily), which turns any PIL mode into 8-bit RGB by its meaning (16-bit and float data rescaled,
 transparency composited over white), not by PIL's saturating ``convert("RGB")``.
+
+The project's rule for EXIF orientation is the camera's: an image whose EXIF orientation tag is
+not 1 is rotated / flipped upright when decoded (as Detectron2's reader does), so a 40 x 20
+sensor image tagged "rotate 90" is read as 20 x 40 everywhere. An image of more than
+:func:`max_image_pixels` pixels (default 89,478,485, PIL's own warning threshold; set
+``IMSVD_MAX_IMAGE_PIXELS`` to change it) is refused before it is decoded, naming its size:
+a few KB of compressed data can otherwise ask for gigabytes.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -31,6 +40,55 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Modes PIL converts to RGB by their meaning already (no range or alpha question).
 _DIRECT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+
+
+MAX_PIXELS_ENV = "IMSVD_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's DecompressionBombWarning threshold
+_EXIF_ORIENTATION = 0x0112
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) decoded: ``$IMSVD_MAX_IMAGE_PIXELS`` or 89,478,485.
+
+    Raises:
+        DataError: the variable is not a positive integer (naming it).
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise DataError(f"{MAX_PIXELS_ENV}={raw!r} must be a positive integer (pixels)")
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL's own bomb check must not refuse what is allowed
+    return limit
+
+
+def check_pixels(img: Image.Image) -> None:
+    """Refuse an opened (not yet decoded) image larger than :func:`max_image_pixels`.
+
+    Raises:
+        CorruptImageError: naming the size, the limit and ``IMSVD_MAX_IMAGE_PIXELS``.
+    """
+    w, h = img.size
+    limit = max_image_pixels()
+    if w * h > limit:
+        raise CorruptImageError(
+            f"image of {w} x {h} = {w * h:,} pixels is over the limit of {limit:,} pixels "
+            f"(set {MAX_PIXELS_ENV} to allow larger images)"
+        )
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1, upright, when absent or unreadable)."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 (a malformed EXIF block is read as "no orientation")
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -103,10 +161,15 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def decode_rgb(img: Image.Image) -> Image.Image:
-    """Decode an opened image now (truncation errors surface here, not in a transform) as RGB.
+    """Decode an opened image now (truncation errors surface here, not in a transform) as RGB,
+    upright by its EXIF orientation.
 
     Raises:
-        One of :data:`DECODE_ERRORS` for unreadable data or a mode with no RGB meaning.
+        One of :data:`DECODE_ERRORS` for unreadable data or a mode with no RGB meaning;
+        CorruptImageError for an image over :func:`max_image_pixels`.
     """
+    check_pixels(img)
     img.load()
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
     return to_rgb(img)

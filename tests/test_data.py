@@ -488,3 +488,66 @@ def test_channels_last_option():
     ld.set_epoch(0)
     x1, x2 = ld.prepare(next(iter(ld)), "cpu")
     assert x1.is_contiguous(memory_format=torch.channels_last)
+
+
+def _exif_image(path, orientation, size=(40, 20)):
+    """A JPEG whose pixels are ``size`` (w, h): left half red, right half blue, with an EXIF
+    orientation tag."""
+    a = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    a[:, : size[0] // 2] = (255, 0, 0)
+    a[:, size[0] // 2 :] = (0, 0, 255)
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, quality=95)
+    return path
+
+
+@pytest.mark.parametrize(
+    "orientation, size", [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40)), (5, (20, 40))]
+)
+def test_exif_orientation_is_applied_everywhere(tmp_path, orientation, size):
+    path = _exif_image(tmp_path / "x.jpg", orientation)
+    img = load_rgb(str(path))
+    assert img.size == size
+    if orientation == 6:  # rotate 90 clockwise to display: the red (left) half is on top
+        top = np.asarray(img)[2, 10]
+        assert top[0] > 200 and top[2] < 60
+    # the pretraining loader, both pipelines, and the evaluation datasets read it the same way
+    (tmp_path / "c").mkdir()
+    os.replace(path, tmp_path / "c" / "x.jpg")
+    ds = build_image_dataset(str(tmp_path))
+    for pipeline in ("fast", "pil"):
+        got, _ = TwoViewDataset(ds, AugmentConfig(size=16), 0, pipeline)._open(0)
+        assert got.size == size, pipeline
+    assert ds[0][0].size == size
+
+
+@pytest.mark.parametrize("size, ok", [((10, 10), True), ((11, 10), False), ((1, 101), False)])
+def test_pixel_limit_refuses_large_images_with_a_clear_message(tmp_path, monkeypatch, size, ok):
+    monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", "100")
+    path = tmp_path / "big.png"
+    Image.new("1", size).save(path)
+    if ok:
+        assert load_rgb(str(path)).size == size
+        return
+    with pytest.raises(CorruptImageError, match=r"over the limit of 100 pixels.*IMSVD_MAX_IMAGE"):
+        load_rgb(str(path))
+    (tmp_path / "c").mkdir()
+    os.replace(path, tmp_path / "c" / "big.png")
+    ds = build_image_dataset(str(tmp_path))
+    got, _ = TwoViewDataset(ds, AugmentConfig(size=16), 0, "fast")._open(0)
+    assert got is None  # unreadable: counted and replaced, never decoded
+
+
+def test_default_pixel_limit_refuses_a_small_file_that_decodes_huge(tmp_path, monkeypatch):
+    monkeypatch.delenv("IMSVD_MAX_IMAGE_PIXELS", raising=False)
+    path = tmp_path / "bomb.png"
+    Image.new("1", (10000, 10000)).save(path, optimize=True)
+    assert path.stat().st_size < 50_000
+    with pytest.raises(CorruptImageError, match="10000 x 10000"):
+        load_rgb(str(path))
+    for bad in ("0", "-5", "many"):
+        monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", bad)
+        with pytest.raises(DataError, match="IMSVD_MAX_IMAGE_PIXELS"):
+            load_rgb(str(path))
