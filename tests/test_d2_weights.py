@@ -26,6 +26,7 @@ from pretrain.model import build_backbone
 from transfer.d2_weights import (
     D2ConversionError,
     check_arch,
+    check_heads_loaded,
     check_trunk_loaded,
     convert_torchvision_to_d2,
     read_d2_pickle,
@@ -238,6 +239,34 @@ def test_check_arch_and_trunk():
     assert "backbone keys not loaded (1): backbone.res2.0.conv1.weight" in str(e.value)
     with pytest.raises(D2ConversionError, match=r"roi_heads.res5.0.conv1.weight: \(1,\)"):
         check_trunk_loaded([], [("roi_heads.res5.0.conv1.weight", (1,), (2,))], "w.pkl")
+
+
+@pytest.mark.parametrize(
+    "missing, shapes, needles",
+    [
+        (
+            ["roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.bias",
+             "proposal_generator.rpn_head.conv.weight", "roi_heads.mask_head.predictor.weight"],
+            [],
+            ["roi_heads.box_predictor (2 tensors)", "proposal_generator.rpn_head (1 tensors)",
+             "roi_heads.mask_head (1 tensors)", "w.pkl", "--eval-only"],
+        ),
+        (
+            [],
+            [("roi_heads.box_predictor.cls_score.weight", (81, 2048), (3, 2048))],
+            ["shapes differ (1)", "(81, 2048) in the file vs (3, 2048)"],
+        ),
+        (["roi_heads.res5.norm.weight"], [], ["roi_heads.res5 (1 tensors)"]),
+    ],
+)  # fmt: skip
+def test_evaluation_needs_every_tensor_from_the_file(missing, shapes, needles):
+    # a converted backbone (no detector heads) is fine to fine-tune, not to evaluate
+    check_trunk_loaded(missing, [], "w.pkl")
+    with pytest.raises(D2ConversionError) as e:
+        check_heads_loaded(missing, shapes, "w.pkl")
+    for needle in needles:
+        assert needle in str(e.value)
+    check_heads_loaded(["backbone.res2.0.conv1.norm.num_batches_tracked"], [], "w.pkl")
 
 
 def test_convert_script_runs_as_a_command(tmp_path):

@@ -371,6 +371,22 @@ def test_instant_train_eval_resume(converted, tiny_coco, tmp_path):
     _check_results(results, tiny_coco)
 
 
+def test_eval_only_with_a_converted_backbone_names_the_missing_heads(
+    converted, tiny_coco, tmp_path
+):
+    """A backbone without detector heads would score random heads (AP ~ 0): refused."""
+    weights = converted[3]
+    args = _instant_args(weights, str(tmp_path / "eval"), tiny_coco, eval_only=True)
+    with pytest.raises(D2ConversionError) as e:
+        d2_trainer.main(args)
+    for part in ("proposal_generator.rpn_head", "roi_heads.box_predictor", "roi_heads.mask_head"):
+        assert part in str(e.value)
+    assert weights in str(e.value) and "fine-tune first" in str(e.value)
+    # the command line: one error line, exit 2, no evaluation written
+    assert d2_trainer.run(args) == 2
+    assert not os.path.exists(os.path.join(str(tmp_path / "eval"), "results.json"))
+
+
 def test_missing_weights_is_a_clear_error(tmp_path):
     args = train_net.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", str(tmp_path / "x.pkl"),
@@ -378,6 +394,14 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     )  # fmt: skip
     with pytest.raises(d2_trainer.TrainNetError, match="x.pkl"):
         d2_trainer.setup(args)
+    for folder in (tmp_path, tmp_path / "w.pkl"):  # a directory is not "missing"
+        folder.mkdir(exist_ok=True)
+        args = train_net.build_parser().parse_args(
+            ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", str(folder),
+             "OUTPUT_DIR", str(tmp_path / "o")]
+        )  # fmt: skip
+        with pytest.raises(d2_trainer.TrainNetError, match="is a directory"):
+            d2_trainer.setup(args)
     args = train_net.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path)]
     )

@@ -43,6 +43,7 @@ from transfer.d2_ext import has_cpp_ops, single_process_norm
 from transfer.d2_weights import (
     D2ConversionError,
     check_arch,
+    check_heads_loaded,
     check_trunk_loaded,
     read_d2_weights,
 )
@@ -81,9 +82,18 @@ class SafeCheckpointer(DetectionCheckpointer):
     logged (see :func:`transfer.d2_weights.check_trunk_loaded`).
     """
 
-    def __init__(self, model, save_dir: str = "", *, allow_unsafe: bool = False, **kwargs):
+    def __init__(
+        self,
+        model,
+        save_dir: str = "",
+        *,
+        allow_unsafe: bool = False,
+        require_all: bool = False,
+        **kwargs,
+    ):
         super().__init__(model, save_dir, **kwargs)
         self.allow_unsafe = allow_unsafe
+        self.require_all = require_all  # evaluation: heads must come from the file too
         self._path = ""
 
     def _load_file(self, filename: str) -> Dict:
@@ -95,6 +105,8 @@ class SafeCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Dict):
         incompatible = super()._load_model(checkpoint)
         check_trunk_loaded(incompatible.missing_keys, incompatible.incorrect_shapes, self._path)
+        if self.require_all:
+            check_heads_loaded(incompatible.missing_keys, incompatible.incorrect_shapes, self._path)
         return incompatible
 
 
@@ -162,12 +174,13 @@ def setup(args: argparse.Namespace) -> CfgNode:
             "MODEL.WEIGHTS path/to/weights.pkl (made by tools/convert_to_d2.py) or a trained "
             "model_final.pth"
         )
-    if (
-        cfg.MODEL.WEIGHTS
-        and "://" not in cfg.MODEL.WEIGHTS
-        and not os.path.isfile(cfg.MODEL.WEIGHTS)
-    ):
-        raise TrainNetError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS!r} does not exist")
+    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
+        if os.path.isdir(cfg.MODEL.WEIGHTS):
+            raise TrainNetError(
+                f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is a directory, not a weights file"
+            )
+        if not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise TrainNetError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS!r} does not exist")
     if cfg.MODEL.WEIGHTS and not resumable:
         check_weights(cfg, getattr(args, "allow_unsafe", False))
     check_data_available(cfg, eval_only=args.eval_only)
@@ -248,7 +261,10 @@ def main(args: argparse.Namespace) -> Dict:
     if args.eval_only:
         model = Trainer.build_model(cfg)
         SafeCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, allow_unsafe=getattr(args, "allow_unsafe", False)
+            model,
+            save_dir=cfg.OUTPUT_DIR,
+            allow_unsafe=getattr(args, "allow_unsafe", False),
+            require_all=True,  # no evaluation of randomly initialised heads
         ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():

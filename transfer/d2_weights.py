@@ -384,3 +384,40 @@ def check_trunk_loaded(missing_keys, incorrect_shapes, path: str) -> None:
         parts.append(f"backbone keys not loaded ({len(missing)}): {', '.join(missing[:12])}{more}")
     parts.append("(a shape mismatch during suffix matching also leaves a key unloaded)")
     raise D2ConversionError("\n  ".join(parts))
+
+
+def check_heads_loaded(missing_keys, incorrect_shapes, path: str) -> None:
+    """Error when weights to be EVALUATED leave detector tensors (heads included) unloaded.
+
+    A converted backbone has no RPN, box or mask heads: Detectron2 would evaluate randomly
+    initialised heads and report an AP near 0 with only a warning. For ``--eval-only`` every
+    model tensor (BatchNorm counters aside) must come from the file, with its shape.
+
+    Args:
+        missing_keys: model keys the checkpoint did not fill.
+        incorrect_shapes: ``(key, checkpoint shape, model shape)`` triples.
+        path: the weights file (for the message).
+
+    Raises:
+        D2ConversionError: naming the missing parts (key prefixes, counted) and the mismatches.
+    """
+    missing = [k for k in missing_keys if not k.endswith("num_batches_tracked")]
+    if not missing and not incorrect_shapes:
+        return
+    parts: dict[str, int] = {}
+    for k in missing:
+        prefix = ".".join(k.split(".")[:2])
+        parts[prefix] = parts.get(prefix, 0) + 1
+    named = ", ".join(f"{p} ({n} tensors)" for p, n in sorted(parts.items()))
+    msg = f"--eval-only: {path} cannot be evaluated as it is:"
+    if missing:
+        msg += f" it has no trained weights for {named}"
+    if incorrect_shapes:
+        shown = "; ".join(
+            f"{k}: {tuple(a)} in the file vs {tuple(b)}" for k, a, b in incorrect_shapes[:4]
+        )
+        msg += f"{';' if missing else ''} shapes differ ({len(incorrect_shapes)}): {shown}"
+    raise D2ConversionError(
+        msg + ". Evaluating it would score randomly initialised parts; fine-tune first "
+        "(imsvd-d2-train without --eval-only) and evaluate its model_final.pth"
+    )
