@@ -95,7 +95,8 @@ def knn_classify(
         sim, idx = (q @ bank.T).topk(kmax, dim=1)  # sorted, descending
         # exp(sim / T) / exp(sim_max / T): each query's votes scaled by one positive constant,
         # the largest weight exactly 1 (no overflow whatever T)
-        weight = ((sim - sim[:, :1]) / temperature).exp()
+        # (float64 for the division: no 0 / 0 even for a T below float32's range)
+        weight = ((sim.double() - sim[:, :1].double()) / temperature).exp().float()
         onehot = F.one_hot(labels[idx], n_cls).to(weight.dtype)  # (m, kmax, C)
         for k in preds:
             kk = min(k, kmax)

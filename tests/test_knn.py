@@ -74,7 +74,7 @@ def _two_cluster_problem(n_per_class=20):
     return bank, labels, q, np.repeat([0, 1], 10)
 
 
-@pytest.mark.parametrize("temperature", [0.01, 0.005, 1e-3, 1e-5])
+@pytest.mark.parametrize("temperature", [0.0113, 0.01, 0.005, 1e-3, 1e-5, 1e-40, 1e-300])
 def test_small_temperature_does_not_overflow(temperature):
     # exp(sim / T) overflows float32 for T below ~0.0113: the vote is max-subtracted
     bank, labels, q, y = _two_cluster_problem()
