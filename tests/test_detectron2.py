@@ -198,6 +198,27 @@ def test_safe_checkpointer_refuses_code_and_a_partial_fit(converted, tmp_path):
     checkpointer.load(converted[3])  # the matching ResNet-50 loads (only heads missing)
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("stem.conv1.weight", float("nan")),
+        ("res3.0.conv2.weight", float("inf")),
+        ("res2.0.conv1.norm.running_var", -1.0),
+        ("res4.1.conv1.norm.running_var", 0.0),
+        ("res5.0.conv1.norm.running_mean", float("nan")),
+    ],
+)
+def test_non_finite_weights_are_refused_naming_the_tensor(converted, tmp_path, key, value):
+    blobs = {k: np.array(v, copy=True) for k, v in converted[1].items()}
+    blobs[key].reshape(-1)[0] = value
+    path = str(tmp_path / "bad.pkl")
+    write_d2_pickle(blobs, path)
+    model = build_model(_cfg_from("mask_rcnn_C4_1x.yaml"))
+    with pytest.raises(D2ConversionError) as e:
+        d2_trainer.SafeCheckpointer(model).load(path)
+    assert key in str(e.value) and "bad.pkl" in str(e.value)
+
+
 def test_startup_refuses_another_depth_and_prints_what_it_read(converted, tmp_path, capsys):
     src, r18 = str(tmp_path / "r18.pth"), str(tmp_path / "r18.pkl")
     torch.save(torchvision.models.resnet18().state_dict(), src)

@@ -32,6 +32,7 @@ from detectron2.evaluation import (
     verify_results,
 )
 
+from pretrain.checkpoint import NonFiniteWeightsError, check_finite_weights
 from pretrain.log import print_table, write_json_atomic
 from transfer.d2_data import (
     TrainNetError,
@@ -107,6 +108,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         check_trunk_loaded(incompatible.missing_keys, incompatible.incorrect_shapes, self._path)
         if self.require_all:
             check_heads_loaded(incompatible.missing_keys, incompatible.incorrect_shapes, self._path)
+        try:  # NaN / inf tensors or a running_var <= 0 would give a plausible wrong AP
+            check_finite_weights(self.model, self._path, "model")
+        except NonFiniteWeightsError as exc:
+            raise D2ConversionError(str(exc)) from None
         return incompatible
 
 

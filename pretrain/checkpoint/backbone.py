@@ -342,8 +342,8 @@ def check_finite_weights(
 ) -> None:
     """Refuse weights no evaluation can give a meaningful number with.
 
-    Every floating-point parameter and buffer must be finite, and every BatchNorm's
-    ``running_var`` > 0 (in eval mode it divides the activations).
+    Every floating-point parameter and buffer must be finite, and every ``running_var`` (of a
+    BatchNorm, SyncBatchNorm or frozen BatchNorm) > 0: in eval mode it divides the activations.
 
     Args:
         module: the loaded module.
@@ -361,8 +361,8 @@ def check_finite_weights(
                 f"{t.numel()}; these weights cannot be evaluated"
             )
     for mod_name, mod in module.named_modules():
-        var = getattr(mod, "running_var", None)
-        if isinstance(mod, nn.modules.batchnorm._NormBase) and var is not None:
+        var = getattr(mod, "running_var", None)  # BatchNorm, SyncBN, frozen BatchNorm variants
+        if isinstance(var, torch.Tensor) and var.is_floating_point():
             if not bool((var > 0).all()):
                 raise NonFiniteWeightsError(
                     f"weights {path}: {part} tensor '{mod_name}.running_var' has "
