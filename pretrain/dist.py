@@ -11,9 +11,11 @@ helper below then degrades to the identity (or a no-op), so library code can cal
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Tuple
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,8 @@ __all__ = [
     "barrier",
     "all_gather_with_grad",
     "all_gather_tensor",
+    "gather_batch_sizes",
+    "known_batch_sizes",
     "all_reduce_sum",
     "all_reduce_sum_with_grad",
     "cleanup",
@@ -198,11 +202,67 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _gather_sizes(x: torch.Tensor) -> List[int]:
-    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+# Every rank's batch size for the current training step, when the caller knows them
+# (:func:`known_batch_sizes`): gathers of batch-row tensors then exchange no sizes.
+_BATCH_SIZES: contextvars.ContextVar[Optional[Tuple[int, ...]]] = contextvars.ContextVar(
+    "imsvd_batch_sizes", default=None
+)
+
+
+def gather_batch_sizes(local: int, device: torch.device) -> List[int]:
+    """Every rank's ``local`` count, in rank order: one all_gather and one host sync.
+
+    The training step calls it once, before the forward pass, and passes the result to
+    :func:`known_batch_sizes`, so the loss's gathers need no size exchange of their own.
+
+    Args:
+        local: this rank's count (e.g. readable images in its batch).
+        device: the process's device (NCCL gathers CUDA tensors only).
+
+    Returns:
+        ``[local]`` for a single process (no collective), else one int per rank.
+    """
+    if get_world_size() == 1:
+        return [int(local)]
+    size = torch.tensor([int(local)], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
     dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
+    return torch.cat(sizes).tolist()
+
+
+@contextlib.contextmanager
+def known_batch_sizes(sizes: Sequence[int]) -> Iterator[None]:
+    """Within the block, gathers of tensors with this rank's ``sizes[rank]`` rows use ``sizes``.
+
+    :func:`all_gather_with_grad` and :func:`all_gather_tensor` then make one collective per call
+    (the data), without the size all_gather and its device-to-host copy. Every rank must pass
+    the same ``sizes`` (as :func:`gather_batch_sizes` returns them) and gather only tensors of
+    its batch rows inside the block.
+
+    Args:
+        sizes: first-dim size of each rank's tensors, in rank order.
+
+    Raises:
+        ValueError: (at a gather in the block) a tensor whose first dim is not ``sizes[rank]``;
+            exchanging sizes on one rank only would leave the ranks' collectives unmatched.
+    """
+    token = _BATCH_SIZES.set(tuple(int(s) for s in sizes))
+    try:
+        yield
+    finally:
+        _BATCH_SIZES.reset(token)
+
+
+def _gather_sizes(x: torch.Tensor) -> List[int]:
+    known = _BATCH_SIZES.get()
+    if known is None:
+        return gather_batch_sizes(x.shape[0], x.device)
+    if len(known) != get_world_size() or known[get_rank()] != x.shape[0]:
+        raise ValueError(
+            f"gather of a tensor with {x.shape[0]} rows on rank {get_rank()} inside "
+            f"known_batch_sizes({list(known)}): only this rank's batch rows may be gathered there"
+        )
+    return list(known)
 
 
 def _gather_concat(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:

@@ -221,8 +221,10 @@ class Trainer:
         )
         set_lr(self.optimizer, self.lr)
         local = int(batch["size"])
-        too_small = torch.tensor([float(local < 2)], device=info.device)
-        if dist.all_reduce_sum(too_small).item() > 0:
+        # the step's one size exchange (and host sync) before the forward: the loss's gathers
+        # reuse these sizes, and every rank sees whether one of them must skip the batch
+        sizes = dist.gather_batch_sizes(local, info.device)
+        if min(sizes) < 2:
             self.log.warning(
                 "step %d: a process has fewer than 2 readable images in its batch (%s here, "
                 "the rest unreadable: see the skipped-image warnings); all processes skip it",
@@ -234,7 +236,8 @@ class Trainer:
         with _autocast(info.device, tr["precision"]):
             z1 = self.forward(x1)
             z2 = self.forward(x2)
-        losses = self.criterion(z1.float(), z2.float())
+        with dist.known_batch_sizes(sizes):
+            losses = self.criterion(z1.float(), z2.float())
         loss = losses["loss"]
         # one collective per step: [ranks with a non-finite loss, ranks signalled]
         flags = torch.stack(

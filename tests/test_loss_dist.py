@@ -13,9 +13,11 @@ from pretrain.dist import (
     all_gather_with_grad,
     all_reduce_sum,
     cleanup,
+    gather_batch_sizes,
     get_rank,
     get_world_size,
     init_distributed,
+    known_batch_sizes,
 )
 from pretrain.loss import IMSVDLoss
 
@@ -81,9 +83,51 @@ def _worker(rank, world, port, out_dir):
     (weights * gathered).sum().backward()
     results["gather_grad"] = leaf.grad
     results["reduced"] = all_reduce_sum(torch.full((2,), float(rank + 1)))
+    results["known"] = _known_sizes_step(rank, world, x1[half], x2[half], weight, local)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     cleanup()
+
+
+def _known_sizes_step(rank, world, x1, x2, weight, local):
+    """The training step's pattern: sizes exchanged once, then the loss inside
+    known_batch_sizes. Counts the all_gather calls and the device-to-host reads (.item(),
+    .tolist()) of the loss's forward and backward."""
+    counts = {"all_gather": 0, "host_reads": 0}
+    real_gather, real_item, real_tolist = dist.all_gather, torch.Tensor.item, torch.Tensor.tolist
+
+    def counted(real, key):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    sizes = gather_batch_sizes(x1.shape[0], torch.device("cpu"))
+    w = weight.clone().requires_grad_()
+    dist.all_gather = counted(real_gather, "all_gather")
+    torch.Tensor.item = counted(real_item, "host_reads")
+    torch.Tensor.tolist = counted(real_tolist, "host_reads")
+    try:
+        with known_batch_sizes(sizes):
+            out = IMSVDLoss(bin_size=B, impl="lean", shard=True, block_elems=B * D)(x1 @ w, x2 @ w)
+        out["loss"].backward()
+    finally:
+        dist.all_gather, torch.Tensor.item, torch.Tensor.tolist = (
+            real_gather,
+            real_item,
+            real_tolist,
+        )
+    grad = all_reduce_sum(w.grad) / world  # what DDP does with parameter gradients
+    result = {"sizes": sizes, "counts": counts, "loss": out["loss"].item(), "grad": grad}
+    with known_batch_sizes([1, 2]):  # unequal first dims, known: no exchange, same rows
+        result["gather"] = all_gather_tensor(local)
+    try:
+        with known_batch_sizes([5, 5]):  # not this rank's rows: refused on every rank
+            all_gather_tensor(local)
+    except ValueError as exc:
+        result["refused"] = str(exc)
+    return result
 
 
 def _free_port():
@@ -128,3 +172,18 @@ def test_two_rank_helpers(two_rank_results):
         rows = slice(0, 1) if rank == 0 else slice(1, 3)
         weights = torch.arange(9.0).reshape(3, 3)
         torch.testing.assert_close(res["gather_grad"], 2 * weights[rows])
+
+
+def test_known_batch_sizes_leave_no_size_exchange_in_the_loss(two_rank_results):
+    expected = torch.cat([torch.arange(3.0).reshape(1, 3), torch.arange(6.0).reshape(2, 3) + 10])
+    for rank, res in enumerate(two_rank_results):
+        known = res["known"]
+        assert known["sizes"] == [N // 2, N // 2]
+        # forward: one gather per view (q1, q2), no size gathers; backward: all-reduces only;
+        # and nothing read back to the host
+        assert known["counts"] == {"all_gather": 2, "host_reads": 0}
+        # the same loss and gradient as the path that exchanges sizes (CASES[2])
+        assert known["loss"] == pytest.approx(res[2][0]["loss"], rel=1e-6)
+        torch.testing.assert_close(known["grad"], res[2][1])
+        torch.testing.assert_close(known["gather"], expected)
+        assert f"on rank {rank} inside known_batch_sizes([5, 5])" in known["refused"]
