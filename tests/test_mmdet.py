@@ -269,6 +269,26 @@ def test_refuses_mismatched_arch(tmp_path, capsys):
     assert "depth 18" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("backbone.conv1.weight", float("nan")),
+        ("backbone.layer2.0.conv2.weight", float("inf")),
+        ("backbone.bn1.running_var", -1.0),
+        ("roi_head.shared_head.layer4.0.bn1.running_var", 0.0),
+    ],
+)
+def test_refuses_non_finite_weights_naming_the_tensor(tmp_path, converted, key, value):
+    _, good = converted
+    data = torch.load(good, weights_only=True)
+    data["state_dict"][key].view(-1)[0] = value
+    bad = str(tmp_path / "bad.pth")
+    torch.save(data, bad)
+    with pytest.raises(MMDetWeightsError) as e:
+        mmdet_trainer.setup(_args("mask_rcnn_C4_instant_test", "--weights", bad))
+    assert key in str(e.value) and "bad.pth" in str(e.value)
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {MARKER}",))

@@ -17,6 +17,7 @@ from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.runner import Runner, find_latest_checkpoint
 
+from pretrain.checkpoint import NonFiniteWeightsError, check_finite_tensors
 from pretrain.log import print_table, write_json_atomic
 from transfer.mmdet_ext import (
     MetricsCapture,
@@ -68,6 +69,10 @@ def _check_weights(path: str, cfg: Config, trained: bool) -> None:
     sd, meta = read_mmdet_weights(path, safe_globals=safe)
     depth = int(cfg.model.backbone.depth)
     n = check_depth(sd, meta, depth, path)
+    try:  # NaN / inf tensors or a running_var <= 0 would give a plausible wrong AP
+        check_finite_tensors(sd, path, "detector" if trained else "backbone")
+    except NonFiniteWeightsError as exc:
+        raise MMDetWeightsError(str(exc)) from None
     if trained and not any(k.startswith(("rpn_head.", "roi_head.bbox_head.")) for k in sd):
         raise MMDetWeightsError(
             f"{path}: no detection heads (rpn_head.*, roi_head.bbox_head.*); --eval-only needs a "

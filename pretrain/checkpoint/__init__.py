@@ -24,6 +24,7 @@ code from a file unless ``allow_unsafe`` is given. Modules:
 from .atomic import atomic_torch_save, atomic_write, check_plain, fsync_dir
 from .backbone import (
     NonFiniteWeightsError,
+    check_finite_tensors,
     check_finite_weights,
     export_backbone,
     export_torchvision_state_dict,
@@ -80,6 +81,7 @@ __all__ = [
     "atomic_write",
     "capture_rng_state",
     "check_plain",
+    "check_finite_tensors",
     "check_finite_weights",
     "checkpoint_name",
     "export_backbone",

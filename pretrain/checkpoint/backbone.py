@@ -337,38 +337,47 @@ class NonFiniteWeightsError(CheckpointError):
     """A loaded parameter or buffer holds NaN / inf, or a BatchNorm running variance is <= 0."""
 
 
-def check_finite_weights(
-    module: nn.Module, path: str | os.PathLike, part: str = "backbone"
+def check_finite_tensors(
+    tensors: Mapping[str, Any], path: str | os.PathLike, part: str = "backbone"
 ) -> None:
-    """Refuse weights no evaluation can give a meaningful number with.
+    """Refuse tensors no evaluation can give a meaningful number with.
 
-    Every floating-point parameter and buffer must be finite, and every ``running_var`` (of a
-    BatchNorm, SyncBatchNorm or frozen BatchNorm) > 0: in eval mode it divides the activations.
+    Every floating-point tensor must be finite, and every ``*.running_var`` (BatchNorm,
+    SyncBatchNorm, frozen BatchNorm) > 0: in eval mode it divides the activations.
 
     Args:
-        module: the loaded module.
-        path: the file it was read from (named in the error).
-        part: which module of the file ("backbone", "projector"), named in the error.
+        tensors: name -> tensor (a state dict); other values are ignored.
+        path: the file they were read from (named in the error).
+        part: which part of the file ("backbone", "projector", "model"), named in the error.
 
     Raises:
         NonFiniteWeightsError: naming the file, the part and the first offending tensor.
     """
-    for name, t in module.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteWeightsError(
                 f"weights {path}: {part} tensor '{name}' holds {bad} NaN/inf value(s) of "
                 f"{t.numel()}; these weights cannot be evaluated"
             )
-    for mod_name, mod in module.named_modules():
-        var = getattr(mod, "running_var", None)  # BatchNorm, SyncBN, frozen BatchNorm variants
-        if isinstance(var, torch.Tensor) and var.is_floating_point():
-            if not bool((var > 0).all()):
-                raise NonFiniteWeightsError(
-                    f"weights {path}: {part} tensor '{mod_name}.running_var' has "
-                    f"{int((var <= 0).sum())} value(s) <= 0 (min {float(var.min()):g}); a "
-                    "BatchNorm variance must be positive"
-                )
+        if name.endswith("running_var") and not bool((t > 0).all()):
+            raise NonFiniteWeightsError(
+                f"weights {path}: {part} tensor '{name}' has {int((t <= 0).sum())} value(s) "
+                f"<= 0 (min {float(t.min()):g}); a BatchNorm variance must be positive"
+            )
+
+
+def check_finite_weights(
+    module: nn.Module, path: str | os.PathLike, part: str = "backbone"
+) -> None:
+    """:func:`check_finite_tensors` on a loaded module's parameters and buffers.
+
+    Raises:
+        NonFiniteWeightsError: naming the file, the part and the first offending tensor.
+    """
+    check_finite_tensors(module.state_dict(), path, part)
 
 
 def model_from_checkpoint(
