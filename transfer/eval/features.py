@@ -175,17 +175,18 @@ def dataset_signature(dataset: Dataset) -> str:
     """
     samples = getattr(dataset, "samples", None)
     h = hashlib.sha256(str(len(dataset)).encode())
+    folders: dict[str, str] = {}  # each folder resolved once (symlinks, "..", the cwd)
     if samples is not None:
         for path, label in samples:
-            h.update(f"{_resolved(path)}\0{label}\n".encode())
+            h.update(f"{_resolved(str(path), folders)}\0{label}\n".encode())
     return h.hexdigest()
 
 
-def _resolved(path: Any) -> str:
-    try:
-        return str(Path(path).resolve())
-    except (OSError, RuntimeError, TypeError):
-        return str(path)
+def _resolved(path: str, folders: dict[str, str]) -> str:
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder or ".")
+    return os.path.join(folders[folder], name)
 
 
 def _file_hash(path: str) -> str:
