@@ -234,3 +234,13 @@ def test_the_folder_is_released_after_a_run_and_after_an_error(
     assert (
         "results written to" in capsys.readouterr().out + (tmp_path / "o" / "log.txt").read_text()
     )
+
+
+@pytest.mark.parametrize("text", ["imgs #2", "a: b", 'say "hi"', "it's", "#x", "[1, 2]", "1:30"])
+def test_string_overrides_arrive_intact(text):
+    cfg, _ = load_eval_config(
+        "knn",
+        _args(f"data.train_root={text}", f"output_dir=runs/{text}", "--weights", f"w/{text}"),
+    )
+    assert cfg["data"]["train_root"] == text
+    assert cfg["output_dir"] == f"runs/{text}" and cfg["model"]["weights"] == f"w/{text}"
