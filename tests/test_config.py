@@ -290,6 +290,16 @@ def test_every_null_default_is_declared(tmp_path):
     root.write_text("a:\n  b: 1\n_types_:\n  a.b: integer\n")
     with pytest.raises(ConfigError, match="unknown type"):
         load_config(root)
+    root.write_text("a:\n  b: 1\n_types_:\n  a.b: int >=x\n")
+    with pytest.raises(ConfigError, match="malformed bound"):
+        load_config(root)
+    root.write_text("a:\n  b: 1\n_types_:\n  a.b: 3\n")
+    with pytest.raises(ConfigError, match="_types_"):
+        load_config(root)
+    root.write_text("a:\n  b: [1]\n_types_:\n  a.b: list[int] len<=2\n")
+    assert load_config(root, ["a.b=[1, 2]"])["a"]["b"] == [1, 2]
+    with pytest.raises(ConfigError, match="list length 3 must be <= 2"):
+        load_config(root, ["a.b=[1, 2, 3]"])
 
 
 def test_saved_config_reads_back_the_same_with_either_yaml_rule(tmp_path):
