@@ -33,6 +33,7 @@ __all__ = [
     "all_gather_tensor",
     "gather_batch_sizes",
     "known_batch_sizes",
+    "shard_range",
     "all_reduce_sum",
     "all_reduce_sum_with_grad",
     "cleanup",
@@ -251,6 +252,11 @@ def known_batch_sizes(sizes: Sequence[int]) -> Iterator[None]:
         yield
     finally:
         _BATCH_SIZES.reset(token)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """Contiguous [start, stop) of ``n`` items for ``rank``; sizes differ by at most one."""
+    return (n * rank) // world_size, (n * (rank + 1)) // world_size
 
 
 def _gather_sizes(x: torch.Tensor) -> List[int]:

@@ -184,7 +184,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=tr["precision"] == "fp16")
         self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
         probe = None
-        if cfg["eval"]["every_steps"] > 0 and info.is_main:
+        if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
             probe = build_probe(cfg["eval"], cfg["data"])
         self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)
         self.metrics_hook = MetricsHook(self.writer, cfg["log"]["every_steps"])

@@ -101,7 +101,8 @@ class MetricsHook(HookBase):
 
 class ProbeHook(HookBase):
     """Online kNN probe every ``eval.every_steps`` steps, at step 0 of a fresh run and at the
-    end; runs on the main process (eval-mode BN needs no collective), the others wait."""
+    end; every rank runs it on its shard of the bank (:class:`pretrain.probe.KNNProbe`), the
+    main process writes and logs the result."""
 
     def __init__(self, probe, writer: MetricWriter, every: int) -> None:
         self.probe, self.writer, self.every = probe, writer, int(every)

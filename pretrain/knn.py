@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pretrain import dist
+
 __all__ = ["knn_classify", "knn_accuracy", "check_temperature"]
 
 
@@ -43,6 +45,57 @@ def check_temperature(temperature: float, key: str = "temperature") -> float:
     return t
 
 
+# float32 similarity and bank index in one int64 sort key: similarity descending, then the
+# lower bank index first. topk on the keys is deterministic, and shards merge by the same rule.
+_LOW = 1 << 32
+_PAD = torch.iinfo(torch.int64).min  # a padded candidate: below every real key
+
+
+def _order_keys(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys of float32 ``sim`` (m, b) and int64 bank indices ``index`` (b,) < 2**32."""
+    bits = sim.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in sim
+    return ordered * _LOW + (_LOW - 1 - index)
+
+
+def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 similarities, int64 bank indices) of keys made by :func:`_order_keys`."""
+    high = torch.div(keys, _LOW, rounding_mode="floor")
+    index = _LOW - 1 - (keys - high * _LOW)
+    bits = high.to(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32), index
+
+
+def _shard_topk(q, bank, offset, kmax, bank_block):
+    """Top-``kmax`` keys (m, kmax) of queries ``q`` over this bank shard, rows [offset, ...) of
+    the whole bank, one (m, bank_block) similarity block at a time; padded with _PAD."""
+    best = torch.full((q.shape[0], kmax), _PAD, dtype=torch.int64, device=q.device)
+    for lo in range(0, bank.shape[0], bank_block):
+        # normalised block by block: the shard itself is never copied
+        block = F.normalize(bank[lo : lo + bank_block], dim=1)
+        index = torch.arange(lo, lo + block.shape[0], device=q.device) + offset
+        keys = _order_keys(q @ block.T, index)
+        keys = keys.topk(min(kmax, keys.shape[1]), dim=1).values
+        best = torch.cat([best, keys], dim=1).topk(kmax, dim=1).values
+    return best
+
+
+def _check_inputs(bank, labels, queries, ks, chunk_size, bank_block):
+    if int(chunk_size) <= 0:
+        raise ValueError(f"kNN chunk_size must be a positive integer, got {chunk_size!r}")
+    if int(bank_block) <= 0:
+        raise ValueError(f"kNN bank_block must be a positive integer, got {bank_block!r}")
+    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"kNN: bank {tuple(bank.shape)} and queries {tuple(queries.shape)} differ")
+    if labels.shape[0] != bank.shape[0]:
+        raise ValueError(f"kNN: {bank.shape[0]} bank rows but {labels.shape[0]} labels")
+    if not ks or any(int(k) <= 0 for k in ks):
+        raise ValueError(f"kNN: ks must be positive integers, got {list(ks)}")
+    for name, feats in (("bank", bank), ("query", queries)):
+        if not bool(torch.isfinite(feats).all()):
+            raise ValueError(f"kNN: the {name} features contain NaN or infinite values")
+
+
 def knn_classify(
     train_feats: np.ndarray | torch.Tensor,
     train_labels: np.ndarray | torch.Tensor,
@@ -52,57 +105,96 @@ def knn_classify(
     num_classes: int | None = None,
     chunk_size: int = 1024,
     device: str | torch.device = "cpu",
+    sharded: bool = False,
+    bank_block: int = 65536,
 ) -> dict:
-    """Weighted cosine k-NN predictions.
+    """Weighted cosine k-NN predictions, on one process or over a bank sharded across ranks.
+
+    The k neighbours of a query are its k most similar bank rows, ties in similarity broken by
+    the lower bank index (-0.0 counts below +0.0); the vote of class c is the sum over them of
+    exp((sim - sim_max) / T), the largest class wins (the lower class index on a tie).
+
+    With ``sharded=True`` in a process group, ``train_feats`` / ``train_labels`` are this rank's
+    contiguous shard of the bank (rank 0 the first rows, then rank 1, ...; shards may differ in
+    size or be empty) and ``test_feats`` the same queries on every rank. Each rank finds its
+    shard's top-k candidates per query chunk, one all_gather of (chunk, k) keys and labels
+    merges them, and the merged top-k are voted by scatter-adding their weights: predictions
+    equal those of one process holding the whole bank, returned on every rank. Per rank the
+    memory is the shard (not copied: each bank block is normalised when it is used) plus
+    O(chunk_size x (bank_block + W k)); no N x D array is gathered.
 
     Args:
-        train_feats: (N, D) bank features (normalised here).
-        train_labels: (N,) integer labels.
+        train_feats: (N, D) bank features, or this rank's (N_r, D) shard (L2-normalised here,
+            block by block; a float32 array or tensor on ``device`` is used without a copy).
+        train_labels: (N,) or (N_r,) integer labels.
         test_feats: (M, D) query features.
-        ks: neighbour counts (each capped at N).
+        ks: neighbour counts (each capped at the whole bank's size).
         temperature: vote weight exp(sim / temperature); finite and > 0.
-        num_classes: label count (default: max label + 1).
-        chunk_size: query rows per similarity block (bounds memory to chunk_size x N).
-        device: where the similarity products run.
+        num_classes: label count (default: max label + 1 over the whole bank).
+        chunk_size: query rows per similarity block.
+        device: where the products run (the process's device for NCCL).
+        sharded: the bank is sharded over the process group's ranks (every rank must call).
+        bank_block: bank rows per similarity block (bounds it to chunk_size x bank_block).
 
     Returns:
         {k: (M,) int64 numpy predictions} for each k in ks.
 
     Raises:
-        ValueError: temperature not finite or <= 0, non-positive k or chunk_size, mismatched
-            shapes, empty bank, non-finite features.
+        ValueError: temperature not finite or <= 0, non-positive k, chunk_size or bank_block,
+            mismatched shapes, an empty bank, non-finite features.
     """
     temperature = check_temperature(temperature)
-    if int(chunk_size) <= 0:
-        raise ValueError(f"kNN chunk_size must be a positive integer, got {chunk_size!r}")
-    bank = F.normalize(torch.as_tensor(train_feats, dtype=torch.float32, device=device), dim=1)
+    bank = torch.as_tensor(train_feats, dtype=torch.float32, device=device)
     labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
     queries = torch.as_tensor(test_feats, dtype=torch.float32)
-    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"kNN: bank {tuple(bank.shape)} and queries {tuple(queries.shape)} differ")
-    if labels.shape[0] != bank.shape[0] or bank.shape[0] == 0:
-        raise ValueError(f"kNN: {bank.shape[0]} bank rows but {labels.shape[0]} labels")
-    if not ks or any(int(k) <= 0 for k in ks):
-        raise ValueError(f"kNN: ks must be positive integers, got {list(ks)}")
-    for name, feats in (("bank", bank), ("query", queries)):
-        if not bool(torch.isfinite(feats).all()):
-            raise ValueError(f"kNN: the {name} features contain NaN or infinite values")
-    n_cls = int(num_classes) if num_classes else int(labels.max()) + 1
-    kmax = min(max(int(k) for k in ks), bank.shape[0])
+    _check_inputs(bank, labels, queries, ks, chunk_size, bank_block)
+    world = dist.get_world_size() if sharded else 1
+    sizes = dist.gather_batch_sizes(bank.shape[0], bank.device) if world > 1 else [bank.shape[0]]
+    offset, total = sum(sizes[: dist.get_rank()]) if world > 1 else 0, sum(sizes)
+    if total == 0:
+        raise ValueError("kNN: 0 bank rows")
+    top = labels.max() if labels.numel() else labels.new_zeros(())
+    n_cls = int(num_classes) if num_classes else int(_max_over_ranks(top, world)) + 1
+    kmax = min(max(int(k) for k in ks), total)
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
     for start in range(0, queries.shape[0], int(chunk_size)):
         q = F.normalize(queries[start : start + int(chunk_size)].to(device), dim=1)
-        sim, idx = (q @ bank.T).topk(kmax, dim=1)  # sorted, descending
+        keys = _shard_topk(q, bank, offset, kmax, int(bank_block))
+        if world > 1:  # merge the shards' candidates by the same key order
+            keys = torch.cat(dist.all_gather_tensor(keys[None]).unbind(0), dim=1)
+            keys = keys.topk(kmax, dim=1).values
+        sim, index = _decode_keys(keys)  # (m, kmax): whole-bank top-k, sorted
+        cand = _labels_at(labels, index, offset, world)
         # exp(sim / T) / exp(sim_max / T): each query's votes scaled by one positive constant,
-        # the largest weight exactly 1 (no overflow whatever T)
-        # (float64 for the division: no 0 / 0 even for a T below float32's range)
+        # the largest weight exactly 1 (no overflow whatever T; float64 for the division)
         weight = ((sim.double() - sim[:, :1].double()) / temperature).exp().float()
-        onehot = F.one_hot(labels[idx], n_cls).to(weight.dtype)  # (m, kmax, C)
         for k in preds:
             kk = min(k, kmax)
-            votes = (onehot[:, :kk] * weight[:, :kk, None]).sum(1)
+            votes = weight.new_zeros((q.shape[0], n_cls)).scatter_add_(
+                1, cand[:, :kk], weight[:, :kk]
+            )
             preds[k].append(votes.argmax(1).cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros(0, np.int64) for k, v in preds.items()}
+
+
+def _max_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The largest of a scalar over the ranks (the tensor itself for one process)."""
+    if world == 1:
+        return x
+    return dist.all_gather_tensor(x.reshape(1)).max()
+
+
+def _labels_at(labels, index, offset, world):
+    """Labels (m, k) of whole-bank indices: this shard's, then gathered (max) from the others."""
+    local = index - offset
+    if labels.shape[0] == 0:
+        out = torch.full_like(index, -1)
+    else:
+        mine = (local >= 0) & (local < labels.shape[0])
+        out = torch.where(mine, labels[local.clamp(0, labels.shape[0] - 1)], -1)
+    if world > 1:  # each candidate's label is known on exactly one rank
+        out = dist.all_gather_tensor(out[None]).max(dim=0).values
+    return out
 
 
 def knn_accuracy(

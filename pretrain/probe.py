@@ -24,6 +24,7 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
+from pretrain import dist
 from pretrain.datasets import SyntheticImages, build_image_dataset
 from pretrain.images import CorruptImageError, DataError, load_rgb
 from pretrain.knn import check_temperature, knn_accuracy
@@ -138,22 +139,30 @@ class KNNProbe:
         return torch.cat(out)
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        # In a process group every rank calls it: each embeds its contiguous shard of the bank
+        # (and all queries) and the sharded kNN merges the shards' neighbours, so the bank's
+        # forward passes divide by the world size; every rank returns the same numbers.
         t0 = time.perf_counter()
+        world = dist.get_world_size()
+        start, stop = dist.shard_range(len(self.bank), dist.get_rank(), world)
         was_training = backbone.training
         backbone.eval()
         try:
-            fb = self.features(backbone, self.bank.images)
+            fb = self.features(backbone, self.bank.images[start:stop])
             fq = self.features(backbone, self.queries.images)
         finally:
             backbone.train(was_training)
         acc = knn_accuracy(
             fb,
-            self.bank.labels,
+            self.bank.labels[start:stop],
             fq,
             self.queries.labels,
             ks=self.ks,
             temperature=self.temperature,
             num_classes=self.num_classes,
+            sharded=world > 1,
+            # NCCL gathers CUDA tensors: the vote runs where the backbone is
+            device=next(backbone.parameters()).device if world > 1 else "cpu",
         )
         out = {f"knn/{k}": v for k, v in acc.items()}
         out["knn/seconds"] = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """Pretraining engine end to end on CPU: smoke run, resume, preemption, non-finite loss."""
 
 import errno
+import json
 import os
 import re
 import signal
@@ -369,3 +370,22 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
     _, projector2, meta2 = ckpt.model_from_checkpoint(tmp_path / "model_sd.pth")
     assert isinstance(projector2, NormedProjector) and meta2["projector"]["out_norm"] == "bn"
     torch.testing.assert_close(IMSVDModel(backbone, projector2).eval()(x), read(x))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_probe_bank_sharded_over_two_processes_matches_one(tmp_path):
+    """The online probe at step 0 (same initial weights): 2 ranks, each embedding half of the
+    bank, report what one process holding the whole bank reports."""
+    probe = ["eval.every_steps=2", "eval.bank_size=20", "eval.query_size=10", "eval.ks=[1,3]",
+             "train.epochs=1", "train.max_steps=1"]  # fmt: skip
+    rows = {}
+    for nproc in ("1", "2"):
+        out = tmp_path / f"probe{nproc}"
+        _launch(out, *probe, NPROC_PER_NODE=nproc, MASTER_PORT=str(32500 + os.getpid() % 1000))
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        first = [json.loads(x) for x in lines if '"knn/top1_k1"' in x][0]
+        rows[nproc] = first
+    assert rows["1"]["step"] == rows["2"]["step"] == 0
+    for k in ("knn/top1_k1", "knn/top1_k3"):
+        assert rows["2"][k] == rows["1"][k], (k, rows)

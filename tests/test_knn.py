@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from helpers import run_module
 
 from pretrain.knn import knn_accuracy, knn_classify
@@ -256,3 +257,91 @@ def test_bad_knn_settings_are_refused_naming_the_key(tiny, tmp_path, capsys, ove
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0]
     assert not (tmp_path / "o" / "knn_results.json").exists()
+
+
+def test_order_keys_sort_by_similarity_then_lower_index():
+    from pretrain.knn import _decode_keys, _order_keys
+
+    sims = torch.tensor([[0.5, -0.25, 1.0, -1.0, 0.0, -0.0, 0.5, 3e-39, -3e-39]])
+    index = torch.tensor([7, 1, 4, 0, 2, 3, 5, 6, 8]) + (1 << 31)  # large indices too
+    keys = _order_keys(sims, index)
+    got_sim, got_idx = _decode_keys(keys)
+    assert torch.equal(got_sim.view(torch.int32), sims.view(torch.int32))  # bit-exact, -0.0 too
+    assert torch.equal(got_idx, index[None])
+    order = keys.argsort(dim=1, descending=True)[0].tolist()
+    expected = sorted(range(9), key=lambda j: (-sims[0, j].item(), index[j].item()))
+    assert order == expected  # +0.0 (index 2) before -0.0 (index 3) here by index as well
+    assert order[:3] == [2, 6, 0]  # 1.0, then the two 0.5s: the lower index (5 < 7) first
+
+
+def test_tied_neighbours_are_taken_in_bank_order():
+    # two identical bank rows with different labels: k = 1 takes the one listed first
+    bank = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    q = np.array([[1.0, 0.0]])
+    assert knn_classify(bank, [1, 0, 0], q, ks=(1,))[1][0] == 1
+    assert knn_classify(bank, [0, 1, 0], q, ks=(1,))[1][0] == 0
+
+
+def test_bank_blocks_do_not_change_predictions():
+    rng = np.random.default_rng(5)
+    bank, labels = rng.normal(size=(300, 6)), rng.integers(0, 5, 300)
+    q = rng.normal(size=(40, 6))
+    whole = knn_classify(bank, labels, q, ks=(1, 7, 50, 300), chunk_size=16)
+    for block in (1, 7, 64, 299):
+        got = knn_classify(bank, labels, q, ks=(1, 7, 50, 300), chunk_size=16, bank_block=block)
+        for k in whole:
+            np.testing.assert_array_equal(got[k], whole[k], err_msg=f"bank_block={block} k={k}")
+    with pytest.raises(ValueError, match="bank_block"):
+        knn_classify(bank, labels, q, bank_block=0)
+
+
+def _sharded_worker(rank, world, port, out_dir, splits):
+    import os
+
+    import torch.distributed as tdist
+
+    from pretrain.dist import cleanup, init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    bank, labels, q = _sharded_problem()
+    out = {}
+    for name, cut in splits.items():
+        lo, hi = (0, cut) if rank == 0 else (cut, len(bank))
+        out[name] = knn_classify(bank[lo:hi], labels[lo:hi], q, ks=(1, 5, 40, 400),
+                                 chunk_size=32, sharded=True, bank_block=50)  # fmt: skip
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    tdist.barrier()
+    cleanup()
+
+
+def _sharded_problem():
+    rng = np.random.default_rng(11)
+    bank = rng.normal(size=(400, 8)).astype(np.float32)
+    bank[200:210] = bank[0]  # duplicates across the shards, some with other labels
+    labels = rng.integers(0, 6, 400)
+    q = np.concatenate([rng.normal(size=(70, 8)), bank[:5]]).astype(np.float32)
+    return bank, labels, q
+
+
+@pytest.mark.dist
+def test_sharded_bank_on_two_ranks_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # uneven shards, a shard smaller than k, and an empty shard on rank 0
+    splits = {"even": 200, "uneven": 37, "tiny": 3, "empty": 0}
+    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path), splits), nprocs=2, join=True)
+    bank, labels, q = _sharded_problem()
+    one = knn_classify(bank, labels, q, ks=(1, 5, 40, 400), chunk_size=32)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for name in splits:
+            for k in one:
+                np.testing.assert_array_equal(got[name][k], one[k], err_msg=f"{name} k={k}")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain.checkpoint import atomic_write, fsync_dir
 from pretrain.datasets import collate_readable
-from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size
+from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size, shard_range
 from pretrain.log import progress, write_json_atomic
 
 logger = logging.getLogger("imsvd.features")
@@ -86,11 +86,6 @@ def forward_features(model: nn.Module, x: torch.Tensor, layer: str = "pool5") ->
     if layer == "res5":
         x = model.layer4(x)
     return torch.flatten(F.adaptive_avg_pool2d(x, _SPATIAL_POOL[layer]), 1)
-
-
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous [start, stop) of ``n`` items for ``rank``; sizes differ by at most one."""
-    return (n * rank) // world_size, (n * (rank + 1)) // world_size
 
 
 @torch.no_grad()

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""kNN at scale: per-rank peak memory and time, the gathered bank vs the sharded bank.
+
+Synthetic banks of N x D float32 features (default N = 128k and 512k, D = 2048, 1,000 classes)
+are voted on by Q queries (k = 20 and 200, T = 0.07) on W = 1 and 2 gloo processes, each
+variant in fresh processes so that the peak resident memory (``ru_maxrss``) is its own:
+
+- ``gathered`` (the evaluations' path before the sharded kNN): every rank generates its shard,
+  all-gathers the whole N x D bank (``all_gather_tensor``, as ``extract_features`` does) and
+  votes over it with the one-hot kNN (a (chunk, N) similarity block and a (chunk, k, C) one-hot);
+- ``sharded`` (:func:`pretrain.knn.knn_classify` with ``sharded=True``, the online probe's
+  path): every rank keeps its shard, finds its top-k candidates per query chunk over bank
+  blocks, one gather merges them, the merged top-k are scatter-added.
+
+Both variants' predictions are compared (the count of queries whose prediction differs is
+printed: 0 expected, float32 rounding of near-ties aside). The peak of ``sharded`` follows
+``P(N, W) = c0 + 4 N D / W + 4 Q D + 20 chunk bank_block`` bytes (the shard, the queries, one
+similarity block with its int64 sort keys and temporaries); ``c0`` (the process with torch
+loaded) is fitted on the first run and the formula is checked on the others, then extrapolated
+to ImageNet (N = 1,281,167, D = 2048, W = 8 and 32). The gathered path holds at least
+``4 N D (2 + 1 / W)`` bytes per rank (its shard, the gathered parts, their concatenation).
+
+    python benchmarks/bench_knn_scale.py                       # 128k and 512k (needs ~20 GB)
+    python benchmarks/bench_knn_scale.py --sizes 32768 65536   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain import dist as pdist  # noqa: E402
+from pretrain.knn import knn_classify  # noqa: E402
+
+KS = (20, 200)
+
+
+def gathered_knn(bank, labels, queries, ks, temperature, n_cls, chunk):
+    """The one-hot vote over the whole bank on every rank (the implementation before the
+    sharded kNN, kept here as the reference)."""
+    bank = F.normalize(torch.as_tensor(bank, dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    queries = torch.as_tensor(queries, dtype=torch.float32)
+    kmax = min(max(ks), bank.shape[0])
+    preds = {k: [] for k in ks}
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start : start + chunk], dim=1)
+        sim, idx = (q @ bank.T).topk(kmax, dim=1)
+        weight = ((sim.double() - sim[:, :1].double()) / temperature).exp().float()
+        onehot = F.one_hot(labels[idx], n_cls).to(weight.dtype)
+        for k in preds:
+            votes = (onehot[:, :k] * weight[:, :k, None]).sum(1)
+            preds[k].append(votes.argmax(1))
+    return {k: torch.cat(v).numpy() for k, v in preds.items()}
+
+
+def make_shard(n: int, dim: int, rank: int, world: int, classes: int):
+    """This rank's contiguous rows of the synthetic bank: class centres plus noise, generated
+    block by block from (seed, block) so every world size sees the same bank."""
+    start, stop = pdist.shard_range(n, rank, world)
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0))
+    block = 8192
+    feats = torch.empty(stop - start, dim)
+    labels = torch.empty(stop - start, dtype=torch.long)
+    for b0 in range(start // block * block, stop, block):
+        g = torch.Generator().manual_seed(1 + b0 // block)
+        lab = torch.randint(0, classes, (block,), generator=g)
+        rows = centres[lab] + 2.0 * torch.randn(block, dim, generator=g)
+        lo, hi = max(b0, start), min(b0 + block, stop)
+        feats[lo - start : hi - start] = rows[lo - b0 : hi - b0]
+        labels[lo - start : hi - start] = lab[lo - b0 : hi - b0]
+    return feats, labels, centres
+
+
+def _worker(rank, world, port, cfg, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(max(1, cfg["threads"] // world))
+    if world > 1:
+        pdist.init_distributed("cpu")
+    feats, labels, centres = make_shard(cfg["n"], cfg["dim"], rank, world, cfg["classes"])
+    g = torch.Generator().manual_seed(99)
+    qlab = torch.randint(0, cfg["classes"], (cfg["queries"],), generator=g)
+    queries = centres[qlab] + 2.0 * torch.randn(cfg["queries"], cfg["dim"], generator=g)
+    t0 = time.perf_counter()
+    if cfg["variant"] == "gathered":
+        if world > 1:
+            feats = pdist.all_gather_tensor(feats)
+            labels = pdist.all_gather_tensor(labels)
+        preds = gathered_knn(feats, labels, queries, KS, 0.07, cfg["classes"], cfg["chunk"])
+    else:
+        preds = knn_classify(feats, labels, queries, ks=KS, num_classes=cfg["classes"],
+                             chunk_size=cfg["chunk"], sharded=world > 1)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    acc = {k: float((torch.as_tensor(p) == qlab).float().mean()) * 100 for k, p in preds.items()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "peak": peak, "seconds": seconds, "acc": acc,
+        "preds": {k: np.asarray(p).tolist() for k, p in preds.items()},
+    }))  # fmt: skip
+    if world > 1:
+        pdist.barrier()
+        pdist.cleanup()
+
+
+def run(cfg: dict) -> dict:
+    """One variant on cfg["world"] fresh processes; the ranks' results."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(cfg["world"], port, cfg, out), nprocs=cfg["world"], join=True)
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cfg["world"])]
+
+
+BANK_BLOCK = 65536  # knn_classify's default
+
+
+def model_bytes(c0: float, n: int, world: int, dim: int, queries: int, chunk: int) -> float:
+    """The sharded kNN's per-rank peak (bytes) by the formula in the module docstring."""
+    return c0 + 4 * n * dim / world + 4 * queries * dim + 20 * chunk * BANK_BLOCK
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[131072, 524288])
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--queries", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--max-gathered-gb", type=float, default=18.0,
+        help="skip a gathered run whose estimated total resident memory exceeds this",
+    )  # fmt: skip
+    args = parser.parse_args()
+    rows, c0 = [], None
+    gib = 1024**3
+    shape = dict(dim=args.dim, queries=args.queries, chunk=args.chunk)
+    for n in args.sizes:
+        for world in (1, 2):
+            res = {}
+            for variant in ("gathered", "sharded"):
+                est = world * 4 * n * args.dim * (2 + 1 / world) / gib
+                if variant == "gathered" and est > args.max_gathered_gb:
+                    res[variant] = None  # would not fit this machine's memory
+                    continue
+                res[variant] = run(dict(vars(args), n=n, world=world, variant=variant))
+            sharded = res["sharded"]
+            peak = max(r["peak"] for r in sharded)
+            if c0 is None:
+                c0 = peak - model_bytes(0.0, n, world, **shape)
+            differ = None
+            if res["gathered"] is not None:
+                a, b = res["gathered"][0]["preds"], sharded[0]["preds"]
+                differ = {k: int(np.sum(np.array(a[k]) != np.array(b[k]))) for k in a}
+            rows.append((n, world, res["gathered"], sharded, peak, differ))
+    print(
+        f"kNN, D={args.dim}, {args.queries} queries, {args.classes} classes, k={list(KS)}, "
+        f"chunk {args.chunk}, {args.threads} threads in all; per-rank peak RSS (GiB)"
+    )
+    print("| N | W | gathered peak | gathered s | sharded peak | sharded s | formula (error) "
+          "| predictions differing (k=20/200) | top-1 k=20 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, world, gathered, sharded, peak, differ in rows:
+        gp = f"{max(r['peak'] for r in gathered) / gib:.2f}" if gathered else "not run (RAM)"
+        gs = f"{max(r['seconds'] for r in gathered):.1f}" if gathered else "-"
+        ss = max(r["seconds"] for r in sharded)
+        predicted = model_bytes(c0, n, world, **shape)
+        err = 100 * (predicted - peak) / peak
+        dif = f"{differ['20']}/{differ['200']}" if differ else "-"
+        print(
+            f"| {n} | {world} | {gp} | {gs} | {peak / gib:.2f} | {ss:.1f} | "
+            f"{predicted / gib:.2f} ({err:+.1f}%) | {dif} | {sharded[0]['acc']['20']:.2f} |"
+        )
+    print(f"fitted c0 = {c0 / gib:.2f} GiB (the process with torch loaded)")
+    n = 1_281_167
+    for world in (8, 32):
+        new = model_bytes(c0, n, world, 2048, args.queries, args.chunk) / gib
+        old = 4 * n * 2048 * (2 + 1 / world) / gib
+        print(
+            f"ImageNet N={n}, D=2048, W={world}: sharded {new:.2f} GiB per rank "
+            f"(shard {4 * n * 2048 / world / gib:.2f}); gathered >= {old:.1f} GiB per rank"
+        )
+
+
+if __name__ == "__main__":
+    main()
