@@ -86,9 +86,13 @@ def parse_spec(spec: str) -> KeyType:
     bounds, length = [], []
     for tok in tokens[1:]:
         b = _BOUND_RE.match(tok)
-        if not b:
+        try:
+            number = float(b.group(3)) if b else None
+        except ValueError:  # the pattern admits e.g. "1.2.3" and "."
+            number = None
+        if number is None:
             raise KeyTypeError(f"malformed bound {tok!r} in {spec!r} (e.g. >=1, <1, len=2)")
-        (length if b.group(1) else bounds).append((b.group(2), float(b.group(3))))
+        (length if b.group(1) else bounds).append((b.group(2), number))
     return KeyType(head, nullable, item, tuple(bounds), tuple(length))
 
 
@@ -114,7 +118,10 @@ def key_type(dotted: str, default: Any, declared: dict[str, str]) -> KeyType:
         KeyTypeError: a malformed declaration, or a null default without one.
     """
     if dotted in declared:
-        return parse_spec(declared[dotted])
+        try:
+            return parse_spec(declared[dotted])
+        except KeyTypeError as e:
+            raise KeyTypeError(f"'_types_' declaration of '{dotted}': {e}") from None
     kt = infer_type(default)
     if kt is None:
         raise KeyTypeError(f"schema key '{dotted}' has a null default and no type in '_types_'")

@@ -302,6 +302,17 @@ def test_every_null_default_is_declared(tmp_path):
         load_config(root, ["a.b=[1, 2, 3]"])
 
 
+@pytest.mark.parametrize("bound", [">=1.2.3", ">=.", "len<1..2"])
+def test_a_bound_that_is_not_a_number_is_a_config_error_naming_the_key(tmp_path, bound):
+    root = tmp_path / "root.yaml"
+    root.write_text(f"a:\n  b: 1\n_types_:\n  a.b: int {bound}\n")
+    with pytest.raises(ConfigError, match="malformed bound") as e:
+        load_config(root)
+    assert "'a.b'" in str(e.value) and bound in str(e.value) and str(root) in str(e.value)
+    with pytest.raises(ConfigError, match="malformed bound"):  # and through an override
+        load_config(root, ["a.b=2"])
+
+
 def test_saved_config_reads_back_the_same_with_either_yaml_rule(tmp_path):
     from pretrain.config import yaml_load
 
