@@ -50,9 +50,9 @@ def test_the_lock_pins_every_requested_package_within_its_range():
     for req in _requested():
         name = _canonical(req.name)
         assert name in pins, f"{req} is not in constraints.txt"
-        assert req.specifier.contains(Version(pins[name]), prereleases=True), (
-            f"constraints.txt pins {name}=={pins[name]}, outside {req}"
-        )
+        assert req.specifier.contains(
+            Version(pins[name]), prereleases=True
+        ), f"constraints.txt pins {name}=={pins[name]}, outside {req}"
 
 
 def test_lock_check_reports_installed_packages_off_the_lock():
@@ -65,3 +65,9 @@ def test_lock_check_reports_installed_packages_off_the_lock():
     )
     assert lock_check.off_lock(text) == ["numpy==0.0.1"]
 
+
+def test_lock_check_accepts_a_local_label_against_a_plain_pin(monkeypatch):
+    installed = {"torch": "2.14.1+cpu", "torchvision": "0.29.1", "numpy": "2.4.6+local"}
+    monkeypatch.setattr(lock_check, "version", lambda name: installed[name])
+    text = "torch==2.14.1\ntorchvision==0.29.2\nnumpy==2.4.6+other\n"
+    assert lock_check.off_lock(text) == ["torchvision==0.29.2", "numpy==2.4.6+other"]

@@ -267,10 +267,10 @@ def test_install_patches_are_strict():
         "                extra_compile_args['nvcc'] += ['-std=c++17']\n"
         "    version=get_version(),\n"
     )
-    (rel, patch), (rel2, patch2) = install_tool.mmcv_patches("+imsvd.2.torch2.14.1")
+    (rel, patch), (rel2, patch2) = install_tool.mmcv_patches("+imsvd.1.torch2.14.1")
     out = patch(setup_py, rel)
     assert "pkg_resources" not in out and "c++17" not in out and "-std=c++20" in out
-    assert "version=get_version() + '+imsvd.2.torch2.14.1'," in out
+    assert "version=get_version() + '+imsvd.1.torch2.14.1'," in out
     with pytest.raises(install_tool.InstallError, match="setup.py"):
         patch(out, rel)  # already patched: nothing to replace, and it says so
     assert patch2("dtype=np.float))", rel2) == "dtype=np.float64))"
@@ -278,7 +278,7 @@ def test_install_patches_are_strict():
 
 def test_install_shipped_ops_patches():
     # the three edits of --ops shipped, on excerpts of the mmcv 2.1.0 files they change
-    patches = dict(install_tool.mmcv_patches("+imsvd.2.shipped.torch2.14.1", "shipped")[2:])
+    patches = dict(install_tool.mmcv_patches("+imsvd.1.shipped.torch2.14.1", "shipped")[2:])
     assert set(patches) == {
         "setup.py",
         "mmcv/ops/csrc/pytorch/pybind.cpp",
@@ -341,9 +341,9 @@ def test_install_shipped_ops_patches():
     ):
         ext.deform_conv_forward(1, 2)
     # --ops all leaves sources, bindings and loader alone
-    assert len(install_tool.mmcv_patches("+imsvd.2.torch2.14.1", "all")) == 2
-    assert install_tool.local_label("shipped", "2.14.1") == "+imsvd.2.shipped.torch2.14.1"
-    assert install_tool.local_label("all", "2.14.1") == "+imsvd.2.torch2.14.1"
+    assert len(install_tool.mmcv_patches("+imsvd.1.torch2.14.1", "all")) == 2
+    assert install_tool.local_label("shipped", "2.14.1") == "+imsvd.1.shipped.torch2.14.1"
+    assert install_tool.local_label("all", "2.14.1") == "+imsvd.1.torch2.14.1"
 
 
 def test_install_prefers_a_cached_all_ops_wheel(tmp_path):
@@ -356,7 +356,7 @@ def test_install_prefers_a_cached_all_ops_wheel(tmp_path):
 
     assert install_tool.cached_wheel(tmp_path, sys.executable, "shipped") is None
     shipped = wheel(install_tool.local_label("shipped", release))
-    wheel("+imsvd.2.shipped.torch1.0.0")  # another torch: never reused
+    wheel("+imsvd.1.shipped.torch1.0.0")  # another torch: never reused
     assert install_tool.cached_wheel(tmp_path, sys.executable, "shipped") == shipped
     assert install_tool.cached_wheel(tmp_path, sys.executable, "all") is None
     full = wheel(install_tool.local_label("all", release))

@@ -83,8 +83,9 @@ HASHES: Dict[str, str] = {
 }
 # Exit code when another process is building mmcv into the same cache (nothing was installed).
 DEFERRED = 3
-# Bump when mmcv_patches() change: it is part of the cached wheel's name.
-RECIPE = "imsvd.2"
+# Bump when mmcv_patches() change: it is part of the cached wheel's name (the shipped-ops wheels
+# add ".shipped", so the all-ops wheels built before the shipped set existed stay valid).
+RECIPE = "imsvd.1"
 # The mmcv ops that the toolkit's MMDetection configs (transfer/configs/mmdet/) run: name -> (C++
 # files under mmcv/ops/csrc/pytorch/, the Python bindings they define). RPN and test-time NMS
 # (mmcv.ops.nms / batched_nms), the RoI heads' RoIAlign, and "info", mmcv's build report
@@ -134,7 +135,7 @@ def mmdet_works(python: str) -> Optional[str]:
     """Return "mmdet X / mmcv Y / mmengine Z" if the mmcv ops run in the target Python, else None.
 
     Y is mmcv's distribution version, with the local label of this recipe's wheels
-    ("2.1.0+imsvd.2.shipped.torch2.14.1"), so a shipped-ops build can be told from a full one.
+    ("2.1.0+imsvd.1.shipped.torch2.14.1"), so a shipped-ops build can be told from a full one.
 
     Args:
         python: path of the target interpreter.
@@ -393,7 +394,7 @@ def fetch(python: str, cache_dir: Path, need_sdist: bool) -> Dict[str, Path]:
 
 
 def local_label(ops: str, torch_release: str) -> str:
-    """The "+..." version label of this recipe's mmcv wheel, e.g. "+imsvd.2.shipped.torch2.14.1".
+    """The "+..." version label of this recipe's mmcv wheel, e.g. "+imsvd.1.shipped.torch2.14.1".
 
     Args:
         ops: "all" or "shipped" (OP_SETS).

@@ -13,7 +13,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+unset IMSVD_SKIP_MMDET  # the lock covers MMDetection's dependencies too
 IMSVD_VENV="$tmp/venv" IMSVD_NO_LOCK=1 bash tools/setup_env.sh
+if ! compgen -G "$tmp/venv/.imsvd-setup-*" >/dev/null; then
+  echo "[lock] the set-up did not complete (MMDetection deferred or failed): lock not written" >&2
+  exit 1
+fi
 {
   echo "# The lock: exact versions of everything tools/setup_env.sh installs (pip constraints)."
   echo "# Made by \`make lock\` (tools/lock.sh) on $(date -u +%Y-%m-%d) with $("$tmp/venv/bin/python" --version),"

@@ -17,6 +17,9 @@ from typing import List
 def off_lock(lock_text: str) -> List[str]:
     """The ``name==version`` lines of ``lock_text`` whose package is installed at another version.
 
+    A version with a local label (``2.14.1+cpu``) counts as ``2.14.1`` against a pin without one
+    (PEP 440's rule for ``==``, so pip would not reinstall it either).
+
     Args:
         lock_text: a pip constraints file of ``name==version`` lines and ``#`` comments.
 
@@ -33,7 +36,8 @@ def off_lock(lock_text: str) -> List[str]:
             got = version(name)
         except PackageNotFoundError:
             continue
-        if got != want:
+        # a local label ("2.14.1+cpu") satisfies a pin without one, as it does for pip
+        if got != want and not ("+" not in want and got.split("+", 1)[0] == want):
             out.append(f"{name}=={want}")
     return out
 
