@@ -92,8 +92,10 @@ def _check_inputs(bank, labels, queries, ks, chunk_size, bank_block):
     if not ks or any(int(k) <= 0 for k in ks):
         raise ValueError(f"kNN: ks must be positive integers, got {list(ks)}")
     for name, feats in (("bank", bank), ("query", queries)):
-        if not bool(torch.isfinite(feats).all()):
-            raise ValueError(f"kNN: the {name} features contain NaN or infinite values")
+        # block by block: isfinite of a whole bank would allocate more than the bank itself
+        for lo in range(0, feats.shape[0], int(bank_block)):
+            if not bool(torch.isfinite(feats[lo : lo + int(bank_block)]).all()):
+                raise ValueError(f"kNN: the {name} features contain NaN or infinite values")
 
 
 def knn_classify(
@@ -143,13 +145,26 @@ def knn_classify(
         ValueError: temperature not finite or <= 0, non-positive k, chunk_size or bank_block,
             mismatched shapes, an empty bank, non-finite features.
     """
-    temperature = check_temperature(temperature)
-    bank = torch.as_tensor(train_feats, dtype=torch.float32, device=device)
-    labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
-    queries = torch.as_tensor(test_feats, dtype=torch.float32)
-    _check_inputs(bank, labels, queries, ks, chunk_size, bank_block)
     world = dist.get_world_size() if sharded else 1
-    sizes = dist.gather_batch_sizes(bank.shape[0], bank.device) if world > 1 else [bank.shape[0]]
+    try:
+        temperature = check_temperature(temperature)
+        bank = torch.as_tensor(train_feats, dtype=torch.float32, device=device)
+        labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
+        queries = torch.as_tensor(test_feats, dtype=torch.float32)
+        _check_inputs(bank, labels, queries, ks, chunk_size, bank_block)
+        refused = None
+    except ValueError as exc:
+        if world == 1:
+            raise
+        refused = exc  # raised on every rank below: a rank alone would leave the others waiting
+    if world == 1:
+        sizes = [bank.shape[0]]
+    else:  # the shard sizes, and -1 from a rank whose inputs were refused
+        sizes = dist.gather_batch_sizes(-1 if refused else bank.shape[0], torch.device(device))
+        if refused is not None:
+            raise refused
+        if min(sizes) < 0:
+            raise ValueError(f"kNN: the inputs of rank {sizes.index(min(sizes))} were refused")
     offset, total = sum(sizes[: dist.get_rank()]) if world > 1 else 0, sum(sizes)
     if total == 0:
         raise ValueError("kNN: 0 bank rows")

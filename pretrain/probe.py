@@ -70,6 +70,8 @@ def load_probe_set(paths_labels: Sequence[tuple[str, int]], size: int, where: st
             continue
         labels.append(label)
     if not images:
+        if not paths_labels and where == "bank shard":
+            return _empty(size)
         raise DataError(f"probe {where}: no readable image")
     return ProbeSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
 
@@ -88,7 +90,14 @@ def first_by_index(samples: Sequence[tuple[str, int]], n: int) -> list[tuple[str
     return out
 
 
+def _empty(size: int) -> ProbeSet:
+    """No images: the bank shard of a rank past the end of a small bank."""
+    return ProbeSet(torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.zeros(0).long())
+
+
 def _synthetic(source: SyntheticImages, index: np.ndarray, size: int) -> ProbeSet:
+    if len(index) == 0:
+        return _empty(size)
     images = [_to_uint8(source.image(int(i)), size) for i in index]
     labels = [source.label(int(i)) for i in index]
     return ProbeSet(torch.stack(images), torch.tensor(labels, dtype=torch.long))
@@ -98,11 +107,17 @@ class KNNProbe:
     """Weighted kNN top-1 of the pooled backbone features on a fixed bank / query pair.
 
     Args:
-        bank: labelled bank (:class:`ProbeSet`).
-        queries: labelled queries.
+        bank: labelled bank (:class:`ProbeSet`), or with ``shard=True`` this rank's contiguous
+            shard of it (rank 0 the first rows; :func:`build_probe` loads only that).
+        queries: labelled queries (all of them, on every rank).
         ks: neighbour counts (top-1 is reported for each).
         temperature: vote temperature (0.07); finite and > 0.
         batch_size: images per forward pass.
+        shard: the bank is this rank's shard: every rank of the process group must call the
+            probe, the ranks' neighbours are merged (:func:`pretrain.knn.knn_classify` with
+            ``sharded=True``) and every rank returns the numbers of the whole bank.
+        num_classes: label count (default: from the bank's and the queries' labels; give it
+            with ``shard=True``, a shard may lack the largest label).
 
     Calling the probe with a backbone (N x 3 x S x S -> N x C pooled features) returns
     ``{"knn/top1_k20": float (percent), ..., "knn/seconds": float}``; the backbone's train/eval
@@ -116,6 +131,8 @@ class KNNProbe:
         ks: Sequence[int] = (20,),
         temperature: float = 0.07,
         batch_size: int = 256,
+        shard: bool = False,
+        num_classes: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"config key 'eval.batch_size': {batch_size} must be positive")
@@ -123,7 +140,11 @@ class KNNProbe:
         self.ks = tuple(int(k) for k in ks)
         self.temperature = check_temperature(temperature, key="config key 'eval.temperature'")
         self.batch_size = int(batch_size)
-        self.num_classes = int(max(bank.labels.max(), queries.labels.max())) + 1
+        self.shard = bool(shard)
+        if num_classes is None:
+            labels = torch.cat([bank.labels, queries.labels])
+            num_classes = int(labels.max()) + 1
+        self.num_classes = int(num_classes)
         self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
@@ -139,30 +160,29 @@ class KNNProbe:
         return torch.cat(out)
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        # In a process group every rank calls it: each embeds its contiguous shard of the bank
-        # (and all queries) and the sharded kNN merges the shards' neighbours, so the bank's
-        # forward passes divide by the world size; every rank returns the same numbers.
         t0 = time.perf_counter()
-        world = dist.get_world_size()
-        start, stop = dist.shard_range(len(self.bank), dist.get_rank(), world)
+        sharded = self.shard and dist.get_world_size() > 1
         was_training = backbone.training
         backbone.eval()
         try:
-            fb = self.features(backbone, self.bank.images[start:stop])
             fq = self.features(backbone, self.queries.images)
+            if len(self.bank):
+                fb = self.features(backbone, self.bank.images)
+            else:  # an empty shard (a bank smaller than the world size)
+                fb = fq.new_zeros((0, fq.shape[1]))
         finally:
             backbone.train(was_training)
         acc = knn_accuracy(
             fb,
-            self.bank.labels[start:stop],
+            self.bank.labels,
             fq,
             self.queries.labels,
             ks=self.ks,
             temperature=self.temperature,
             num_classes=self.num_classes,
-            sharded=world > 1,
-            # NCCL gathers CUDA tensors: the vote runs where the backbone is
-            device=next(backbone.parameters()).device if world > 1 else "cpu",
+            sharded=sharded,
+            # NCCL gathers CUDA tensors: the sharded vote runs where the backbone is
+            device=next(backbone.parameters()).device if sharded else "cpu",
         )
         out = {f"knn/{k}": v for k, v in acc.items()}
         out["knn/seconds"] = time.perf_counter() - t0
@@ -195,39 +215,50 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
     bank_root, query_root = eval_cfg["bank_root"], eval_cfg["query_root"]
     if bool(bank_root) != bool(query_root):
         raise DataError("config keys 'eval.bank_root' and 'eval.query_root' must be set together")
+    # in a process group each rank loads (and embeds) only its contiguous shard of the bank
+    world = dist.get_world_size()
+    where = "bank shard" if world > 1 else "bank"
+
+    def shard(items):
+        lo, hi = dist.shard_range(len(items), dist.get_rank(), world)
+        return items[lo:hi]
+
     if bank_root:
         bank_ds = build_image_dataset(root=str(bank_root))
         # queries labelled by the bank's class names (an unknown class is an error naming it)
         query_ds = build_image_dataset(root=str(query_root), class_names=bank_ds.classes)
-        bank_idx = rng.permutation(len(bank_ds))[:n_bank]
-        query_idx = rng.permutation(len(query_ds))[:n_query]
-        bank = load_probe_set([bank_ds.samples[i] for i in bank_idx], size, "bank")
-        qs = [query_ds.samples[i] for i in query_idx]
+        bank_items = [bank_ds.samples[i] for i in rng.permutation(len(bank_ds))[:n_bank]]
+        qs = [query_ds.samples[i] for i in rng.permutation(len(query_ds))[:n_query]]
+        labels = [y for _, y in bank_items + qs]
+        bank = load_probe_set(shard(bank_items), size, where)
         queries = load_probe_set(qs, size, "queries")
     elif data_cfg["kind"] == "synthetic":
         source = SyntheticImages(data_cfg["synthetic_length"], data_cfg["synthetic_size"])
         perm = rng.permutation(len(source))
         if n_bank + n_query > len(perm):
             n_bank, n_query = _shrink(n_bank, n_query, len(perm))
-        bank = _synthetic(source, perm[:n_bank], size)
+        labels = [source.label(int(i)) for i in perm[: n_bank + n_query]]
+        bank = _synthetic(source, shard(perm[:n_bank]), size)
         queries = _synthetic(source, perm[n_bank : n_bank + n_query], size)
     else:
         ds = build_image_dataset(root=data_cfg["root"], list_file=data_cfg["list_file"])
         perm = rng.permutation(len(ds))
         if n_bank + n_query > len(perm):
             n_bank, n_query = _shrink(n_bank, n_query, len(perm))
-        bank = load_probe_set([ds.samples[i] for i in perm[:n_bank]], size, "bank")
+        labels = [ds.samples[i][1] for i in perm[: n_bank + n_query]]
+        bank = load_probe_set([ds.samples[i] for i in shard(perm[:n_bank])], size, where)
         queries = load_probe_set(
             [ds.samples[i] for i in perm[n_bank : n_bank + n_query]], size, "queries"
         )
     logger.info(
-        "kNN probe: bank %d, queries %d images at %d px (%.1f s to load)",
+        "kNN probe: bank %d (%s), queries %d images at %d px (%.1f s to load)",
         len(bank),
+        f"this rank's shard of {n_bank}" if world > 1 else "all",
         len(queries),
         size,
         time.perf_counter() - t0,
     )
-    return KNNProbe(bank, queries, **kw)
+    return KNNProbe(bank, queries, shard=world > 1, num_classes=max(labels) + 1, **kw)
 
 
 def _shrink(n_bank: int, n_query: int, available: int) -> tuple[int, int]:

@@ -374,11 +374,12 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_probe_bank_sharded_over_two_processes_matches_one(tmp_path):
-    """The online probe at step 0 (same initial weights): 2 ranks, each embedding half of the
-    bank, report what one process holding the whole bank reports."""
-    probe = ["eval.every_steps=2", "eval.bank_size=20", "eval.query_size=10", "eval.ks=[1,3]",
-             "train.epochs=1", "train.max_steps=1"]  # fmt: skip
+@pytest.mark.parametrize("bank_size", [20, 1])  # 1: rank 0's shard of the bank is empty
+def test_probe_bank_sharded_over_two_processes_matches_one(tmp_path, bank_size):
+    """The online probe at step 0 (same initial weights): 2 ranks, each loading and embedding
+    its shard of the bank, report what one process holding the whole bank reports."""
+    probe = ["eval.every_steps=2", f"eval.bank_size={bank_size}", "eval.query_size=10",
+             "eval.ks=[1,3]", "train.epochs=1", "train.max_steps=1"]  # fmt: skip
     rows = {}
     for nproc in ("1", "2"):
         out = tmp_path / f"probe{nproc}"

@@ -312,6 +312,13 @@ def _sharded_worker(rank, world, port, out_dir, splits):
         lo, hi = (0, cut) if rank == 0 else (cut, len(bank))
         out[name] = knn_classify(bank[lo:hi], labels[lo:hi], q, ks=(1, 5, 40, 400),
                                  chunk_size=32, sharded=True, bank_block=50)  # fmt: skip
+    shard = bank[rank * 200 : (rank + 1) * 200].copy()
+    if rank == 1:
+        shard[5, 0] = np.nan  # refused on rank 1: both ranks raise, neither waits alone
+    try:
+        knn_classify(shard, labels[rank * 200 : (rank + 1) * 200], q, sharded=True)
+    except ValueError as exc:
+        out["refused"] = str(exc)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     tdist.barrier()
     cleanup()
@@ -345,3 +352,5 @@ def test_sharded_bank_on_two_ranks_equals_one_process(tmp_path):
         for name in splits:
             for k in one:
                 np.testing.assert_array_equal(got[name][k], one[k], err_msg=f"{name} k={k}")
+        expected = "NaN or infinite" if rank == 1 else "the inputs of rank 1 were refused"
+        assert expected in got["refused"]
