@@ -30,7 +30,7 @@ t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from pretrain.checkpoint import export_backbone
-from transfer import train_net
+from transfer import d2_trainer
 sd = t._source_resnet50()
 bb = {k: v for k, v in sd.items() if not k.startswith("fc.")}
 export_backbone(f"{out}/bb.pth", bb, arch="resnet50", stem="standard", epoch=1, config=None)
@@ -40,7 +40,7 @@ print(c.convert(f"{out}/bb.pth", f"{out}/r50.pkl"))
 ann = t._make_tiny_coco(f"{out}/coco")
 register_coco_instances("gpu_tiny", {}, ann, f"{out}/coco/images")
 t0 = time.perf_counter()
-res = train_net.main(t._instant_args(f"{out}/r50.pkl", f"{out}/d2", "gpu_tiny", "MODEL.DEVICE", "cuda"))
+res = d2_trainer.main(t._instant_args(f"{out}/r50.pkl", f"{out}/d2", "gpu_tiny", "MODEL.DEVICE", "cuda"))
 print("d2 cuda instant train+eval: %.1f s" % (time.perf_counter() - t0))
 r = res.get("gpu_tiny", res)
 print("bbox AP %.2f segm AP %.2f" % (r["bbox"]["AP"], r["segm"]["AP"]))
