@@ -14,11 +14,12 @@ variant in fresh processes so that the peak resident memory (``ru_maxrss``) is i
 
 Both variants' predictions are compared (the count of queries whose prediction differs is
 printed: 0 expected, float32 rounding of near-ties aside). The peak of ``sharded`` follows
-``P(N, W) = c0 + 4 N D / W + 4 Q D + 20 chunk bank_block`` bytes (the shard, the queries, one
-similarity block with its int64 sort keys and temporaries); ``c0`` (the process with torch
-loaded) is fitted on the first run and the formula is checked on the others, then extrapolated
-to ImageNet (N = 1,281,167, D = 2048, W = 8 and 32). The gathered path holds at least
-``4 N D (2 + 1 / W)`` bytes per rank (its shard, the gathered parts, their concatenation).
+``P(N, W) = c0 + 4 N D / W`` bytes: the shard, plus ``c0`` for what does not grow with N (the
+process with torch loaded, the queries, one normalised bank block with its similarity block and
+int64 sort keys). ``c0`` is fitted on the first run, the formula is checked on the others,
+then extrapolated to ImageNet (N = 1,281,167, D = 2048, W = 8 and 32). The gathered path
+holds at least ``4 N D (2 + 1 / W)`` bytes per rank (its shard, the gathered parts, their
+concatenation).
 
     python benchmarks/bench_knn_scale.py                       # 128k and 512k (needs ~20 GB)
     python benchmarks/bench_knn_scale.py --sizes 32768 65536   # a quick check
@@ -127,12 +128,9 @@ def run(cfg: dict) -> dict:
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cfg["world"])]
 
 
-BANK_BLOCK = 65536  # knn_classify's default
-
-
-def model_bytes(c0: float, n: int, world: int, dim: int, queries: int, chunk: int) -> float:
+def model_bytes(c0: float, n: int, world: int, dim: int) -> float:
     """The sharded kNN's per-rank peak (bytes) by the formula in the module docstring."""
-    return c0 + 4 * n * dim / world + 4 * queries * dim + 20 * chunk * BANK_BLOCK
+    return c0 + 4 * n * dim / world
 
 
 def main() -> None:
@@ -150,7 +148,6 @@ def main() -> None:
     args = parser.parse_args()
     rows, c0 = [], None
     gib = 1024**3
-    shape = dict(dim=args.dim, queries=args.queries, chunk=args.chunk)
     for n in args.sizes:
         for world in (1, 2):
             res = {}
@@ -163,7 +160,7 @@ def main() -> None:
             sharded = res["sharded"]
             peak = max(r["peak"] for r in sharded)
             if c0 is None:
-                c0 = peak - model_bytes(0.0, n, world, **shape)
+                c0 = peak - model_bytes(0.0, n, world, args.dim)
             differ = None
             if res["gathered"] is not None:
                 a, b = res["gathered"][0]["preds"], sharded[0]["preds"]
@@ -180,17 +177,17 @@ def main() -> None:
         gp = f"{max(r['peak'] for r in gathered) / gib:.2f}" if gathered else "not run (RAM)"
         gs = f"{max(r['seconds'] for r in gathered):.1f}" if gathered else "-"
         ss = max(r["seconds"] for r in sharded)
-        predicted = model_bytes(c0, n, world, **shape)
+        predicted = model_bytes(c0, n, world, args.dim)
         err = 100 * (predicted - peak) / peak
         dif = f"{differ['20']}/{differ['200']}" if differ else "-"
         print(
             f"| {n} | {world} | {gp} | {gs} | {peak / gib:.2f} | {ss:.1f} | "
             f"{predicted / gib:.2f} ({err:+.1f}%) | {dif} | {sharded[0]['acc']['20']:.2f} |"
         )
-    print(f"fitted c0 = {c0 / gib:.2f} GiB (the process with torch loaded)")
+    print(f"fitted c0 = {c0 / gib:.2f} GiB (process, torch, queries, one bank block)")
     n = 1_281_167
     for world in (8, 32):
-        new = model_bytes(c0, n, world, 2048, args.queries, args.chunk) / gib
+        new = model_bytes(c0, n, world, 2048) / gib
         old = 4 * n * 2048 * (2 + 1 / world) / gib
         print(
             f"ImageNet N={n}, D=2048, W={world}: sharded {new:.2f} GiB per rank "
