@@ -9,7 +9,10 @@ not 1 is rotated / flipped upright when decoded (as Detectron2's reader does), s
 sensor image tagged "rotate 90" is read as 20 x 40 everywhere. An image of more than
 :func:`max_image_pixels` pixels (default 89,478,485, PIL's own warning threshold; set
 ``IMSVD_MAX_IMAGE_PIXELS`` to change it) is refused before it is decoded, naming its size:
-a few KB of compressed data can otherwise ask for gigabytes.
+a few KB of compressed data can otherwise ask for gigabytes. The variable is read when this
+module is imported (a raised limit is given to PIL then, before any image is opened) and
+checked again by every reader; a malformed value is one :class:`PixelLimitError`, never a
+reason to count images as unreadable.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ class CorruptImageError(DataError):
     """An image file that cannot be decoded (a dataset raises it only in strict mode)."""
 
 
+class PixelLimitError(RuntimeError):
+    """``IMSVD_MAX_IMAGE_PIXELS`` is not a positive integer: an error of the whole run.
+
+    Deliberately not a ValueError (unlike :class:`DataError`): the readers catch
+    :data:`DECODE_ERRORS`, ValueError among them, to count one image as unreadable, and a bad
+    setting must stop the run with this message instead of making every image "unreadable".
+    """
+
+
 # Exceptions PIL raises for unreadable / truncated / non-image files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -47,13 +59,32 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's DecompressionBombWarning threshold
 _EXIF_ORIENTATION = 0x0112
 
 
+_PIXELS_SETTING: tuple[str, int] | None = None  # (the variable's text, its limit) last read
+
+
 def max_image_pixels() -> int:
     """The largest image (width x height) decoded: ``$IMSVD_MAX_IMAGE_PIXELS`` or 89,478,485.
 
+    The value is validated once per text of the variable; a limit above PIL's own
+    ``Image.MAX_IMAGE_PIXELS`` raises PIL's, so that ``Image.open`` (which refuses twice PIL's
+    limit before :func:`check_pixels` can run) does not refuse what is allowed.
+
     Raises:
-        DataError: the variable is not a positive integer (naming it).
+        PixelLimitError: the variable is not a positive integer (naming it and its value).
     """
+    global _PIXELS_SETTING
     raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if _PIXELS_SETTING is not None and _PIXELS_SETTING[0] == raw:
+        limit = _PIXELS_SETTING[1]
+    else:
+        limit = _parse_limit(raw)
+        _PIXELS_SETTING = (raw, limit)
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL's own bomb check must not refuse what is allowed
+    return limit
+
+
+def _parse_limit(raw: str) -> int:
     if not raw:
         return DEFAULT_MAX_PIXELS
     try:
@@ -61,10 +92,17 @@ def max_image_pixels() -> int:
     except ValueError:
         limit = 0
     if limit <= 0:
-        raise DataError(f"{MAX_PIXELS_ENV}={raw!r} must be a positive integer (pixels)")
-    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit  # PIL's own bomb check must not refuse what is allowed
+        raise PixelLimitError(
+            f"environment variable {MAX_PIXELS_ENV}={raw!r} must be a positive integer "
+            f"(pixels, e.g. {DEFAULT_MAX_PIXELS})"
+        )
     return limit
+
+
+try:  # give PIL a raised limit before any image is opened (readers that open, then check)
+    max_image_pixels()
+except PixelLimitError:
+    pass  # raised by the first reader, outside its decode error handling
 
 
 def check_pixels(img: Image.Image) -> None:
@@ -72,6 +110,7 @@ def check_pixels(img: Image.Image) -> None:
 
     Raises:
         CorruptImageError: naming the size, the limit and ``IMSVD_MAX_IMAGE_PIXELS``.
+        PixelLimitError: the variable is malformed (not one of :data:`DECODE_ERRORS`).
     """
     w, h = img.size
     limit = max_image_pixels()
@@ -152,7 +191,9 @@ def load_rgb(path: str) -> Image.Image:
     Raises:
         CorruptImageError: the file is missing, truncated, not an image, or of a mode with no
             RGB meaning; the message names the file.
+        PixelLimitError: ``IMSVD_MAX_IMAGE_PIXELS`` is malformed.
     """
+    max_image_pixels()  # outside the decode errors: a bad setting is not a bad image
     try:
         with Image.open(path) as img:
             return decode_rgb(img)
@@ -166,7 +207,8 @@ def decode_rgb(img: Image.Image) -> Image.Image:
 
     Raises:
         One of :data:`DECODE_ERRORS` for unreadable data or a mode with no RGB meaning;
-        CorruptImageError for an image over :func:`max_image_pixels`.
+        CorruptImageError for an image over :func:`max_image_pixels`; PixelLimitError for a
+        malformed ``IMSVD_MAX_IMAGE_PIXELS``.
     """
     check_pixels(img)
     img.load()

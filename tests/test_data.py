@@ -1,10 +1,13 @@
 """Datasets, list files, corrupt images, image modes, symlinks, train/val labels, the loader."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 from pretrain.data import TwoViewDataset, build_pretrain_loader
@@ -15,7 +18,7 @@ from pretrain.datasets import (
     parse_list_file,
     scan_image_folder,
 )
-from pretrain.images import CorruptImageError, DataError, load_rgb, to_rgb
+from pretrain.images import CorruptImageError, DataError, PixelLimitError, load_rgb, to_rgb
 from pretrain.transforms import AugmentConfig, eval_transform, train_linear_transform
 
 
@@ -549,5 +552,51 @@ def test_default_pixel_limit_refuses_a_small_file_that_decodes_huge(tmp_path, mo
         load_rgb(str(path))
     for bad in ("0", "-5", "many"):
         monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", bad)
-        with pytest.raises(DataError, match="IMSVD_MAX_IMAGE_PIXELS"):
+        with pytest.raises(PixelLimitError, match="IMSVD_MAX_IMAGE_PIXELS"):
             load_rgb(str(path))
+
+
+@pytest.mark.parametrize("bad", ["1e9", "many", "0", "-5", "1.5"])
+def test_a_malformed_pixel_limit_is_one_error_not_unreadable_images(tmp_path, monkeypatch, bad):
+    (tmp_path / "c").mkdir()
+    _save(tmp_path / "c" / "a.png")
+    ds = build_image_dataset(str(tmp_path))
+    monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", bad)
+    assert not issubclass(PixelLimitError, DataError)  # the readers catch DataError / ValueError
+    message = rf"IMSVD_MAX_IMAGE_PIXELS='{bad}' must be a positive integer"
+    with pytest.raises(PixelLimitError, match=message):
+        load_rgb(ds.samples[0][0])
+    with pytest.raises(PixelLimitError, match=message):
+        ds[0]  # not "unreadable, dropped"
+    for pipeline in ("fast", "pil"):
+        with pytest.raises(PixelLimitError, match=message):
+            TwoViewDataset(ds, AugmentConfig(size=16), 0, pipeline)._open(0)
+    assert ds.num_skipped == 0
+
+
+def test_a_raised_pixel_limit_reaches_pil_before_any_image_is_opened(tmp_path, monkeypatch):
+    # PIL refuses in Image.open an image over twice its own limit, before check_pixels runs:
+    # emulated with a small PIL limit (1000, so 60 x 60 is over 2 x 1000) and a larger setting
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", "5000")
+    (tmp_path / "c").mkdir()
+    path = tmp_path / "c" / "big.png"
+    Image.new("RGB", (60, 60)).save(path)
+    assert load_rgb(str(path)).size == (60, 60)
+    assert Image.MAX_IMAGE_PIXELS == 5000
+    # the loader opens the file first, then checks: the limit is given to PIL at import
+    script = (
+        "import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 1000\n"
+        "from pretrain.data import TwoViewDataset\n"
+        "from pretrain.datasets import build_image_dataset\n"
+        "from pretrain.transforms import AugmentConfig\n"
+        "ds = build_image_dataset(sys.argv[1])\n"
+        "img, _ = TwoViewDataset(ds, AugmentConfig(size=16), 0, 'fast')._open(0)\n"
+        "print(Image.MAX_IMAGE_PIXELS, img.size, ds.num_skipped)\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["5000", "(60,", "60)", "0"]

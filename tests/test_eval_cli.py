@@ -225,6 +225,16 @@ def test_one_run_per_output_folder(tool, tiny_trees, tiny_backbone, tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
 
 
+def test_a_malformed_pixel_limit_is_one_error_before_anything_is_read(
+    tiny_trees, tiny_backbone, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", "1e9")
+    assert knn.main(_tool_args("knn", tmp_path, tiny_trees, tiny_backbone)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "IMSVD_MAX_IMAGE_PIXELS='1e9' must be a positive integer" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_folder_is_released_after_a_run_and_after_an_error(
     tiny_trees, tiny_backbone, tmp_path, capsys
 ):

@@ -39,6 +39,7 @@ from pretrain.checkpoint import (
 from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
 from pretrain.dist import DistInfo, init_distributed
+from pretrain.images import PixelLimitError, max_image_pixels
 from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.features import FeatureError, cached_features, extract_features, freeze
@@ -232,7 +233,10 @@ def setup(ev: Evaluation, cfg: dict) -> EvalContext:
         ConfigError: the tool needs an output folder and ``output_dir`` is empty or cannot be
             written. RunFolderBusyError: another run uses the output folder (an flock on
             ``OUTPUT_DIR/.lock``, as pretraining), before anything is written there.
+        PixelLimitError: a malformed ``IMSVD_MAX_IMAGE_PIXELS`` (on every rank, before any
+            image is read).
     """
+    max_image_pixels()
     info = init_distributed(cfg["device"])
     out = usable_dir(cfg["output_dir"])
     if out is None and ev.output_required:
@@ -312,7 +316,7 @@ def main(ev: Evaluation, argv: list[str] | None = None) -> int:
     try:
         cfg, _ = load_eval_config(ev.name, args)
         run_config(ev, cfg)
-    except (ValueError, FileNotFoundError, RunFolderBusyError) as e:  # config, data, weights
+    except (ValueError, FileNotFoundError, RunFolderBusyError, PixelLimitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
