@@ -4,8 +4,10 @@ the tool check, shared sections, and the set-up every tool gets (config.yaml, lo
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 import yaml
 
 from pretrain.config import ConfigError, config_dir, config_names, find_config, load_config
@@ -233,6 +235,78 @@ def test_a_malformed_pixel_limit_is_one_error_before_anything_is_read(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "IMSVD_MAX_IMAGE_PIXELS='1e9' must be a positive integer" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def _single():
+    from pretrain.dist import DistInfo
+
+    return DistInfo(0, 1, 0, torch.device("cpu"), None)
+
+
+def test_the_output_folder_decision_in_one_process(tmp_path):
+    from pretrain.checkpointer import RunFolder, RunFolderBusyError
+    from transfer.eval.runner import main_rank_value, take_output_folder
+
+    info = _single()
+    assert [main_rank_value(v, info) for v in (0, 1, 2)] == [0, 1, 2]  # no process group
+    assert take_output_folder(None, info) is None
+    lock = take_output_folder(tmp_path / "a", info)
+    assert lock is not None and (tmp_path / "a" / ".lock").is_file()
+    with pytest.raises(RunFolderBusyError, match=r"in use by another run \(pid \d+\)"):
+        take_output_folder(tmp_path / "a", info)  # our own lock is another open file: busy
+    lock.__exit__(None, None, None)
+    with RunFolder(tmp_path / "a", is_main=True):
+        with pytest.raises(RunFolderBusyError, match="output_dir"):
+            take_output_folder(tmp_path / "a", info)
+    take_output_folder(tmp_path / "a", info).__exit__(None, None, None)  # free again
+
+
+def _folder_worker(rank, world, port, busy, free, out_dir):
+    import os
+
+    from pretrain.checkpointer import RunFolderBusyError
+    from pretrain.dist import cleanup, init_distributed
+    from transfer.eval.runner import main_rank_value, take_output_folder
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    got = {"value": main_rank_value(5 if rank == 0 else 7, info)}
+    try:
+        take_output_folder(busy, info)
+        got["busy"] = "no error"
+    except RunFolderBusyError as e:
+        got["busy"] = str(e)
+    lock = take_output_folder(free, info)
+    got["free"] = lock is not None
+    got["after"] = main_rank_value(1, info)  # every rank still in step
+    torch.distributed.barrier()
+    if lock is not None:
+        lock.__exit__(None, None, None)
+    torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+    cleanup()
+
+
+@pytest.mark.dist
+def test_a_busy_output_folder_stops_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pretrain.checkpointer import RunFolder
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    busy, free = tmp_path / "busy", tmp_path / "free"
+    with RunFolder(busy, is_main=True):  # another run holds it
+        mp.spawn(_folder_worker, args=(2, port, busy, free, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [g["value"] for g in got] == [5, 5] and [g["after"] for g in got] == [1, 1]
+    assert all("is in use by another run" in g["busy"] for g in got), got
+    assert "output_dir" in got[1]["busy"] and f"pid {os.getpid()}" in got[0]["busy"]
+    assert [g["free"] for g in got] == [True, False]  # rank 0 holds the lock
 
 
 def test_the_folder_is_released_after_a_run_and_after_an_error(

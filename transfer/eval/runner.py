@@ -38,7 +38,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
-from pretrain.dist import DistInfo, init_distributed
+from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
 from pretrain.images import PixelLimitError, max_image_pixels
 from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
 from transfer.eval.evalcfg import build_parser, load_eval_config
@@ -219,6 +219,61 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def main_rank_value(value: int, info: DistInfo) -> int:
+    """Rank 0's ``value`` on every rank (what the other ranks pass is ignored).
+
+    One all-reduce on the process's device when distributed; ``value`` itself for a single
+    process (no process group needed). Every rank must call it.
+    """
+    if not info.distributed:
+        return int(value)
+    mine = torch.tensor([int(value) if info.is_main else 0], dtype=torch.long, device=info.device)
+    return int(all_reduce_sum(mine).item())
+
+
+_LOCKED, _BUSY, _LOCK_FAILED = 0, 1, 2
+
+
+def take_output_folder(out: Path | None, info: DistInfo) -> RunFolder | None:
+    """The output folder's lock, taken by rank 0; every rank learns whether it was taken.
+
+    Rank 0 tries the flock (:class:`pretrain.checkpointer.RunFolder`) and shares the outcome
+    (:func:`main_rank_value`), so that when the folder is busy every rank stops with the error,
+    instead of the other ranks going on into collectives rank 0 never joins. Every rank must
+    call it, with or without a folder.
+
+    Returns:
+        The held lock on rank 0, None on the other ranks or without a folder.
+
+    Raises:
+        RunFolderBusyError: another run holds the folder (on every rank; rank 0's message
+            names the holder's pid). Rank 0 re-raises its own error when taking the lock failed
+            otherwise (e.g. an OSError), the other ranks raise RunFolderBusyError.
+    """
+    lock, error, outcome = None, None, _LOCKED
+    if out is not None and info.is_main:
+        try:
+            lock = RunFolder(out, True, key="output_dir").__enter__()
+        except Exception as e:  # noqa: BLE001 (shared with the other ranks, then re-raised)
+            error, outcome = e, _BUSY if isinstance(e, RunFolderBusyError) else _LOCK_FAILED
+    try:
+        outcome = main_rank_value(outcome, info)
+    except BaseException:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise
+    if outcome == _LOCKED:
+        return lock
+    if error is not None:
+        raise error
+    if outcome == _BUSY:
+        raise RunFolderBusyError(
+            f"output folder {out} is in use by another run (found by rank 0); wait for it to "
+            "end or choose another output_dir"
+        )
+    raise RunFolderBusyError(f"rank 0 could not lock the output folder {out} (see its error)")
+
+
 def setup(ev: Evaluation, cfg: dict) -> EvalContext:
     """Process group, output folder, logging, seed, resolved config (Detectron2's default_setup).
 
@@ -232,7 +287,8 @@ def setup(ev: Evaluation, cfg: dict) -> EvalContext:
     Raises:
         ConfigError: the tool needs an output folder and ``output_dir`` is empty or cannot be
             written. RunFolderBusyError: another run uses the output folder (an flock on
-            ``OUTPUT_DIR/.lock``, as pretraining), before anything is written there.
+            ``OUTPUT_DIR/.lock``, as pretraining), before anything is written there; raised on
+            every rank (:func:`take_output_folder`).
         PixelLimitError: a malformed ``IMSVD_MAX_IMAGE_PIXELS`` (on every rank, before any
             image is read).
     """
@@ -242,7 +298,7 @@ def setup(ev: Evaluation, cfg: dict) -> EvalContext:
     if out is None and ev.output_required:
         what = "is empty" if not cfg["output_dir"] else "cannot be written"
         raise ConfigError(f"config key 'output_dir' {what} (use --output-dir)")
-    lock = RunFolder(out, info.is_main, key="output_dir").__enter__() if out else None
+    lock = take_output_folder(out, info)  # on every rank: a busy folder stops them all
     ctx = EvalContext(cfg=cfg, info=info, out=out, lock=lock)
     try:
         setup_logging(str(out) if out else None, rank=info.rank)
