@@ -261,3 +261,104 @@ def _other_weights(model):
         for p in net.parameters():
             p.normal_(0, 0.1)
     return net
+
+
+def _as_rank1(monkeypatch, rank0_says):
+    """This process plays rank 1 of 2: rank 0's decision is ``rank0_says`` ([state, rows,
+    cols]), the other all-reduces see this rank alone; the files are never signed here."""
+    monkeypatch.setattr(feat_mod, "get_rank", lambda: 1)
+    monkeypatch.setattr(feat_mod, "get_world_size", lambda: 2)
+    monkeypatch.setattr(
+        feat_mod, "all_reduce_sum", lambda t: torch.tensor(rank0_says) if t.numel() == 3 else t
+    )
+
+    def not_here(*a, **k):
+        raise AssertionError("files signed on rank 1")
+
+    monkeypatch.setattr(feat_mod, "files_signature", not_here)
+    calls = []
+
+    def extract(model, ds, *a, **k):
+        calls.append(1)
+        return np.zeros((len(ds), 3), np.float32), np.zeros(len(ds), np.int64)
+
+    monkeypatch.setattr(feat_mod, "extract_features", extract)
+    return calls
+
+
+@pytest.mark.parametrize("says", ["miss", "hit", "hit of another shape"])
+def test_rank_0_decides_hit_or_miss_for_every_rank(setup, tmp_path, monkeypatch, says):
+    _, model, meta, _ = setup
+    ds = _tree_dataset(tmp_path / "val")
+    cache = tmp_path / "cache"
+    first = cached_features(cache, "val", model, ds, meta["sha256"])  # a valid entry
+    stored = (cache / "val_pool5.json").read_text()
+    n, d = first[0].shape
+    rank0_says = {"miss": [0, 0, 0], "hit": [1, n, d], "hit of another shape": [1, n, d + 1]}
+    calls = _as_rank1(monkeypatch, rank0_says[says])
+    got = cached_features(cache, "val", model, ds, meta["sha256"], check="content")
+    if says == "hit":  # read from the entry rank 0 checked, nothing extracted
+        assert calls == []
+        np.testing.assert_array_equal(got[0], first[0])
+    else:  # rank 0 missed (or this rank cannot read the entry): extracts, as rank 0 does
+        assert calls == [1] and got[0].shape == (n, 3)
+    assert (cache / "val_pool5.json").read_text() == stored  # only rank 0 writes
+
+
+def test_rank_0_failing_to_check_stops_the_other_ranks(setup, tmp_path, monkeypatch):
+    _, model, meta, _ = setup
+    ds = _tree_dataset(tmp_path / "val")
+    calls = _as_rank1(monkeypatch, [2, 0, 0])
+    with pytest.raises(FeatureError, match="rank 0 failed to check"):
+        cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
+    assert calls == []
+
+
+def _cache_worker(rank, world, port, weights, tree, cache, out_dir):
+    from pretrain.dist import cleanup, init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    model, _, meta = model_from_checkpoint(weights)
+    model = freeze(model)
+    ds = build_image_dataset(tree, transform=eval_transform(40, 32))
+    if rank == 1:  # this rank would see other files (e.g. a stale NFS attribute cache)
+        feat_mod.files_signature = lambda *a, **k: "other"
+    calls = _counting(pytest.MonkeyPatch())
+    got = [cached_features(cache, "val", model, ds, meta["sha256"]) for _ in range(2)]
+    torch.save(
+        {"calls": len(calls), "feats": [torch.from_numpy(g[0]) for g in got]},
+        f"{out_dir}/rank{rank}.pt",
+    )
+    cleanup()
+
+
+@pytest.mark.dist
+def test_two_ranks_take_the_same_cache_branch(tiny_backbone, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tree = make_image_tree(tmp_path / "val", n_per_class=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (2, port, str(tiny_backbone), str(tree), str(tmp_path / "cache"), str(tmp_path))
+    ctx = mp.spawn(_cache_worker, args=args, nprocs=2, join=False)
+    try:
+        for _ in range(120):  # a rank alone in a collective would hang: fail instead
+            if ctx.join(timeout=1):
+                break
+        else:
+            raise AssertionError("the ranks did not finish (one waits in a collective)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [g["calls"] for g in got] == [1, 1]  # extracted together once, then a hit on both
+    for g in got:
+        for feats in g["feats"]:
+            torch.testing.assert_close(feats, got[0]["feats"][0], rtol=0, atol=0)

@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain.checkpoint import atomic_write, fsync_dir
 from pretrain.datasets import collate_readable
-from pretrain.dist import all_gather_tensor, barrier, get_rank, get_world_size, shard_range
+from pretrain.dist import (
+    all_gather_tensor,
+    all_reduce_sum,
+    barrier,
+    get_rank,
+    get_world_size,
+    shard_range,
+)
 from pretrain.log import progress, write_json_atomic
 
 logger = logging.getLogger("imsvd.features")
@@ -260,6 +267,11 @@ def cached_features(
     whole or not at all, whenever a writer is killed. The log says why an entry was used or
     rebuilt.
 
+    Rank 0 alone computes the metadata (so a content check hashes the files once) and decides
+    hit or miss; the decision reaches every rank (one all-reduce on ``device``), so all ranks
+    extract together or none does. On a hit the other ranks read the arrays rank 0 checked;
+    when one of them cannot, every rank re-extracts.
+
     Args:
         cache_dir: folder of the cache.
         split: split name (part of the file names and metadata).
@@ -272,6 +284,8 @@ def cached_features(
     Raises:
         FeatureError: unknown ``check``; as extract_features.
     """
+    if check not in CACHE_CHECKS:  # on every rank, before any collective
+        raise FeatureError(f"features.cache_check {check!r} is not one of {CACHE_CHECKS}")
     cache_dir = Path(cache_dir)
     stem = cache_dir / f"{split}_{layer}"
     f_path, y_path, m_path = (
@@ -279,31 +293,87 @@ def cached_features(
         Path(f"{stem}.labels.npy"),
         Path(f"{stem}.json"),
     )
-    meta = cache_meta(split, layer, dataset, weights_sha256, check)
-    hit = _read_cache(m_path, f_path, y_path, meta)
-    if hit is not None and getattr(dataset, "strict", False) and hit[0].shape[0] < len(dataset):
-        logger.info(
-            "features cache %s was written with unreadable images left out: strict mode "
-            "re-extracts",
-            stem,
+    main = get_rank() == 0
+    meta, hit, state = None, None, _MISS
+    if main:  # the signature (a hash of every file with check="content") is computed once
+        try:
+            meta = cache_meta(split, layer, dataset, weights_sha256, check)
+            hit = _read_cache(m_path, f_path, y_path, meta)
+        except Exception:  # noqa: BLE001 (the other ranks are told, then it is re-raised)
+            _from_main([_FAILED, 0, 0], device)
+            raise
+        if hit is not None and getattr(dataset, "strict", False):
+            if hit[0].shape[0] < len(dataset):
+                logger.info(
+                    "features cache %s was written with unreadable images left out: strict "
+                    "mode re-extracts",
+                    stem,
+                )
+                hit = None
+        state = _HIT if hit is not None else _MISS
+    # rank 0 decides for every rank: all take the same branch (extract_features is collective)
+    state, rows, cols = _from_main([state, *(hit[0].shape if hit is not None else (0, 0))], device)
+    if state == _FAILED:
+        raise FeatureError(
+            f"features cache {stem}: rank 0 failed to check the entry (see its error)"
         )
-        hit = None
-    if hit is not None:
-        logger.info(
-            "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths and "
-            "file sizes / mtimes (%s check)",
-            stem,
-            *hit[0].shape,
-            check,
+    if state == _HIT:
+        if not main:
+            hit = _load_arrays(f_path, y_path, (rows, cols))
+        unread = _sum_over_ranks(hit is None, device)
+        if unread == 0:
+            logger.info(
+                "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths "
+                "and file sizes / mtimes (%s check)",
+                stem,
+                rows,
+                cols,
+                check,
+            )
+            return hit
+        logger.warning(
+            "features cache %s could not be read on %d rank(s): re-extracting", stem, unread
         )
-        return hit
     logger.info("extracting %s features (%d images, layer %s)", split, len(dataset), layer)
     feats, labels = extract_features(
         model, dataset, batch_size, layer, device, num_workers, desc=f"{split} features"
     )
-    if get_rank() == 0:
+    if main:
         _write_cache(cache_dir, m_path, f_path, y_path, meta, feats, labels)
     barrier()
+    return feats, labels
+
+
+_MISS, _HIT, _FAILED = 0, 1, 2
+
+
+def _from_main(values: list[int], device: str | torch.device) -> list[int]:
+    """Rank 0's ``values`` on every rank (one all-reduce; the identity for a single process)."""
+    if get_world_size() == 1:
+        return [int(v) for v in values]
+    mine = values if get_rank() == 0 else [0] * len(values)
+    return [int(v) for v in all_reduce_sum(torch.tensor(mine, device=torch.device(device)))]
+
+
+def _sum_over_ranks(value: int, device: str | torch.device) -> int:
+    """Sum of ``value`` over ranks (``value`` itself for a single process)."""
+    if get_world_size() == 1:
+        return int(value)
+    return int(all_reduce_sum(torch.tensor([int(value)], device=torch.device(device))).item())
+
+
+def _load_arrays(
+    f_path: Path, y_path: Path, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The arrays of an entry rank 0 found valid, or None when unreadable or of another shape."""
+    try:
+        feats, labels = np.load(f_path), np.load(y_path)
+    except (OSError, ValueError) as e:
+        logger.warning("features cache %s unreadable on this rank (%s)", f_path, e)
+        return None
+    if tuple(feats.shape) != tuple(shape) or labels.shape != (shape[0],):
+        logger.warning("features cache %s has another shape on this rank", f_path)
+        return None
     return feats, labels
 
 
