@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         RunFolderBusyError,
     )
     from pretrain.engine import NonFiniteLossError, train
+    from pretrain.images import PixelLimitError, max_image_pixels
 
     user_errors = (
         ValueError,  # config values, data paths, shapes, checkpoint formats, changed recipe
@@ -88,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteStateError,
         NonFiniteLossError,
         RunFolderBusyError,
+        PixelLimitError,  # IMSVD_MAX_IMAGE_PIXELS malformed
     )
     try:
+        max_image_pixels()  # checked before any image is read
         summary = train(cfg)
     except user_errors as e:
         logging.getLogger(LOGGER_NAME).error("%s", e)  # also in OUTPUT_DIR/log.txt

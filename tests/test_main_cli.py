@@ -51,3 +51,13 @@ def test_config_errors_exit_2_and_name_the_problem(capsys):
     assert "no_such_recipe" in err and "imsvd_smoke" in err  # the shipped names are listed
     assert main(["--config", "imsvd_smoke", "train.epochz=3"]) == 2
     assert "unknown config key 'train.epochz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["1e9", "many", "0"])
+def test_malformed_pixel_limit_is_one_error_line(tmp_path, capsys, monkeypatch, bad):
+    monkeypatch.setenv("IMSVD_MAX_IMAGE_PIXELS", bad)
+    out = tmp_path / "run"
+    assert main(["--config", "imsvd_smoke", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "IMSVD_MAX_IMAGE_PIXELS" in err[0]
+    assert not out.exists()  # refused before the run folder is made
