@@ -35,7 +35,7 @@ else
   export PIP_CONSTRAINT="$lock"
 fi
 recipe=(setup.cfg pyproject.toml tools/setup_env.sh tools/lock_check.py tools/install_detectron2.py
-  tools/install_mmdet.py tools/wheel_cache.py)
+  tools/install_mmdet.py tools/mmcv_patches.py tools/wheel_cache.py)
 skip_mmdet="${IMSVD_SKIP_MMDET:-0}"
 stamp="$venv/.imsvd-setup-$({ cat "$lock" "${recipe[@]}"; echo "skip_mmdet=$skip_mmdet"; } \
   | sha256sum | cut -c1-16)"
