@@ -157,14 +157,7 @@ def knn_classify(
         if world == 1:
             raise
         refused = exc  # raised on every rank below: a rank alone would leave the others waiting
-    if world == 1:
-        sizes = [bank.shape[0]]
-    else:  # the shard sizes, and -1 from a rank whose inputs were refused
-        sizes = dist.gather_batch_sizes(-1 if refused else bank.shape[0], torch.device(device))
-        if refused is not None:
-            raise refused
-        if min(sizes) < 0:
-            raise ValueError(f"kNN: the inputs of rank {sizes.index(min(sizes))} were refused")
+    sizes = _shard_sizes(bank.shape[0] if refused is None else 0, refused, world, device)
     offset, total = sum(sizes[: dist.get_rank()]) if world > 1 else 0, sum(sizes)
     if total == 0:
         raise ValueError("kNN: 0 bank rows")
@@ -180,16 +173,37 @@ def knn_classify(
             keys = keys.topk(kmax, dim=1).values
         sim, index = _decode_keys(keys)  # (m, kmax): whole-bank top-k, sorted
         cand = _labels_at(labels, index, offset, world)
-        # exp(sim / T) / exp(sim_max / T): each query's votes scaled by one positive constant,
-        # the largest weight exactly 1 (no overflow whatever T; float64 for the division)
-        weight = ((sim.double() - sim[:, :1].double()) / temperature).exp().float()
-        for k in preds:
-            kk = min(k, kmax)
-            votes = weight.new_zeros((q.shape[0], n_cls)).scatter_add_(
-                1, cand[:, :kk], weight[:, :kk]
-            )
-            preds[k].append(votes.argmax(1).cpu())
+        for k, pred in _vote(sim, cand, preds, kmax, n_cls, temperature).items():
+            preds[k].append(pred)
     return {k: torch.cat(v).numpy() if v else np.zeros(0, np.int64) for k, v in preds.items()}
+
+
+def _shard_sizes(local: int, refused, world: int, device) -> list[int]:
+    """Every rank's bank rows (one exchange); a rank's refused inputs are raised on every rank
+    (a rank raising alone would leave the others waiting in the next collective)."""
+    if world == 1:
+        return [local]
+    sizes = dist.gather_batch_sizes(-1 if refused else local, torch.device(device))
+    if refused is not None:
+        raise refused
+    if min(sizes) < 0:
+        raise ValueError(f"kNN: the inputs of rank {sizes.index(min(sizes))} were refused")
+    return sizes
+
+
+def _vote(sim, cand, ks, kmax: int, n_cls: int, temperature: float) -> dict:
+    """argmax class (CPU int64) per query for each k of the (m, kmax) sorted neighbours."""
+    # exp(sim / T) / exp(sim_max / T): each query's votes scaled by one positive constant, the
+    # largest weight exactly 1 (no overflow whatever T; float64 for the division)
+    weight = ((sim.double() - sim[:, :1].double()) / temperature).exp().float()
+    out = {}
+    for k in ks:
+        kk = min(k, kmax)
+        votes = weight.new_zeros((sim.shape[0], n_cls)).scatter_add_(
+            1, cand[:, :kk], weight[:, :kk]
+        )
+        out[k] = votes.argmax(1).cpu()
+    return out
 
 
 def _max_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
