@@ -7,9 +7,7 @@ optimisation steps; metrics, the online kNN probe and checkpointing are hooks
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,49 +25,13 @@ from pretrain.loss import build_loss
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.probe import build_probe
+from pretrain.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIONS"]
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stopped without writing a checkpoint."""
-
-
-class _StopRequest:
-    """Remembers SIGTERM / SIGUSR1 (preemption) so the loop can checkpoint and exit cleanly."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. embedded use): no preemption handling
-                pass
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def check_config(cfg: Mapping, world_size: int) -> None:
@@ -181,7 +143,7 @@ class Trainer:
         self.forward = torch.compile(self.ddp) if tr["compile"] else self.ddp
         self.optimizer = build_optimizer(model, cfg["optim"], self.peak_lr)
         self.criterion = build_loss(cfg["loss"])
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=tr["precision"] == "fp16")
+        self.scaler = grad_scaler(info.device, tr["precision"])
         self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
         probe = None
         if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
@@ -202,7 +164,7 @@ class Trainer:
         return time.perf_counter() - self._t_start - (probe.seconds if probe else 0.0)
 
     # ------------------------------------------------------------------ step
-    def run_step(self, batch: Any, stop: _StopRequest) -> bool:
+    def run_step(self, batch: Any, stop: StopRequest) -> bool:
         """One optimisation step; returns False when every rank agreed to skip the batch.
 
         A batch with fewer than 2 readable images on any rank (BatchNorm needs 2) is skipped by
@@ -233,7 +195,7 @@ class Trainer:
             )
             return False
         x1, x2 = self.loader.prepare(batch, info.device)
-        with _autocast(info.device, tr["precision"]):
+        with autocast(info.device, tr["precision"]):
             z1 = self.forward(x1)
             z2 = self.forward(x2)
         with dist.known_batch_sizes(sizes):
@@ -281,7 +243,7 @@ class Trainer:
             save_config(self.cfg, self.out / "config.yaml")
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        stop = _StopRequest()
+        stop = StopRequest()
         stop.install()
         self.log.info(
             "training %d steps (%d per epoch, %d per process per step, peak lr %.4g, "
@@ -328,7 +290,7 @@ class Trainer:
             },
         }
 
-    def _loop(self, stop: _StopRequest, bar_iter) -> None:
+    def _loop(self, stop: StopRequest, bar_iter) -> None:
         while self.step < self.total_steps:
             self.loader.set_epoch(self.epoch, self.step_in_epoch)
             stepped = False
