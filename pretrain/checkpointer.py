@@ -23,7 +23,7 @@ import fcntl
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -80,17 +80,24 @@ def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_changing_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ between two resolved configs and change the run.
+def run_changing_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], neutral: Sequence[str] = RUN_NEUTRAL_KEYS
+) -> list[str]:
+    """Keys whose values differ between two resolved configs and change the run: the one rule
+    every resume of the toolkit applies (pretraining, the supervised-head trainer).
 
+    Args:
+        saved, current: the two resolved configs.
+        neutral: keys that do not change the run (a name ending in "." covers a section);
+            pretraining's are :data:`RUN_NEUTRAL_KEYS`.
     Returns:
         Lines ``"key: saved -> current"`` (a key absent on one side shows as ``<absent>``),
-        sorted; keys of :data:`RUN_NEUTRAL_KEYS` are ignored.
+        sorted; ``neutral`` keys are ignored.
     """
     a, b = _flatten(saved), _flatten(current)
     lines = []
     for key in sorted(set(a) | set(b)):
-        if any(key == n or (n.endswith(".") and key.startswith(n)) for n in RUN_NEUTRAL_KEYS):
+        if any(key == n or (n.endswith(".") and key.startswith(n)) for n in neutral):
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
         if va != vb:
@@ -213,7 +220,7 @@ class Checkpointer:
                 rng=rng,
             )
         except OSError as e:
-            raise CheckpointWriteError(_write_error(path, e)) from None
+            raise CheckpointWriteError(write_error_message(path, e)) from None
         self.last_saved_path = path
         ckpt.prune_checkpoints(self.out, self.c["keep_last"])
         logger.info("saved %s", path)
@@ -235,13 +242,14 @@ class Checkpointer:
                     config=dict(self.cfg),
                 )
             except OSError as e:
-                raise CheckpointWriteError(_write_error(path, e)) from None
+                raise CheckpointWriteError(write_error_message(path, e)) from None
             logger.info("exported backbone to %s", path)
         dist.barrier()
         return path
 
 
-def _write_error(path: Path, e: OSError) -> str:
+def write_error_message(path: Path, e: OSError) -> str:
+    """One line for a failed write of ``path`` (a full disk says so and what to do)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
             f"cannot write {path}: no space left on device (free some space, or set "
