@@ -12,10 +12,16 @@ import yaml
 
 from pretrain.config import ConfigError, config_dir, config_names, find_config, load_config
 from transfer.analysis import analyze
-from transfer.eval import knn, linear, voc07_svm
+from transfer.eval import finetune, knn, linear, voc07_svm
 from transfer.eval.evalcfg import build_parser, flag_overrides, load_eval_config
 
-TOOLS = [knn.EVALUATION, linear.EVALUATION, voc07_svm.EVALUATION, analyze.EVALUATION]
+TOOLS = [
+    knn.EVALUATION,
+    linear.EVALUATION,
+    finetune.EVALUATION,
+    voc07_svm.EVALUATION,
+    analyze.EVALUATION,
+]
 
 
 def _args(*argv, default="knn"):
@@ -66,7 +72,7 @@ def test_every_recipe_shares_the_base_sections():
         cfg = load_config(find_config(name, "eval"))
         for section in ("model", "data"):
             assert set(base[section]) <= set(cfg[section]), (name, section)
-        if name not in ("base", "frozen"):
+        if name not in ("base", "frozen", "supervised_base"):  # shared roots of several tools
             assert cfg["evaluation"] in {t.name for t in TOOLS}, name
             assert cfg["output_dir"] == f"outputs/{cfg['evaluation']}", name
 
@@ -74,8 +80,8 @@ def test_every_recipe_shares_the_base_sections():
 @pytest.mark.parametrize("tool", TOOLS, ids=lambda t: t.name)
 def test_every_tool_has_the_same_flags(tool, capsys):
     with pytest.raises(SystemExit):
-        tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main,
-                     "analyze": analyze.main}[tool.name]  # fmt: skip
+        tool_main = {"knn": knn.main, "linear": linear.main, "finetune": finetune.main,
+                     "voc07_svm": voc07_svm.main, "analyze": analyze.main}[tool.name]  # fmt: skip
         tool_main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--config", "--weights", "--output-dir", "--allow-unsafe", "--checkpoint-key",
@@ -142,13 +148,14 @@ def _tool_args(tool, tmp_path, trees, weights):
     return ["--config", f"{tool}_tiny"] + folders + out
 
 
-@pytest.mark.parametrize("tool", ["knn", "linear", "voc07_svm"])
+@pytest.mark.parametrize("tool", ["knn", "linear", "finetune", "voc07_svm"])
 @pytest.mark.parametrize("name, value", CORRUPTIONS, ids=[f"{n}={v}" for n, v in CORRUPTIONS])
 def test_non_finite_weights_are_refused_naming_tensor_and_file(
     tool, name, value, tiny_trees, tmp_path, capsys
 ):
     weights = _corrupt_weights(tmp_path / "bad weights.pth", name, value)
-    tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main}[tool]
+    tool_main = {"knn": knn.main, "linear": linear.main, "finetune": finetune.main,
+                 "voc07_svm": voc07_svm.main}[tool]  # fmt: skip
     assert tool_main(_tool_args(tool, tmp_path, tiny_trees, weights)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
@@ -165,20 +172,21 @@ def test_analyze_refuses_non_finite_weights(tiny_trees, tmp_path, capsys):
     assert code == 2 and "layer1.0.bn2.running_var" in err and str(weights) in err
 
 
-@pytest.mark.parametrize("tool", ["knn", "linear"])
+@pytest.mark.parametrize("tool", ["knn", "linear", "finetune"])
 def test_non_finite_features_are_refused(tool, tiny_trees, tmp_path, capsys):
     # finite but huge weights: the activations overflow to inf / NaN
     weights = _corrupt_weights(tmp_path / "w.pth", "conv1.weight", 3e38)
-    assert {"knn": knn.main, "linear": linear.main}[tool](
+    assert {"knn": knn.main, "linear": linear.main, "finetune": finetune.main}[tool](
         _tool_args(tool, tmp_path, tiny_trees, weights)
     ) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NaN/inf" in err[0] and str(weights) in err[0], err
 
 
-@pytest.mark.parametrize("tool", ["knn", "linear", "voc07_svm"])
+@pytest.mark.parametrize("tool", ["knn", "linear", "finetune", "voc07_svm"])
 def test_a_directory_as_weights_is_refused_naming_the_key(tool, tiny_trees, tmp_path, capsys):
-    tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main}[tool]
+    tool_main = {"knn": knn.main, "linear": linear.main, "finetune": finetune.main,
+                 "voc07_svm": voc07_svm.main}[tool]  # fmt: skip
     assert tool_main(_tool_args(tool, tmp_path, tiny_trees, tmp_path)) == 2
     err = capsys.readouterr().err
     assert "model.weights" in err and "is a directory" in err
@@ -195,6 +203,9 @@ def test_a_directory_as_weights_is_refused_naming_the_key(tool, tiny_trees, tmp_
         ("linear", "train.milestones=[5, -1]", "train.milestones"),
         ("linear", "train.lr=.nan", "finite"),
         ("linear", "train.batch_size=0", "train.batch_size"),
+        ("linear", "data.train_fraction=1.5", "<= 1"),
+        ("finetune", "backbone.lr=-0.1", ">= 0"),
+        ("finetune", "train.checkpoint_every_steps=-1", ">= 0"),
         ("knn", "knn.chunk_size=0", ">= 1"),
         ("knn", "knn.ks=[]", "list length 0"),
         ("knn", "knn.ks=[20, 0]", "knn.ks"),
@@ -210,15 +221,22 @@ def test_a_directory_as_weights_is_refused_naming_the_key(tool, tiny_trees, tmp_
 def test_malformed_values_are_schema_errors_naming_the_key(tool, override, needle):
     key = override.split("=", 1)[0]
     with pytest.raises(ConfigError) as e:
-        load_eval_config(tool, _args(override, default={"linear": "linear_tiny"}.get(tool, tool)))
+        load_eval_config(
+            tool,
+            _args(
+                override,
+                default={"linear": "linear_tiny", "finetune": "finetune_tiny"}.get(tool, tool),
+            ),
+        )
     assert f"'{key}'" in str(e.value) and needle in str(e.value)
 
 
-@pytest.mark.parametrize("tool", ["knn", "linear", "voc07_svm"])
+@pytest.mark.parametrize("tool", ["knn", "linear", "finetune", "voc07_svm"])
 def test_one_run_per_output_folder(tool, tiny_trees, tiny_backbone, tmp_path, capsys):
     from pretrain.checkpointer import RunFolder
 
-    tool_main = {"knn": knn.main, "linear": linear.main, "voc07_svm": voc07_svm.main}[tool]
+    tool_main = {"knn": knn.main, "linear": linear.main, "finetune": finetune.main,
+                 "voc07_svm": voc07_svm.main}[tool]  # fmt: skip
     out = tmp_path / "o"
     with RunFolder(out, is_main=True):  # another run holds the folder
         assert tool_main(_tool_args(tool, tmp_path, tiny_trees, tiny_backbone)) == 2

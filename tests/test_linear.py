@@ -14,15 +14,10 @@ from helpers import REPO, make_weights, run_module
 
 from pretrain.config import load_config
 from transfer.eval import features as feat_mod
-from transfer.eval import linear
-from transfer.eval.linear import (
-    LinearEvalError,
-    LinearHead,
-    format_epoch,
-    lr_at_epoch,
-    main,
-    topk_accuracy,
-)
+from transfer.eval import head_state, linear
+from transfer.eval.classifier import LinearHead, format_epoch, lr_at_epoch, topk_accuracy
+from transfer.eval.linear import main
+from transfer.eval.supervised import SupervisedError
 
 EVAL = REPO / "configs" / "eval"
 
@@ -42,14 +37,15 @@ def test_recipes_follow_the_protocols():
     assert lr_at_epoch(0, imnet) == 0.02 and lr_at_epoch(50, imnet) == pytest.approx(0.01)
 
 
-def test_head_batchnorm_uses_the_global_batch():
+def test_head_is_a_batchnorm_without_affine_then_a_linear_layer():
     torch.manual_seed(0)
     head = LinearHead(6, 3, batchnorm=True)
     x = torch.randn(8, 6) * 3 + 1
-    full = head(x)
-    part = head(x, slice(4, 8))
-    torch.testing.assert_close(part, full[4:8])
-    assert not any(p.requires_grad for p in head.bn.parameters())  # affine=False: no params
+    z = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(head(x), z @ head.fc.weight.T + head.fc.bias)
+    assert list(head.bn.parameters()) == []  # affine=False: no params
+    assert float(head.fc.weight.detach().std()) == pytest.approx(0.01, rel=0.3)
+    assert not head.fc.bias.any()
 
 
 def test_topk():
@@ -99,7 +95,7 @@ def test_changed_frozen_weights_is_an_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(feat_mod, "forward_features", drifting)
     cfg = load_config(EVAL / "linear_tiny.yaml", _args(root, weights, tmp_path)[6:])
     cfg["model"]["weights"], cfg["output_dir"] = str(weights), str(tmp_path / "o")
-    with pytest.raises(LinearEvalError, match="frozen backbone weights changed"):
+    with pytest.raises(SupervisedError, match="frozen backbone weights changed"):
         linear.train_linear(cfg)
 
 
@@ -154,8 +150,8 @@ def test_val_tree_missing_classes_keeps_the_train_labels(tiny, tmp_path, val_cla
         ("classes", r"training classes \(3 vs 2; only in the checkpoint: \['c2'\]\)"),
         ("renamed", r"only now: \['c9'\]"),
         ("samples", r"training samples \(24 in the checkpoint, 21 now"),
-        ("lr", r"train.lr: 0.5 in the checkpoint, 0.1 now"),
-        ("batchnorm", r"head.batchnorm: True in the checkpoint, False now"),
+        ("lr", r"train.lr: 0.5 -> 0.1"),
+        ("batchnorm", r"head.batchnorm: True -> False"),
         ("weights", r"backbone weights: sha256"),
     ],
 )
@@ -197,13 +193,24 @@ def test_head_checkpoint_records_data_and_settings(tiny, tmp_path):
     assert main(_args(root, weights, out)) == 0
     ckpt = torch.load(out / "linear_checkpoint.pth", weights_only=True)
     assert ckpt["data"]["classes"] == ["c0", "c1", "c2"] and ckpt["data"]["num_samples"] == 24
-    assert ckpt["settings"]["train.lr"] == 0.1 and ckpt["settings"]["head.num_classes"] == 3
+    assert ckpt["format"] == "imsvd-supervised-state" and ckpt["mode"] == "frozen"
+    assert ckpt["config"]["train"]["lr"] == 0.1 and ckpt["backbone"] is None
     assert ckpt["config"]["train"]["milestones"] == [1]
-    # a checkpoint of the older format (no data / settings) is refused, not guessed at
-    del ckpt["data"], ckpt["settings"]
-    torch.save(ckpt, out / "linear_checkpoint.pth")
-    with pytest.raises(LinearEvalError, match="lacks field 'data'.*older version"):
-        linear._load_head_checkpoint(out / "linear_checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]) == (2, 0, 6)  # 24 images / 8
+    # the earlier layout (no format field, epoch ends only) loads as a frozen state ...
+    old = {k: ckpt[k] for k in ("epoch", "head", "optimizer", "history", "weights_sha256",
+                                "data", "config")}  # fmt: skip
+    torch.save(old, out / "linear_checkpoint.pth")
+    state = head_state.load_state(out / "linear_checkpoint.pth")
+    assert (state["mode"], state["step_in_epoch"], state["format_version"]) == ("frozen", 0, 0)
+    assert main(_args(root, weights, out, "train.epochs=3")) == 0  # ... and resumes
+    res = json.loads((out / "linear_results.json").read_text())
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    # one without the training data's record is refused, not guessed at
+    del old["data"]
+    torch.save(old, out / "linear_checkpoint.pth")
+    with pytest.raises(head_state.HeadStateError, match="lacks field 'data'.*older version"):
+        head_state.load_state(out / "linear_checkpoint.pth")
 
 
 def test_epoch_log_lines_are_readable(tiny, tmp_path, capsys):
@@ -246,7 +253,7 @@ def test_unreadable_images_counted(tiny, tmp_path):
 @pytest.mark.parametrize("n", [21, 101, 102, 7, 1])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_global_batches_are_the_same_for_any_process_count(n, world):
-    from transfer.eval.linear import GlobalBatchSampler
+    from transfer.eval.classifier import GlobalBatchSampler
 
     batch = 6
     one = GlobalBatchSampler(n, batch, 1, 0, seed=4)
@@ -257,6 +264,8 @@ def test_global_batches_are_the_same_for_any_process_count(n, world):
         single = list(one)
         per_rank = [list(s) for s in shards]
         assert all(len(b) == len(single) == -(-n // batch) for b in per_rank)
+        single = [[i for _, i in b] for b in single]
+        per_rank = [[[i for _, i in b] for b in r] for r in per_rank]
         for step, block in enumerate(single):
             union = [i for b in per_rank for i in b[step]]
             assert sorted(union) == sorted(block)  # the same global batch, nothing padded
