@@ -10,7 +10,8 @@ dicts; ``backbone`` None when frozen), ``optimizer``, ``scaler`` (None unless fp
 ``config``, ``weights_sha256`` (the pretrained weights read), ``data`` (the training set's
 signature, :func:`train_signature`) and ``subset`` (:func:`transfer.eval.subsets.apply_subset`).
 Files of the earlier linear-probe layout (no ``format``; written at epoch ends) load as frozen
-states at ``step_in_epoch`` 0.
+states at ``step_in_epoch`` 0, their recipe read with the values that trainer had for the keys
+it did not know (no label subset, fp32, epoch-end checkpoints).
 
 A run resumes only when the weights, the training set and the config agree with the file; the
 config is compared with the rule pretraining resumes by
@@ -65,6 +66,14 @@ _V1_FIELDS = _V0_FIELDS + (
     "epoch_sums",
     "subset",
 )
+
+
+# Keys the earlier linear-probe trainer did not have, with the behaviour it had: a file of that
+# layout is compared as if its recipe had held these values.
+_V0_IMPLIED = {
+    "data": {"train_subset": "", "train_fraction": 0.0, "subset_seed": 0},
+    "train": {"checkpoint_every_steps": 0, "precision": "fp32"},
+}
 
 
 class HeadStateError(ValueError):
@@ -173,6 +182,10 @@ def load_state(path: Path) -> dict | None:
             "subset": None,
         }
         obj["step"] = None
+        config = dict(obj.get("config") or {})
+        for section, keys in _V0_IMPLIED.items():
+            config[section] = {**keys, **(config.get(section) or {})}
+        obj["config"] = config
     elif fmt != FORMAT or obj.get("format_version") != VERSION:
         raise HeadStateError(
             f"{path}: format {fmt!r} version {obj.get('format_version')!r}, expected {FORMAT!r} "
