@@ -362,3 +362,31 @@ def test_two_ranks_take_the_same_cache_branch(tiny_backbone, tmp_path):
     for g in got:
         for feats in g["feats"]:
             torch.testing.assert_close(feats, got[0]["feats"][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision, rtol", [("bf16", 3e-2), ("fp16", 3e-2)])
+def test_half_precision_extraction_is_close_and_cached_apart(
+    setup, tmp_path, precision, rtol, monkeypatch
+):
+    _, model, meta, ds = setup
+    full, y = extract_features(model, ds, batch_size=6)
+    half, y2 = extract_features(model, ds, batch_size=6, precision=precision)
+    assert half.dtype == np.float32 and np.array_equal(y, y2)
+    scale = np.abs(full).max()
+    np.testing.assert_allclose(half, full, rtol=rtol, atol=rtol * scale)
+    assert not np.array_equal(half, full)  # the forward really ran in half precision
+    fp32 = cached_features(tmp_path, "train", model, ds, meta["sha256"], batch_size=6)[0]
+    assert "precision" not in json.loads((tmp_path / "train_pool5.json").read_text())
+    calls = []
+    real = feat_mod.extract_features
+    monkeypatch.setattr(
+        feat_mod, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    again = cached_features(
+        tmp_path, "train", model, ds, meta["sha256"], batch_size=6, precision=precision
+    )[0]
+    assert calls == [1] and np.array_equal(again, half)  # an fp32 entry is not a bf16 one
+    assert json.loads((tmp_path / "train_pool5.json").read_text())["precision"] == precision
+    assert np.array_equal(fp32, full)
+    with pytest.raises(FeatureError, match="features.precision 'fp8'"):
+        extract_features(model, ds, precision="fp8")

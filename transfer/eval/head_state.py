@@ -49,6 +49,7 @@ NEUTRAL_KEYS = (
     "data.batch_size",
     "data.strict",
     "features.cache_check",
+    "features.precision",
     "train.resume",
     "train.log_every",
     "train.eval_every",

@@ -180,6 +180,7 @@ class EvalContext:
             batch_size=int(self.cfg["data"]["batch_size"]),
             device=self.device,
             num_workers=int(self.cfg["data"]["num_workers"]),
+            precision=str(self.cfg["features"]["precision"]),
         )
         if self.out is None:
             feats, labels = extract_features(model, dataset, desc=f"{split} features", **kw)

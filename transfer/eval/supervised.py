@@ -258,10 +258,9 @@ class SupervisedTrainer:
                 "device": self.info.device,
                 "num_workers": int(self.cfg["data"]["num_workers"]),
             }
-            with autocast(self.info.device, self.t["precision"]):
-                feats, labels = features.extract_features(
-                    self.backbone, self.val_ds, desc="val features", **kw
-                )
+            feats, labels = features.extract_features(
+                self.backbone, self.val_ds, desc="val features", precision=self.t["precision"], **kw
+            )
             self.backbone.train()
         self.unreadable["val"] = len(self.val_ds) - len(labels)
         self.val_seen = self.epoch
