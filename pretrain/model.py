@@ -117,21 +117,6 @@ def parse_projector_spec(spec: str) -> list[int]:
     return dims
 
 
-class Projector(nn.Sequential):
-    """MLP projector: (Linear + BatchNorm1d + ReLU) x (k-1), then Linear without bias."""
-
-    def __init__(self, in_dim: int, spec: str = "8192-8160") -> None:
-        dims = [in_dim] + parse_projector_spec(spec)
-        layers: list[nn.Module] = []
-        for a, b in zip(dims[:-2], dims[1:-1]):
-            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
-        super().__init__(*layers)
-        self.in_dim = in_dim
-        self.out_dim = dims[-1]
-        self.spec = str(spec)
-
-
 OUT_NORMS = ("none", "bn")
 
 
@@ -140,49 +125,56 @@ def output_norm(dim: int) -> nn.BatchNorm1d:
     return nn.BatchNorm1d(dim, affine=False)
 
 
-class NormedProjector(nn.Module):
-    """A :class:`Projector` followed by ``BatchNorm1d(out_dim, affine=False)`` (``out_norm: bn``).
+class Projector(nn.Sequential):
+    """MLP projector: (Linear + BatchNorm1d + ReLU) x (k-1), then Linear without bias, and with
+    ``out_norm="bn"`` a last layer ``BatchNorm1d(out_dim, affine=False)`` (beyond the paper: each
+    logit standardised over the batch before the loss).
 
-    What :func:`pretrain.checkpoint.model_from_checkpoint` returns for a training state whose
-    recipe normalises the projector output, so code analyses see the logits the loss saw.
-    ``spec``, ``in_dim`` and ``out_dim`` are the projector's.
-    """
-
-    def __init__(self, projector: Projector) -> None:
-        super().__init__()
-        self.mlp = projector
-        self.out_norm = output_norm(projector.out_dim)
-        self.spec, self.in_dim, self.out_dim = projector.spec, projector.in_dim, projector.out_dim
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out_norm(self.mlp(z))
-
-
-class IMSVDModel(nn.Module):
-    """Backbone followed by the projector (and, optionally, a norm of the projector output).
+    The same module, with the same state-dict keys (``<i>.weight`` ..., the norm at the last
+    index), in training and when rebuilt from a checkpoint.
 
     Args:
-        backbone: image -> pooled features.
-        projector: pooled features -> N x D embedding.
-        out_norm: "none" (paper) or "bn": ``BatchNorm1d(D, affine=False)`` on the embedding,
-            i.e. each logit standardised over the batch before the loss (beyond the paper).
+        in_dim: input width (the backbone's pooled features).
+        spec: the Linear widths, e.g. "8192-8160".
+        out_norm: "none" or "bn".
+    Raises:
+        ValueError: a malformed spec or an unknown out_norm (naming ``model.out_norm``).
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, out_norm: str = "none") -> None:
-        super().__init__()
+    def __init__(self, in_dim: int, spec: str = "8192-8160", out_norm: str = "none") -> None:
         if out_norm not in OUT_NORMS:
             raise ValueError(
                 f"config key 'model.out_norm': {out_norm!r} is not one of {', '.join(OUT_NORMS)}"
             )
+        dims = [in_dim] + parse_projector_spec(spec)
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-2], dims[1:-1]):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+        if out_norm == "bn":
+            layers.append(output_norm(dims[-1]))
+        super().__init__(*layers)
+        self.in_dim = in_dim
+        self.out_dim = dims[-1]
+        self.spec = str(spec)
+        self.out_norm = out_norm
+
+
+class IMSVDModel(nn.Module):
+    """Backbone followed by the projector (which holds the optional output norm).
+
+    Args:
+        backbone: image -> pooled features.
+        projector: pooled features -> N x D embedding (:class:`Projector`).
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
         self.backbone = backbone
         self.projector = projector
-        if out_norm == "bn":
-            self.out_norm = output_norm(projector.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.projector(self.backbone(x))
-        norm = getattr(self, "out_norm", None)
-        return z if norm is None else norm(z)
+        return self.projector(self.backbone(x))
 
 
 def build_model(model_cfg: Mapping) -> IMSVDModel:
@@ -196,9 +188,10 @@ def build_model(model_cfg: Mapping) -> IMSVDModel:
         zero_init_residual=bool(model_cfg["zero_init_residual"]),
         stem=model_cfg["stem"],
     )
-    projector = Projector(backbone.num_features, model_cfg["projector"])
     # recipes stored in checkpoints written before model.out_norm existed lack the key
-    return IMSVDModel(backbone, projector, out_norm=model_cfg.get("out_norm", "none"))
+    out_norm = model_cfg.get("out_norm", "none")
+    projector = Projector(backbone.num_features, model_cfg["projector"], out_norm)
+    return IMSVDModel(backbone, projector)
 
 
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:

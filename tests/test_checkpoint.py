@@ -175,7 +175,7 @@ def test_restore_names_mismatched_keys(tmp_path: Path, trained) -> None:
 
 
 def test_save_training_state_rejects_non_imsvd_model(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"keys backbone\.\*, projector\.\*"):
+    with pytest.raises(CheckpointError, match=r"keys backbone\.\* and projector\.\*"):
         ckpt.save_training_state(
             tmp_path / "x.pth",
             model=nn.Linear(2, 2),

@@ -346,30 +346,56 @@ def test_two_processes_skip_a_batch_together(tmp_path):
     assert state["step"] == 10 and state["epoch"] >= 1
 
 
-def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
-    """model.out_norm=bn: the norm's statistics are saved, resumed and read by the readers."""
-    from pretrain.model import IMSVDModel, NormedProjector, build_model
+def _earlier_layout(sd: dict, norm: int) -> dict:
+    """An IMSVDModel state dict with the output norm as ``out_norm.*`` (the earlier layout)."""
+    head = f"projector.{norm}."
+    return {(f"out_norm.{k[len(head):]}" if k.startswith(head) else k): v for k, v in sd.items()}
 
-    out = tmp_path / "bn"
+
+def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
+    """model.out_norm=bn: the norm is the projector's last layer, with the same keys in training,
+    in the checkpoint and when rebuilt; files of the earlier out_norm.* layout read and resume."""
+    from pretrain.checkpoint.train_state import train_state_sha256
+    from pretrain.model import IMSVDModel, Projector, build_model
+
+    out, old = tmp_path / "bn", tmp_path / "old"
     cfg = _cfg(out, "model.out_norm=bn")
     stop = _AtStep(1, lambda tr: os.kill(os.getpid(), signal.SIGTERM))
     assert engine.train(cfg, hooks=[stop])["status"] == "preempted"
-    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
-    assert {"out_norm.running_mean", "out_norm.running_var"} <= set(state["model"])
-    assert engine.train(cfg)["step"] == 4  # resumed, and the final states are written
-    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    first = ckpt.latest_checkpoint(out)
+    state = ckpt.load_training_state(first)
     trained = build_model(cfg["model"])
+    norm = len(trained.projector) - 1
+    assert list(state["model"]) == list(trained.state_dict())
+    assert f"projector.{norm}.running_var" in state["model"]
+    assert not any(k.startswith("out_norm.") for k in state["model"])
+    # the same state written in the earlier layout, in another run folder
+    raw = torch.load(first, weights_only=True)
+    raw["model"] = _earlier_layout(raw["model"], norm)
+    raw["sha256"] = train_state_sha256(raw)
+    old.mkdir()
+    torch.save(raw, old / first.name)
+    assert engine.train(cfg)["step"] == 4  # resumed, and the final states are written
+    assert engine.train(_cfg(old, "model.out_norm=bn"))["step"] == 4  # the earlier layout too
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
+    for k, v in ckpt.load_training_state(ckpt.latest_checkpoint(old))["model"].items():
+        torch.testing.assert_close(v, state["model"][k], rtol=0, atol=0)
     trained.load_state_dict(state["model"])
     backbone, projector, meta = ckpt.model_from_checkpoint(ckpt.latest_checkpoint(out))
-    assert isinstance(projector, NormedProjector) and meta["projector"]["out_norm"] == "bn"
+    assert isinstance(projector, Projector) and meta["projector"]["out_norm"] == "bn"
+    assert list(projector.state_dict()) == list(trained.projector.state_dict())
     x = torch.randn(3, 3, 32, 32)
     read = IMSVDModel(backbone, projector).eval()
     torch.testing.assert_close(read(x), trained.eval()(x))  # the logits the loss saw
-    # a bare IMSVDModel.state_dict() of such a run reads the same way
-    torch.save(trained.state_dict(), tmp_path / "model_sd.pth")
-    _, projector2, meta2 = ckpt.model_from_checkpoint(tmp_path / "model_sd.pth")
-    assert isinstance(projector2, NormedProjector) and meta2["projector"]["out_norm"] == "bn"
-    torch.testing.assert_close(IMSVDModel(backbone, projector2).eval()(x), read(x))
+    # a bare IMSVDModel.state_dict() of such a run, in either layout, reads the same way
+    for name, sd in (
+        ("new", trained.state_dict()),
+        ("old", _earlier_layout(trained.state_dict(), norm)),
+    ):
+        torch.save(sd, tmp_path / f"model_sd_{name}.pth")
+        _, projector2, meta2 = ckpt.model_from_checkpoint(tmp_path / f"model_sd_{name}.pth")
+        assert meta2["projector"]["out_norm"] == "bn" and meta2["projector"]["matches_projector"]
+        torch.testing.assert_close(IMSVDModel(backbone, projector2).eval()(x), read(x))
 
 
 @pytest.mark.slow

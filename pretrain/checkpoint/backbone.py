@@ -263,17 +263,21 @@ def _projector_meta(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any
     linears.sort(key=lambda t: t[0])
     spec = "-".join(str(w.shape[0]) for _, w in linears)
     in_dim = int(linears[0][1].shape[1])
+    # model.out_norm: bn: a BatchNorm without affine parameters after the last Linear
+    after = linears[-1][0] + 1
+    out_norm = "bn" if f"{after}.running_mean" in sd and f"{after}.weight" not in sd else "none"
     meta: dict[str, Any] = {
         "spec": spec,
         "in_dim": in_dim,
         "out_dim": int(linears[-1][1].shape[0]),
         "num_linear": len(linears),
         "linear_bias": [f"{i}.bias" in sd for i, _ in linears],
+        "out_norm": out_norm,
     }
     from pretrain.model import Projector
 
     with torch.device("meta"):
-        expected = Projector(in_dim, spec).state_dict()
+        expected = Projector(in_dim, spec, out_norm).state_dict()
     missing, unexpected, shapes = diff_keys(sd, expected)
     meta["matches_projector"] = not (missing or unexpected or shapes)
     if not meta["matches_projector"]:
@@ -298,7 +302,6 @@ def _finish_projector(
         raise CheckpointError(f"{path} ({label}): no 'projector.*' weights found")
     pmeta = _projector_meta(ex.projector, path)
     pmeta.update(source_format=label, epoch=ex.meta.get("epoch"), path=str(path))
-    pmeta["out_norm"] = "bn" if ex.out_norm else "none"
     pmeta["notes"] = list(ex.meta.get("notes", []))
     return dict(ex.projector), pmeta
 
@@ -401,16 +404,17 @@ def model_from_checkpoint(
         loaded strictly (``fc`` is an Identity, output ``backbone.num_features`` wide);
         ``pretrain.model.Projector`` with its weights, or None when the file has no projector
         or it does not match that module (``meta["projector"]`` says which); when the training
-        state has a norm on the projector output (``model.out_norm: bn``) the projector is
-        :class:`pretrain.model.NormedProjector` (Projector then that norm, same ``spec`` /
-        ``out_dim``) and ``meta["projector"]["out_norm"]`` is "bn" ("none" otherwise); meta as from
+        state has a norm on the projector output (``model.out_norm: bn``) it is the projector's
+        last layer, as in training (``Projector(in_dim, spec, "bn")``, also for files of the
+        earlier ``out_norm.*`` layout) and ``meta["projector"]["out_norm"]`` is "bn" ("none"
+        otherwise); meta as from
         :func:`load_backbone` plus ``projector`` (the projector's meta or None).
 
     Raises:
         CheckpointError: as :func:`load_backbone`. NonFiniteWeightsError: a NaN / inf
             parameter or buffer, or a BatchNorm running_var <= 0 (:func:`check_finite_weights`).
     """
-    from pretrain.model import NormedProjector, Projector, build_backbone
+    from pretrain.model import Projector, build_backbone
 
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
     opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
@@ -426,16 +430,8 @@ def model_from_checkpoint(
         pmeta.pop("notes", None)
         meta["projector"] = pmeta
         if pmeta["matches_projector"]:
-            projector = Projector(pmeta["in_dim"], pmeta["spec"])
+            projector = Projector(pmeta["in_dim"], pmeta["spec"], pmeta["out_norm"])
             projector.load_state_dict(psd, strict=True)
-            if ex.out_norm:
-                projector = NormedProjector(projector)
-                try:
-                    projector.out_norm.load_state_dict(ex.out_norm, strict=True)
-                except RuntimeError as e:
-                    raise CheckpointError(
-                        f"{path}: the out_norm.* statistics do not fit: {e}"
-                    ) from None
             check_finite_weights(projector, path, "projector")
             projector.to(device)
         else:

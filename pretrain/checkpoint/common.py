@@ -77,6 +77,24 @@ def strip_prefix(sd: Mapping[str, Any], prefix: str) -> "OrderedDict[str, Any]":
     return OrderedDict((k[len(prefix) :], v) for k, v in sd.items() if k.startswith(prefix))
 
 
+def fold_out_norm(sd: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+    """An IMSVDModel state dict of the earlier layout in today's: the projector-output norm
+    (``model.out_norm: bn``) that was stored as ``out_norm.*`` becomes the projector's last
+    layer ``projector.<i>.*`` (i = one past the projector's last index). Other dicts are
+    returned unchanged (as a copy).
+    """
+    out = OrderedDict(sd)
+    if not any(k.startswith("out_norm.") for k in out):
+        return out
+    indices = [int(k.split(".")[1]) for k in out if k.startswith("projector.")
+               and k.split(".")[1].isdigit()]  # fmt: skip
+    last = max(indices, default=-1) + 1
+    return OrderedDict(
+        (f"projector.{last}.{k[len('out_norm.'):]}" if k.startswith("out_norm.") else k, v)
+        for k, v in out.items()
+    )
+
+
 def is_tensor_dict(obj: Any) -> bool:
     """True for a non-empty mapping of str keys to tensors (a state_dict)."""
     return (

@@ -26,6 +26,7 @@ from .common import (
     check_fields,
     check_version,
     describe,
+    fold_out_norm,
     is_tensor_dict,
     strip_prefix,
 )
@@ -40,8 +41,8 @@ TensorDict = "OrderedDict[str, torch.Tensor]"
 class Extracted:
     """What a reader found: raw backbone weights (torchvision names), projector, metadata.
 
-    ``out_norm`` holds the running statistics of the norm on the projector output
-    (``model.out_norm: bn``) when the training state has one. ``meta`` may hold ``epoch``,
+    The projector's dict holds the norm on its output (``model.out_norm: bn``) as its last
+    index, also for files of the earlier layout (``out_norm.*``). ``meta`` may hold ``epoch``,
     ``config``, ``notes`` and, when the file records them, ``arch``, ``stem`` (with
     ``stem_source``) and the other metadata of this project's formats.
     """
@@ -49,7 +50,6 @@ class Extracted:
     backbone: "OrderedDict[str, torch.Tensor]"
     projector: "OrderedDict[str, torch.Tensor] | None" = None
     meta: dict[str, Any] = field(default_factory=dict)
-    out_norm: "OrderedDict[str, torch.Tensor] | None" = None
 
 
 @dataclass(frozen=True)
@@ -160,13 +160,8 @@ def _read_train_state(obj: Any, path: Path, verify_hash: bool) -> Extracted:
         stem_source="metadata",
         notes=[],
     )
-    model = st["model"]
-    return Extracted(
-        strip_prefix(model, "backbone."),
-        strip_prefix(model, "projector."),
-        meta,
-        out_norm=strip_prefix(model, "out_norm.") or None,
-    )
+    model = fold_out_norm(st["model"])
+    return Extracted(strip_prefix(model, "backbone."), strip_prefix(model, "projector."), meta)
 
 
 def _is_dino(obj: Any) -> bool:
@@ -232,12 +227,8 @@ def _has_backbone(obj: Any) -> bool:
 
 def _read_imsvd_model(obj: Any, path: Path, verify_hash: bool) -> Extracted:
     _, sd, meta = _base(obj)
-    return Extracted(
-        strip_prefix(sd, "backbone."),
-        strip_prefix(sd, "projector.") or None,
-        meta,
-        out_norm=strip_prefix(sd, "out_norm.") or None,
-    )
+    sd = fold_out_norm(sd)
+    return Extracted(strip_prefix(sd, "backbone."), strip_prefix(sd, "projector.") or None, meta)
 
 
 def _is_torchvision(obj: Any) -> bool:

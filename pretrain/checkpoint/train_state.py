@@ -27,6 +27,7 @@ from .common import (
     describe,
     diff_keys,
     fmt_keys,
+    fold_out_norm,
     is_tensor_dict,
     key_error,
     model_section,
@@ -102,8 +103,8 @@ def save_training_state(
     Args:
         path: destination (use :func:`checkpoint_name` inside the output folder).
         model: the IMSVDModel, possibly wrapped in DDP / DataParallel / torch.compile; its
-            state_dict must consist of ``backbone.*`` and ``projector.*`` keys (and ``out_norm.*``
-            when the recipe has ``model.out_norm: bn``).
+            state_dict must consist of ``backbone.*`` and ``projector.*`` keys (the norm of
+            ``model.out_norm: bn`` is the projector's last layer).
         optimizer: optimizer whose state_dict is stored (None allowed).
         scaler: torch.amp.GradScaler or None; a disabled scaler is stored as None.
         epoch: epoch in progress (0-based), see above.
@@ -121,11 +122,10 @@ def save_training_state(
     model_sd = net.state_dict()
     if any(k.startswith("module.") for k in model_sd):
         model_sd = OrderedDict((k.removeprefix("module."), v) for k, v in model_sd.items())
-    bad = [k for k in model_sd if not k.startswith(("backbone.", "projector.", "out_norm."))]
+    bad = [k for k in model_sd if not k.startswith(("backbone.", "projector."))]
     if bad or not any(k.startswith("backbone.") for k in model_sd):
         raise CheckpointError(
-            "save_training_state expects an IMSVDModel (keys backbone.*, projector.* and, with "
-            "model.out_norm: bn, out_norm.*); "
+            "save_training_state expects an IMSVDModel (keys backbone.* and projector.*); "
             f"got keys such as {fmt_keys(bad or list(model_sd), 5)}"
         )
     if not isinstance(config, Mapping):
@@ -272,7 +272,7 @@ def restore_training_state(
         ``{"epoch", "step", "step_in_epoch"}``: the position to resume from.
     """
     net = unwrap_model(model)
-    saved = state["model"]
+    saved = fold_out_norm(state["model"])  # a state of the earlier out_norm.* layout resumes too
     own = net.state_dict()
     missing, unexpected, shapes = diff_keys(saved, own)
     if missing or unexpected or shapes:
