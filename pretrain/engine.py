@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -62,9 +63,16 @@ def check_config(cfg: Mapping, world_size: int) -> None:
 class Trainer:
     """Runs pretraining as described by a resolved config (see configs/pretrain/base.yaml).
 
+    Everything is built here, in the constructor, once the run folder is locked: data, model,
+    optimizer, loss, scaler, checkpointer, writer, probe and hooks (:meth:`build_hooks`, which a
+    subclass may override); :meth:`fit` resumes and trains, :meth:`close` releases the folder
+    (``fit`` does it when it ends). Hooks see the trainer through a weak proxy.
+
     Args:
         cfg: the resolved config.
         hooks: extra hooks, run after the built-in ones (metrics, probe, checkpoints).
+    Raises:
+        RunFolderBusyError: another run holds ``checkpoint.output_dir``.
     """
 
     def __init__(self, cfg: Mapping, hooks: Sequence[HookBase] = ()) -> None:
@@ -93,9 +101,24 @@ class Trainer:
         self.stop_signal: int | None = None
         self.backbone_path: Path | None = None
         self._t_start = time.perf_counter()
+        self._folder: RunFolder | None = RunFolder(self.out, self.info.is_main).__enter__()
+        try:
+            self._build()
+            self.hooks = self.build_hooks() + self.extra_hooks
+            for h in self.hooks:
+                h.trainer = weakref.proxy(self)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (idempotent)."""
+        if self._folder is not None:
+            self._folder.__exit__(None, None, None)
+            self._folder = None
 
     # ----------------------------------------------------------------- setup
-    def build(self) -> None:
+    def _build(self) -> None:
         """Data, model (DDP, SyncBN, channels-last, compile), optimizer, loss, scaler, probe."""
         cfg, info = self.cfg, self.info
         tr = cfg["train"]
@@ -145,22 +168,25 @@ class Trainer:
         self.criterion = build_loss(cfg["loss"])
         self.scaler = grad_scaler(info.device, tr["precision"])
         self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
-        probe = None
-        if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
-            probe = build_probe(cfg["eval"], cfg["data"])
         self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)
         self.metrics_hook = MetricsHook(self.writer, cfg["log"]["every_steps"])
-        self.hooks: list[HookBase] = [self.metrics_hook]
-        if cfg["eval"]["every_steps"] > 0:
+        self.probe_hook: ProbeHook | None = None
+        if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
+            probe = build_probe(cfg["eval"], cfg["data"])
             self.probe_hook = ProbeHook(probe, self.writer, cfg["eval"]["every_steps"])
-            self.hooks.append(self.probe_hook)
-        self.hooks += [CheckpointHook(self.checkpointer), *self.extra_hooks]
-        for h in self.hooks:
-            h.trainer = self
+
+    def build_hooks(self) -> list[HookBase]:
+        """The built-in hooks in their order: metrics, the online probe (when
+        ``eval.every_steps`` > 0), checkpoints. Override to change them; the constructor's
+        ``hooks`` run after these."""
+        hooks: list[HookBase] = [self.metrics_hook]
+        if self.probe_hook is not None:
+            hooks.append(self.probe_hook)
+        return hooks + [CheckpointHook(self.checkpointer)]
 
     def train_seconds(self) -> float:
         """Wall time of this process's training so far, probes excluded (resets on resume)."""
-        probe = getattr(self, "probe_hook", None)
+        probe = self.probe_hook
         return time.perf_counter() - self._t_start - (probe.seconds if probe else 0.0)
 
     # ------------------------------------------------------------------ step
@@ -173,15 +199,7 @@ class Trainer:
         Raises:
             NonFiniteLossError: the loss is NaN/inf on any rank (nothing is written).
         """
-        cfg, info, tr = self.cfg, self.info, self.cfg["train"]
-        self.lr = lr_at(
-            self.step,
-            self.total_steps,
-            self.warmup_steps,
-            self.peak_lr,
-            cfg["optim"]["final_lr_ratio"],
-        )
-        set_lr(self.optimizer, self.lr)
+        info, tr = self.info, self.cfg["train"]
         local = int(batch["size"])
         # the step's one size exchange (and host sync) before the forward: the loss's gathers
         # reuse these sizes, and every rank sees whether one of them must skip the batch
@@ -227,17 +245,30 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
+    def set_lr(self) -> None:
+        """The schedule's learning rate of the step about to run (warm-up + cosine per step)."""
+        self.lr = lr_at(
+            self.step,
+            self.total_steps,
+            self.warmup_steps,
+            self.peak_lr,
+            self.cfg["optim"]["final_lr_ratio"],
+        )
+        set_lr(self.optimizer, self.lr)
+
     def fit(self) -> dict:
-        """Train until the schedule's last step; returns a summary dict.
+        """Train until the schedule's last step; returns a summary dict, and releases the run
+        folder.
 
         The summary has keys "status" ("finished" or "preempted"), "step", "epoch",
         "backbone" (path of the exported backbone when finished), "last_metrics".
         """
-        with RunFolder(self.out, self.info.is_main):
+        try:
             return self._fit()
+        finally:
+            self.close()
 
     def _fit(self) -> dict:
-        self.build()
         self.epoch, self.step_in_epoch, self.step = self.checkpointer.resume()
         if self.info.is_main:  # after the resume check: a refused resume leaves it untouched
             save_config(self.cfg, self.out / "config.yaml")
@@ -295,6 +326,7 @@ class Trainer:
             self.loader.set_epoch(self.epoch, self.step_in_epoch)
             stepped = False
             for batch in self.loader:
+                self.set_lr()
                 done = self.run_step(batch, stop)
                 self.step_in_epoch += 1
                 if not done:
@@ -320,8 +352,7 @@ class Trainer:
 
 def train(cfg: Mapping, hooks: Sequence[HookBase] = ()) -> dict:
     """Run pretraining for a resolved config; see :meth:`Trainer.fit` for the summary."""
-    trainer = Trainer(cfg, hooks)
     try:
-        return trainer.fit()
+        return Trainer(cfg, hooks).fit()
     finally:
         dist.cleanup()

@@ -1,10 +1,10 @@
 """Training hooks: what happens around the optimisation step (metrics, probe, checkpoints).
 
 The loop in :mod:`pretrain.engine` only runs steps; everything else is a hook (Detectron2's
-HookBase idea). A hook sees the trainer and may read ``trainer.step`` (steps done),
-``trainer.epoch``, ``trainer.step_in_epoch`` (batches of the current epoch consumed),
-``trainer.losses`` (the last step's loss terms), ``trainer.lr`` and ``trainer.views`` (the last
-step's embeddings), and may set ``trainer.status``.
+HookBase idea). A hook sees the trainer (a weak proxy: a hook never keeps it alive) and may
+read ``trainer.step`` (steps done), ``trainer.epoch``, ``trainer.step_in_epoch`` (batches of the
+current epoch consumed), ``trainer.losses`` (the last step's loss terms), ``trainer.lr`` and
+``trainer.views`` (the last step's embeddings), and may set ``trainer.status``.
 
 Hooks run in list order: metrics, then the probe, then checkpoints (so a checkpoint written at a
 step already holds that step's metrics in metrics.jsonl).
