@@ -433,13 +433,3 @@ def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
         lambda f: yaml.dump(dict(cfg), f, Dumper=_Dumper, sort_keys=False, default_flow_style=None),
         mode="w",
     )
-
-
-def get(cfg: Mapping, dotted: str) -> Any:
-    """Read ``a.b.c`` from a nested dict, with a clear error when absent."""
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(f"config has no key '{dotted}'")
-        node = node[part]
-    return node
