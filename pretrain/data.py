@@ -337,7 +337,7 @@ def build_pretrain_loader(
             blur_prob=_pair(cfg, "blur_prob"),
             solarize_prob=_pair(cfg, "solarize_prob"),
         )
-    except ValueError as exc:
+    except ConfigError as exc:
         raise DataError(f"data config: {exc}") from exc
     if batch_size_per_rank < 1 or not 0 <= rank < world_size:
         raise DataError(f"bad batch_size_per_rank={batch_size_per_rank} / rank={rank}/{world_size}")

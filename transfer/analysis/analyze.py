@@ -321,6 +321,8 @@ def run(ctx: runner.EvalContext) -> dict[str, Any]:
     bad = [v for v in variables + [gradcam_variable] if not 0 <= v < m]
     if bad:
         raise AnalysisError(f"variables {bad} out of range: the model has {m} variables")
+    if int(gc["unit"]) >= bin_size:
+        raise AnalysisError(f"gradcam.unit {gc['unit']} out of range: units are 0..{bin_size - 1}")
     image_size = int(d["crop"] or recipe_value(recipe, "data.image_size"))
     resize = int(d["resize"] or round(image_size * 256 / 224))
     scale = recipe_value(recipe, "data.crop_scale")
