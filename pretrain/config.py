@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from pretrain.errors import IMSVDError
 from pretrain.keytypes import KeyType, KeyTypeError, check_value, key_type
 
 BASE_KEY = "_base_"
@@ -43,7 +44,7 @@ CONFIG_KINDS = ("pretrain", "eval")
 CONFIGS_PACKAGE = "imsvd_configs"  # the installed name of configs/ (setup.cfg package_dir)
 
 
-class ConfigError(ValueError):
+class ConfigError(IMSVDError, ValueError):
     """A config file or override is invalid (unknown key, wrong type, unreadable file)."""
 
 

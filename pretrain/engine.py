@@ -21,6 +21,7 @@ from pretrain import dist
 from pretrain.checkpointer import FINAL_BACKBONE, Checkpointer, CheckpointWriteError, RunFolder
 from pretrain.config import ConfigError, save_config
 from pretrain.data import build_pretrain_loader
+from pretrain.errors import IMSVDError
 from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
 from pretrain.images import DataError
 from pretrain.log import MetricWriter, progress, setup_logging
@@ -34,7 +35,7 @@ __all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIO
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(IMSVDError, RuntimeError):
     """The loss became NaN/inf; training stopped without writing a checkpoint."""
 
 

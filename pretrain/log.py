@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from pretrain.config import ConfigError
+from pretrain.errors import IMSVDError
 
 LOGGER_NAME = "imsvd"
 
@@ -111,7 +112,7 @@ def wandb_options(cfg: Mapping[str, Any]) -> dict | None:
     }
 
 
-class MissingPackageError(ImportError):
+class MissingPackageError(IMSVDError, ImportError):
     """An optional package the config asks for (``log.wandb``: wandb) is not installed."""
 
 

@@ -33,6 +33,7 @@ from detectron2.evaluation import (
 )
 
 from pretrain.checkpoint import NonFiniteWeightsError, check_finite_weights
+from pretrain.errors import IMSVDError
 from pretrain.log import print_table, write_json_atomic
 from transfer.d2_data import (
     TrainNetError,
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except (TrainNetError, D2ConversionError) as exc:
+    except IMSVDError as exc:
         print(f"train_net: error: {exc}", file=sys.stderr)
         return 2
     return 0

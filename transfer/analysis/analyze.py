@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pretrain.config import ConfigError, complete_section, find_config, load_config
 from pretrain.datasets import build_image_dataset
+from pretrain.errors import IMSVDError
 from pretrain.images import load_rgb
 from pretrain.log import format_table, progress
 from pretrain.model import IMSVDModel, build_model
@@ -68,7 +69,7 @@ from transfer.analysis.gradcam import GradCAM, choose_layer
 from transfer.eval import runner
 
 
-class AnalysisError(ValueError):
+class AnalysisError(IMSVDError, ValueError):
     """Invalid analysis request (missing bin size, variable out of range, ...)."""
 
 

@@ -51,7 +51,7 @@ CHECKPOINT_NAME = "linear_checkpoint.pth"
 RESULTS_NAME = "linear_results.json"
 
 
-class LinearEvalError(ValueError):
+class LinearEvalError(runner.IMSVDError, ValueError):  # pretrain.errors.IMSVDError
     """The linear evaluation cannot proceed (bad setup, or the frozen weights changed)."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from pretrain.config import ConfigError, find_config, load_config
 from pretrain.datasets import ImageDataset
+from pretrain.errors import IMSVDError
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner, svm
@@ -41,7 +42,7 @@ VOC_CLASSES = (
 RESULTS_NAME = "voc07_svm_results.json"
 
 
-class VOCError(ValueError):
+class VOCError(IMSVDError, ValueError):
     """The VOC tree is missing files or holds malformed lines."""
 
 
