@@ -245,7 +245,7 @@ def save_results(cfg: CfgNode, results: Dict, config_file: str = "") -> None:
     write_json_atomic(
         {"config_file": config_file, "weights": cfg.MODEL.WEIGHTS, "results": clean},
         os.path.join(cfg.OUTPUT_DIR, "results.json"),
-    )  # fmt: skip
+    )
     rows = [
         {"dataset": ds, "task": task, **{k: m.get(k) for k in ("AP", "AP50", "AP75")}}
         for ds, r in clean.items()
