@@ -84,7 +84,7 @@ def run_new(xtr, ytr, xte, yte, costs):
 
 
 def main() -> None:
-    from transfer.eval.voc07_svm import COSTS, l2_normalize
+    from transfer.eval.voc07_svm import l2_normalize, protocol_costs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=2000)
@@ -98,7 +98,7 @@ def main() -> None:
     feats = l2_normalize(feats)
     xtr, xte = feats[: args.n_train], feats[args.n_train :]
     ytr, yte = labels[: args.n_train], labels[args.n_train :]
-    costs = list(COSTS)
+    costs = list(protocol_costs())
 
     t_new, t_ref = [], []
     for _ in range(args.rounds):  # interleaved rounds; the least disturbed (min) is reported

@@ -1,2 +1,3 @@
 """The shipped recipes (YAML package data): ``pretrain/`` for pretraining, ``eval/`` for the
-evaluations. ``pretrain.config.find_config`` resolves a bare recipe name in them."""
+evaluations. Installed as the package ``imsvd_configs`` (setup.cfg ``package_dir``);
+``pretrain.config.find_config`` resolves a bare recipe name in them."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from pretrain import checkpoint as ckpt
 from pretrain import dist
+from pretrain.errors import IMSVDError
 
 logger = logging.getLogger("imsvd")
 
@@ -53,19 +54,19 @@ RUN_NEUTRAL_KEYS = (
 )
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(IMSVDError, RuntimeError):
     """A checkpoint could not be written (disk full, permissions); the message names the path."""
 
 
-class NonFiniteStateError(RuntimeError):
+class NonFiniteStateError(IMSVDError, RuntimeError):
     """Parameters or buffers hold NaN/inf; nothing was written over the last good checkpoint."""
 
 
-class RunFolderBusyError(RuntimeError):
+class RunFolderBusyError(IMSVDError, RuntimeError):
     """Another live run holds the output folder's lock."""
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(IMSVDError, ValueError):
     """Resuming with a recipe that changes the run (the message lists the differing keys)."""
 
 

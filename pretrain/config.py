@@ -17,8 +17,9 @@ and ``1:30`` are not numbers and ``no`` is not a boolean, so no value changes it
 the reading. An override of a string key keeps its text exactly (``#``, ``: `` and all); a string
 starting with ``~`` is refused (it would not be expanded).
 
-The shipped recipes live in the ``configs`` package (``configs/pretrain``, ``configs/eval``),
-installed as package data; :func:`find_config` resolves a bare name there.
+The shipped recipes live in the repository's ``configs/`` folder (``configs/pretrain``,
+``configs/eval``), installed as the package ``imsvd_configs`` (package data);
+:func:`find_config` resolves a bare name there.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from pretrain.errors import IMSVDError
 from pretrain.keytypes import KeyType, KeyTypeError, check_value, key_type
 
 BASE_KEY = "_base_"
@@ -39,9 +41,10 @@ SCHEMA_KEY = "_schema_"
 TYPES_KEY = "_types_"
 _META_KEYS = (BASE_KEY, SCHEMA_KEY, TYPES_KEY)
 CONFIG_KINDS = ("pretrain", "eval")
+CONFIGS_PACKAGE = "imsvd_configs"  # the installed name of configs/ (setup.cfg package_dir)
 
 
-class ConfigError(ValueError):
+class ConfigError(IMSVDError, ValueError):
     """A config file or override is invalid (unknown key, wrong type, unreadable file)."""
 
 
@@ -70,9 +73,10 @@ def resolve_config_path(name_or_path: str | os.PathLike, default_dir: str | os.P
 def config_dir(kind: str) -> Path:
     """Folder of the shipped recipes of one kind.
 
-    Resolved through the installed ``configs`` package (package data), so bare names work after
-    a non-editable install; a source checkout without that package on the path falls back to
-    the ``configs/`` folder next to ``pretrain/``.
+    Resolved through the installed package :data:`CONFIGS_PACKAGE` (the repository's
+    ``configs/`` folder as package data), so bare names work after a wheel or an editable
+    install; a source checkout without that package on the path falls back to the ``configs/``
+    folder next to ``pretrain/``.
 
     Args:
         kind: "pretrain" or "eval".
@@ -87,7 +91,7 @@ def config_dir(kind: str) -> Path:
         raise ConfigError(f"unknown config kind '{kind}' (one of {', '.join(CONFIG_KINDS)})")
     candidates = []
     try:
-        candidates.append(Path(str(importlib.resources.files("configs") / kind)))
+        candidates.append(Path(str(importlib.resources.files(CONFIGS_PACKAGE) / kind)))
     except ModuleNotFoundError:
         pass
     candidates.append(Path(__file__).resolve().parent.parent / "configs" / kind)
@@ -430,13 +434,3 @@ def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
         lambda f: yaml.dump(dict(cfg), f, Dumper=_Dumper, sort_keys=False, default_flow_style=None),
         mode="w",
     )
-
-
-def get(cfg: Mapping, dotted: str) -> Any:
-    """Read ``a.b.c`` from a nested dict, with a clear error when absent."""
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(f"config has no key '{dotted}'")
-        node = node[part]
-    return node

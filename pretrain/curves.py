@@ -19,12 +19,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pretrain.errors import IMSVDError
+
 __all__ = ["read_metrics", "plot_curves", "main"]
 
 FORMATS = ("png", "pdf", "svg")
 
 
-class CurvesError(ValueError):
+class CurvesError(IMSVDError, ValueError):
     """A run folder or metrics file cannot be used."""
 
 
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         out = out.with_suffix("." + args.format)
     try:
         path = plot_curves(args.runs, out, args.labels, args.ref, args.x, args.dpi, args.title)
-    except CurvesError as e:
+    except IMSVDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -4,10 +4,7 @@ Samples come from :mod:`pretrain.datasets` (an image tree, a list file or synthe
 each item is a pair of views whose augmentation parameters are a pure function of
 (seed, epoch, index), so any process computes the same views. An unreadable image is replaced
 by a deterministic draw from the dataset (non-strict) so that every rank's batches stay full.
-
-The names of image reading (:mod:`pretrain.images`: :func:`load_rgb`, the errors) and of the
-labelled datasets (:mod:`pretrain.datasets`: :func:`build_image_dataset`, ...) are re-exported
-here for callers that import them from ``pretrain.data``, their former home.
+Image reading lives in :mod:`pretrain.images`, the labelled datasets in :mod:`pretrain.datasets`.
 """
 
 from __future__ import annotations
@@ -21,25 +18,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pretrain.config import ConfigError, complete_section
-from pretrain.datasets import (  # noqa: F401  (re-exported: the former home of these names)
-    ImageDataset,
-    SyntheticImages,
-    build_image_dataset,
-    build_train_val_datasets,
-    collate_readable,
-    parse_list_file,
-    scan_image_folder,
-)
-from pretrain.images import (  # noqa: F401  (idem)
+from pretrain.datasets import SyntheticImages, build_image_dataset
+from pretrain.images import (
     DECODE_ERRORS,
-    IMG_EXTENSIONS,
     CorruptImageError,
     DataError,
     check_pixels,
     decode_rgb,
     exif_orientation,
-    load_rgb,
-    to_rgb,
 )
 from pretrain.transforms import (
     AugmentConfig,
@@ -351,7 +337,7 @@ def build_pretrain_loader(
             blur_prob=_pair(cfg, "blur_prob"),
             solarize_prob=_pair(cfg, "solarize_prob"),
         )
-    except ValueError as exc:
+    except ConfigError as exc:
         raise DataError(f"data config: {exc}") from exc
     if batch_size_per_rank < 1 or not 0 <= rank < world_size:
         raise DataError(f"bad batch_size_per_rank={batch_size_per_rank} / rank={rank}/{world_size}")

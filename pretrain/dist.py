@@ -20,6 +20,8 @@ from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import IMSVDError
+
 __all__ = [
     "DistInfo",
     "DistributedSetupError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(IMSVDError, ValueError):
     """The launcher's environment does not describe a usable process group."""
 
 

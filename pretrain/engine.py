@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from pretrain import dist
-from pretrain.checkpointer import FINAL_BACKBONE, Checkpointer, RunFolder
-from pretrain.config import save_config
+from pretrain.checkpointer import FINAL_BACKBONE, Checkpointer, CheckpointWriteError, RunFolder
+from pretrain.config import ConfigError, save_config
 from pretrain.data import build_pretrain_loader
+from pretrain.errors import IMSVDError
 from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
+from pretrain.images import DataError
 from pretrain.log import MetricWriter, progress, setup_logging
 from pretrain.loss import build_loss
-from pretrain.model import build_model
+from pretrain.model import build_model, parse_projector_spec
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.probe import build_probe
 from pretrain.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
@@ -31,7 +33,7 @@ from pretrain.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 __all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIONS"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(IMSVDError, RuntimeError):
     """The loss became NaN/inf; training stopped without writing a checkpoint."""
 
 
@@ -39,22 +41,27 @@ def check_config(cfg: Mapping, world_size: int) -> None:
     """Cross-field checks of a resolved pretraining config (the schema checks single keys).
 
     Raises:
-        ValueError: naming the config key(s) and the offending value.
+        ConfigError: naming the config key(s) and the offending value.
     """
     if cfg["train"]["precision"] not in PRECISIONS:
-        raise ValueError(
+        raise ConfigError(
             f"config key 'train.precision': '{cfg['train']['precision']}' is not one of "
             f"{', '.join(PRECISIONS)}"
         )
     bs = cfg["train"]["batch_size"]
     if bs <= 0 or bs % world_size != 0:
-        raise ValueError(
+        raise ConfigError(
             f"config key 'train.batch_size': global batch {bs} must be a positive multiple of "
             f"the number of processes ({world_size})"
         )
-    d = int(str(cfg["model"]["projector"]).split("-")[-1])
+    if cfg["loss"]["name"] in ("vicreg", "barlowtwins") and bs < 2:
+        raise ConfigError(
+            f"config key 'train.batch_size': {cfg['loss']['name']} needs a global batch of at "
+            f"least 2 images, got {bs}"
+        )
+    d = parse_projector_spec(cfg["model"]["projector"])[-1]
     if cfg["loss"]["name"] == "imsvd" and d % cfg["loss"]["bin_size"] != 0:
-        raise ValueError(
+        raise ConfigError(
             f"config keys 'model.projector' / 'loss.bin_size': output width {d} is not a multiple "
             f"of bin_size {cfg['loss']['bin_size']}"
         )
@@ -79,7 +86,12 @@ class Trainer:
         self.cfg = cfg
         self.info = dist.init_distributed(cfg["train"]["device"])
         self.out = Path(cfg["checkpoint"]["output_dir"])
-        self.log = setup_logging(self.out, rank=self.info.rank)
+        try:
+            self.log = setup_logging(self.out, rank=self.info.rank)
+        except OSError as e:  # the run folder cannot be created or written
+            raise CheckpointWriteError(
+                f"config key 'checkpoint.output_dir': cannot write the run folder {self.out}: {e}"
+            ) from None
         check_config(cfg, self.info.world_size)
         self.log.info(
             "process %d/%d on %s (backend %s); output %s",
@@ -134,7 +146,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"the dataset gives no full batch of {self.batch_per_rank} images per process "
                 f"(config keys data.*, train.batch_size)"
             )
@@ -341,7 +353,7 @@ class Trainer:
             if self.stop_requested or self.step_in_epoch < self.steps_per_epoch:
                 return  # preempted, or the last step fell inside this epoch
             if not stepped:
-                raise ValueError(
+                raise DataError(
                     f"epoch {self.epoch} gave no batch with 2 readable images per process: "
                     f"check data.root (see the skipped-image warnings in {self.out / 'log.txt'})"
                 )

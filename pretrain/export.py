@@ -26,6 +26,7 @@ from pretrain.checkpoint import (
     weights_kwargs,
     with_accepted_inputs,
 )
+from pretrain.errors import IMSVDError
 
 FORMATS = ("imsvd", "torchvision")
 
@@ -105,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(export(args.input, args.output, args.format, args.force, **weights_kwargs(args)))
-    except CheckpointError as exc:
+    except IMSVDError as exc:
         print(f"export_backbone: error: {with_accepted_inputs(exc)}", file=sys.stderr)
         return 2
     return 0

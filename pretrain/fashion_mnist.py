@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pretrain.images import DataError
+
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = (
     "t-shirt_top",
@@ -42,17 +44,26 @@ def is_complete(data_dir: Path = DEFAULT_DIR) -> bool:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped idx file (images: N x 28 x 28 uint8; labels: N uint8)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    (magic,) = struct.unpack(">I", data[:4])
+    """Read a gzipped idx file (images: N x 28 x 28 uint8; labels: N uint8).
+
+    Raises:
+        DataError: unreadable or not gzip, not an idx uint8 file, or truncated.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # missing, unreadable, not gzip, truncated stream
+        raise DataError(f"{path}: cannot read the gzipped idx file: {exc}") from None
+    (magic,) = struct.unpack(">I", data[:4].rjust(4, b"\0"))
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
-        raise ValueError(f"{path}: not an idx uint8 file (magic {magic:#x})")
+        raise DataError(f"{path}: not an idx uint8 file (magic {magic:#x})")
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated ({len(data)} bytes, no complete idx header)")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated ({arr.size} bytes for shape {dims})")
+        raise DataError(f"{path}: truncated ({arr.size} bytes for shape {dims})")
     return arr.reshape(dims)
 
 

@@ -22,10 +22,12 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from pretrain.errors import IMSVDError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
+class DataError(IMSVDError, ValueError):
     """Bad data configuration: missing root, empty tree, malformed list file, unknown key."""
 
 
@@ -33,7 +35,7 @@ class CorruptImageError(DataError):
     """An image file that cannot be decoded (a dataset raises it only in strict mode)."""
 
 
-class PixelLimitError(RuntimeError):
+class PixelLimitError(IMSVDError, RuntimeError):
     """``IMSVD_MAX_IMAGE_PIXELS`` is not a positive integer: an error of the whole run.
 
     Deliberately not a ValueError (unlike :class:`DataError`): the readers catch

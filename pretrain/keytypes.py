@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain.errors import IMSVDError
+
 __all__ = ["KeyType", "KeyTypeError", "parse_spec", "infer_type", "key_type", "check_value"]
 
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "=": operator.eq}
@@ -33,7 +35,7 @@ _BOUND_RE = re.compile(r"^(len)?(>=|<=|>|<|=)([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)$
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 
 
-class KeyTypeError(ValueError):
+class KeyTypeError(IMSVDError, ValueError):
     """A value does not fit its key's type, or a declaration is malformed."""
 
 

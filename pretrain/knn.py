@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import dist
+from pretrain.config import ConfigError
+from pretrain.images import DataError
 
 __all__ = ["knn_classify", "knn_accuracy", "check_temperature"]
 
@@ -34,14 +36,14 @@ def check_temperature(temperature: float, key: str = "temperature") -> float:
         The temperature as a float.
 
     Raises:
-        ValueError: not a number, NaN, infinite or <= 0 (naming ``key`` and the value).
+        ConfigError: not a number, NaN, infinite or <= 0 (naming ``key`` and the value).
     """
     try:
         t = float(temperature)
     except (TypeError, ValueError):
-        raise ValueError(f"kNN {key} must be a number, got {temperature!r}") from None
+        raise ConfigError(f"kNN {key} must be a number, got {temperature!r}") from None
     if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"kNN {key} must be a finite number > 0, got {temperature!r}")
+        raise ConfigError(f"kNN {key} must be a finite number > 0, got {temperature!r}")
     return t
 
 
@@ -142,8 +144,9 @@ def knn_classify(
         {k: (M,) int64 numpy predictions} for each k in ks.
 
     Raises:
-        ValueError: temperature not finite or <= 0, non-positive k, chunk_size or bank_block,
-            mismatched shapes, an empty bank, non-finite features.
+        ValueError: non-positive k, chunk_size or bank_block, mismatched shapes, non-finite
+            features; its subclasses ConfigError: temperature not finite or <= 0, DataError:
+            an empty bank.
     """
     world = dist.get_world_size() if sharded else 1
     try:
@@ -160,7 +163,7 @@ def knn_classify(
     sizes = _shard_sizes(bank.shape[0] if refused is None else 0, refused, world, device)
     offset, total = sum(sizes[: dist.get_rank()]) if world > 1 else 0, sum(sizes)
     if total == 0:
-        raise ValueError("kNN: 0 bank rows")
+        raise DataError("kNN: 0 bank rows (no readable bank image)")
     top = labels.max() if labels.numel() else labels.new_zeros(())
     n_cls = int(num_classes) if num_classes else int(_max_over_ranks(top, world)) + 1
     kmax = min(max(int(k) for k in ks), total)

@@ -12,6 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from pretrain.config import ConfigError
+from pretrain.errors import IMSVDError
+
 LOGGER_NAME = "imsvd"
 
 
@@ -109,11 +112,15 @@ def wandb_options(cfg: Mapping[str, Any]) -> dict | None:
     }
 
 
+class MissingPackageError(IMSVDError, ImportError):
+    """An optional package the config asks for (``log.wandb``: wandb) is not installed."""
+
+
 def _import_wandb():
     try:
         import wandb
     except ImportError:
-        raise ImportError(
+        raise MissingPackageError(
             "log.wandb is true but the 'wandb' package is not installed: install it with "
             "pip install 'imsvd[wandb]' (or pip install wandb), or set log.wandb=false"
         ) from None
@@ -134,8 +141,9 @@ class MetricWriter:
             ``OUTPUT_DIR/wandb_run_id.txt`` so that a resumed run continues the same W&B run.
 
     Raises:
-        ImportError: W&B requested and the ``wandb`` package is missing.
-        ValueError: unknown W&B mode (names ``log.wandb_mode``).
+        MissingPackageError: W&B requested and the ``wandb`` package is missing (an
+            ImportError).
+        ConfigError: unknown W&B mode (names ``log.wandb_mode``).
     """
 
     def __init__(
@@ -188,7 +196,7 @@ class MetricWriter:
     def _start_wandb(output_dir: Path, options: Mapping[str, Any]):
         mode = options.get("mode", "offline")
         if mode not in WANDB_MODES:
-            raise ValueError(f"log.wandb_mode: {mode!r} is not one of {', '.join(WANDB_MODES)}")
+            raise ConfigError(f"log.wandb_mode: {mode!r} is not one of {', '.join(WANDB_MODES)}")
         module = _import_wandb()
         id_file = output_dir / "wandb_run_id.txt"
         if id_file.is_file():

@@ -40,6 +40,7 @@ from pretrain.dist import (
     get_rank,
     get_world_size,
 )
+from pretrain.errors import IMSVDError
 
 __all__ = [
     "IMSVDLoss",
@@ -61,7 +62,7 @@ CLAMP_MIN = 1e-8
 DEFAULT_BLOCK_ELEMS = 1 << 23
 
 
-class LossConfigError(ValueError):
+class LossConfigError(IMSVDError, ValueError):
     """Invalid loss setting or input shape."""
 
 

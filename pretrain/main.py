@@ -6,6 +6,10 @@ imsvd-pretrain --config imsvd_smoke --output-dir outputs/smoke train.max_steps=4
 ``--output-dir DIR`` sets ``checkpoint.output_dir``; giving both is an error, and so is an empty
 or null folder (tools/pretrain.sh passes its ``--output-dir`` here, so the rule is the same for
 both entry points). ``--check`` only loads and checks the config.
+
+A problem with the input or the environment (:class:`pretrain.errors.IMSVDError`: config, data,
+checkpoint files, the run folder, a diverged run) is one ``error:`` line and exit status 2; any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import sys
 
 from pretrain.config import ConfigError, find_config, load_config
+from pretrain.errors import IMSVDError
 from pretrain.log import LOGGER_NAME
 
 
@@ -68,33 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(find_config(args.config, "pretrain"), overrides_of(args))
-    except ConfigError as e:
+    except IMSVDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:
         return 0
     # heavy imports after the config is known to be valid
-    from pretrain.checkpointer import (
-        CheckpointWriteError,
-        NonFiniteStateError,
-        RunFolderBusyError,
-    )
-    from pretrain.engine import NonFiniteLossError, train
-    from pretrain.images import PixelLimitError, max_image_pixels
+    from pretrain.engine import train
+    from pretrain.images import max_image_pixels
 
-    user_errors = (
-        ValueError,  # config values, data paths, shapes, checkpoint formats, changed recipe
-        FileNotFoundError,
-        CheckpointWriteError,  # disk full, permissions
-        NonFiniteStateError,
-        NonFiniteLossError,
-        RunFolderBusyError,
-        PixelLimitError,  # IMSVD_MAX_IMAGE_PIXELS malformed
-    )
     try:
         max_image_pixels()  # checked before any image is read
         summary = train(cfg)
-    except user_errors as e:
+    except IMSVDError as e:  # config values, data, checkpoints, run folder, a diverged run
         logging.getLogger(LOGGER_NAME).error("%s", e)  # also in OUTPUT_DIR/log.txt
         print(f"error: {e}", file=sys.stderr)
         return 2

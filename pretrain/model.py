@@ -8,6 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
+from pretrain.config import ConfigError
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 STEMS = ("standard", "small", "small_s2")
 # blocks per stage, and whether the arch uses bottleneck blocks
@@ -89,9 +91,13 @@ def build_backbone(
         are :class:`SmallInputConv2d` (same parameters and outputs as ``nn.Conv2d``).
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown backbone arch '{arch}' (choose from {', '.join(ARCHS)})")
+        raise ConfigError(
+            f"config key 'model.arch': unknown backbone arch '{arch}' (one of {', '.join(ARCHS)})"
+        )
     if stem not in STEMS:
-        raise ValueError(f"unknown stem '{stem}' (choose from {', '.join(STEMS)})")
+        raise ConfigError(
+            f"config key 'model.stem': unknown stem '{stem}' (one of {', '.join(STEMS)})"
+        )
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     if stem != "standard":
         stride = 1 if stem == "small" else 2
@@ -111,9 +117,11 @@ def parse_projector_spec(spec: str) -> list[int]:
     try:
         dims = [int(x) for x in str(spec).split("-")]
     except ValueError:
-        raise ValueError(f"projector spec '{spec}' must look like '8192-8160'") from None
+        raise ConfigError(
+            f"config key 'model.projector': '{spec}' must look like '8192-8160'"
+        ) from None
     if not dims or any(d <= 0 for d in dims):
-        raise ValueError(f"projector spec '{spec}' must list positive widths")
+        raise ConfigError(f"config key 'model.projector': '{spec}' must list positive widths")
     return dims
 
 
@@ -138,12 +146,12 @@ class Projector(nn.Sequential):
         spec: the Linear widths, e.g. "8192-8160".
         out_norm: "none" or "bn".
     Raises:
-        ValueError: a malformed spec or an unknown out_norm (naming ``model.out_norm``).
+        ConfigError: a malformed spec or an unknown out_norm (naming the config key).
     """
 
     def __init__(self, in_dim: int, spec: str = "8192-8160", out_norm: str = "none") -> None:
         if out_norm not in OUT_NORMS:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'model.out_norm': {out_norm!r} is not one of {', '.join(OUT_NORMS)}"
             )
         dims = [in_dim] + parse_projector_spec(spec)

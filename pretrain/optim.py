@@ -8,6 +8,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from pretrain.config import ConfigError
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
@@ -120,7 +122,7 @@ def build_optimizer(model: nn.Module, optim_cfg: Mapping, lr: float) -> torch.op
         return torch.optim.SGD(
             groups, lr=lr, momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"]
         )
-    raise ValueError(f"config key 'optim.name': unknown optimizer '{name}' (lars or sgd)")
+    raise ConfigError(f"config key 'optim.name': unknown optimizer '{name}' (lars or sgd)")
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:

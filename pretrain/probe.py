@@ -25,6 +25,7 @@ import torchvision.transforms as T
 from torch import nn
 
 from pretrain import dist
+from pretrain.config import ConfigError
 from pretrain.datasets import SyntheticImages, build_image_dataset
 from pretrain.images import CorruptImageError, DataError, load_rgb
 from pretrain.knn import check_temperature, knn_accuracy
@@ -135,7 +136,7 @@ class KNNProbe:
         num_classes: int | None = None,
     ) -> None:
         if batch_size <= 0:
-            raise ValueError(f"config key 'eval.batch_size': {batch_size} must be positive")
+            raise ConfigError(f"config key 'eval.batch_size': {batch_size} must be positive")
         self.bank, self.queries = bank, queries
         self.ks = tuple(int(k) for k in ks)
         self.temperature = check_temperature(temperature, key="config key 'eval.temperature'")

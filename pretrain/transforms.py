@@ -16,6 +16,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
+from pretrain.config import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -31,7 +33,7 @@ def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
         crop).
     """
     if crop > resize:
-        raise ValueError(f"eval_transform: crop={crop} larger than resize={resize}")
+        raise ConfigError(f"eval_transform: crop={crop} larger than resize={resize}")
     return T.Compose(
         [
             T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),
@@ -53,7 +55,7 @@ def train_linear_transform(crop: int = 224, scale: Tuple[float, float] = (0.2, 1
     """
     lo, hi = float(scale[0]), float(scale[1])
     if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"train_linear_transform: scale={scale} must satisfy 0 < lo <= hi <= 1")
+        raise ConfigError(f"train_linear_transform: scale={scale} must satisfy 0 < lo <= hi <= 1")
     return T.Compose(
         [
             T.RandomResizedCrop(crop, scale=(lo, hi)),
@@ -123,22 +125,22 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERP:
-            raise ValueError(
+            raise ConfigError(
                 f"interpolation={self.interpolation!r}: expected one of {sorted(_INTERP)}"
             )
         if self.size < 1:
-            raise ValueError(f"image size must be positive, got {self.size}")
+            raise ConfigError(f"image size must be positive, got {self.size}")
         lo, hi = self.scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"crop scale={self.scale} must satisfy 0 < lo <= hi <= 1")
+            raise ConfigError(f"crop scale={self.scale} must satisfy 0 < lo <= hi <= 1")
         for name in ("hflip_prob", "jitter_prob", "gray_prob"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name}={p} is not a probability")
+                raise ConfigError(f"{name}={p} is not a probability")
         for name in ("blur_prob", "solarize_prob"):
             ps = getattr(self, name)
             if len(ps) != 2 or not all(0.0 <= p <= 1.0 for p in ps):
-                raise ValueError(f"{name}={ps} must be two probabilities (view 1, view 2)")
+                raise ConfigError(f"{name}={ps} must be two probabilities (view 1, view 2)")
 
 
 @dataclass

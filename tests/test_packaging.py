@@ -1,5 +1,6 @@
 """The package as users get it: a wheel installed outside the checkout has every console script
-and resolves the shipped recipes by name (package data), and a kNN smoke run works from it."""
+and resolves the shipped recipes by name (package data, installed as ``imsvd_configs``, never as
+a top-level ``configs``), and a kNN smoke run works from it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-pytestmark = pytest.mark.slow
+from pretrain.config import CONFIGS_PACKAGE, config_dir, find_config
 
 SCRIPTS = {
     "imsvd-pretrain": "pretrain.main:main",
@@ -45,13 +46,54 @@ for name, target in json.loads(sys.argv[1]).items():
         except SystemExit as e:
             code = e.code
     out[name] = [code, buf.getvalue()]
-import configs, pretrain, transfer
+import imsvd_configs, pretrain, transfer
 from pretrain.config import config_dir, find_config
-out["_files"] = [pretrain.__file__, transfer.__file__, configs.__file__]
+out["_files"] = [pretrain.__file__, transfer.__file__, imsvd_configs.__file__]
 out["_recipes"] = [str(config_dir("eval")), str(find_config("knn_tiny", "eval")),
                    str(find_config("ablations/batch_512", "pretrain"))]
 print(json.dumps(out))
 """
+
+
+def _setup_cfg() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg", encoding="utf-8")
+    return parser
+
+
+def _cfg_list(value: str) -> list[str]:
+    return [line.strip() for line in value.splitlines() if line.strip()]
+
+
+def test_setup_cfg_installs_the_recipes_under_the_project_name():
+    cfg = _setup_cfg()
+    packages = _cfg_list(cfg["options"]["packages"])
+    package_dir = dict(
+        (k.strip(), v.strip())
+        for k, v in (line.split("=", 1) for line in _cfg_list(cfg["options"]["package_dir"]))
+    )
+    assert "configs" not in packages and not any(p.startswith("configs.") for p in packages)
+    assert package_dir == {CONFIGS_PACKAGE: "configs"} and CONFIGS_PACKAGE in packages
+    data = cfg["options.package_data"]
+    assert "configs" not in data and data[CONFIGS_PACKAGE].strip() == "**/*.yaml"
+    assert (REPO / "configs" / "__init__.py").is_file()
+
+
+def test_setup_cfg_lists_every_package_of_the_tree():
+    # packages are listed (a mapped package cannot be found): one added to the tree must be too
+    tree = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for root in ("pretrain", "transfer")
+        for p in (REPO / root).rglob("__init__.py")
+    }
+    listed = set(_cfg_list(_setup_cfg()["options"]["packages"])) - {CONFIGS_PACKAGE}
+    assert listed == tree
+
+
+def test_find_config_resolves_the_shipped_recipes():
+    assert find_config("knn_tiny", "eval").name == "knn_tiny.yaml"
+    assert find_config("ablations/batch_512", "pretrain").parent.name == "ablations"
+    assert (config_dir("pretrain") / "base.yaml").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +129,7 @@ def installed(tmp_path_factory):
     return root, site, run_env
 
 
+@pytest.mark.slow
 def test_wheel_declares_every_console_script(installed):
     _, site, _ = installed
     (dist_info,) = site.glob("imsvd-*.dist-info")
@@ -94,15 +137,18 @@ def test_wheel_declares_every_console_script(installed):
     parser.read(dist_info / "entry_points.txt")
     declared = dict(parser["console_scripts"])
     assert {k: declared.get(k) for k in SCRIPTS} == SCRIPTS
-    shipped = {p.relative_to(site).as_posix() for p in (site / "configs").rglob("*.yaml")}
+    assert not (site / "configs").exists()  # not under a name other projects use
+    recipes = site / CONFIGS_PACKAGE
+    shipped = {p.relative_to(recipes).as_posix() for p in recipes.rglob("*.yaml")}
     assert {
-        "configs/eval/base.yaml",
-        "configs/eval/knn_tiny.yaml",
-        "configs/pretrain/base.yaml",
-        "configs/pretrain/ablations/batch_512.yaml",
+        "eval/base.yaml",
+        "eval/knn_tiny.yaml",
+        "pretrain/base.yaml",
+        "pretrain/ablations/batch_512.yaml",
     } <= shipped
 
 
+@pytest.mark.slow
 def test_every_console_script_runs_from_the_wheel(installed):
     root, site, env = installed
     proc = subprocess.run(
@@ -117,6 +163,7 @@ def test_every_console_script_runs_from_the_wheel(installed):
         assert code == 0 and "usage:" in text, (name, code, text[-500:])
 
 
+@pytest.mark.slow
 def test_knn_smoke_run_from_the_wheel(installed, tiny_trees, tiny_backbone):
     root, site, env = installed
     out = root / "knn_out"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
-from helpers import VOC_TINY_CLASSES, make_voc_tree, make_weights
+from helpers import REPO, VOC_TINY_CLASSES, make_voc_tree, make_weights
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
@@ -17,15 +19,38 @@ from transfer.eval import svm as svm_mod
 from transfer.eval.ap import step_ap, voc_ap
 from transfer.eval.svm import SVMError, augment, cross_validate_svms, fit_batched, fit_svms
 from transfer.eval.voc07_svm import (
-    COSTS,
     VOCError,
     find_voc2007,
     l2_normalize,
     low_shot_original,
     main,
+    protocol_costs,
     read_split,
     train_and_test_svms,
 )
+
+COSTS = protocol_costs()
+
+
+def test_the_cost_list_is_read_when_needed_not_at_import():
+    # an audit hook sees every file opened: importing the module opens no recipe
+    code = """
+import json, sys
+opened = []
+sys.addaudithook(lambda ev, args: opened.append(str(args[0])) if ev == "open" else None)
+import transfer.eval.voc07_svm as v
+at_import = [p for p in opened if p.endswith(".yaml")]
+costs = v.protocol_costs()
+print(json.dumps([at_import, [p for p in opened if p.endswith(".yaml")], list(costs)]))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    at_import, later, costs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert at_import == [] and any(p.endswith("voc07_svm.yaml") for p in later)
+    assert costs == list(COSTS) and costs[0] == 0.01 and protocol_costs() is protocol_costs()
+
 
 # ----------------------------------------------------------------------------- AP
 

@@ -29,10 +29,11 @@ from pretrain.checkpoint import (  # noqa: E402
     load_training_state,
     model_from_checkpoint,
 )
-from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
 from pretrain.curves import plot_curves  # noqa: E402
 from pretrain.datasets import build_image_dataset  # noqa: E402
 from pretrain.engine import train  # noqa: E402
+from pretrain.errors import IMSVDError  # noqa: E402
 from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
 from pretrain.knn import knn_accuracy  # noqa: E402
 from pretrain.log import print_table, write_json_atomic  # noqa: E402
@@ -121,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    tree = export_image_tree(Path(args.data_cache), data_dir)
     try:
+        tree = export_image_tree(Path(args.data_cache), data_dir)
         cfg = load_config(args.config, [f"data.root={tree / 'train'}", *args.overrides])
-    except ConfigError as e:
+    except IMSVDError as e:  # a malformed idx file, a bad config or override
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[demo] Fashion-MNIST image tree: {tree} ({time.perf_counter() - t0:.0f} s)")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     try:
         summary = train(cfg)
-    except (ValueError, RuntimeError) as e:
+    except IMSVDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_train = time.perf_counter() - t1

@@ -19,12 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pretrain.errors import IMSVDError  # noqa: E402
 from pretrain.fashion_mnist import DEFAULT_DIR, is_complete  # noqa: E402
 
 APT_PACKAGE = "dataset-fashion-mnist"
 
 
-class DatasetMissingError(RuntimeError):
+class DatasetMissingError(IMSVDError, RuntimeError):
     """Fashion-MNIST is not installed and could not be installed here."""
 
 

@@ -49,7 +49,7 @@ echo "[setup] installing ${torch_spec[*]}"
 "$py" -c "import torch, torchvision" || { echo "[setup] torch install failed" >&2; exit 1; }
 echo "[setup] installing the imsvd package (editable) with dev extras"
 "$py" -m pip install -q -e ".[dev,detectron2]" 2>&1 | quiet
-"$py" -c "import pretrain, transfer, sklearn, yaml" || { echo "[setup] package install failed" >&2; exit 1; }
+"$py" -c "import pretrain, transfer, imsvd_configs, sklearn, yaml" || { echo "[setup] package install failed" >&2; exit 1; }
 echo "[setup] Detectron2"
 "$py" tools/install_detectron2.py --python "$py"
 mmdet_rc=0

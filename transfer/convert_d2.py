@@ -23,6 +23,7 @@ from pretrain.checkpoint import (
     weights_kwargs,
     with_accepted_inputs,
 )
+from pretrain.errors import IMSVDError
 from transfer.d2_weights import D2ConversionError, convert_torchvision_to_d2, write_d2_pickle
 
 
@@ -96,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(convert(args.input, args.output, force=args.force, **weights_kwargs(args)))
-    except ValueError as exc:
+    except IMSVDError as exc:
         print(f"convert_to_d2: error: {with_accepted_inputs(exc)}", file=sys.stderr)
         return 2
     return 0

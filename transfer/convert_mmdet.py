@@ -21,6 +21,7 @@ from pretrain.checkpoint import (
     weights_kwargs,
     with_accepted_inputs,
 )
+from pretrain.errors import IMSVDError
 from transfer.mmdet_weights import (
     FORMAT,
     FORMAT_VERSION,
@@ -123,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 **weights_kwargs(args),
             )
         )  # fmt: skip
-    except ValueError as exc:
+    except IMSVDError as exc:
         print(f"convert_to_mmdet: error: {with_accepted_inputs(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from pretrain.errors import IMSVDError
 from transfer.stacks import DATASET_NAMES  # the command line names them too
 
 logger = logging.getLogger("imsvd.train_net")
@@ -26,7 +27,7 @@ logger = logging.getLogger("imsvd.train_net")
 DATA_FLAGS = "--train-json/--train-images and --test-json/--test-images"
 
 
-class TrainNetError(ValueError):
+class TrainNetError(IMSVDError, ValueError):
     """Raised for a bad command line or config (missing config file, missing weights, data)."""
 
 

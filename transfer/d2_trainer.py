@@ -33,6 +33,7 @@ from detectron2.evaluation import (
 )
 
 from pretrain.checkpoint import NonFiniteWeightsError, check_finite_weights
+from pretrain.errors import IMSVDError
 from pretrain.log import print_table, write_json_atomic
 from transfer.d2_data import (
     TrainNetError,
@@ -244,7 +245,7 @@ def save_results(cfg: CfgNode, results: Dict, config_file: str = "") -> None:
     write_json_atomic(
         {"config_file": config_file, "weights": cfg.MODEL.WEIGHTS, "results": clean},
         os.path.join(cfg.OUTPUT_DIR, "results.json"),
-    )  # fmt: skip
+    )
     rows = [
         {"dataset": ds, "task": task, **{k: m.get(k) for k in ("AP", "AP50", "AP75")}}
         for ds, r in clean.items()
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except (TrainNetError, D2ConversionError) as exc:
+    except IMSVDError as exc:
         print(f"train_net: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -32,6 +32,7 @@ from pretrain.checkpoint import (
     read_torch_file,
     read_weights_pickle,
 )
+from pretrain.errors import IMSVDError
 
 # The key rules (what is a backbone tensor, what is dropped on purpose) are shared with the
 # MMDetection exporter; the renaming below is Detectron2's own.
@@ -58,7 +59,7 @@ __all__ = [
 D2_AUTHOR = "IMSVD"
 
 
-class D2ConversionError(ValueError):
+class D2ConversionError(IMSVDError, ValueError):
     """Raised when a state_dict cannot be converted or an output cannot be written."""
 
 

@@ -18,6 +18,7 @@ from mmengine.dist import is_main_process
 from mmengine.runner import Runner, find_latest_checkpoint
 
 from pretrain.checkpoint import NonFiniteWeightsError, check_finite_tensors
+from pretrain.errors import IMSVDError
 from pretrain.log import print_table, write_json_atomic
 from transfer.mmdet_ext import (
     MetricsCapture,
@@ -37,7 +38,7 @@ _COCO_KEYS["mAP_l"] = "APl"
 _VOC_KEYS = {"mAP": "AP", "AP50": "AP50", "AP75": "AP75"}
 
 
-class MMDetTrainError(ValueError):
+class MMDetTrainError(IMSVDError, ValueError):
     """Raised for a bad command line, config or weights file."""
 
 
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(args)
-    except (MMDetTrainError, MMDetWeightsError) as exc:
+    except IMSVDError as exc:
         print(f"mmdet_train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from pretrain.checkpoint import atomic_write
+from pretrain.errors import IMSVDError
 from transfer.resnet_keys import (
     drop_category,
     infer_depth,
@@ -73,7 +74,7 @@ LAYOUTS: Dict[str, Dict[str, str]] = {
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 
-class MMDetWeightsError(ValueError):
+class MMDetWeightsError(IMSVDError, ValueError):
     """Raised when weights cannot be converted, written or safely read."""
 
 

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pretrain.errors import IMSVDError
+
 TRAIN_STATE_FORMAT = "imsvd-train-state"
 # v2 adds the content hash of the model + optimizer tensors (``sha256``); v1 files still load.
 TRAIN_STATE_VERSION = 2
@@ -52,7 +54,7 @@ REQUIRED_BACKBONE_FIELDS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IMSVDError, ValueError):
     """A checkpoint cannot be written or read (wrong format, missing keys, bad hash, ...)."""
 
 

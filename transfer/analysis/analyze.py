@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pretrain.config import ConfigError, complete_section, find_config, load_config
 from pretrain.datasets import build_image_dataset
+from pretrain.errors import IMSVDError
 from pretrain.images import load_rgb
 from pretrain.log import format_table, progress
 from pretrain.model import IMSVDModel, build_model
@@ -68,7 +69,7 @@ from transfer.analysis.gradcam import GradCAM, choose_layer
 from transfer.eval import runner
 
 
-class AnalysisError(ValueError):
+class AnalysisError(IMSVDError, ValueError):
     """Invalid analysis request (missing bin size, variable out of range, ...)."""
 
 
@@ -321,6 +322,8 @@ def run(ctx: runner.EvalContext) -> dict[str, Any]:
     bad = [v for v in variables + [gradcam_variable] if not 0 <= v < m]
     if bad:
         raise AnalysisError(f"variables {bad} out of range: the model has {m} variables")
+    if int(gc["unit"]) >= bin_size:
+        raise AnalysisError(f"gradcam.unit {gc['unit']} out of range: units are 0..{bin_size - 1}")
     image_size = int(d["crop"] or recipe_value(recipe, "data.image_size"))
     resize = int(d["resize"] or round(image_size * 256 / 224))
     scale = recipe_value(recipe, "data.crop_scale")

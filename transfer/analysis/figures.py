@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import atomic_write
+from pretrain.config import ConfigError
 from pretrain.log import progress
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 from transfer.analysis.codes import UnitExemplars, model_codes
@@ -56,11 +57,11 @@ class FigureStyle:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise ValueError(
+            raise ConfigError(
                 f"figures.format must be one of {', '.join(FORMATS)}, got {self.format!r}"
             )
         if int(self.dpi) < 10:
-            raise ValueError(f"figures.dpi must be at least 10, got {self.dpi!r}")
+            raise ConfigError(f"figures.dpi must be at least 10, got {self.dpi!r}")
 
     def path(self, folder: Path, stem: str) -> Path:
         """``folder / stem.<format>``."""

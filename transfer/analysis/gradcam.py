@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.config import ConfigError
+
 __all__ = ["GradCAM", "unit_score", "choose_layer", "overlay", "CAM_COLORMAP"]
 
 # perceptually uniform, dark (irrelevant) to bright (relevant); shown with a colorbar
@@ -41,14 +43,16 @@ class GradCAM:
             try:
                 layer = model.get_submodule(layer)
             except AttributeError:
-                raise ValueError(f"Grad-CAM layer '{layer}' is not a submodule of the model")
+                raise ConfigError(
+                    f"Grad-CAM layer '{layer}' is not a submodule of the model"
+                ) from None
         self.model = model
         self._acts: torch.Tensor | None = None
         self._handle = layer.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"Grad-CAM layer {type(module).__name__} must output (N, C, H, W), got "
                 f"{getattr(output, 'shape', type(output))}"
             )

@@ -37,6 +37,7 @@ from pretrain.dist import (
     get_world_size,
     shard_range,
 )
+from pretrain.errors import IMSVDError
 from pretrain.log import progress, write_json_atomic
 from pretrain.runtime import PRECISIONS, autocast
 
@@ -48,7 +49,7 @@ _SPATIAL_POOL = {"res5": 2, "res4": 3}
 CACHE_VERSION = 1
 
 
-class FeatureError(ValueError):
+class FeatureError(IMSVDError, ValueError):
     """Bad feature-extraction request (unknown layer, unusable dataset, broken cache)."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain
 from pretrain.checkpointer import run_changing_differences, write_error_message
+from pretrain.errors import IMSVDError
 
 FORMAT, VERSION = "imsvd-supervised-state", 1
 
@@ -77,7 +78,7 @@ _V0_IMPLIED = {
 }
 
 
-class HeadStateError(ValueError):
+class HeadStateError(IMSVDError, ValueError):
     """A supervised-head checkpoint cannot be read, written or resumed from."""
 
 

@@ -39,7 +39,8 @@ from pretrain.checkpoint import (
 from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
-from pretrain.images import PixelLimitError, max_image_pixels
+from pretrain.errors import IMSVDError
+from pretrain.images import max_image_pixels
 from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.features import FeatureError, cached_features, extract_features, freeze
@@ -373,7 +374,7 @@ def main(ev: Evaluation, argv: list[str] | None = None) -> int:
     try:
         cfg, _ = load_eval_config(ev.name, args)
         run_config(ev, cfg)
-    except (ValueError, FileNotFoundError, RunFolderBusyError, PixelLimitError) as e:
+    except IMSVDError as e:  # a user error; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.config import ConfigError
+from pretrain.errors import IMSVDError
 
 __all__ = ["SubsetError", "read_subset_file", "select_by_names", "select_fraction", "apply_subset"]
 
 
-class SubsetError(ValueError):
+class SubsetError(IMSVDError, ValueError):
     """A label subset cannot be taken (unreadable file, unknown or ambiguous names)."""
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pretrain.checkpoint import export_backbone, tensor_sha256
 from pretrain.config import ConfigError
 from pretrain.dist import all_reduce_sum, barrier
+from pretrain.errors import IMSVDError
 from pretrain.log import MetricWriter, progress
 from pretrain.runtime import StopRequest, autocast, grad_scaler
 from transfer.eval import features, head_state
@@ -49,7 +50,7 @@ MODES = ("frozen", "finetune")
 FINETUNED_BACKBONE = "backbone_finetuned.pth"
 
 
-class SupervisedError(ValueError):
+class SupervisedError(IMSVDError, ValueError):
     """The supervised training cannot go on (NaN/inf, frozen weights changed)."""
 
 

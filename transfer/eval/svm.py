@@ -34,13 +34,14 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
+from pretrain.errors import IMSVDError
 from transfer.eval.ap import step_ap
 from transfer.eval.newton import direct_direction, line_search, pcg, top_eig
 
 logger = logging.getLogger("imsvd.svm")
 
 
-class SVMError(ValueError):
+class SVMError(IMSVDError, ValueError):
     """Invalid input to the SVM stage (shapes, labels, costs)."""
 
 

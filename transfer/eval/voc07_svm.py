@@ -14,6 +14,7 @@ fixed cost) or a cross-validated variant (``low_shot.protocol``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 
 from pretrain.config import ConfigError, find_config, load_config
 from pretrain.datasets import ImageDataset
+from pretrain.errors import IMSVDError
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner, svm
@@ -32,8 +34,6 @@ from transfer.eval.liblinear import cross_validate_liblinear, liblinear_fixed_co
 
 logger = logging.getLogger("imsvd.voc07")
 
-# the protocol's cost list, as the recipe declares it (configs/eval/voc07_svm.yaml is its home)
-COSTS = tuple(load_config(find_config("voc07_svm", "eval"))["svm"]["costs"])
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -42,8 +42,15 @@ VOC_CLASSES = (
 RESULTS_NAME = "voc07_svm_results.json"
 
 
-class VOCError(ValueError):
+class VOCError(IMSVDError, ValueError):
     """The VOC tree is missing files or holds malformed lines."""
+
+
+@functools.lru_cache(maxsize=None)
+def protocol_costs() -> tuple[float, ...]:
+    """The protocol's cost list, as the recipe declares it (``configs/eval/voc07_svm.yaml`` is its
+    home); read on the first call, so importing this module reads no file."""
+    return tuple(float(c) for c in load_config(find_config("voc07_svm", "eval"))["svm"]["costs"])
 
 
 def find_voc2007(root: str | Path) -> Path:
