@@ -15,7 +15,7 @@ from torch import nn
 
 from pretrain.dist import all_reduce_sum_with_grad
 
-__all__ = ["GlobalBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["GlobalBatchNorm", "Float32SyncBatchNorm", "convert_sync_batchnorm"]
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -72,6 +72,18 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class Float32SyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm on a float32 copy of its input (output in the input's dtype).
+
+    Under bf16 / fp16 autocast a process with an empty share would send its statistics in the
+    half dtype while the others send float32 ones; computing in float32 keeps every process's
+    messages alike (and the statistics exact), as :class:`GlobalBatchNorm` does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
 def _convert_to_global(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
@@ -99,7 +111,8 @@ def _convert_to_global(module: nn.Module) -> nn.Module:
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` with every BatchNorm layer normalising over the global batch.
 
-    CUDA: :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; other devices (CPU with gloo):
+    CUDA: :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` (computing in float32,
+    :class:`Float32SyncBatchNorm`); other devices (CPU with gloo):
     :class:`GlobalBatchNorm`. Parameters and running statistics are shared with the original
     layers (not copied), state-dict keys are unchanged.
 
@@ -110,5 +123,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         The converted module (the same object when it is not itself a BatchNorm layer).
     """
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        for m in module.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = Float32SyncBatchNorm
+        return module
     return _convert_to_global(module)

@@ -231,7 +231,9 @@ def test_recipes_hold_the_published_settings():
 @pytest.mark.parametrize(
     "override, needle",
     [("train.precision=fp8", "train.precision must be fp32, bf16 or fp16"),
-     ("data.train_fraction=0.1", "alternatives"), ("train.schedule=step", "train.schedule")],
+     ("data.train_fraction=0.1", "alternatives"), ("train.schedule=step", "train.schedule"),
+     ("features.layer=res4", "layer4 untrained"),
+     ("train.nesterov=true", "train.momentum > 0")],
 )  # fmt: skip
 def test_cross_field_checks_name_the_key(override, needle):
     overrides = ["data.train_root=t", "data.val_root=v", "data.train_subset=s.txt", override]
@@ -241,6 +243,8 @@ def test_cross_field_checks_name_the_key(override, needle):
             finetune.validate(cfg)
         return
     cfg["data"]["train_subset"] = ""
+    if override == "train.nesterov=true":
+        cfg["train"]["momentum"] = 0.0
     with pytest.raises(ConfigError, match=needle):
         finetune.validate(cfg)
 

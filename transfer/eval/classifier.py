@@ -220,6 +220,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.schedule must be 'cosine' or 'multistep', got {t['schedule']!r}")
     if t["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t['precision']!r}")
+    if t["nesterov"] and float(t["momentum"]) <= 0:
+        raise ConfigError("train.nesterov=true needs train.momentum > 0")
     if d["train_subset"] and float(d["train_fraction"]):
         raise ConfigError(
             "data.train_subset and data.train_fraction are alternatives: set one of them"

@@ -39,6 +39,11 @@ def validate(cfg: dict) -> None:
     classifier.validate(cfg)
     if "backbone" not in cfg:
         raise ConfigError("a fine-tuning recipe needs the 'backbone' section (finetune_base.yaml)")
+    if cfg["features"]["layer"] not in ("pool5", "res5"):
+        raise ConfigError(
+            f"features.layer={cfg['features']['layer']!r}: fine-tuning trains the whole backbone, "
+            "so its head must sit on res5 (pool5 or res5); res4 would leave layer4 untrained"
+        )
     if float(cfg["backbone"]["lr"]) == 0.0:
         logger.warning(
             "backbone.lr=0: only the backbone's BatchNorm statistics change (the reference's "

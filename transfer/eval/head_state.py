@@ -4,11 +4,12 @@ and the rule that decides whether a run may resume from it.
 Format ``imsvd-supervised-state`` version 1, a plain dict written atomically (read with
 ``weights_only=True``): ``format``, ``format_version``, ``mode`` (frozen | finetune),
 ``epoch`` / ``step_in_epoch`` / ``step`` (where training resumes: ``epoch`` is the 0-based epoch
-in progress and ``step_in_epoch`` its optimizer steps done), ``head`` and ``backbone`` (state
-dicts; ``backbone`` None when frozen), ``optimizer``, ``scaler`` (None unless fp16),
-``epoch_sums`` (the epoch in progress: loss sum, steps, unreadable images), ``history``,
-``config``, ``weights_sha256`` (the pretrained weights read), ``data`` (the training set's
-signature, :func:`train_signature`) and ``subset`` (:func:`transfer.eval.subsets.apply_subset`).
+in progress, ``step_in_epoch`` the batches of it consumed (skipped ones included), ``step`` the
+optimizer steps done), ``head`` and ``backbone`` (state dicts; ``backbone`` None when frozen),
+``optimizer``, ``scaler`` (None unless fp16), ``epoch_sums`` (the epoch in progress: loss sum,
+steps, unreadable images over all processes), ``history``, ``config``, ``weights_sha256`` (the
+pretrained weights read), ``data`` (the training set's signature, :func:`train_signature`) and
+``subset`` (:func:`transfer.eval.subsets.apply_subset`).
 Files of the earlier linear-probe layout (no ``format``; written at epoch ends) load as frozen
 states at ``step_in_epoch`` 0, their recipe read with the values that trainer had for the keys
 it did not know (no label subset, fp32, epoch-end checkpoints).
@@ -27,8 +28,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain
 from pretrain.checkpointer import run_changing_differences, write_error_message
+from pretrain.dist import all_reduce_sum
 from pretrain.errors import IMSVDError
 
 FORMAT, VERSION = "imsvd-supervised-state", 1
@@ -213,3 +217,26 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         atomic_torch_save({"format": FORMAT, "format_version": VERSION, **state}, path)
     except OSError as e:
         raise HeadStateError(write_error_message(path, e)) from None
+
+
+def on_main_process(write, info, what: str) -> None:
+    """Run ``write()`` on rank 0 and raise its error on EVERY rank (every rank calls this), so
+    that no process waits in a later collective for a rank that stopped.
+
+    Raises:
+        HeadStateError: rank 0's error (an OSError becomes one, naming ``what``); on the other
+            ranks one saying that the main process could not write ``what``.
+    """
+    error: Exception | None = None
+    if info.is_main:
+        try:
+            write()
+        except IMSVDError as e:
+            error = e
+        except OSError as e:
+            error = HeadStateError(f"cannot write {what}: {e.strerror or e}")
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=info.device))
+    if error is not None:
+        raise error
+    if float(failed[0]) > 0:
+        raise HeadStateError(f"the main process could not write {what} (see its error)")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import export_backbone, tensor_sha256
 from pretrain.config import ConfigError
-from pretrain.dist import all_reduce_sum, barrier
+from pretrain.dist import all_reduce_sum
 from pretrain.errors import IMSVDError
 from pretrain.log import MetricWriter, progress
 from pretrain.runtime import StopRequest, autocast, grad_scaler
@@ -161,29 +161,34 @@ class SupervisedTrainer:
         self.step = int(step) if step is not None else self.epoch * self.steps_per_epoch
         self.history = list(state["history"])
         self.sums = dict(state["epoch_sums"] or self.sums)
+        if not self.info.is_main:  # the saved count is the sum over processes: rank 0 holds it
+            self.sums["dropped"] = 0
         logger.info("resumed from %s at epoch %d, step %d", self.ckpt_path, self.epoch, self.step)
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0) at the current position; every rank calls this."""
-        if self.info.is_main:
-            finetune = self.mode == "finetune"
-            head_state.save_state(
-                self.ckpt_path,
-                {
-                    **self.identity,
-                    "epoch": self.epoch,
-                    "step_in_epoch": self.step_in_epoch,
-                    "step": self.step,
-                    "head": self.head.state_dict(),
-                    "backbone": self.backbone.state_dict() if finetune else None,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                    "epoch_sums": dict(self.sums),
-                    "history": self.history,
-                    "subset": self.subset,
-                },
-            )
-        barrier()
+        """Write the checkpoint (rank 0) at the current position; every rank calls this.
+
+        Raises:
+            HeadStateError: on every rank when rank 0 could not write it.
+        """
+        finetune, dev = self.mode == "finetune", self.info.device
+        dropped = int(all_reduce_sum(torch.tensor([self.sums["dropped"]], device=dev)))
+        state = {
+            **self.identity,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "step": self.step,
+            "head": self.head.state_dict(),
+            "backbone": self.backbone.state_dict() if finetune else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch_sums": {**self.sums, "dropped": dropped},
+            "history": self.history,
+            "subset": self.subset,
+        }
+        head_state.on_main_process(
+            lambda: head_state.save_state(self.ckpt_path, state), self.info, str(self.ckpt_path)
+        )
 
     # ------------------------------------------------------------------- step
     def _set_lr(self) -> float:
@@ -384,15 +389,12 @@ class SupervisedTrainer:
     def export(self) -> Path:
         """Write the fine-tuned backbone (rank 0) in the toolkit's backbone format."""
         path = self.ctx.out / FINETUNED_BACKBONE
-        if self.info.is_main:
-            export_backbone(
-                path,
-                self.backbone.state_dict(),
-                arch=self.meta["arch"],
-                stem=self.meta["stem"],
-                epoch=self.epochs,
-                config=self.cfg,
-            )
+        sd, meta = self.backbone.state_dict(), self.meta
+
+        def write() -> None:
+            export_backbone(path, sd, arch=meta["arch"], stem=meta["stem"], epoch=self.epochs,
+                            config=self.cfg)  # fmt: skip
             logger.info("fine-tuned backbone written to %s", path)
-        barrier()
+
+        head_state.on_main_process(write, self.info, str(path))
         return path
