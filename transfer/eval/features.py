@@ -199,7 +199,8 @@ def _resolved(path: str, folders: dict[str, str]) -> str:
     return os.path.join(folders[folder], name)
 
 
-def _file_hash(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -222,7 +223,7 @@ def files_signature(dataset: Dataset, check: str = "stat") -> str:
             st = os.stat(path)
             ident = f"{st.st_size}:{st.st_mtime_ns}"
             if check == "content":
-                ident += ":" + _file_hash(path)
+                ident += ":" + file_sha256(path)
         except OSError:
             ident = "missing"
         h.update(f"{ident}\n".encode())

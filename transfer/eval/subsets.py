@@ -18,7 +18,6 @@ the trainer's checkpoint and results.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from pretrain.config import ConfigError
 from pretrain.errors import IMSVDError
+from transfer.eval.features import file_sha256
 
 __all__ = ["SubsetError", "read_subset_file", "select_by_names", "select_fraction", "apply_subset"]
 
@@ -118,14 +118,6 @@ def select_fraction(labels: list[int], fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def apply_subset(dataset, data_cfg: dict) -> dict | None:
     """Restrict ``dataset`` (an :class:`pretrain.datasets.ImageDataset`) to the configured label
     subset, in place; ``dataset.classes`` stays (so labels keep their meaning).
@@ -153,7 +145,7 @@ def apply_subset(dataset, data_cfg: dict) -> dict | None:
         keep = select_by_names(
             dataset.samples, read_subset_file(file), f"data.train_subset {file!r}"
         )
-        info = {"kind": "file", "file": os.path.abspath(file), "file_sha256": _sha256_file(file)}
+        info = {"kind": "file", "file": os.path.abspath(file), "file_sha256": file_sha256(file)}
     else:
         seed = int(data_cfg["subset_seed"])
         keep = select_fraction([y for _, y in dataset.samples], fraction, seed)
