@@ -9,8 +9,12 @@ variant in fresh processes so that the peak resident memory (``ru_maxrss``) is i
   all-gathers the whole N x D bank (``all_gather_tensor``, as ``extract_features`` does) and
   votes over it with the one-hot kNN (a (chunk, N) similarity block and a (chunk, k, C) one-hot);
 - ``sharded`` (:func:`pretrain.knn.knn_classify` with ``sharded=True``, the online probe's
-  path): every rank keeps its shard, finds its top-k candidates per query chunk over bank
-  blocks, one gather merges them, the merged top-k are scatter-added.
+  and ``imsvd-knn``'s path): every rank keeps its shard, finds its top-k candidates per query
+  chunk over bank blocks, one gather merges them, the merged top-k are scatter-added;
+- ``sharded_bf16`` (``--bf16``): the same with the shard normalised and stored in bf16
+  (:func:`pretrain.knn.bank_tensor`, ``knn.bank_precision=bf16``); its predictions are compared
+  with ``sharded``'s and its top-1 printed (its peak includes the float32 shard it was made
+  from: the saving is the bank's memory while voting, on CUDA the device copy).
 
 Both variants' predictions are compared (the count of queries whose prediction differs is
 printed: 0 expected, float32 rounding of near-ties aside). The peak of ``sharded`` follows
@@ -45,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain import dist as pdist  # noqa: E402
-from pretrain.knn import knn_classify  # noqa: E402
+from pretrain.knn import bank_tensor, knn_classify  # noqa: E402
 
 KS = (20, 200)
 
@@ -104,6 +108,8 @@ def _worker(rank, world, port, cfg, out):
             labels = pdist.all_gather_tensor(labels)
         preds = gathered_knn(feats, labels, queries, KS, 0.07, cfg["classes"], cfg["chunk"])
     else:
+        if cfg["variant"] == "sharded_bf16":  # the normalised shard in bf16, float32 freed
+            feats = bank_tensor(feats, "bf16")
         preds = knn_classify(feats, labels, queries, ks=KS, num_classes=cfg["classes"],
                              chunk_size=cfg["chunk"], sharded=world > 1)  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="also the bf16 bank (sharded_bf16)")
     parser.add_argument(
         "--max-gathered-gb", type=float, default=18.0,
         help="skip a gathered run whose estimated total resident memory exceeds this",
@@ -151,7 +158,10 @@ def main() -> None:
     for n in args.sizes:
         for world in (1, 2):
             res = {}
-            for variant in ("gathered", "sharded"):
+            for variant in ("gathered", "sharded", "sharded_bf16"):
+                if variant == "sharded_bf16" and not args.bf16:
+                    res[variant] = None
+                    continue
                 est = world * 4 * n * args.dim * (2 + 1 / world) / gib
                 if variant == "gathered" and est > args.max_gathered_gb:
                     res[variant] = None  # would not fit this machine's memory
@@ -165,6 +175,15 @@ def main() -> None:
             if res["gathered"] is not None:
                 a, b = res["gathered"][0]["preds"], sharded[0]["preds"]
                 differ = {k: int(np.sum(np.array(a[k]) != np.array(b[k]))) for k in a}
+            if res["sharded_bf16"] is not None:
+                a, b = res["sharded_bf16"][0], sharded[0]
+                n_diff = {k: int(np.sum(np.array(a["preds"][k]) != np.array(b["preds"][k])))
+                          for k in a["preds"]}  # fmt: skip
+                print(f"N={n} W={world} bf16 bank: top-1 k=20 {a['acc']['20']:.2f} vs fp32 "
+                      f"{b['acc']['20']:.2f}, k=200 {a['acc']['200']:.2f} vs "
+                      f"{b['acc']['200']:.2f}; "
+                      f"predictions differing {n_diff['20']}/{n_diff['200']}; "
+                      f"{max(r['seconds'] for r in res['sharded_bf16']):.1f} s")  # fmt: skip
             rows.append((n, world, res["gathered"], sharded, peak, differ))
     print(
         f"kNN, D={args.dim}, {args.queries} queries, {args.classes} classes, k={list(KS)}, "

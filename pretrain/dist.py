@@ -33,6 +33,7 @@ __all__ = [
     "barrier",
     "all_gather_with_grad",
     "all_gather_tensor",
+    "gather_rows_to_main",
     "gather_batch_sizes",
     "known_batch_sizes",
     "shard_range",
@@ -336,6 +337,64 @@ def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return x.detach()
     return _gather_concat(x.detach(), _gather_sizes(x))
+
+
+# bytes of the rows one rank sends per gather_rows_to_main collective
+GATHER_CHUNK_BYTES = 64 << 20
+
+
+@torch.no_grad()
+def gather_rows_to_main(
+    x: torch.Tensor,
+    sizes: Sequence[int],
+    device: Optional[torch.device] = None,
+    chunk_bytes: int = GATHER_CHUNK_BYTES,
+) -> Optional[torch.Tensor]:
+    """Every rank's rows of ``x``, concatenated in rank order, on rank 0 only, in bounded chunks.
+
+    Rank r sends its rows ``chunk`` at a time (``chunk = chunk_bytes // row bytes``, at least
+    one row), so a collective moves at most ``W x chunk_bytes`` and no rank other than 0 ever
+    holds more than its own rows; rank 0 writes each chunk into one preallocated CPU tensor.
+    The number of collectives is ``ceil(max(sizes) / chunk)``, the same on every rank.
+
+    Args:
+        x: this rank's rows, (sizes[rank], ...), on any device.
+        sizes: every rank's row count, in rank order (as :func:`gather_batch_sizes` returns
+            them; every rank must pass the same list).
+        device: where the chunks travel from (the process's device; NCCL needs CUDA); default
+            ``x.device``. A CPU ``x`` is copied to it one chunk at a time.
+        chunk_bytes: bytes per rank per collective.
+
+    Returns:
+        On rank 0 the (sum(sizes), ...) CPU tensor; None on the other ranks. For a single
+        process ``x`` detached on the CPU.
+
+    Raises:
+        ValueError: ``x`` does not have ``sizes[rank]`` rows.
+    """
+    rank, world = get_rank(), get_world_size()
+    if len(sizes) != world or int(sizes[rank]) != x.shape[0]:
+        raise ValueError(
+            f"gather_rows_to_main: {x.shape[0]} rows on rank {rank}, sizes {list(sizes)}"
+        )
+    if world == 1:
+        return x.detach().cpu()
+    tail = tuple(x.shape[1:])
+    row_bytes = max(1, x.element_size() * int(torch.Size(tail).numel()))
+    chunk = max(1, int(chunk_bytes) // row_bytes)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    out = torch.empty((sum(sizes),) + tail, dtype=x.dtype) if rank == 0 else None
+    send = torch.zeros((chunk,) + tail, dtype=x.dtype, device=device or x.device)
+    parts = [torch.empty_like(send) for _ in range(world)] if rank == 0 else None
+    for lo in range(0, max(sizes), chunk):
+        n = max(0, min(chunk, x.shape[0] - lo))
+        send[:n] = x[lo : lo + n]
+        dist.gather(send, parts, dst=0)
+        if out is not None:
+            for r, part in enumerate(parts):
+                m = max(0, min(chunk, int(sizes[r]) - lo))
+                out[starts[r] + lo : starts[r] + lo + m] = part[:m].cpu()
+    return out
 
 
 @torch.no_grad()

@@ -22,7 +22,10 @@ from pretrain import dist
 from pretrain.config import ConfigError
 from pretrain.images import DataError
 
-__all__ = ["knn_classify", "knn_accuracy", "check_temperature"]
+__all__ = ["knn_classify", "knn_accuracy", "check_temperature", "bank_tensor", "BANK_PRECISIONS"]
+
+# storage of the bank: float32, or normalised rows in half the bytes (similarities stay float32)
+BANK_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_temperature(temperature: float, key: str = "temperature") -> float:
@@ -68,13 +71,49 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32), index
 
 
+def bank_tensor(
+    feats: np.ndarray | torch.Tensor,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    block: int = 65536,
+) -> torch.Tensor:
+    """The bank as :func:`knn_classify` holds it: float32 as given, or its L2-normalised rows
+    stored in bf16 / fp16 (half the bytes; written block by block, so no float32 copy of the
+    whole bank is made on ``device``).
+
+    Args:
+        feats: (N, D) features.
+        precision: a key of :data:`BANK_PRECISIONS`.
+        device: where the bank is kept.
+        block: rows converted at a time.
+
+    Returns:
+        (N, D) tensor of that dtype on ``device``.
+
+    Raises:
+        ConfigError: an unknown precision.
+    """
+    if precision not in BANK_PRECISIONS:
+        raise ConfigError(
+            f"kNN bank_precision {precision!r} is not one of {', '.join(BANK_PRECISIONS)}"
+        )
+    if precision == "fp32":
+        return torch.as_tensor(feats, dtype=torch.float32, device=device)
+    src = torch.as_tensor(feats)
+    out = torch.empty(tuple(src.shape), dtype=BANK_PRECISIONS[precision], device=device)
+    for lo in range(0, src.shape[0], block):
+        part = src[lo : lo + block].to(device=device, dtype=torch.float32)
+        out[lo : lo + block] = F.normalize(part, dim=1)
+    return out
+
+
 def _shard_topk(q, bank, offset, kmax, bank_block):
     """Top-``kmax`` keys (m, kmax) of queries ``q`` over this bank shard, rows [offset, ...) of
     the whole bank, one (m, bank_block) similarity block at a time; padded with _PAD."""
     best = torch.full((q.shape[0], kmax), _PAD, dtype=torch.int64, device=q.device)
     for lo in range(0, bank.shape[0], bank_block):
         # normalised block by block: the shard itself is never copied
-        block = F.normalize(bank[lo : lo + bank_block], dim=1)
+        block = F.normalize(bank[lo : lo + bank_block].float(), dim=1)
         index = torch.arange(lo, lo + block.shape[0], device=q.device) + offset
         keys = _order_keys(q @ block.T, index)
         keys = keys.topk(min(kmax, keys.shape[1]), dim=1).values
@@ -129,7 +168,9 @@ def knn_classify(
 
     Args:
         train_feats: (N, D) bank features, or this rank's (N_r, D) shard (L2-normalised here,
-            block by block; a float32 array or tensor on ``device`` is used without a copy).
+            block by block; a float32 array or tensor on ``device`` is used without a copy, and
+            so is a bf16 / fp16 tensor, e.g. from :func:`bank_tensor`: its blocks are
+            compared in float32).
         train_labels: (N,) or (N_r,) integer labels.
         test_feats: (M, D) query features.
         ks: neighbour counts (each capped at the whole bank's size).
@@ -151,7 +192,8 @@ def knn_classify(
     world = dist.get_world_size() if sharded else 1
     try:
         temperature = check_temperature(temperature)
-        bank = torch.as_tensor(train_feats, dtype=torch.float32, device=device)
+        half = torch.is_tensor(train_feats) and train_feats.dtype in (torch.bfloat16, torch.float16)
+        bank = torch.as_tensor(train_feats, dtype=None if half else torch.float32, device=device)
         labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
         queries = torch.as_tensor(test_feats, dtype=torch.float32)
         _check_inputs(bank, labels, queries, ks, chunk_size, bank_block)

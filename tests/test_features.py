@@ -390,3 +390,79 @@ def test_half_precision_extraction_is_close_and_cached_apart(
     assert np.array_equal(fp32, full)
     with pytest.raises(FeatureError, match="features.precision 'fp8'"):
         extract_features(model, ds, precision="fp8")
+
+
+def _gather_worker(rank, world, port, weights, tree, cache, out_dir):
+    from pretrain import dist as pdist
+    from pretrain.dist import cleanup, init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    model = freeze(model_from_checkpoint(weights)[0])
+    ds = build_image_dataset(tree, transform=eval_transform(40, 32))
+    got = {g: extract_features(model, ds, batch_size=2, gather=g) for g in feat_mod.GATHERS}
+    # a miss (extract, the shards sent to rank 0 for writing), then a hit (rows memory-mapped)
+    got["cache_miss"] = cached_features(cache, "val", model, ds, "w", batch_size=2, gather="shard")
+    got["cache_hit"] = cached_features(cache, "val", model, ds, "w", batch_size=2, gather="shard")
+    got["cache_main"] = cached_features(cache, "val", model, ds, "w", batch_size=2, gather="main")
+    # uneven (one rank empty) rows sent in one-row chunks
+    rows = torch.arange(rank * 7, dtype=torch.float64).reshape(-1, 1) * (rank + 1)
+    whole = pdist.gather_rows_to_main(rows, [0, 7], chunk_bytes=1)
+    got["rows"] = whole
+    out = {k: (v if not isinstance(v, tuple) else tuple(torch.from_numpy(a) for a in v))
+           for k, v in got.items()}  # fmt: skip
+    torch.save(out, f"{out_dir}/gather{rank}.pt")
+    cleanup()
+
+
+@pytest.mark.dist
+def test_gather_modes_on_two_ranks(tiny_backbone, tmp_path):
+    """all: the whole arrays everywhere; main: on rank 0 only; shard: each rank its own
+    contiguous rows, rank 0 first; with the cache, a miss writes the whole entry and a hit
+    gives each rank a contiguous slice; every variant equals one process's arrays."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tree = make_image_tree(tmp_path / "val", n_per_class=3)  # 9 images: shards of 4 and 5
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cache = tmp_path / "cache"
+    args = (2, port, str(tiny_backbone), str(tree), str(cache), str(tmp_path))
+    mp.spawn(_gather_worker, args=args, nprocs=2, join=True)
+    model = freeze(model_from_checkpoint(tiny_backbone)[0])
+    ref_f, ref_y = extract_features(
+        model, build_image_dataset(str(tree), transform=eval_transform(40, 32)), batch_size=2
+    )
+    got = [torch.load(tmp_path / f"gather{r}.pt") for r in range(2)]
+
+    def same(pair, lo, hi):
+        torch.testing.assert_close(pair[0], torch.from_numpy(ref_f[lo:hi]), rtol=1e-5, atol=1e-6)
+        assert pair[1].tolist() == ref_y[lo:hi].tolist()
+
+    for r in range(2):
+        same(got[r]["all"], 0, 9)
+    same(got[0]["main"], 0, 9)
+    assert got[1]["main"][0].shape == (0, ref_f.shape[1]) and got[1]["main"][1].shape == (0,)
+    for key in ("shard", "cache_miss", "cache_hit"):
+        same(got[0][key], 0, 4)
+        same(got[1][key], 4, 9)
+    same(got[0]["cache_main"], 0, 9)
+    assert got[1]["cache_main"][0].shape[0] == 0
+    np.testing.assert_allclose(np.load(cache / "val_pool5.feats.npy"), ref_f, rtol=1e-5, atol=1e-6)
+    assert got[0]["rows"].flatten().tolist() == [2.0 * i for i in range(7)]
+    assert got[1]["rows"] is None
+
+
+def test_one_process_gets_the_whole_arrays_whatever_the_gather(setup):
+    _, model, _, ds = setup
+    ref = extract_features(model, ds, batch_size=5)
+    for gather in ("main", "shard"):
+        got = extract_features(model, ds, batch_size=5, gather=gather)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    with pytest.raises(FeatureError, match="feature gather 'rank0'"):
+        extract_features(model, ds, gather="rank0")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import run_module
 
+from pretrain.config import ConfigError
 from pretrain.knn import knn_accuracy, knn_classify
 from transfer.eval import knn as knn_eval
 from transfer.eval.knn import main
@@ -354,3 +355,42 @@ def test_sharded_bank_on_two_ranks_equals_one_process(tmp_path):
                 np.testing.assert_array_equal(got[name][k], one[k], err_msg=f"{name} k={k}")
         expected = "NaN or infinite" if rank == 1 else "the inputs of rank 1 were refused"
         assert expected in got["refused"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_bank_is_normalised_and_votes_like_fp32(precision):
+    from pretrain.knn import bank_tensor
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(5, 32)) * 4
+    labels = rng.integers(0, 5, 600)
+    bank = (centres[labels] + rng.normal(size=(600, 32))).astype(np.float32) * 7.0
+    q_y = rng.integers(0, 5, 120)
+    q = (centres[q_y] + rng.normal(size=(120, 32))).astype(np.float32)
+    half = bank_tensor(bank, precision, block=64)
+    assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.testing.assert_close(half.float().norm(dim=1), torch.ones(600), atol=1e-2, rtol=0)
+    full = knn_classify(bank, labels, q, ks=(5, 50))
+    got = knn_classify(half, labels, q, ks=(5, 50), bank_block=100)
+    for k in full:  # well-separated classes: half-precision rounding changes no vote
+        np.testing.assert_array_equal(got[k], full[k])
+    assert bank_tensor(bank, "fp32").data_ptr() == bank.ctypes.data  # fp32: no copy
+    with pytest.raises(ConfigError, match="bank_precision 'int8'"):
+        bank_tensor(bank, "int8")
+
+
+def test_entry_point_with_a_bf16_bank(tiny, tmp_path):
+    root, weights = tiny
+    res = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["--config", "knn_tiny", "--weights", str(weights),
+                     f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}",
+                     "--output-dir", str(out), f"knn.bank_precision={precision}"]) == 0  # fmt: skip
+        res[precision] = json.loads((out / "knn_results.json").read_text())
+    assert res["bf16"]["bank_precision"] == "bf16" and res["fp32"]["bank_precision"] == "fp32"
+    assert res["bf16"]["num_train"] == res["fp32"]["num_train"] == 24
+    assert abs(res["bf16"]["top1_k1"] - res["fp32"]["top1_k1"]) <= 100.0 / 12  # one query at most
+    assert main(["--config", "knn_tiny", "--weights", str(weights),
+                 f"data.train_root={root / 'train'}", f"data.val_root={root / 'val'}",
+                 "knn.bank_precision=fp8"]) == 2  # fmt: skip

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import REPO, VOC_TINY_CLASSES, make_voc_tree, make_weights
+from helpers import REPO, VOC_TINY_CLASSES, make_voc_tree, make_weights, run_module
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import cross_val_score
 from sklearn.svm import LinearSVC
@@ -424,3 +424,23 @@ def test_results_name_the_protocols(tmp_path, protocol, capsys):
     assert main(["--config", "voc07_svm_tiny", f"data.voc_root={voc}", "--weights",
                  str(weights), "--output-dir", str(out), "low_shot.enabled=true",
                  "low_shot.protocol=fewshot"]) == 2  # fmt: skip
+
+
+@pytest.mark.dist
+def test_two_processes_equal_one(tmp_path):
+    """With 2 processes each extracts its shard and sends it to rank 0, which trains the SVMs:
+    the same APs as one process (and nothing about unreadable images from rank 1)."""
+    voc = make_voc_tree(tmp_path / "data", n_trainval=12, n_test=9)
+    weights = make_weights(tmp_path / "w.pth")
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        args = ["--config", "voc07_svm_tiny", f"data.voc_root={voc}", "--weights", str(weights),
+                "--output-dir", str(out)]  # fmt: skip
+        run_module("transfer.eval.voc07_svm", args, nproc=nproc, timeout=240)
+        logs = "".join(p.read_text() for p in out.glob("log*.txt"))
+        assert "extracting trainval features" in logs and "unreadable" not in logs
+        results.append(json.loads((out / "voc07_svm_results.json").read_text()))
+    assert results[0]["mAP"] == pytest.approx(results[1]["mAP"], abs=1e-6)
+    for name, row in results[0]["classes"].items():
+        assert results[1]["classes"][name]["ap"] == pytest.approx(row["ap"], abs=1e-6)

@@ -26,6 +26,7 @@ __all__ = [
     "lr_factor",
     "lr_at_epoch",
     "topk_accuracy",
+    "topk_hits",
     "format_epoch",
     "build_datasets",
     "head_classes",
@@ -157,14 +158,20 @@ def lr_at_epoch(epoch: int, cfg: dict) -> float:
     return float(cfg["train"]["lr"]) * lr_factor(epoch, cfg["train"])
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
-    """Top-k accuracies in percent ({"top1": ..., "top5": ...}); k capped at the class count."""
-    out = {}
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list:
+    """Per k, how many rows have their label among the k largest logits (k capped at the
+    class count); ints, to be summed over shards."""
+    out = []
     for k in ks:
         kk = min(k, logits.shape[1])
-        hit = (logits.topk(kk, dim=1).indices == labels[:, None]).any(dim=1)
-        out[f"top{k}"] = 100.0 * hit.float().mean().item()
+        out.append(int((logits.topk(kk, dim=1).indices == labels[:, None]).any(dim=1).sum()))
     return out
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
+    """Top-k accuracies in percent ({"top1": ..., "top5": ...}); k capped at the class count."""
+    hits = topk_hits(logits, labels, ks)
+    return {f"top{k}": 100.0 * h / max(labels.shape[0], 1) for k, h in zip(ks, hits)}
 
 
 def format_epoch(record: dict, epochs: int, unreadable: int = 0) -> str:

@@ -3,8 +3,11 @@
 Every frozen evaluation (VOC07 SVM, kNN, the linear probes' validation pass) gets its features
 here, from a backbone the runner (:mod:`transfer.eval.runner`) read through
 :func:`pretrain.checkpoint.model_from_checkpoint` and froze with :func:`freeze`. The dataset is
-split into contiguous shards, one per process; the shards are gathered so that every process
-ends with the features of the WHOLE dataset in dataset order.
+split into contiguous shards, one per process; where the rows end up is the caller's choice
+(``gather``, :data:`GATHERS`): every process the whole arrays (``all``), rank 0 alone
+(``main``: the VOC07 SVM, gathered in bounded chunks), or each process its own rows
+(``shard``: the kNN bank, the linear probe's validation pass), so that no process needs to hold
+N x D features unless the protocol needs them whole.
 
 Layers:
     pool5: the global-average-pooled res5 output (2048-d for ResNet-50) - the default.
@@ -33,8 +36,11 @@ from pretrain.dist import (
     all_gather_tensor,
     all_reduce_sum,
     barrier,
+    gather_batch_sizes,
+    gather_rows_to_main,
     get_rank,
     get_world_size,
+    known_batch_sizes,
     shard_range,
 )
 from pretrain.errors import IMSVDError
@@ -47,6 +53,8 @@ LAYERS = ("pool5", "res5", "res4")
 # output side of the adaptive average pool for the spatially pooled variants
 _SPATIAL_POOL = {"res5": 2, "res4": 3}
 CACHE_VERSION = 1
+# where extracted rows end up: every rank / rank 0 only / each rank its own contiguous rows
+GATHERS = ("all", "main", "shard")
 
 
 class FeatureError(IMSVDError, ValueError):
@@ -107,13 +115,14 @@ def extract_features(
     num_workers: int = 0,
     desc: str = "features",
     precision: str = "fp32",
+    gather: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a whole dataset, sharded over processes, in dataset order.
+    """Features and labels of a dataset, extracted in shards over processes, in dataset order.
 
-    Each process extracts one contiguous shard; the shards are all-gathered, so every process
-    returns the full arrays. Items the dataset yields as None (unreadable images, see
-    :class:`pretrain.datasets.ImageDataset`) are left out, logged and counted: the arrays then have
-    ``len(dataset) - unreadable`` rows, each with its own image's label (nothing is replaced).
+    Each process extracts one contiguous shard of the dataset. Items the dataset yields as None
+    (unreadable images, see :class:`pretrain.datasets.ImageDataset`) are left out, logged and
+    counted: the arrays then have ``len(dataset) - unreadable`` rows in all, each with its own
+    image's label (nothing is replaced).
 
     Args:
         model: frozen backbone (put in eval mode here as well).
@@ -125,14 +134,23 @@ def extract_features(
         desc: progress-bar label.
         precision: "fp32", or "bf16" / "fp16": the forward under autocast (half the activation
             memory and, on GPUs, faster), the features returned as float32 all the same.
+        gather: where the rows end up (one process always gets the whole arrays):
+            "all": every process the whole arrays (one all_gather; N x D on every process);
+            "main": rank 0 the whole arrays, sent in chunks of bounded size
+            (:func:`pretrain.dist.gather_rows_to_main`), the other ranks (0, D) and (0,);
+            "shard": every process the rows it extracted (rank 0 the first ones, then rank 1,
+            ...), nothing gathered.
     Returns:
-        (features float32 (N, D), labels int64 (N,)), N = the number of readable items.
+        (features float32 (N, D), labels int64 (N,)), N = the number of readable items (of the
+        whole dataset, or of this process's share as ``gather`` says).
     Raises:
-        FeatureError: bad layer, batch size or precision, or no readable item at all.
+        FeatureError: bad layer, batch size, precision or gather, or no readable item at all.
     """
     check_layer(layer)
     if precision not in PRECISIONS:
         raise FeatureError(f"features.precision {precision!r} is not one of {tuple(PRECISIONS)}")
+    if gather not in GATHERS:
+        raise FeatureError(f"feature gather {gather!r} is not one of {GATHERS}")
     if batch_size <= 0:
         raise FeatureError(f"batch_size must be positive, got {batch_size}")
     model.eval()
@@ -160,19 +178,54 @@ def extract_features(
     dim = feature_dim(model, layer)
     local_f = torch.cat(feats) if feats else torch.zeros((0, dim), device=device)
     local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
-    all_f = all_gather_tensor(local_f).cpu().numpy()
-    all_y = all_gather_tensor(local_y).cpu().numpy()
-    dropped = int(all_gather_tensor(torch.tensor([dropped], device=device)).sum())
-    if all_f.shape[0] + dropped != len(dataset):
+    del feats, labels
+    sizes = gather_batch_sizes(local_f.shape[0], device)
+    dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
+    _check_counts(sum(sizes), dropped, len(dataset), desc)
+    return _deliver(local_f, local_y, sizes, gather, device)
+
+
+def _check_counts(rows: int, dropped: int, n: int, desc: str) -> None:
+    if rows + dropped != n:
         raise FeatureError(
-            f"gathered {all_f.shape[0]} feature rows and {dropped} unreadable items for "
-            f"{len(dataset)} samples"
+            f"gathered {rows} feature rows and {dropped} unreadable items for {n} samples"
         )
-    if all_f.shape[0] == 0:
-        raise FeatureError(f"{desc}: none of the {len(dataset)} images could be read")
+    if rows == 0:
+        raise FeatureError(f"{desc}: none of the {n} images could be read")
     if dropped:
-        logger.warning("%s: %d of %d images unreadable and left out", desc, dropped, len(dataset))
-    return all_f, all_y
+        logger.warning("%s: %d of %d images unreadable and left out", desc, dropped, n)
+
+
+def _deliver(local_f, local_y, sizes, gather: str, device) -> tuple[np.ndarray, np.ndarray]:
+    """The extracted shards where ``gather`` says (see :func:`extract_features`)."""
+    if gather == "shard" or get_world_size() == 1:
+        return local_f.cpu().numpy(), local_y.cpu().numpy()
+    if gather == "all":
+        with known_batch_sizes(sizes):  # the sizes are known: one collective per array
+            return (
+                all_gather_tensor(local_f).cpu().numpy(),
+                all_gather_tensor(local_y).cpu().numpy(),
+            )
+    feats = gather_rows_to_main(local_f, sizes, device)
+    labels = gather_rows_to_main(local_y, sizes, device)
+    if feats is None:  # not rank 0
+        return np.zeros((0, local_f.shape[1]), np.float32), np.zeros((0,), np.int64)
+    return feats.numpy(), labels.numpy()
+
+
+def rows_on_main(
+    feats: np.ndarray, labels: np.ndarray, device: str | torch.device
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's ``gather="shard"`` rows, whole and in order, on rank 0 (None elsewhere).
+
+    One size exchange, then :func:`pretrain.dist.gather_rows_to_main` in bounded chunks (the
+    rows travel from the host through ``device`` one chunk at a time). Every rank must call.
+    """
+    device = torch.device(device)
+    sizes = gather_batch_sizes(feats.shape[0], device)
+    f = gather_rows_to_main(torch.from_numpy(np.ascontiguousarray(feats)), sizes, device)
+    y = gather_rows_to_main(torch.from_numpy(np.ascontiguousarray(labels)), sizes, device)
+    return None if f is None else (f.numpy(), y.numpy())
 
 
 CACHE_CHECKS = ("stat", "content")
@@ -273,6 +326,7 @@ def cached_features(
     num_workers: int = 0,
     check: str = "stat",
     precision: str = "fp32",
+    gather: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract_features` behind an on-disk cache.
 
@@ -287,19 +341,22 @@ def cached_features(
 
     Rank 0 alone computes the metadata (so a content check hashes the files once) and decides
     hit or miss; the decision reaches every rank (one all-reduce on ``device``), so all ranks
-    extract together or none does. On a hit the other ranks read the arrays rank 0 checked;
-    when one of them cannot, every rank re-extracts.
+    extract together or none does. On a hit the other ranks read (memory-mapped) the rows
+    ``gather`` gives them from the arrays rank 0 checked; when one of them cannot, every rank
+    re-extracts. With ``gather="shard"`` a rank's rows are a contiguous slice of the whole
+    arrays in rank order, but which slice may differ between an extraction and a hit; on a miss
+    the shards reach rank 0 in bounded chunks for writing.
 
     Args:
         cache_dir: folder of the cache.
         split: split name (part of the file names and metadata).
-        model, dataset, layer, batch_size, device, num_workers, precision: as for
+        model, dataset, layer, batch_size, device, num_workers, precision, gather: as for
             extract_features.
         weights_sha256: content hash of the backbone weights (load_backbone's meta["sha256"]).
         check: "stat" (size + mtime_ns of every file) or "content" (also a sha256 of each).
     Returns:
         (features, labels) as extract_features (unreadable images left out; their number is
-        ``len(dataset) - len(labels)``).
+        ``len(dataset)`` minus the rows of all ranks).
     Raises:
         FeatureError: unknown ``check``; as extract_features.
     """
@@ -307,41 +364,36 @@ def cached_features(
         raise FeatureError(f"features.cache_check {check!r} is not one of {CACHE_CHECKS}")
     if precision not in PRECISIONS:
         raise FeatureError(f"features.precision {precision!r} is not one of {tuple(PRECISIONS)}")
-    cache_dir = Path(cache_dir)
-    stem = cache_dir / f"{split}_{layer}"
-    f_path, y_path, m_path = (
-        Path(f"{stem}.feats.npy"),
-        Path(f"{stem}.labels.npy"),
-        Path(f"{stem}.json"),
-    )
-    main = get_rank() == 0
-    meta, hit, state = None, None, _MISS
-    if main:  # the signature (a hash of every file with check="content") is computed once
+    if gather not in GATHERS:
+        raise FeatureError(f"feature gather {gather!r} is not one of {GATHERS}")
+    stem = Path(cache_dir) / f"{split}_{layer}"
+    paths = (Path(f"{stem}.feats.npy"), Path(f"{stem}.labels.npy"), Path(f"{stem}.json"))
+    meta, hit = None, None
+    if get_rank() == 0:  # the signature (a hash of every file with check="content") once
         try:
             meta = cache_meta(split, layer, dataset, weights_sha256, check, precision)
-            hit = _read_cache(m_path, f_path, y_path, meta)
+            hit = _read_cache(paths[2], paths[0], paths[1], meta)
         except Exception:  # noqa: BLE001 (the other ranks are told, then it is re-raised)
             _from_main([_FAILED, 0, 0], device)
             raise
-        if hit is not None and getattr(dataset, "strict", False):
-            if hit[0].shape[0] < len(dataset):
-                logger.info(
-                    "features cache %s was written with unreadable images left out: strict "
-                    "mode re-extracts",
-                    stem,
-                )
-                hit = None
-        state = _HIT if hit is not None else _MISS
+        if hit is not None and getattr(dataset, "strict", False) and len(hit[1]) < len(dataset):
+            logger.info(
+                "features cache %s was written with unreadable images left out: strict mode "
+                "re-extracts",
+                stem,
+            )
+            hit = None
     # rank 0 decides for every rank: all take the same branch (extract_features is collective)
-    state, rows, cols = _from_main([state, *(hit[0].shape if hit is not None else (0, 0))], device)
+    state, rows, cols = _from_main(
+        [_MISS if hit is None else _HIT, *(hit[0].shape if hit is not None else (0, 0))], device
+    )
     if state == _FAILED:
         raise FeatureError(
             f"features cache {stem}: rank 0 failed to check the entry (see its error)"
         )
     if state == _HIT:
-        if not main:
-            hit = _load_arrays(f_path, y_path, (rows, cols))
-        unread = _sum_over_ranks(hit is None, device)
+        got = _hit_rows(hit, paths, (rows, cols), gather)
+        unread = _sum_over_ranks(got is None, device)
         if unread == 0:
             logger.info(
                 "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths "
@@ -351,21 +403,47 @@ def cached_features(
                 cols,
                 check,
             )
-            return hit
+            return got
         logger.warning(
             "features cache %s could not be read on %d rank(s): re-extracting", stem, unread
         )
     logger.info("extracting %s features (%d images, layer %s)", split, len(dataset), layer)
     feats, labels = extract_features(
-        model, dataset, batch_size, layer, device, num_workers, f"{split} features", precision
+        model,
+        dataset,
+        batch_size,
+        layer,
+        device,
+        num_workers,
+        f"{split} features",
+        precision,
+        gather,
     )
-    if main:
-        _write_cache(cache_dir, m_path, f_path, y_path, meta, feats, labels)
+    whole = rows_on_main(feats, labels, device) if gather == "shard" else (feats, labels)
+    if get_rank() == 0:
+        _write_cache(Path(cache_dir), paths[2], paths[0], paths[1], meta, *whole)
     barrier()
     return feats, labels
 
 
 _MISS, _HIT, _FAILED = 0, 1, 2
+
+
+def _hit_rows(hit, paths, shape, gather: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """This rank's rows of a valid entry (rank 0's memory-mapped ``hit``, the others read the
+    files), copied out of the map; None when this rank cannot read them."""
+    rank, world = get_rank(), get_world_size()
+    if gather == "main" and rank != 0:
+        return np.zeros((0, shape[1]), np.float32), np.zeros((0,), np.int64)
+    arrays = hit if rank == 0 else _load_arrays(paths[0], paths[1], shape)
+    if arrays is None:
+        return None
+    lo, hi = shard_range(shape[0], rank, world) if gather == "shard" else (0, shape[0])
+    try:
+        return np.array(arrays[0][lo:hi]), np.array(arrays[1][lo:hi])
+    except OSError as e:  # a mapped page that cannot be read
+        logger.warning("features cache %s unreadable on this rank (%s)", paths[0], e)
+        return None
 
 
 def _from_main(values: list[int], device: str | torch.device) -> list[int]:
@@ -388,7 +466,7 @@ def _load_arrays(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The arrays of an entry rank 0 found valid, or None when unreadable or of another shape."""
     try:
-        feats, labels = np.load(f_path), np.load(y_path)
+        feats, labels = np.load(f_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
     except (OSError, ValueError) as e:
         logger.warning("features cache %s unreadable on this rank (%s)", f_path, e)
         return None
@@ -445,8 +523,8 @@ def _read_cache(
             why = ", ".join(differ) or "metadata"
             logger.info("features cache %s is stale (%s changed): re-extracting", m_path, why)
             return None
-        feats = np.load(f_path)
-        labels = np.load(y_path)
+        feats = np.load(f_path, mmap_mode="r")  # the rows a rank needs are copied out later
+        labels = np.load(y_path, mmap_mode="r")
     except (OSError, ValueError) as e:
         logger.warning("features cache %s unreadable (%s): re-extracting", m_path, e)
         return None

@@ -5,10 +5,12 @@
 
 Features are L2-normalised; each test sample votes over its k most cosine-similar training
 samples with weights exp(sim / T), T = 0.07, k = 20 and 200 (the one implementation,
-:func:`pretrain.knn.knn_accuracy`, also used by the online probe). Extraction is sharded over
-processes but the vote always uses the features of the WHOLE train set (gathered), never a
-per-shard bank. Results (top-1 in percent per k) go to OUT/knn_results.json (OUT defaults to
-the recipe's output_dir, outputs/knn); the log says where.
+:func:`pretrain.knn.knn_accuracy`, also used by the online probe). Each process keeps only its
+shard of the train features (the bank, never gathered: ``knn_classify(sharded=True)`` merges
+the shards' top-k), and the val features (the queries) whole; the vote is the one over the
+WHOLE train set, as on one process. ``knn.bank_precision`` (bf16 / fp16) holds the normalised
+bank in half the bytes. Results (top-1 in percent per k) go to OUT/knn_results.json (OUT
+defaults to the recipe's output_dir, outputs/knn); the log says where.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 from pretrain.config import ConfigError
 from pretrain.datasets import build_train_val_datasets
-from pretrain.knn import check_temperature, knn_accuracy, knn_classify
+from pretrain.knn import BANK_PRECISIONS, bank_tensor, check_temperature, knn_accuracy, knn_classify
 from pretrain.log import format_table
 from pretrain.transforms import eval_transform
 from transfer.eval import runner
@@ -43,6 +45,11 @@ def validate(cfg: dict) -> None:
     chunk = cfg["knn"]["chunk_size"]
     if int(chunk) <= 0:
         raise ConfigError(f"config key 'knn.chunk_size' must be a positive integer, got {chunk!r}")
+    if cfg["knn"]["bank_precision"] not in BANK_PRECISIONS:
+        raise ConfigError(
+            f"config key 'knn.bank_precision': {cfg['knn']['bank_precision']!r} is not one of "
+            f"{', '.join(BANK_PRECISIONS)}"
+        )
 
 
 def run(ctx: runner.EvalContext) -> dict:
@@ -59,28 +66,28 @@ def run(ctx: runner.EvalContext) -> dict:
     cfg = ctx.cfg
     d = cfg["data"]
     transform = eval_transform(int(d["resize"]), int(d["crop"]))
+    k = cfg["knn"]
     model, _, meta = ctx.load_model()
     train_ds, val_ds = build_train_val_datasets(
         d["train_root"], d["train_list"], d["val_root"], d["val_list"], transform, transform,
         strict=bool(d["strict"]),
     )  # fmt: skip
-    arrays = {
-        split: ctx.features(split, model, ds, meta["sha256"])
-        for split, ds in (("train", train_ds), ("val", val_ds))
-    }
-    k = cfg["knn"]
+    bank, bank_y = ctx.features("train", model, train_ds, meta["sha256"], gather="shard")
+    queries, query_y = ctx.features("val", model, val_ds, meta["sha256"])
+    n_train = ctx.total_rows(bank.shape[0])  # the whole bank, over the ranks' shards
+    bank = bank_tensor(bank, str(k["bank_precision"]), ctx.device)  # numpy shard released
     acc = knn_accuracy(
-        arrays["train"][0], arrays["train"][1], arrays["val"][0], arrays["val"][1],
+        bank, bank_y, queries, query_y,
         ks=[int(x) for x in k["ks"]], temperature=float(k["temperature"]),
         num_classes=train_ds.num_classes, chunk_size=int(k["chunk_size"]), device=ctx.device,
+        sharded=True,
     )  # fmt: skip
     if not ctx.is_main:
         return {}
-    unreadable = {"train": len(train_ds) - len(arrays["train"][1]),
-                  "val": len(val_ds) - len(arrays["val"][1])}  # fmt: skip
-    return dict(acc, num_train=len(arrays["train"][1]), num_val=len(arrays["val"][1]),
-                unreadable_images=unreadable, num_classes=train_ds.num_classes,
-                temperature=float(k["temperature"]), layer=cfg["features"]["layer"],
+    unreadable = {"train": len(train_ds) - n_train, "val": len(val_ds) - len(query_y)}
+    return dict(acc, num_train=n_train, num_val=len(query_y), unreadable_images=unreadable,
+                num_classes=train_ds.num_classes, temperature=float(k["temperature"]),
+                bank_precision=str(k["bank_precision"]), layer=cfg["features"]["layer"],
                 weights=str(cfg["model"]["weights"]), weights_sha256=meta["sha256"])  # fmt: skip
 
 

@@ -159,22 +159,39 @@ class EvalContext:
         )
         return freeze(backbone), projector, meta
 
+    def total_rows(self, rows: int) -> int:
+        """Sum of ``rows`` over the ranks, on every rank (``rows`` itself for one process);
+        every rank must call."""
+        if not self.info.distributed:
+            return int(rows)
+        return int(all_reduce_sum(torch.tensor([int(rows)], device=self.device)).item())
+
     def features(
-        self, split: str, model: nn.Module, dataset: Dataset, weights_sha256: str
+        self,
+        split: str,
+        model: nn.Module,
+        dataset: Dataset,
+        weights_sha256: str,
+        gather: str = "all",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Features of a whole dataset (all ranks get all rows), cached under OUTPUT_DIR/features.
+        """Features of a dataset, cached under OUTPUT_DIR/features.
 
         Args:
             split: split name (cache file names, progress label).
             model: the frozen backbone.
             dataset: yields (image tensor, label); unreadable images (None) are left out.
             weights_sha256: content hash of the weights (cache key).
+            gather: "all" (every rank the whole arrays), "main" (rank 0 alone) or "shard"
+                (each rank its contiguous rows): see :func:`transfer.eval.features.
+                extract_features`.
 
         Returns:
-            (features float32 (N, D), labels int64 (N,)), N = readable images.
+            (features float32 (N, D), labels int64 (N,)), N = readable images (this rank's
+            share as ``gather`` says).
 
         Raises:
-            FeatureError: a feature is NaN / inf (naming the split and ``model.weights``).
+            FeatureError: a feature is NaN / inf on any rank (naming the split and
+                ``model.weights``; raised on every rank).
         """
         kw = dict(
             layer=self.cfg["features"]["layer"],
@@ -182,6 +199,7 @@ class EvalContext:
             device=self.device,
             num_workers=int(self.cfg["data"]["num_workers"]),
             precision=str(self.cfg["features"]["precision"]),
+            gather=gather,
         )
         if self.out is None:
             feats, labels = extract_features(model, dataset, desc=f"{split} features", **kw)
@@ -190,13 +208,25 @@ class EvalContext:
             feats, labels = cached_features(
                 self.out / "features", split, model, dataset, weights_sha256, check=check, **kw
             )
-        if not bool(np.isfinite(feats).all()):
-            rows = int((~np.isfinite(feats)).any(axis=1).sum())
+        bad, rows = _nonfinite_rows(feats), feats.shape[0]
+        if gather != "all" and self.info.distributed:  # each rank holds a part
+            bad, rows = (
+                int(v) for v in all_reduce_sum(torch.tensor([bad, rows], device=self.device))
+            )
+        if bad:
             raise FeatureError(
                 f"the {split} features of weights {self.cfg['model']['weights']} hold NaN/inf "
-                f"({rows} of {feats.shape[0]} images): these weights cannot be evaluated"
+                f"({bad} of {rows} images): these weights cannot be evaluated"
             )
         return feats, labels
+
+
+def _nonfinite_rows(feats: np.ndarray, block: int = 65536) -> int:
+    """Rows of ``feats`` holding NaN or inf, checked block by block (no N x D mask)."""
+    return sum(
+        int((~np.isfinite(feats[lo : lo + block])).any(axis=1).sum())
+        for lo in range(0, feats.shape[0], block)
+    )
 
 
 def usable_dir(path: str) -> Path | None:

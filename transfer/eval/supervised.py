@@ -40,7 +40,7 @@ from transfer.eval.classifier import (
     head_classes,
     lr_factor,
     sgd_groups,
-    topk_accuracy,
+    topk_hits,
 )
 from transfer.eval.subsets import apply_subset
 
@@ -48,6 +48,7 @@ logger = logging.getLogger("imsvd.supervised")
 
 MODES = ("frozen", "finetune")
 FINETUNED_BACKBONE = "backbone_finetuned.pth"
+_SCORE_ROWS = 8192  # validation rows scored by the head at a time
 
 
 class SupervisedError(IMSVDError, ValueError):
@@ -250,11 +251,15 @@ class SupervisedTrainer:
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self) -> dict:
-        """Top-1 / top-5 (percent) of the current head (and backbone) on the validation set."""
+        """Top-1 / top-5 (percent) of the current head (and backbone) on the validation set.
+
+        Each rank scores its own rows of the validation features (``gather="shard"``: none are
+        gathered) and one all-reduce sums the hits; every rank returns the same figures.
+        """
         if self.mode == "frozen":
             if self.val_feats is None:
                 self.val_feats = self.ctx.features(
-                    "val", self.backbone, self.val_ds, self.meta["sha256"]
+                    "val", self.backbone, self.val_ds, self.meta["sha256"], gather="shard"
                 )
             feats, labels = self.val_feats
         else:
@@ -263,18 +268,29 @@ class SupervisedTrainer:
                 "batch_size": int(self.cfg["data"]["batch_size"]),
                 "device": self.info.device,
                 "num_workers": int(self.cfg["data"]["num_workers"]),
+                "precision": self.t["precision"],
             }
             feats, labels = features.extract_features(
-                self.backbone, self.val_ds, desc="val features", precision=self.t["precision"], **kw
+                self.backbone, self.val_ds, desc="val features", gather="shard", **kw
             )
             self.backbone.train()
-        self.unreadable["val"] = len(self.val_ds) - len(labels)
-        self.val_seen = self.epoch
+        ks, hits = (1, 5), [0, 0]
         self.head.eval()
         with torch.no_grad():
-            logits = self.head(torch.from_numpy(feats).float().to(self.info.device))
+            for lo in range(0, feats.shape[0], _SCORE_ROWS):
+                logits = self.head(
+                    torch.from_numpy(feats[lo : lo + _SCORE_ROWS]).to(self.info.device)
+                )
+                part = torch.from_numpy(labels[lo : lo + _SCORE_ROWS]).to(self.info.device)
+                hits = [a + b for a, b in zip(hits, topk_hits(logits, part, ks))]
         self.head.train()
-        return topk_accuracy(logits.cpu(), torch.from_numpy(labels))
+        *hits, rows = (
+            int(v)
+            for v in all_reduce_sum(torch.tensor([*hits, feats.shape[0]], device=self.info.device))
+        )
+        self.unreadable["val"] = len(self.val_ds) - rows
+        self.val_seen = self.epoch
+        return {f"top{k}": 100.0 * h / max(rows, 1) for k, h in zip(ks, hits)}
 
     # -------------------------------------------------------------------- loop
     def _epoch(self, stop: StopRequest) -> bool:

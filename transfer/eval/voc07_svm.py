@@ -429,7 +429,10 @@ def run(ctx: runner.EvalContext) -> dict:
     for split in (dcfg["trainval_split"], dcfg["test_split"]):
         ids, labels = read_split(voc_dir, split, classes)
         ds = voc_dataset(voc_dir, ids, transform, strict=bool(dcfg["strict"]))
-        feats, rows = ctx.features(split, model, ds, meta["sha256"])
+        # the SVMs train on rank 0: the other ranks extract their shards and send them there
+        feats, rows = ctx.features(split, model, ds, meta["sha256"], gather="main")
+        if not ctx.is_main:
+            continue
         arrays[split] = (feats, labels[rows])
         unreadable[split] = sorted(set(ids) - {ids[int(r)] for r in rows})
         if unreadable[split]:
