@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the CUDA paths: engine training steps under fp16 (GradScaler) and bf16
-# autocast, the IMSVD loss benchmark, training-step throughput, and Detectron2 Mask R-CNN C4
-# (convert -> instant train -> COCO eval) on CUDA. Prints everything; writes logs to $OUT.
+# One-shot GPU check of the CUDA paths: first benchmarks/gpu_check.py (training images/s of
+# the trainer against a reference-structure loop, the kNN on a 1.28M x 2048 bank, the three
+# methods on Fashion-MNIST; JSON + markdown in $OUT/gpu_check), then engine training steps under
+# fp16 (GradScaler) and bf16 autocast, the IMSVD loss benchmark, training-step throughput, and
+# Detectron2 Mask R-CNN C4 (convert -> instant train -> COCO eval) on CUDA. Prints everything;
+# writes logs to $OUT. FASHION_MNIST_DIR: the idx .gz folder for gpu_check.py's third part.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/imsvd_gpu_check}
 PY=${PYTHON:-python3}
+FASHION_MNIST_DIR=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+echo "== gpu_check.py (budget 540 s): train images/s, kNN 1.28M x 2048, three methods"
+rm -f "$OUT/gpu_check/gpu_check.md"
+timeout 600 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check" \
+  --data-dir "$FASHION_MNIST_DIR" > "$OUT/gpu_check.log" 2>&1
+echo "gpu_check.py exit $?"
+cat "$OUT/gpu_check/gpu_check.md" 2>/dev/null || tail -20 "$OUT/gpu_check.log"
 for p in fp16 bf16; do
   echo "== engine smoke on CUDA, $p"
   timeout 90 $PY -m pretrain.main --config configs/pretrain/imsvd_smoke.yaml train.device=cuda \
