@@ -7,7 +7,9 @@ On the demo's Fashion-MNIST tree (28 px, ``make demo``): features of ``--bank`` 
 of ``--queries`` test images (all 10,000 by default) with ``features.precision`` fp32 and bf16
 (the same extractor the evaluations use), images/s of each (best of ``--repeats`` passes over
 the test set), the kNN top-1 (k = 20, T = 0.07, the toolkit's weighted kNN) of each, and how
-many test predictions differ. Prints one JSON line.
+many test predictions differ; then, on the fp32 features, the kNN with the bank stored in bf16
+and fp16 (``knn.bank_precision``, :func:`pretrain.knn.bank_tensor`): top-1 and predictions
+differing from the fp32 bank's. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.checkpoint import model_from_checkpoint
     from pretrain.datasets import build_image_dataset
-    from pretrain.knn import knn_classify
+    from pretrain.knn import bank_tensor, knn_classify
     from pretrain.transforms import eval_transform
     from transfer.eval.features import extract_features
 
@@ -66,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         preds[precision] = pred
         top1 = 100.0 * float(np.mean(pred == yq))
         out[precision] = {"images_per_s": len(test) / best, "knn_top1_k20": top1}
+        if precision == "fp32":
+            fp32 = (fb, yb, fq, yq)
+    fb, yb, fq, yq = fp32
+    for bank_precision in ("bf16", "fp16"):
+        pred = knn_classify(bank_tensor(fb, bank_precision), yb, fq, ks=(20,), temperature=0.07,
+                            num_classes=len(train.classes))[20]  # fmt: skip
+        out[f"bank_{bank_precision}"] = {
+            "knn_top1_k20": 100.0 * float(np.mean(pred == yq)),
+            "predictions_differing_from_fp32_bank": int((pred != preds["fp32"]).sum()),
+        }
     out["speedup_bf16"] = out["bf16"]["images_per_s"] / out["fp32"]["images_per_s"]
     out["top1_difference"] = out["bf16"]["knn_top1_k20"] - out["fp32"]["knn_top1_k20"]
     out["predictions_differing"] = int((preds["bf16"] != preds["fp32"]).sum())
