@@ -15,7 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 from transfer.eval.ap import step_ap
-from transfer.eval.svm import CVResult, SVMError, binary_labels, choose_cost, stratified_folds
+from transfer.eval.svm import CVResult, binary_labels, choose_cost, stratified_folds, svm_inputs
 
 
 def _liblinear_svc(cost, class_weight, intercept_scaling, tol, max_iter):
@@ -74,14 +74,7 @@ def cross_validate_liblinear(
     The (class, cost) jobs run in parallel processes (``n_jobs``, -1 = every core). Slower
     than the batched solver; kept as the literal liblinear reference.
     """
-    class_weight = dict(class_weight or {1: 2.0, -1: 1.0})
-    costs = [float(cst) for cst in costs]
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    feats = np.asarray(feats, dtype=np.float64)
-    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
-        raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
+    feats, labels, class_weight, costs, _ = svm_inputs(feats, labels, class_weight, costs)
     yb_all = binary_labels(labels)
     k = labels.shape[1]
     svc_args = (class_weight, float(intercept_scaling), tol, max_iter)

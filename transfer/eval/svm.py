@@ -223,6 +223,48 @@ class CVResult:
     stats: dict
 
 
+def svm_inputs(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    class_weight: Mapping[int, float] | None,
+    costs: Sequence[float],
+    row_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict, list[float], np.ndarray]:
+    """The inputs of every SVM fit (batched Newton and liblinear), checked and in shape.
+
+    Args:
+        feats: (n, d) features.
+        labels: (n,) or (n, K) labels in {1, -1, 0}.
+        class_weight: {1: w_pos, -1: w_neg}, or None for the protocol's {1: 2, -1: 1}.
+        costs: the cost(s) C to fit, each > 0.
+        row_mask: optional (n, K) bool, the rows each class trains on (default: all).
+
+    Returns:
+        (feats float64 (n, d), labels (n, K), class_weight, costs as floats, row_mask bool).
+
+    Raises:
+        SVMError: class weights without exactly the keys 1 and -1, an empty cost list or a cost
+            <= 0, features and labels of different row counts, a row mask of another shape.
+    """
+    class_weight = dict(class_weight or {1: 2.0, -1: 1.0})
+    if set(class_weight) != {1, -1}:
+        raise SVMError(f"class_weight must have keys 1 and -1, got {sorted(class_weight)}")
+    costs = [float(cst) for cst in costs]
+    if not costs or not all(cst > 0 for cst in costs):
+        raise SVMError(f"costs must be a non-empty list of positive numbers, got {costs}")
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
+        raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
+    shape = labels.shape
+    row_mask = np.ones(shape, dtype=bool) if row_mask is None else np.asarray(row_mask, bool)
+    if row_mask.shape != shape:
+        raise SVMError(f"row_mask shape {row_mask.shape} must be {shape}")
+    return feats, labels, class_weight, costs, row_mask
+
+
 def cross_validate_svms(
     feats: np.ndarray,
     labels: np.ndarray,
@@ -250,26 +292,13 @@ def cross_validate_svms(
     Returns:
         A :class:`CVResult`.
     """
-    class_weight = dict(class_weight or {1: 2.0, -1: 1.0})
-    if set(class_weight) != {1, -1}:
-        raise SVMError(f"class_weight must have keys 1 and -1, got {sorted(class_weight)}")
-    costs = [float(cst) for cst in costs]
-    if not costs or any(cst <= 0 for cst in costs):
-        raise SVMError(f"costs must be a non-empty list of positive numbers, got {costs}")
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    feats = np.asarray(feats, dtype=np.float64)
-    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
-        raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
+    feats, labels, class_weight, costs, row_mask = svm_inputs(
+        feats, labels, class_weight, costs, row_mask
+    )
     n, k = labels.shape
     xa = augment(feats, intercept_scaling)
     yb = binary_labels(labels)  # (n, K)
     base_c = np.where(yb > 0, class_weight[1], class_weight[-1])
-    if row_mask is None:
-        row_mask = np.ones((n, k), dtype=bool)
-    if row_mask.shape != (n, k):
-        raise SVMError(f"row_mask shape {row_mask.shape} must be {(n, k)}")
     base_c = base_c * row_mask  # a zero cost removes a row from every problem of its class
     # problems: one per (class, fold), column j * n_folds + f; all share the features
     folds = []
@@ -354,21 +383,10 @@ def fit_svms(
         SVMError: bad cost, labels, class weights or shapes, or a class with no training row of
             one sign.
     """
-    class_weight = dict(class_weight or {1: 2.0, -1: 1.0})
-    if set(class_weight) != {1, -1}:
-        raise SVMError(f"class_weight must have keys 1 and -1, got {sorted(class_weight)}")
-    if not float(cost) > 0:
-        raise SVMError(f"cost must be a positive number, got {cost}")
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        labels = labels[:, None]
-    feats = np.asarray(feats, dtype=np.float64)
-    if feats.ndim != 2 or feats.shape[0] != labels.shape[0]:
-        raise SVMError(f"features {feats.shape} and labels {labels.shape} disagree")
+    feats, labels, class_weight, (cost,), row_mask = svm_inputs(
+        feats, labels, class_weight, [cost], row_mask
+    )
     n, k = labels.shape
-    row_mask = np.ones((n, k), dtype=bool) if row_mask is None else np.asarray(row_mask, bool)
-    if row_mask.shape != (n, k):
-        raise SVMError(f"row_mask shape {row_mask.shape} must be {(n, k)}")
     yb = binary_labels(labels)
     for j in range(k):
         signs = set(yb[row_mask[:, j], j].tolist())
