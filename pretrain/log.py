@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from pretrain.config import ConfigError
 from pretrain.errors import IMSVDError
+from pretrain.fileio import jsonable
 
 LOGGER_NAME = "imsvd"
 
@@ -76,17 +76,6 @@ def setup_logging(
 def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
     """The project logger (configure it once with :func:`setup_logging`)."""
     return logging.getLogger(name)
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item") and callable(v.item):
-        try:
-            v = v.item()
-        except (ValueError, RuntimeError):
-            v = v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
 
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -222,7 +211,7 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step)}
-        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        row.update({k: jsonable(v) for k, v in metrics.items()})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
@@ -400,17 +389,6 @@ def progress(
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True)
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to ``path`` atomically (``pretrain.checkpoint.atomic_write``)."""
-    from pretrain.checkpoint import atomic_write
-
-    def write(f) -> None:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-
-    atomic_write(path, write, mode="w")
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:

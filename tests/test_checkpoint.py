@@ -63,30 +63,6 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path: Path, monkeypatch) ->
     assert torch.equal(torch.load(target, weights_only=True)["v"], torch.tensor([1.0]))
 
 
-def test_atomic_write_text_and_cleanup_on_interrupt(tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "a" / "r.json"
-    ckpt.atomic_write(target, lambda f: f.write('{"x": 1}\n'), mode="w")
-    assert target.read_text(encoding="utf-8") == '{"x": 1}\n'
-    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
-    synced = []
-    monkeypatch.setattr(ckpt.atomic.os, "fsync", lambda fd: synced.append(fd))
-    ckpt.atomic_write(target, lambda f: f.write("{}"), mode="w")
-    assert len(synced) == 2  # the file, then its folder
-
-    def interrupted(f):
-        f.write("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_write(target, interrupted, mode="w")
-    assert target.read_text(encoding="utf-8") == "{}"
-    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
-    with pytest.raises(ValueError, match="mode must be"):
-        ckpt.atomic_write(target, lambda f: None, mode="a")
-    with pytest.raises(OSError):
-        ckpt.atomic_write(tmp_path / "missing" / "x", lambda f: None, make_parents=False)
-
-
 @pytest.mark.parametrize(
     "bad, where",
     [

@@ -2,6 +2,8 @@
 inside a function) and checked by importing with the frameworks blocked:
 
 * the pretraining library never imports ``transfer``;
+* the I/O module ``pretrain.fileio`` imports nothing of the project but the errors, and the
+  config and log modules import it at their top; the three import without torch;
 * only the Detectron2-facing modules import detectron2, only the MMDetection-facing modules
   import MMDetection (mmdet, mmcv, mmengine), and each of them does;
 * everything else imports without those frameworks installed.
@@ -24,6 +26,11 @@ MMDET = ("mmdet", "mmcv", "mmengine")
 # Builds the detection command lines with either stack or without: imports them inside
 # try/except ImportError only (checked below by importing it with both blocked).
 STACK_PROBES = {"transfer.stacks"}
+PROJECT = ("pretrain", "transfer")
+# The plain file I/O under every other module (atomic writes, JSON, YAML).
+IO_MODULE = "pretrain.fileio"
+# Modules that write configs, logs and results without importing torch.
+TORCH_FREE = ("pretrain.errors", IO_MODULE, "pretrain.keytypes", "pretrain.config", "pretrain.log")
 
 
 def _module_files(package: str) -> dict[str, Path]:
@@ -89,6 +96,28 @@ def test_pretrain_never_imports_transfer():
     assert not {m: h for m, h in bad.items() if h}
 
 
+def _top_level_names(path: Path) -> set[str]:
+    """Module names imported by the statements at the top of a file (not in a function)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0)
+        for alias in node.names
+    }
+
+
+def test_the_io_module_imports_nothing_of_the_project_but_errors():
+    mods = _module_files("pretrain")
+    assert _hits(imported_names(mods[IO_MODULE]), PROJECT) in ([], ["pretrain.errors"])
+
+
+def test_config_and_log_import_the_io_module_at_the_top():
+    mods = _module_files("pretrain")
+    for module in ("pretrain.config", "pretrain.log"):
+        assert IO_MODULE in _top_level_names(mods[module]), module
+
+
 @pytest.mark.parametrize(
     "framework, owners", [(("detectron2",), D2_MODULES), (MMDET, MMDET_MODULES)]
 )
@@ -144,6 +173,11 @@ def test_the_library_imports_without_detectron2_and_mmdetection():
 
 def test_pretrain_imports_without_transfer():
     res = _import_in_subprocess(sorted(_module_files("pretrain")), "transfer")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_configs_logs_and_files_are_written_without_torch():
+    res = _import_in_subprocess(list(TORCH_FREE), ("torch", "torchvision", "numpy"))
     assert res.returncode == 0, res.stderr[-2000:]
 
 

@@ -35,8 +35,9 @@ from pretrain.datasets import build_image_dataset  # noqa: E402
 from pretrain.engine import train  # noqa: E402
 from pretrain.errors import IMSVDError  # noqa: E402
 from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
+from pretrain.fileio import write_json_atomic  # noqa: E402
 from pretrain.knn import knn_accuracy  # noqa: E402
-from pretrain.log import print_table, write_json_atomic  # noqa: E402
+from pretrain.log import print_table  # noqa: E402
 from pretrain.model import build_backbone, build_model  # noqa: E402
 from pretrain.monitors import soft_codes  # noqa: E402
 from pretrain.probe import (  # noqa: E402

@@ -12,7 +12,8 @@ Every file written here loads with ``torch.load(path, weights_only=True)``. Read
 code from a file unless ``allow_unsafe`` is given. Modules:
 
 * ``common``: format constants, :class:`CheckpointError`, the content hash, key-diff helpers;
-* ``atomic``: :func:`atomic_write` (every writer of the project) and :func:`atomic_torch_save`;
+* ``atomic``: :func:`atomic_torch_save` (plain content checked, then
+  :func:`pretrain.fileio.atomic_write`);
 * ``safe_load``: reading torch files and weight pickles without executing code;
 * ``rng``: RNG streams; ``train_state``: the training state and run-folder files;
 * ``readers``: one reader per checkpoint layout, in one ordered table;
@@ -21,7 +22,7 @@ code from a file unless ``allow_unsafe`` is given. Modules:
   ``--prefix`` options.
 """
 
-from .atomic import atomic_torch_save, atomic_write, check_plain, fsync_dir
+from .atomic import atomic_torch_save, check_plain
 from .backbone import (
     NonFiniteWeightsError,
     check_finite_tensors,
@@ -78,7 +79,6 @@ __all__ = [
     "accepted_inputs",
     "add_weights_args",
     "atomic_torch_save",
-    "atomic_write",
     "capture_rng_state",
     "check_plain",
     "check_finite_tensors",
@@ -86,7 +86,6 @@ __all__ = [
     "checkpoint_name",
     "export_backbone",
     "export_torchvision_state_dict",
-    "fsync_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_backbone",

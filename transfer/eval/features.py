@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pretrain.checkpoint import atomic_write, fsync_dir
 from pretrain.datasets import collate_readable
 from pretrain.dist import (
     all_gather_tensor,
@@ -38,7 +37,8 @@ from pretrain.dist import (
     shard_range,
 )
 from pretrain.errors import IMSVDError
-from pretrain.log import progress, write_json_atomic
+from pretrain.fileio import atomic_write, fsync_dir, write_json_atomic
+from pretrain.log import progress
 from pretrain.runtime import PRECISIONS, autocast
 
 logger = logging.getLogger("imsvd.features")

@@ -40,8 +40,9 @@ from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
 from pretrain.errors import IMSVDError
+from pretrain.fileio import write_json_atomic
 from pretrain.images import max_image_pixels
-from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
+from pretrain.log import LOGGER_NAME, setup_logging
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.features import FeatureError, cached_features, extract_features, freeze
 
