@@ -17,7 +17,7 @@ from torch import nn
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import Projector, build_backbone
+from pretrain.model import Projector, build_backbone, load_projector
 
 
 @pytest.fixture(scope="module")
@@ -464,14 +464,14 @@ def test_load_projector(tmp_path: Path, trained, tv18) -> None:
         step_in_epoch=0,
         config=TINY_CONFIG,
     )
-    sd, meta = ckpt.load_projector(path)
+    sd, meta = load_projector(path)
     assert_same_tensors(sd, model.projector.state_dict())
     assert (meta["spec"], meta["in_dim"], meta["out_dim"]) == ("64-32", 512, 32)
     assert meta["matches_projector"] and meta["linear_bias"] == [True, False]
     assert meta["source_format"] == "imsvd-train-state" and meta["epoch"] == 2
 
     torch.save(_foreign("reference-model", tv18), tmp_path / "model.pth")
-    sd, meta = ckpt.load_projector(tmp_path / "model.pth")
+    sd, meta = load_projector(tmp_path / "model.pth")
     assert meta["source_format"] == "imsvd-reference-model" and meta["spec"] == "64-32"
     Projector(meta["in_dim"], meta["spec"]).load_state_dict(sd, strict=True)
 
@@ -484,10 +484,10 @@ def test_load_projector(tmp_path: Path, trained, tv18) -> None:
         config=TINY_CONFIG,
     )
     with pytest.raises(CheckpointError, match="carries no projector"):
-        ckpt.load_projector(tmp_path / "bb.pth")
+        load_projector(tmp_path / "bb.pth")
     torch.save(no_fc(tv18), tmp_path / "vicreg.pth")
     with pytest.raises(CheckpointError, match="backbone only, no projector"):
-        ckpt.load_projector(tmp_path / "vicreg.pth")
+        load_projector(tmp_path / "vicreg.pth")
 
 
 # --------------------------------------------------------------------------- file management

@@ -17,9 +17,15 @@ code from a file unless ``allow_unsafe`` is given. Modules:
 * ``safe_load``: reading torch files and weight pickles without executing code;
 * ``rng``: RNG streams; ``train_state``: the training state and run-folder files;
 * ``readers``: one reader per checkpoint layout, in one ordered table;
-* ``backbone``: exported backbones, :func:`load_backbone`, :func:`load_projector`,
-  :func:`model_from_checkpoint`; ``cli``: the shared ``--allow-unsafe`` / ``--checkpoint-key`` /
-  ``--prefix`` options.
+* ``backbone``: exported backbones, :func:`load_backbone` (validated against torchvision's
+  ResNet, :mod:`pretrain.resnet`), :func:`read_projector`, :func:`load_backbone_and_projector`
+  (both from one read of the file); ``projector``: which layouts carry a projector, and its
+  layout read from its keys;
+* ``cli``: the shared ``--allow-unsafe`` / ``--checkpoint-key`` / ``--prefix`` options.
+
+The package reads and writes state dicts and their metadata and imports no model: the modules
+are built from what it reads in the model layer (``pretrain.model``: ``model_from_checkpoint``,
+``load_projector``).
 """
 
 from .atomic import atomic_torch_save, check_plain
@@ -30,8 +36,8 @@ from .backbone import (
     export_backbone,
     export_torchvision_state_dict,
     load_backbone,
-    load_projector,
-    model_from_checkpoint,
+    load_backbone_and_projector,
+    read_projector,
     reference_backbone,
     validate_backbone,
 )
@@ -89,12 +95,12 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_backbone",
+    "load_backbone_and_projector",
     "load_latest_training_state",
     "load_plain",
-    "load_projector",
     "load_training_state",
-    "model_from_checkpoint",
     "prune_checkpoints",
+    "read_projector",
     "read_torch_file",
     "read_weights_pickle",
     "reference_backbone",
