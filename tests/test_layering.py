@@ -34,7 +34,14 @@ PROJECT = ("pretrain", "transfer")
 # The plain file I/O under every other module (atomic writes, JSON, YAML).
 IO_MODULE = "pretrain.fileio"
 # Modules that write configs, logs and results without importing torch.
-TORCH_FREE = ("pretrain.errors", IO_MODULE, "pretrain.keytypes", "pretrain.config", "pretrain.log")
+TORCH_FREE = (
+    "pretrain.errors",
+    IO_MODULE,
+    "pretrain.keytypes",
+    "pretrain.config",
+    "pretrain.log",
+    "pretrain.progress",
+)
 # The lower layers of pretrain/, lowest first: a module listed here imports project modules of
 # its own layer or a lower one only (a package name covers its sub-modules). Every other module
 # of the project sits above them all.

@@ -45,8 +45,9 @@ from pretrain.config import ConfigError, complete_section, find_config, load_con
 from pretrain.datasets import build_image_dataset
 from pretrain.errors import IMSVDError
 from pretrain.images import load_rgb
-from pretrain.log import format_table, progress
+from pretrain.log import format_table
 from pretrain.model import IMSVDModel, build_model, require_projector
+from pretrain.progress import progress
 from pretrain.transforms import AugmentConfig, eval_transform, reference_two_views, sample_two_views
 from transfer.analysis.codes import (
     CodeStatsAccumulator,

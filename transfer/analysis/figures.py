@@ -20,7 +20,7 @@ from torch import nn
 
 from pretrain.config import ConfigError
 from pretrain.fileio import atomic_write
-from pretrain.log import progress
+from pretrain.progress import progress
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 from transfer.analysis.codes import UnitExemplars, model_codes
 from transfer.analysis.gradcam import CAM_COLORMAP, GradCAM, overlay, unit_score

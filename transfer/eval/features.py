@@ -38,7 +38,7 @@ from pretrain.dist import (
 )
 from pretrain.errors import IMSVDError
 from pretrain.fileio import atomic_write, fsync_dir, write_json_atomic
-from pretrain.log import progress
+from pretrain.progress import progress
 from pretrain.runtime import PRECISIONS, autocast
 
 logger = logging.getLogger("imsvd.features")
