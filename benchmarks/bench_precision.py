@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import Subset
 
-    from pretrain.checkpoint import model_from_checkpoint
     from pretrain.datasets import build_image_dataset
     from pretrain.knn import bank_tensor, knn_classify
+    from pretrain.model import model_from_checkpoint
     from pretrain.transforms import eval_transform
     from transfer.eval.features import extract_features
 

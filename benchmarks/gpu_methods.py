@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.call(cmd, cwd=ROOT)
         results[name] = {"exit": rc, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"[gpu_methods] {name}: exit {rc} in {results[name]['seconds']} s", flush=True)
-    from pretrain.checkpoint import model_from_checkpoint
     from pretrain.curves import plot_curves
+    from pretrain.model import model_from_checkpoint
     from pretrain.probe import indexed_folder_knn
 
     for name in args.methods:

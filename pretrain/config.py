@@ -12,10 +12,11 @@ Every key has a type (:mod:`pretrain.keytypes`): the type of its default, or a d
 the schema file's ``_types_`` section (``data.root: str?``, ``train.batch_size: int >=1``);
 keys whose default is null must be declared. Null is refused unless the type allows it, floats
 must be finite, declared bounds are checked, each error naming the key and the file or override.
-Files and overrides are read with one rule, the YAML 1.2 core schema (:class:`_Loader`): ``010``
-and ``1:30`` are not numbers and ``no`` is not a boolean, so no value changes its meaning in
-the reading. An override of a string key keeps its text exactly (``#``, ``: `` and all); a string
-starting with ``~`` is refused (it would not be expanded).
+Files and overrides are read with one rule, the YAML 1.2 core schema
+(:func:`pretrain.fileio.yaml_load`): ``010`` and ``1:30`` are not numbers and ``no`` is not a
+boolean, so no value changes its meaning in the reading. An override of a string key keeps its
+text exactly (``#``, ``: `` and all); a string starting with ``~`` is refused (it would not be
+expanded).
 
 The shipped recipes live in the repository's ``configs/`` folder (``configs/pretrain``,
 ``configs/eval``), installed as the package ``imsvd_configs`` (package data);
@@ -34,6 +35,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from pretrain.errors import IMSVDError
+from pretrain.fileio import atomic_write, yaml_dump, yaml_load
 from pretrain.keytypes import KeyType, KeyTypeError, check_value, key_type
 
 BASE_KEY = "_base_"
@@ -124,77 +126,6 @@ def find_config(name_or_path: str | os.PathLike, kind: str) -> Path:
         return resolve_config_path(name_or_path, config_dir(kind))
     except ConfigError as e:
         raise ConfigError(f"{e}; shipped {kind} recipes: {', '.join(config_names(kind))}") from None
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with the scalars of the YAML 1.2 core schema.
-
-    PyYAML's SafeLoader follows YAML 1.1, where ``1:30`` is 90 (sexagesimal), ``010`` is 8
-    (octal), ``1_000`` is 1000 and ``no`` / ``on`` are booleans. Here a plain scalar is an int
-    only as ``[-+]?(0|[1-9][0-9]*)``, a float only in decimal / exponent form or ``.inf`` /
-    ``.nan``, a bool only ``true`` / ``false``, null only ``null`` / ``~`` / empty; anything
-    else is a string (so a number key given ``010`` or ``1:30`` is refused, never reread).
-    """
-
-    yaml_implicit_resolvers: dict = {}
-
-
-_INT_RE = r"^[-+]?(?:0|[1-9][0-9]*)$"
-_FLOAT_RE = (
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-_RESOLVERS = (
-    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-    ("tag:yaml.org,2002:int", _INT_RE, "-+0123456789"),
-    ("tag:yaml.org,2002:float", _FLOAT_RE, "-+0123456789."),
-)
-for _tag, _regexp, _first in _RESOLVERS:
-    _Loader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
-    text = loader.construct_scalar(node)
-    if not re.match(_INT_RE, text):
-        raise yaml.constructor.ConstructorError(
-            None, None, f"{text!r} is not a decimal integer", node.start_mark
-        )
-    return int(text)
-
-
-def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
-    text = loader.construct_scalar(node)
-    if not re.match(_FLOAT_RE, text) and not re.match(_INT_RE, text):
-        raise yaml.constructor.ConstructorError(
-            None, None, f"{text!r} is not a decimal number", node.start_mark
-        )
-    return float(text.replace(".inf", "inf").replace(".Inf", "inf").replace(".INF", "inf")
-                 .replace(".nan", "nan").replace(".NaN", "nan").replace(".NAN", "nan"))  # fmt: skip
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that also quotes strings the YAML 1.2 rules of :class:`_Loader` would read as
-    numbers (``1e-3``), so a saved config reads back the same with either rule set."""
-
-    yaml_implicit_resolvers = copy.deepcopy(yaml.SafeDumper.yaml_implicit_resolvers)
-
-
-for _tag, _regexp, _first in _RESOLVERS:
-    _Dumper.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
-
-
-def yaml_load(stream: Any) -> Any:
-    """Parse YAML text or a file object with the YAML 1.2 core scalars of :class:`_Loader`.
-
-    Raises:
-        yaml.YAMLError: not valid YAML.
-    """
-    return yaml.load(stream, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -340,11 +271,11 @@ def parse_override(text: str, string: bool = False) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], parsed value).
 
     The value is parsed as a YAML 1.2 core scalar or flow collection (``1e-3``, ``true``,
-    ``[1, 2]``; :class:`_Loader`). With ``string=True`` (the key holds a string or a path) the
-    value is the text after ``=`` exactly as given, whatever it contains (``#``, ``: ``,
-    spaces), except a value written in YAML quotes (which are removed) and ``null`` (null; the
-    key's type decides whether that is allowed). A string starting with ``~`` is refused by the
-    schema check (it is not expanded).
+    ``[1, 2]``; :func:`pretrain.fileio.yaml_load`). With ``string=True`` (the key holds a string
+    or a path) the value is the text after ``=`` exactly as given, whatever it contains (``#``,
+    ``: ``, spaces), except a value written in YAML quotes (which are removed) and ``null``
+    (null; the key's type decides whether that is allowed). A string starting with ``~`` is
+    refused by the schema check (it is not expanded).
 
     Raises:
         ConfigError: no ``=``, an empty key part, or a value that is not valid YAML.
@@ -425,12 +356,5 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
 
 
 def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
-    """Write a resolved config as YAML, atomically (``pretrain.checkpoint.atomic_write``)."""
-    # pretrain.checkpoint imports torch: loading and checking configs stays free of it
-    from pretrain.checkpoint import atomic_write
-
-    atomic_write(
-        path,
-        lambda f: yaml.dump(dict(cfg), f, Dumper=_Dumper, sort_keys=False, default_flow_style=None),
-        mode="w",
-    )
+    """Write a resolved config as YAML (:func:`pretrain.fileio.yaml_dump`), atomically."""
+    atomic_write(path, lambda f: yaml_dump(dict(cfg), f), mode="w")

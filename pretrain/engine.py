@@ -23,11 +23,12 @@ from pretrain.data import build_pretrain_loader
 from pretrain.errors import IMSVDError
 from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
 from pretrain.images import DataError
-from pretrain.log import MetricWriter, progress, setup_logging
+from pretrain.log import MetricWriter, setup_logging
 from pretrain.loss import build_loss
 from pretrain.model import build_model, parse_projector_spec
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.probe import build_probe
+from pretrain.progress import progress
 from pretrain.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIONS"]

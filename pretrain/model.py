@@ -1,24 +1,27 @@
-"""Backbone (torchvision ResNet without fc) and the IMSVD projector."""
+"""The model layer: backbone (torchvision ResNet without fc), the IMSVD projector, and both
+built from a recipe or from a checkpoint.
+
+:func:`model_from_checkpoint` is the one place a file becomes modules: ``pretrain.checkpoint``
+reads the state dicts and their metadata, this module builds and loads the modules.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+from typing import Any, Mapping
 
 import torch
-import torchvision
 from torch import nn
 
+from pretrain.checkpoint import (
+    CheckpointError,
+    check_finite_weights,
+    load_backbone_and_projector,
+    read_projector,
+)
+from pretrain.checkpoint.common import diff_keys
 from pretrain.config import ConfigError
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-STEMS = ("standard", "small", "small_s2")
-# blocks per stage, and whether the arch uses bottleneck blocks
-_LAYOUT = {
-    "resnet18": ((2, 2, 2, 2), False),
-    "resnet34": ((3, 4, 6, 3), False),
-    "resnet50": ((3, 4, 6, 3), True),
-    "resnet101": ((3, 4, 23, 3), True),
-}
+from pretrain.resnet import ARCHS, STEMS, torchvision_resnet
 
 
 class SmallInputConv2d(nn.Conv2d):
@@ -98,18 +101,7 @@ def build_backbone(
         raise ConfigError(
             f"config key 'model.stem': unknown stem '{stem}' (one of {', '.join(STEMS)})"
         )
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
-    if stem != "standard":
-        stride = 1 if stem == "small" else 2
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stride, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        if stem == "small":
-            net.maxpool = nn.Identity()
-    net.num_features = net.fc.in_features
-    net.fc = nn.Identity()
-    net.arch = arch
-    net.stem = stem
-    return use_small_input_convs(net)
+    return use_small_input_convs(torchvision_resnet(arch, stem, zero_init_residual))
 
 
 def parse_projector_spec(spec: str) -> list[int]:
@@ -202,34 +194,125 @@ def build_model(model_cfg: Mapping) -> IMSVDModel:
     return IMSVDModel(backbone, projector)
 
 
-def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Guess the ResNet arch of a torchvision-named backbone state_dict.
+# ---------------------------------------------------------------------- from a checkpoint
+
+
+def _projector_fit(sd: Mapping[str, torch.Tensor], pmeta: Mapping[str, Any]) -> dict[str, Any]:
+    """``matches_projector``: whether ``Projector(in_dim, spec, out_norm)`` loads ``sd``
+    strictly; else also ``mismatch`` (missing / unexpected keys, shape differences)."""
+    with torch.device("meta"):
+        expected = Projector(pmeta["in_dim"], pmeta["spec"], pmeta["out_norm"]).state_dict()
+    missing, unexpected, shapes = diff_keys(sd, expected)
+    if not (missing or unexpected or shapes):
+        return {"matches_projector": True}
+    mismatch = {"missing": missing, "unexpected": unexpected, "shapes": shapes}
+    return {"matches_projector": False, "mismatch": mismatch}
+
+
+def load_projector(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    *,
+    allow_unsafe: bool = False,
+    verify_hash: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read the projector weights from a training state or the reference model.pth.
+
+    Args:
+        path: checkpoint file.
+        map_location: passed to torch.load.
+        allow_unsafe: permit a full unpickle of files the safe readers refuse.
+        verify_hash: check the stored content hash of this project's training state.
+
+    Returns:
+        ``(state_dict, meta)`` as from :func:`pretrain.checkpoint.read_projector` (``spec``,
+        ``in_dim``, ``out_dim``, ``num_linear``, ``linear_bias``, ``out_norm``,
+        ``source_format``, ``epoch``, ``notes``, ``path``), plus ``matches_projector`` (whether
+        ``Projector(in_dim, spec, out_norm)`` loads it strictly; else ``mismatch``).
 
     Raises:
-        ValueError: when the keys do not look like a torchvision ResNet.
+        CheckpointError: unreadable file, or a file without projector weights.
     """
-    counts = []
-    for stage in range(1, 5):
-        idx = {
-            int(k.split(".")[1])
-            for k in state_dict
-            if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()
-        }
-        counts.append(len(idx))
-    bottleneck = any(k.endswith("conv3.weight") for k in state_dict if k.startswith("layer"))
-    for arch, (layout, is_bottleneck) in _LAYOUT.items():
-        if tuple(counts) == layout and bottleneck == is_bottleneck:
-            return arch
-    sample = ", ".join(list(state_dict)[:5])
-    raise ValueError(
-        f"state_dict is not a torchvision ResNet-18/34/50/101 backbone (blocks per stage "
-        f"{counts}, bottleneck={bottleneck}; first keys: {sample})"
+    sd, meta = read_projector(
+        path, map_location, allow_unsafe=allow_unsafe, verify_hash=verify_hash
     )
+    meta.update(_projector_fit(sd, meta))
+    return sd, meta
 
 
-def infer_stem(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Guess the stem from conv1's kernel (3x3 -> "small"; the max-pool is not visible)."""
-    w = state_dict.get("conv1.weight")
-    if w is None:
-        raise ValueError("state_dict has no 'conv1.weight': not a torchvision ResNet backbone")
-    return "standard" if w.shape[-1] == 7 else "small"
+def model_from_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    allow_unsafe: bool = False,
+    verify_hash: bool = True,
+    checkpoint_key: str | None = None,
+    prefix: str | None = None,
+) -> tuple[nn.Module, Projector | None, dict[str, Any]]:
+    """Build the backbone (and the projector when the file has one) from one read of a file.
+
+    Args:
+        path: any checkpoint :func:`pretrain.checkpoint.load_backbone` accepts.
+        device: where the modules are put.
+        allow_unsafe, verify_hash, checkpoint_key, prefix: as for ``load_backbone``.
+
+    Returns:
+        ``(backbone, projector, meta)``: :func:`build_backbone` ``(arch, stem=stem)`` with the
+        weights loaded strictly (``fc`` is an Identity, output ``backbone.num_features`` wide);
+        :class:`Projector` with its weights, or None when the file has no projector or it does
+        not match that module (``meta["projector"]`` says which); when the training state has
+        a norm on the projector output (``model.out_norm: bn``) it is the projector's last
+        layer, as in training (``Projector(in_dim, spec, "bn")``, also for files of the earlier
+        ``out_norm.*`` layout) and ``meta["projector"]["out_norm"]`` is "bn" ("none"
+        otherwise); meta as from ``load_backbone`` plus ``projector`` (the projector's meta, as
+        from :func:`load_projector` without ``notes``, or None).
+
+    Raises:
+        CheckpointError: as ``load_backbone``. NonFiniteWeightsError: a NaN / inf parameter or
+            buffer, or a BatchNorm running_var <= 0 (``check_finite_weights``).
+    """
+    opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
+    opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
+    sd, meta, read = load_backbone_and_projector(path, "cpu", **opts)
+    backbone = build_backbone(meta["arch"], zero_init_residual=False, stem=meta["stem"])
+    backbone.load_state_dict(sd, strict=True)
+    check_finite_weights(backbone, path, "backbone")
+    projector, meta["projector"] = None, None
+    if read is not None:
+        psd, pmeta = read
+        pmeta.pop("notes", None)
+        pmeta.update(_projector_fit(psd, pmeta))
+        meta["projector"] = pmeta
+        if pmeta["matches_projector"]:
+            projector = Projector(pmeta["in_dim"], pmeta["spec"], pmeta["out_norm"])
+            projector.load_state_dict(psd, strict=True)
+            check_finite_weights(projector, path, "projector")
+            projector.to(device)
+        else:
+            meta["notes"].append("projector weights do not match pretrain.model.Projector")
+    return backbone.to(device), projector, meta
+
+
+def require_projector(projector: Projector | None, meta: Mapping[str, Any]) -> Projector:
+    """The projector :func:`model_from_checkpoint` built, or an error saying why there is none.
+
+    Args:
+        projector, meta: the second and third values :func:`model_from_checkpoint` returned.
+
+    Raises:
+        CheckpointError: the file carries no projector weights, or they do not fit
+            :class:`Projector` (naming the file and the difference).
+    """
+    if projector is not None:
+        return projector
+    pm = meta["projector"]
+    why = (
+        "it carries no projector weights"
+        if pm is None
+        else f"its projector weights do not fit Projector({pm['in_dim']}, '{pm['spec']}'): "
+        f"{pm.get('mismatch')}"
+    )
+    raise CheckpointError(
+        f"{meta['path']}: {why}; backbone + projector are read from a training-state checkpoint "
+        "(checkpoint_e*_s*.pth) or the reference IMSVD model.pth, not from an exported backbone"
+    )

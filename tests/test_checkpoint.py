@@ -17,7 +17,7 @@ from torch import nn
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import Projector, build_backbone
+from pretrain.model import Projector, build_backbone, load_projector
 
 
 @pytest.fixture(scope="module")
@@ -61,30 +61,6 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path: Path, monkeypatch) ->
     assert target.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["state.pth"]  # temp file cleaned up
     assert torch.equal(torch.load(target, weights_only=True)["v"], torch.tensor([1.0]))
-
-
-def test_atomic_write_text_and_cleanup_on_interrupt(tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "a" / "r.json"
-    ckpt.atomic_write(target, lambda f: f.write('{"x": 1}\n'), mode="w")
-    assert target.read_text(encoding="utf-8") == '{"x": 1}\n'
-    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
-    synced = []
-    monkeypatch.setattr(ckpt.atomic.os, "fsync", lambda fd: synced.append(fd))
-    ckpt.atomic_write(target, lambda f: f.write("{}"), mode="w")
-    assert len(synced) == 2  # the file, then its folder
-
-    def interrupted(f):
-        f.write("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_write(target, interrupted, mode="w")
-    assert target.read_text(encoding="utf-8") == "{}"
-    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
-    with pytest.raises(ValueError, match="mode must be"):
-        ckpt.atomic_write(target, lambda f: None, mode="a")
-    with pytest.raises(OSError):
-        ckpt.atomic_write(tmp_path / "missing" / "x", lambda f: None, make_parents=False)
 
 
 @pytest.mark.parametrize(
@@ -488,14 +464,14 @@ def test_load_projector(tmp_path: Path, trained, tv18) -> None:
         step_in_epoch=0,
         config=TINY_CONFIG,
     )
-    sd, meta = ckpt.load_projector(path)
+    sd, meta = load_projector(path)
     assert_same_tensors(sd, model.projector.state_dict())
     assert (meta["spec"], meta["in_dim"], meta["out_dim"]) == ("64-32", 512, 32)
     assert meta["matches_projector"] and meta["linear_bias"] == [True, False]
     assert meta["source_format"] == "imsvd-train-state" and meta["epoch"] == 2
 
     torch.save(_foreign("reference-model", tv18), tmp_path / "model.pth")
-    sd, meta = ckpt.load_projector(tmp_path / "model.pth")
+    sd, meta = load_projector(tmp_path / "model.pth")
     assert meta["source_format"] == "imsvd-reference-model" and meta["spec"] == "64-32"
     Projector(meta["in_dim"], meta["spec"]).load_state_dict(sd, strict=True)
 
@@ -508,10 +484,10 @@ def test_load_projector(tmp_path: Path, trained, tv18) -> None:
         config=TINY_CONFIG,
     )
     with pytest.raises(CheckpointError, match="carries no projector"):
-        ckpt.load_projector(tmp_path / "bb.pth")
+        load_projector(tmp_path / "bb.pth")
     torch.save(no_fc(tv18), tmp_path / "vicreg.pth")
     with pytest.raises(CheckpointError, match="backbone only, no projector"):
-        ckpt.load_projector(tmp_path / "vicreg.pth")
+        load_projector(tmp_path / "vicreg.pth")
 
 
 # --------------------------------------------------------------------------- file management

@@ -21,7 +21,7 @@ from helpers import REPO, TINY_CONFIG, assert_same_tensors, load_tool, no_fc, ti
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import Projector, build_backbone
+from pretrain.model import Projector, build_backbone, load_projector, model_from_checkpoint
 
 
 class _Evil:
@@ -63,12 +63,12 @@ def test_torch_file_with_code_is_refused_by_every_reader(tmp_path: Path, tv18) -
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": no_fc(tv18), "optimizer": {"x": _Evil(marker)}}, path)
-    for reader in (ckpt.load_backbone, ckpt.load_projector, ckpt.load_training_state):
+    for reader in (ckpt.load_backbone, load_projector, ckpt.load_training_state):
         with pytest.raises(CheckpointError) as e:
             reader(path)
         assert "system" in str(e.value) and "--allow-unsafe" in str(e.value), reader
     with pytest.raises(CheckpointError):
-        ckpt.model_from_checkpoint(path)
+        model_from_checkpoint(path)
     assert not marker.exists()
 
 
@@ -109,9 +109,9 @@ def test_reference_model_pth_with_main_function(tmp_path, monkeypatch, tv18, mai
     assert_same_tensors(sd, no_fc(tv18))
     assert meta["source_format"] == "imsvd-reference-model" and meta["epoch"] == 3
     assert any(f"{main_name}.exclude_bias_and_norm" in n for n in meta["notes"]), meta["notes"]
-    psd, pmeta = ckpt.load_projector(path)
+    psd, pmeta = load_projector(path)
     assert pmeta["spec"] == "64-32" and pmeta["matches_projector"]
-    _, _, mmeta = ckpt.model_from_checkpoint(path)
+    _, _, mmeta = model_from_checkpoint(path)
     assert mmeta["projector"]["spec"] == "64-32"
     sd2, _ = ckpt.load_backbone(path, allow_unsafe=True)  # the safe path answers first
     assert_same_tensors(sd2, sd)
@@ -216,7 +216,7 @@ def test_foreign_layouts(tmp_path, tv18, kind, label, arch_stem, note) -> None:
     build_backbone(*arch_stem[:1], stem=arch_stem[1]).load_state_dict(sd, strict=True)
     if kind == "cifar-model":
         assert meta["stem_source"] == "layout" and meta["epoch"] == 800
-        _, pmeta = ckpt.load_projector(path)
+        _, pmeta = load_projector(path)
         assert pmeta["spec"] == "64-64-32" and pmeta["source_format"] == label
     if kind == "dino":
         assert meta["dino_network"] == "teacher"
@@ -409,7 +409,7 @@ def test_model_from_checkpoint_reads_once(tmp_path: Path, monkeypatch) -> None:
     calls = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
-    backbone, projector, meta = ckpt.model_from_checkpoint(path)
+    backbone, projector, meta = model_from_checkpoint(path)
     assert len(calls) == 1
     state = ckpt.load_training_state(path)
     assert_same_tensors(

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from pretrain.config import ConfigError, load_config, resolve_config_path, save_config
+from pretrain.fileio import yaml_load
 
 REPO = Path(__file__).resolve().parent.parent
 CFG_DIR = REPO / "configs" / "pretrain"
@@ -314,8 +315,6 @@ def test_a_bound_that_is_not_a_number_is_a_config_error_naming_the_key(tmp_path,
 
 
 def test_saved_config_reads_back_the_same_with_either_yaml_rule(tmp_path):
-    from pretrain.config import yaml_load
-
     cfg = load_config(SMOKE, ["data.root=1e-3", "model.projector=010", "data.list_file=no"])
     save_config(cfg, tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()

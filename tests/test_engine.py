@@ -26,6 +26,7 @@ from pretrain.checkpointer import (
 )
 from pretrain.config import load_config
 from pretrain.hooks import HookBase
+from pretrain.model import model_from_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
@@ -381,7 +382,7 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
     for k, v in ckpt.load_training_state(ckpt.latest_checkpoint(old))["model"].items():
         torch.testing.assert_close(v, state["model"][k], rtol=0, atol=0)
     trained.load_state_dict(state["model"])
-    backbone, projector, meta = ckpt.model_from_checkpoint(ckpt.latest_checkpoint(out))
+    backbone, projector, meta = model_from_checkpoint(ckpt.latest_checkpoint(out))
     assert isinstance(projector, Projector) and meta["projector"]["out_norm"] == "bn"
     assert list(projector.state_dict()) == list(trained.projector.state_dict())
     x = torch.randn(3, 3, 32, 32)
@@ -393,7 +394,7 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
         ("old", _earlier_layout(trained.state_dict(), norm)),
     ):
         torch.save(sd, tmp_path / f"model_sd_{name}.pth")
-        _, projector2, meta2 = ckpt.model_from_checkpoint(tmp_path / f"model_sd_{name}.pth")
+        _, projector2, meta2 = model_from_checkpoint(tmp_path / f"model_sd_{name}.pth")
         assert meta2["projector"]["out_norm"] == "bn" and meta2["projector"]["matches_projector"]
         torch.testing.assert_close(IMSVDModel(backbone, projector2).eval()(x), read(x))
 

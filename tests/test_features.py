@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import make_image_tree
 
-from pretrain.checkpoint import model_from_checkpoint
 from pretrain.datasets import build_image_dataset
 from pretrain.images import CorruptImageError
+from pretrain.model import model_from_checkpoint
 from pretrain.transforms import eval_transform
 from transfer.eval import features as feat_mod
 from transfer.eval.features import (

@@ -2,6 +2,12 @@
 inside a function) and checked by importing with the frameworks blocked:
 
 * the pretraining library never imports ``transfer``;
+* the lower modules of ``pretrain`` keep their layer order (:data:`LAYERS`): the I/O module
+  ``pretrain.fileio`` imports nothing of the project but the errors, and the config and log
+  modules import it at their top (the three import without torch); ``pretrain.checkpoint``
+  reads and writes state dicts and imports no model; the model layer builds modules on it;
+* no function of ``pretrain`` imports a project module, but for the few reasons of
+  :data:`IN_FUNCTION_IMPORTS` (an import inside a function that dodges a cycle hides the order);
 * only the Detectron2-facing modules import detectron2, only the MMDetection-facing modules
   import MMDetection (mmdet, mmcv, mmengine), and each of them does;
 * everything else imports without those frameworks installed.
@@ -24,6 +30,35 @@ MMDET = ("mmdet", "mmcv", "mmengine")
 # Builds the detection command lines with either stack or without: imports them inside
 # try/except ImportError only (checked below by importing it with both blocked).
 STACK_PROBES = {"transfer.stacks"}
+PROJECT = ("pretrain", "transfer")
+# The plain file I/O under every other module (atomic writes, JSON, YAML).
+IO_MODULE = "pretrain.fileio"
+# Modules that write configs, logs and results without importing torch.
+TORCH_FREE = (
+    "pretrain.errors",
+    IO_MODULE,
+    "pretrain.keytypes",
+    "pretrain.config",
+    "pretrain.log",
+    "pretrain.progress",
+)
+# The lower layers of pretrain/, lowest first: a module listed here imports project modules of
+# its own layer or a lower one only (a package name covers its sub-modules). Every other module
+# of the project sits above them all.
+LAYERS = (
+    ("errors", ("pretrain.errors",)),
+    ("plain file I/O", (IO_MODULE,)),
+    ("config", ("pretrain.keytypes", "pretrain.config")),
+    ("torchvision ResNets", ("pretrain.resnet",)),
+    ("checkpoint files: state dicts and metadata", ("pretrain.checkpoint",)),
+    ("models, also built from checkpoints", ("pretrain.model",)),
+)
+# Imports of project modules inside a function of pretrain/, each with its reason. An import
+# that only dodges an import cycle does not belong here: the cycle is a layering error.
+IN_FUNCTION_IMPORTS = {
+    ("pretrain.main", "pretrain.engine"): "torch is loaded after the config check (--check)",
+    ("pretrain.main", "pretrain.images"): "PIL is loaded after the config check (--check)",
+}
 
 
 def _module_files(package: str) -> dict[str, Path]:
@@ -89,6 +124,108 @@ def test_pretrain_never_imports_transfer():
     assert not {m: h for m, h in bad.items() if h}
 
 
+def _top_level_names(path: Path) -> set[str]:
+    """Module names imported by the statements at the top of a file (not in a function)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0)
+        for alias in node.names
+    }
+
+
+def _owner(name: str, modules: set[str]) -> str | None:
+    """The module of the project an imported name belongs to (the longest matching module)."""
+    hits = [m for m in modules if name == m or name.startswith(m + ".")]
+    return max(hits, key=len) if hits else None
+
+
+def _layer(module: str) -> int:
+    for i, (_, members) in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return i
+    return len(LAYERS)
+
+
+def test_lower_modules_keep_the_layer_order():
+    mods = _library()
+    bad = {}
+    for module, path in _module_files("pretrain").items():
+        level = _layer(module)
+        if level == len(LAYERS):
+            continue
+        owners = {_owner(n, set(mods)) for n in _hits(imported_names(path), PROJECT)}
+        owners -= {None, *PROJECT}  # the empty package roots; their sub-modules are named too
+        above = sorted(o for o in owners if _layer(o) > level)
+        if above:
+            bad[f"{module} ({LAYERS[level][0]})"] = above
+    assert not bad, bad
+
+
+def test_checkpoint_files_import_no_model():
+    for module, path in _module_files("pretrain").items():
+        if module == "pretrain.checkpoint" or module.startswith("pretrain.checkpoint."):
+            assert not _hits(imported_names(path), ("pretrain.model",)), module
+
+
+def in_function_imports(path: Path) -> set[str]:
+    """Absolute names of what a file imports from the project inside a function (a module, or
+    ``module.name`` for ``from module import name``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    rel = path.relative_to(REPO).with_suffix("").parts
+    package = rel[:-1]
+    names = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = list(package[: len(package) - node.level + 1]) if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                names.update(f"{module}.{alias.name}" for alias in node.names)
+    return set(_hits(names, PROJECT))
+
+
+def test_in_function_imports_are_found(tmp_path, monkeypatch):
+    pkg = tmp_path / "pretrain" / "sub"
+    pkg.mkdir(parents=True)
+    f = pkg / "m.py"
+    f.write_text(
+        "import pretrain.a\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from pretrain import b\ndef g():\n    from .. import c\n    import tqdm\n"
+        "    def h():\n        from transfer.d import e\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert in_function_imports(f) == {"pretrain.c", "transfer.d.e"}
+
+
+def test_no_project_import_inside_a_function_of_pretrain():
+    mods = set(_library())
+    found = {
+        (module, _owner(name, mods) or name)
+        for module, path in _module_files("pretrain").items()
+        for name in in_function_imports(path)
+    }
+    assert found <= set(IN_FUNCTION_IMPORTS), sorted(found - set(IN_FUNCTION_IMPORTS))
+    assert set(IN_FUNCTION_IMPORTS) <= found, "stale entries: " + str(
+        sorted(set(IN_FUNCTION_IMPORTS) - found)
+    )
+
+
+def test_the_io_module_imports_nothing_of_the_project_but_errors():
+    mods = _module_files("pretrain")
+    assert _hits(imported_names(mods[IO_MODULE]), PROJECT) in ([], ["pretrain.errors"])
+
+
+def test_config_and_log_import_the_io_module_at_the_top():
+    mods = _module_files("pretrain")
+    for module in ("pretrain.config", "pretrain.log"):
+        assert IO_MODULE in _top_level_names(mods[module]), module
+
+
 @pytest.mark.parametrize(
     "framework, owners", [(("detectron2",), D2_MODULES), (MMDET, MMDET_MODULES)]
 )
@@ -144,6 +281,11 @@ def test_the_library_imports_without_detectron2_and_mmdetection():
 
 def test_pretrain_imports_without_transfer():
     res = _import_in_subprocess(sorted(_module_files("pretrain")), "transfer")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_configs_logs_and_files_are_written_without_torch():
+    res = _import_in_subprocess(list(TORCH_FREE), ("torch", "torchvision", "numpy"))
     assert res.returncode == 0, res.stderr[-2000:]
 
 

@@ -1,4 +1,5 @@
-"""pretrain/log.py: progress on and off a terminal, metrics rows to JSON lines and W&B."""
+"""pretrain/log.py and pretrain/progress.py: progress on and off a terminal, metrics rows to JSON
+lines and W&B."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import types
 import pytest
 
 from pretrain import log as plog
+from pretrain import progress as pprog
 from pretrain.config import load_config
 
 
@@ -52,33 +54,33 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
     from tqdm import tqdm
 
     monkeypatch.setattr(sys, "stdout", _Terminal())
-    bar = plog.progress(range(5), total=5, desc="x")
+    bar = pprog.progress(range(5), total=5, desc="x")
     assert isinstance(bar, tqdm)
     assert list(bar) == [0, 1, 2, 3, 4]
-    forced = plog.progress(range(3), enabled=True)
+    forced = pprog.progress(range(3), enabled=True)
     assert isinstance(forced, tqdm) and list(forced) == [0, 1, 2]
     forced.close()
     # other ranks and enabled=False: the iterable itself
     items = [1, 2]
-    assert plog.progress(items, rank=1) is items
-    assert plog.progress(items, enabled=False) is items
+    assert pprog.progress(items, rank=1) is items
+    assert pprog.progress(items, enabled=False) is items
 
 
 def test_progress_without_terminal_logs_lines(monkeypatch, captured):
     monkeypatch.setattr(sys, "stdout", io.StringIO())  # not a TTY (nohup, SLURM)
-    bar = plog.progress(range(20), desc="extract", interval=0.0)
-    assert isinstance(bar, plog.LogProgress)
+    bar = pprog.progress(range(20), desc="extract", interval=0.0)
+    assert isinstance(bar, pprog.LogProgress)
     assert list(bar) == list(range(20))
     assert len(captured) == 20  # interval 0: a line per item
     assert captured[-1].startswith("extract: 20/20 (100%) ")
     assert "it/s, ETA 00:00" in captured[-1]
     # not rank 0: nothing
-    assert plog.progress([1], rank=2) == [1]
+    assert pprog.progress([1], rank=2) == [1]
 
 
 def test_log_progress_every_tenth_and_interval(captured):
     clock = _FakeClock()
-    bar = plog.LogProgress(total=200, desc="pretrain", interval=30.0, clock=clock)
+    bar = pprog.LogProgress(total=200, desc="pretrain", interval=30.0, clock=clock)
     for _ in range(19):  # 1 s per item, below 10% and 30 s: no line yet
         clock.t += 1.0
         bar.update()
@@ -98,8 +100,9 @@ def test_log_progress_every_tenth_and_interval(captured):
 def test_log_progress_resumed_counts_rate_from_initial_and_close(captured):
     clock = _FakeClock()
     items = range(100, 400)
-    bar = plog.LogProgress(items, total=400, initial=100, desc="pretrain", clock=clock,
-                           interval=1e9)  # fmt: skip
+    bar = pprog.LogProgress(
+        items, total=400, initial=100, desc="pretrain", clock=clock, interval=1e9
+    )
     it = iter(bar)
     for _ in range(3):  # an item counts when handed out: 3 requests, 103 done
         clock.t += 10.0
@@ -112,7 +115,7 @@ def test_log_progress_resumed_counts_rate_from_initial_and_close(captured):
 
 def test_log_progress_without_total(captured):
     clock = _FakeClock()
-    bar = plog.LogProgress(iter([1, 2, 3]), desc="read", interval=5.0, clock=clock)
+    bar = pprog.LogProgress(iter([1, 2, 3]), desc="read", interval=5.0, clock=clock)
     for _ in bar:
         clock.t += 6.0
     # an item counts when handed out: the 2nd and 3rd come 6 s after the previous line
@@ -120,9 +123,9 @@ def test_log_progress_without_total(captured):
 
 
 def test_clock_format():
-    assert plog._clock(0) == "00:00"
-    assert plog._clock(61.4) == "01:01"
-    assert plog._clock(3 * 3600 + 5) == "3:00:05"
+    assert pprog._clock(0) == "00:00"
+    assert pprog._clock(61.4) == "01:01"
+    assert pprog._clock(3 * 3600 + 5) == "3:00:05"
 
 
 class _FakeRun:

@@ -9,10 +9,9 @@ from pretrain.model import (
     SmallInputConv2d,
     build_backbone,
     build_model,
-    infer_arch,
-    infer_stem,
     parse_projector_spec,
 )
+from pretrain.resnet import infer_arch, infer_stem
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])

@@ -24,20 +24,17 @@ sys.path.insert(0, str(ROOT))
 
 from install_fashion_mnist import DatasetMissingError, ensure_installed  # noqa: E402  (tools/)
 
-from pretrain.checkpoint import (  # noqa: E402
-    latest_checkpoint,
-    load_training_state,
-    model_from_checkpoint,
-)
+from pretrain.checkpoint import latest_checkpoint, load_training_state  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.curves import plot_curves  # noqa: E402
 from pretrain.datasets import build_image_dataset  # noqa: E402
 from pretrain.engine import train  # noqa: E402
 from pretrain.errors import IMSVDError  # noqa: E402
 from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
+from pretrain.fileio import write_json_atomic  # noqa: E402
 from pretrain.knn import knn_accuracy  # noqa: E402
-from pretrain.log import print_table, write_json_atomic  # noqa: E402
-from pretrain.model import build_backbone, build_model  # noqa: E402
+from pretrain.log import print_table  # noqa: E402
+from pretrain.model import build_backbone, build_model, model_from_checkpoint  # noqa: E402
 from pretrain.monitors import soft_codes  # noqa: E402
 from pretrain.probe import (  # noqa: E402
     KNNProbe,

@@ -34,7 +34,8 @@ from detectron2.evaluation import (
 
 from pretrain.checkpoint import NonFiniteWeightsError, check_finite_weights
 from pretrain.errors import IMSVDError
-from pretrain.log import print_table, write_json_atomic
+from pretrain.fileio import write_json_atomic
+from pretrain.log import print_table
 from transfer.d2_data import (
     TrainNetError,
     check_data_available,

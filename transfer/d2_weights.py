@@ -26,13 +26,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from pretrain.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    read_torch_file,
-    read_weights_pickle,
-)
+from pretrain.checkpoint import CheckpointError, read_torch_file, read_weights_pickle
 from pretrain.errors import IMSVDError
+from pretrain.fileio import atomic_write
 
 # The key rules (what is a backbone tensor, what is dropped on purpose) are shared with the
 # MMDetection exporter; the renaming below is Detectron2's own.
@@ -196,7 +192,7 @@ def write_d2_pickle(
     author: str = D2_AUTHOR,
     extra: Optional[Mapping[str, object]] = None,
 ) -> None:
-    """Write Detectron2's weight pickle atomically (``pretrain.checkpoint.atomic_write``).
+    """Write Detectron2's weight pickle atomically (``pretrain.fileio.atomic_write``).
 
     The file is ``{"model": blobs, "__author__": author, "matching_heuristics": True}``: with an
     ``__author__`` Detectron2 takes the names as its own (otherwise it assumes Caffe2 names), and

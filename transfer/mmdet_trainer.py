@@ -19,7 +19,8 @@ from mmengine.runner import Runner, find_latest_checkpoint
 
 from pretrain.checkpoint import NonFiniteWeightsError, check_finite_tensors
 from pretrain.errors import IMSVDError
-from pretrain.log import print_table, write_json_atomic
+from pretrain.fileio import write_json_atomic
+from pretrain.log import print_table
 from transfer.mmdet_ext import (
     MetricsCapture,
     checkpoint_safe_globals,

@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from pretrain.checkpoint import atomic_write
 from pretrain.errors import IMSVDError
+from pretrain.fileio import atomic_write
 from transfer.resnet_keys import (
     drop_category,
     infer_depth,
@@ -195,7 +195,7 @@ def write_mmdet_checkpoint(
     path: str,
     force: bool = False,
 ) -> None:
-    """Write ``{"state_dict": ..., "meta": ...}`` atomically (``pretrain.checkpoint.atomic_write``).
+    """Write ``{"state_dict": ..., "meta": ...}`` atomically (``pretrain.fileio.atomic_write``).
 
     Args:
         state_dict: detector name -> tensor.

@@ -12,16 +12,23 @@ Every file written here loads with ``torch.load(path, weights_only=True)``. Read
 code from a file unless ``allow_unsafe`` is given. Modules:
 
 * ``common``: format constants, :class:`CheckpointError`, the content hash, key-diff helpers;
-* ``atomic``: :func:`atomic_write` (every writer of the project) and :func:`atomic_torch_save`;
+* ``atomic``: :func:`atomic_torch_save` (plain content checked, then
+  :func:`pretrain.fileio.atomic_write`);
 * ``safe_load``: reading torch files and weight pickles without executing code;
 * ``rng``: RNG streams; ``train_state``: the training state and run-folder files;
 * ``readers``: one reader per checkpoint layout, in one ordered table;
-* ``backbone``: exported backbones, :func:`load_backbone`, :func:`load_projector`,
-  :func:`model_from_checkpoint`; ``cli``: the shared ``--allow-unsafe`` / ``--checkpoint-key`` /
-  ``--prefix`` options.
+* ``backbone``: exported backbones, :func:`load_backbone` (validated against torchvision's
+  ResNet, :mod:`pretrain.resnet`), :func:`read_projector`, :func:`load_backbone_and_projector`
+  (both from one read of the file); ``projector``: which layouts carry a projector, and its
+  layout read from its keys;
+* ``cli``: the shared ``--allow-unsafe`` / ``--checkpoint-key`` / ``--prefix`` options.
+
+The package reads and writes state dicts and their metadata and imports no model: the modules
+are built from what it reads in the model layer (``pretrain.model``: ``model_from_checkpoint``,
+``load_projector``).
 """
 
-from .atomic import atomic_torch_save, atomic_write, check_plain, fsync_dir
+from .atomic import atomic_torch_save, check_plain
 from .backbone import (
     NonFiniteWeightsError,
     check_finite_tensors,
@@ -29,8 +36,8 @@ from .backbone import (
     export_backbone,
     export_torchvision_state_dict,
     load_backbone,
-    load_projector,
-    model_from_checkpoint,
+    load_backbone_and_projector,
+    read_projector,
     reference_backbone,
     validate_backbone,
 )
@@ -78,7 +85,6 @@ __all__ = [
     "accepted_inputs",
     "add_weights_args",
     "atomic_torch_save",
-    "atomic_write",
     "capture_rng_state",
     "check_plain",
     "check_finite_tensors",
@@ -86,16 +92,15 @@ __all__ = [
     "checkpoint_name",
     "export_backbone",
     "export_torchvision_state_dict",
-    "fsync_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_backbone",
+    "load_backbone_and_projector",
     "load_latest_training_state",
     "load_plain",
-    "load_projector",
     "load_training_state",
-    "model_from_checkpoint",
     "prune_checkpoints",
+    "read_projector",
     "read_torch_file",
     "read_weights_pickle",
     "reference_backbone",

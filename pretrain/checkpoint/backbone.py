@@ -1,5 +1,7 @@
 """Backbones and projectors: export (``imsvd-backbone`` or a bare torchvision state_dict) and
-reading them from any accepted checkpoint (validated against torchvision's key set)."""
+reading them from any accepted checkpoint, the backbone validated against the key set of
+torchvision's ResNet (:mod:`pretrain.resnet`). Modules are built from what is read here in the
+model layer (``pretrain.model.model_from_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -12,30 +14,24 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pretrain.resnet import ARCHS, STEMS, infer_arch, infer_stem, torchvision_resnet
+
 from .atomic import atomic_torch_save
 from .common import (
     BACKBONE_FORMAT,
     BACKBONE_VERSION,
     HASH_SCHEME,
-    TRAIN_STATE_FORMAT,
     CheckpointError,
     diff_keys,
     key_error,
     now_utc,
     tensor_sha256,
 )
+from .projector import PROJECTOR_SOURCES, projector_of
 from .readers import Extracted, extract
 from .safe_load import read_torch_file
 
 logger = logging.getLogger("imsvd.checkpoint")
-
-# the readers whose files carry an IMSVD projector next to the backbone
-PROJECTOR_SOURCES = (
-    TRAIN_STATE_FORMAT,
-    "imsvd-reference-model",
-    "imsvd-model-state-dict",
-    "imsvd-reference-cifar",
-)
 
 
 def reference_backbone(arch: str, stem: str) -> "OrderedDict[str, torch.Tensor]":
@@ -44,8 +40,6 @@ def reference_backbone(arch: str, stem: str) -> "OrderedDict[str, torch.Tensor]"
     Raises:
         CheckpointError: for an unknown arch or stem.
     """
-    from pretrain.model import ARCHS, STEMS, build_backbone
-
     if arch not in ARCHS or stem not in STEMS:
         raise CheckpointError(
             f"unknown backbone arch/stem '{arch}'/'{stem}' (arch one of {list(ARCHS)}, "
@@ -53,7 +47,7 @@ def reference_backbone(arch: str, stem: str) -> "OrderedDict[str, torch.Tensor]"
         )
     # The meta device gives names and shapes without allocating or initialising weights.
     with torch.device("meta"):
-        net = build_backbone(arch, zero_init_residual=False, stem=stem)
+        net = torchvision_resnet(arch, stem)
     return net.state_dict()
 
 
@@ -91,8 +85,6 @@ def validate_backbone(
 
 
 def _infer(sd: Mapping[str, torch.Tensor], path: Path, source: str) -> tuple[str, str]:
-    from pretrain.model import infer_arch, infer_stem
-
     try:
         return infer_arch(sd), infer_stem(sd)
     except ValueError as e:
@@ -124,8 +116,6 @@ def export_backbone(
     Raises:
         CheckpointError: unknown arch/stem or weights that do not match them (nothing written).
     """
-    from pretrain.model import ARCHS, STEMS
-
     path = Path(path)
     if arch not in ARCHS:
         raise CheckpointError(f"export_backbone: unknown arch '{arch}' (one of {ARCHS})")
@@ -250,63 +240,7 @@ def load_backbone(
     return _finish_backbone(path, label, ex, verify_hash)
 
 
-def _projector_meta(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    linears = []
-    for k, v in sd.items():
-        head, _, name = k.partition(".")
-        if not head.isdigit():
-            raise CheckpointError(f"{path}: unexpected projector key 'projector.{k}'")
-        if name == "weight" and v.dim() == 2:
-            linears.append((int(head), v))
-    if not linears:
-        raise CheckpointError(f"{path}: projector weights hold no Linear layer")
-    linears.sort(key=lambda t: t[0])
-    spec = "-".join(str(w.shape[0]) for _, w in linears)
-    in_dim = int(linears[0][1].shape[1])
-    # model.out_norm: bn: a BatchNorm without affine parameters after the last Linear
-    after = linears[-1][0] + 1
-    out_norm = "bn" if f"{after}.running_mean" in sd and f"{after}.weight" not in sd else "none"
-    meta: dict[str, Any] = {
-        "spec": spec,
-        "in_dim": in_dim,
-        "out_dim": int(linears[-1][1].shape[0]),
-        "num_linear": len(linears),
-        "linear_bias": [f"{i}.bias" in sd for i, _ in linears],
-        "out_norm": out_norm,
-    }
-    from pretrain.model import Projector
-
-    with torch.device("meta"):
-        expected = Projector(in_dim, spec, out_norm).state_dict()
-    missing, unexpected, shapes = diff_keys(sd, expected)
-    meta["matches_projector"] = not (missing or unexpected or shapes)
-    if not meta["matches_projector"]:
-        meta["mismatch"] = {"missing": missing, "unexpected": unexpected, "shapes": shapes}
-    return meta
-
-
-def _finish_projector(
-    path: Path, label: str, ex: Extracted
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if label == BACKBONE_FORMAT:
-        raise CheckpointError(
-            f"{path} is an exported backbone ('{BACKBONE_FORMAT}'), which carries no projector; "
-            "use a training-state checkpoint (checkpoint_e*_s*.pth) of the same run"
-        )
-    if label not in PROJECTOR_SOURCES or ex.projector is None:
-        raise CheckpointError(
-            f"{path} ({label}) holds a backbone only, no projector; projectors are read from "
-            f"this project's training state or the reference IMSVD model.pth"
-        )
-    if not ex.projector:
-        raise CheckpointError(f"{path} ({label}): no 'projector.*' weights found")
-    pmeta = _projector_meta(ex.projector, path)
-    pmeta.update(source_format=label, epoch=ex.meta.get("epoch"), path=str(path))
-    pmeta["notes"] = list(ex.meta.get("notes", []))
-    return dict(ex.projector), pmeta
-
-
-def load_projector(
+def read_projector(
     path: str | os.PathLike,
     map_location: Any = "cpu",
     *,
@@ -314,6 +248,8 @@ def load_projector(
     verify_hash: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read the projector weights from a training state or the reference model.pth.
+
+    ``pretrain.model.load_projector`` adds whether :class:`pretrain.model.Projector` loads them.
 
     Args:
         path: checkpoint file.
@@ -324,16 +260,15 @@ def load_projector(
     Returns:
         ``(state_dict, meta)``: nn.Sequential-style keys ("0.weight", "1.running_mean", ...);
         meta holds ``source_format``, ``spec`` (e.g. "8192-8160", from the Linear shapes),
-        ``in_dim``, ``out_dim``, ``num_linear``, ``linear_bias``, ``matches_projector`` (whether
-        ``pretrain.model.Projector(in_dim, spec)`` loads it strictly; else ``mismatch``),
-        ``epoch``, ``notes`` and ``path``.
+        ``in_dim``, ``out_dim``, ``num_linear``, ``linear_bias``, ``out_norm``, ``epoch``,
+        ``notes`` and ``path``.
 
     Raises:
         CheckpointError: unreadable file, or a file without projector weights.
     """
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
     path, label, ex = _read(path, map_location, opts, "a projector")
-    return _finish_projector(path, label, ex)
+    return projector_of(path, label, ex)
 
 
 class NonFiniteWeightsError(CheckpointError):
@@ -383,57 +318,34 @@ def check_finite_weights(
     check_finite_tensors(module.state_dict(), path, part)
 
 
-def model_from_checkpoint(
+def load_backbone_and_projector(
     path: str | os.PathLike,
+    map_location: Any = "cpu",
     *,
-    device: str | torch.device = "cpu",
     allow_unsafe: bool = False,
     verify_hash: bool = True,
     checkpoint_key: str | None = None,
     prefix: str | None = None,
-) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
-    """Build the backbone (and the projector when the file has one) from one read of a file.
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[dict, dict] | None]:
+    """:func:`load_backbone`, and from the same read of the file its projector when it has one.
 
     Args:
-        path: any checkpoint :func:`load_backbone` accepts.
-        device: where the modules are put.
-        allow_unsafe, verify_hash, checkpoint_key, prefix: as for :func:`load_backbone`.
+        path, map_location, allow_unsafe, verify_hash, checkpoint_key, prefix: as for
+            :func:`load_backbone`.
 
     Returns:
-        ``(backbone, projector, meta)``: ``build_backbone(arch, stem=stem)`` with the weights
-        loaded strictly (``fc`` is an Identity, output ``backbone.num_features`` wide);
-        ``pretrain.model.Projector`` with its weights, or None when the file has no projector
-        or it does not match that module (``meta["projector"]`` says which); when the training
-        state has a norm on the projector output (``model.out_norm: bn``) it is the projector's
-        last layer, as in training (``Projector(in_dim, spec, "bn")``, also for files of the
-        earlier ``out_norm.*`` layout) and ``meta["projector"]["out_norm"]`` is "bn" ("none"
-        otherwise); meta as from
-        :func:`load_backbone` plus ``projector`` (the projector's meta or None).
+        ``(state_dict, meta, projector)``: the backbone as from :func:`load_backbone`;
+        ``projector`` is ``(state_dict, meta)`` as from :func:`read_projector` when the file is
+        of a layout that carries one and holds its weights, else None.
 
     Raises:
-        CheckpointError: as :func:`load_backbone`. NonFiniteWeightsError: a NaN / inf
-            parameter or buffer, or a BatchNorm running_var <= 0 (:func:`check_finite_weights`).
+        CheckpointError: as :func:`load_backbone`.
     """
-    from pretrain.model import Projector, build_backbone
-
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
     opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
-    path, label, ex = _read(path, "cpu", opts, "a ResNet backbone")
+    path, label, ex = _read(path, map_location, opts, "a ResNet backbone")
     sd, meta = _finish_backbone(path, label, ex, verify_hash)
-    backbone = build_backbone(meta["arch"], zero_init_residual=False, stem=meta["stem"])
-    backbone.load_state_dict(sd, strict=True)
-    check_finite_weights(backbone, path, "backbone")
     projector = None
-    meta["projector"] = None
     if label in PROJECTOR_SOURCES and ex.projector:
-        psd, pmeta = _finish_projector(path, label, ex)
-        pmeta.pop("notes", None)
-        meta["projector"] = pmeta
-        if pmeta["matches_projector"]:
-            projector = Projector(pmeta["in_dim"], pmeta["spec"], pmeta["out_norm"])
-            projector.load_state_dict(psd, strict=True)
-            check_finite_weights(projector, path, "projector")
-            projector.to(device)
-        else:
-            meta["notes"].append("projector weights do not match pretrain.model.Projector")
-    return backbone.to(device), projector, meta
+        projector = projector_of(path, label, ex)
+    return sd, meta, projector

@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pretrain.resnet import infer_arch, infer_stem
+
 from .atomic import atomic_torch_save
 from .common import (
     BACKBONE_FORMAT,
@@ -44,8 +46,6 @@ logger = logging.getLogger("imsvd.checkpoint")
 
 def _arch_stem(config: Any, backbone_sd: Mapping[str, torch.Tensor]) -> tuple[str, str]:
     """arch/stem from the config's model section, else inferred from the weights."""
-    from pretrain.model import infer_arch, infer_stem
-
     model_cfg = model_section(config)
     try:
         arch = model_cfg.get("arch") or infer_arch(backbone_sd)

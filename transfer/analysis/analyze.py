@@ -45,8 +45,9 @@ from pretrain.config import ConfigError, complete_section, find_config, load_con
 from pretrain.datasets import build_image_dataset
 from pretrain.errors import IMSVDError
 from pretrain.images import load_rgb
-from pretrain.log import format_table, progress
-from pretrain.model import IMSVDModel, build_model
+from pretrain.log import format_table
+from pretrain.model import IMSVDModel, build_model, require_projector
+from pretrain.progress import progress
 from pretrain.transforms import AugmentConfig, eval_transform, reference_two_views, sample_two_views
 from transfer.analysis.codes import (
     CodeStatsAccumulator,
@@ -89,7 +90,8 @@ def load_model(ctx: runner.EvalContext) -> tuple[IMSVDModel, dict[str, Any]]:
         "arch", "stem", "projector", "recipe" (the pretraining recipe dict or None).
 
     Raises:
-        AnalysisError: "random" without a recipe, or a file without a usable projector.
+        AnalysisError: "random" without a recipe. CheckpointError: a file without a usable
+            projector.
     """
     m = ctx.cfg["model"]
     recipe = load_config(find_config(m["recipe"], "pretrain")) if m["recipe"] else None
@@ -104,19 +106,7 @@ def load_model(ctx: runner.EvalContext) -> tuple[IMSVDModel, dict[str, Any]]:
         info = {"weights": "random", "epoch": None, "sha256": None}
     else:
         backbone, projector, meta = ctx.load_model()
-        if projector is None:
-            pm = meta["projector"]
-            why = (
-                "it carries no projector weights"
-                if pm is None
-                else f"its projector weights do not fit Projector({pm['in_dim']}, "
-                f"'{pm['spec']}'): {pm.get('mismatch')}"
-            )
-            raise AnalysisError(
-                f"{m['weights']}: {why}; the analysis needs backbone + projector (a training-"
-                "state checkpoint, not an exported backbone)"
-            )
-        model = IMSVDModel(backbone, projector)
+        model = IMSVDModel(backbone, require_projector(projector, meta))
         # a reader records the recipe only when the file holds one
         recipe = meta.get("config") or recipe
         info = {"weights": str(m["weights"]), "epoch": meta.get("epoch"), "sha256": meta["sha256"]}

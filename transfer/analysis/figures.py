@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.checkpoint import atomic_write
 from pretrain.config import ConfigError
-from pretrain.log import progress
+from pretrain.fileio import atomic_write
+from pretrain.progress import progress
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 from transfer.analysis.codes import UnitExemplars, model_codes
 from transfer.analysis.gradcam import CAM_COLORMAP, GradCAM, overlay, unit_score
@@ -77,7 +77,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _atomic(path: Path, write) -> Path:
-    """Run ``write(tmp_path)`` inside ``pretrain.checkpoint.atomic_write`` (fsync, rename)."""
+    """Run ``write(tmp_path)`` inside ``pretrain.fileio.atomic_write`` (fsync, rename)."""
     # write() opens the temporary file by name; fsync on atomic_write's handle syncs the file.
     return atomic_write(path, lambda f: write(Path(f.name)))
 

@@ -2,7 +2,7 @@
 
 Every frozen evaluation (VOC07 SVM, kNN, the linear probes' validation pass) gets its features
 here, from a backbone the runner (:mod:`transfer.eval.runner`) read through
-:func:`pretrain.checkpoint.model_from_checkpoint` and froze with :func:`freeze`. The dataset is
+:func:`pretrain.model.model_from_checkpoint` and froze with :func:`freeze`. The dataset is
 split into contiguous shards, one per process; where the rows end up is the caller's choice
 (``gather``, :data:`GATHERS`): every process the whole arrays (``all``), rank 0 alone
 (``main``: the VOC07 SVM, gathered in bounded chunks), or each process its own rows
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pretrain.checkpoint import atomic_write, fsync_dir
 from pretrain.datasets import collate_readable
 from pretrain.dist import (
     all_gather_tensor,
@@ -44,7 +43,8 @@ from pretrain.dist import (
     shard_range,
 )
 from pretrain.errors import IMSVDError
-from pretrain.log import progress, write_json_atomic
+from pretrain.fileio import atomic_write, fsync_dir, write_json_atomic
+from pretrain.progress import progress
 from pretrain.runtime import PRECISIONS, autocast
 
 logger = logging.getLogger("imsvd.features")

@@ -9,7 +9,7 @@ they share, once:
   to ``OUTPUT_DIR/log.txt`` (rank 0 also to stdout), seeding, the resolved config written as
   ``OUTPUT_DIR/config.yaml``;
 * the weights (:meth:`EvalContext.load_model`): one read of the file through
-  :func:`pretrain.checkpoint.model_from_checkpoint`, the backbone frozen;
+  :func:`pretrain.model.model_from_checkpoint`, the backbone frozen;
 * feature extraction (:meth:`EvalContext.features`), behind the cache when there is an output
   folder;
 * the results (:func:`report`): a printed table, the results JSON and a
@@ -31,17 +31,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.checkpoint import (
-    NonFiniteWeightsError,
-    model_from_checkpoint,
-    with_accepted_inputs,
-)
+from pretrain.checkpoint import NonFiniteWeightsError, with_accepted_inputs
 from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
 from pretrain.errors import IMSVDError
+from pretrain.fileio import write_json_atomic
 from pretrain.images import max_image_pixels
-from pretrain.log import LOGGER_NAME, setup_logging, write_json_atomic
+from pretrain.log import LOGGER_NAME, setup_logging
+from pretrain.model import model_from_checkpoint
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.features import FeatureError, cached_features, extract_features, freeze
 

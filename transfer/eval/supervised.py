@@ -29,7 +29,8 @@ from pretrain.checkpoint import export_backbone, tensor_sha256
 from pretrain.config import ConfigError
 from pretrain.dist import all_reduce_sum
 from pretrain.errors import IMSVDError
-from pretrain.log import MetricWriter, progress
+from pretrain.log import MetricWriter
+from pretrain.progress import progress
 from pretrain.runtime import StopRequest, autocast, grad_scaler
 from transfer.eval import features, head_state
 from transfer.eval.classifier import (
