@@ -91,7 +91,7 @@ from pretrain.engine import Trainer  # noqa: E402
 from pretrain.fashion_mnist import is_complete  # noqa: E402
 from pretrain.knn import knn_classify  # noqa: E402
 from pretrain.log import LOGGER_NAME  # noqa: E402
-from pretrain.loss import build_loss  # noqa: E402
+from pretrain.methods import build_loss  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.optim import LARS, lr_at, param_groups, set_lr  # noqa: E402
 from pretrain.runtime import StopRequest  # noqa: E402

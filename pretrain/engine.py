@@ -24,7 +24,7 @@ from pretrain.errors import IMSVDError
 from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
 from pretrain.images import DataError
 from pretrain.log import MetricWriter, setup_logging
-from pretrain.loss import build_loss
+from pretrain.methods import get_method
 from pretrain.model import build_model, parse_projector_spec
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.probe import build_probe
@@ -55,17 +55,8 @@ def check_config(cfg: Mapping, world_size: int) -> None:
             f"config key 'train.batch_size': global batch {bs} must be a positive multiple of "
             f"the number of processes ({world_size})"
         )
-    if cfg["loss"]["name"] in ("vicreg", "barlowtwins") and bs < 2:
-        raise ConfigError(
-            f"config key 'train.batch_size': {cfg['loss']['name']} needs a global batch of at "
-            f"least 2 images, got {bs}"
-        )
-    d = parse_projector_spec(cfg["model"]["projector"])[-1]
-    if cfg["loss"]["name"] == "imsvd" and d % cfg["loss"]["bin_size"] != 0:
-        raise ConfigError(
-            f"config keys 'model.projector' / 'loss.bin_size': output width {d} is not a multiple "
-            f"of bin_size {cfg['loss']['bin_size']}"
-        )
+    parse_projector_spec(cfg["model"]["projector"])  # a malformed projector is a ConfigError
+    get_method(cfg["loss"]["name"]).check(cfg)  # the method's own cross-field checks
 
 
 class Trainer:
@@ -178,7 +169,8 @@ class Trainer:
         )
         self.forward = torch.compile(self.ddp) if tr["compile"] else self.ddp
         self.optimizer = build_optimizer(model, cfg["optim"], self.peak_lr)
-        self.criterion = build_loss(cfg["loss"])
+        self.method = get_method(cfg["loss"]["name"])
+        self.criterion = self.method.build(cfg["loss"])
         self.scaler = grad_scaler(info.device, tr["precision"])
         self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
         self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)

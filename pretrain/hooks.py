@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from pretrain import dist
 from pretrain.log import AverageMeter, MetricWriter
-from pretrain.monitors import code_monitors
 
 if TYPE_CHECKING:  # the trainer imports this module
     from pretrain.engine import Trainer
@@ -74,14 +73,8 @@ class MetricsHook(HookBase):
         )
         if tr.scaler.is_enabled():
             last["loss_scale"] = tr.scaler.get_scale()
-        cfg = tr.cfg
-        if cfg["train"]["monitors"] and cfg["loss"]["name"] == "imsvd" and tr.views is not None:
-            z1, z2 = tr.views
-            last.update(
-                code_monitors(
-                    z1, z2, cfg["loss"]["bin_size"], cfg["loss"]["temperature"], step=tr.step
-                )
-            )
+        if tr.method.monitors is not None and tr.views is not None:
+            last.update(tr.method.monitors(*tr.views, tr.cfg, tr.step))
         self.writer.write(tr.step, last)
         terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
         tr.log.info(

@@ -28,12 +28,11 @@ fp16 the entries of P near 1/B^2 lose precision and the clamp value underflows t
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from pretrain.baselines import BarlowTwinsLoss, VICRegLoss
 from pretrain.dist import (
     all_gather_with_grad,
     all_reduce_sum_with_grad,
@@ -44,10 +43,6 @@ from pretrain.errors import IMSVDError
 
 __all__ = [
     "IMSVDLoss",
-    "VICRegLoss",
-    "BarlowTwinsLoss",
-    "LOSS_NAMES",
-    "build_loss",
     "LossConfigError",
     "reference_imsvd_loss",
     "soft_discretize",
@@ -429,51 +424,3 @@ class IMSVDLoss(nn.Module):
             "loss_dia": loss_dia,
             "loss_off": loss_off,
         }
-
-
-# ----------------------------------------------------------------------------------------------
-# Factory
-# ----------------------------------------------------------------------------------------------
-
-LOSS_NAMES = ("imsvd", "vicreg", "barlowtwins")
-
-
-def build_loss(loss_cfg: Mapping[str, Any]) -> nn.Module:
-    """Build the pretraining objective named by ``loss.name`` from the config's loss section.
-
-    Args:
-        loss_cfg: the resolved ``loss`` section (configs/pretrain/base.yaml): ``name`` and the
-            IMSVD keys at its top level, the baselines' keys under ``vicreg`` / ``barlowtwins``.
-
-    Returns:
-        A module whose forward(z1, z2) returns a dict with "loss" and its weighted terms.
-
-    Raises:
-        LossConfigError: unknown name or invalid setting (the message names the config key).
-    """
-    name = loss_cfg["name"]
-    if name == "vicreg":
-        c = loss_cfg["vicreg"]
-        try:
-            return VICRegLoss(c["sim_coeff"], c["std_coeff"], c["cov_coeff"])
-        except ValueError as e:
-            raise LossConfigError(f"config section 'loss.vicreg': {e}") from None
-    if name == "barlowtwins":
-        try:
-            return BarlowTwinsLoss(loss_cfg["barlowtwins"]["lambd"])
-        except ValueError as e:
-            raise LossConfigError(f"config section 'loss.barlowtwins': {e}") from None
-    if name != "imsvd":
-        raise LossConfigError(
-            f"config key 'loss.name': {name!r} is not one of {', '.join(LOSS_NAMES)}"
-        )
-    return IMSVDLoss(
-        bin_size=loss_cfg["bin_size"],
-        temperature=loss_cfg["temperature"],
-        ti_coeff=loss_cfg["ti_coeff"],
-        dia_coeff=loss_cfg["dia_coeff"],
-        off_coeff=loss_cfg["off_coeff"],
-        ti_mode=loss_cfg["ti_mode"],
-        impl=loss_cfg["impl"],
-        shard=loss_cfg["shard"],
-    )

@@ -160,7 +160,7 @@ class Projector(nn.Sequential):
         self.out_norm = out_norm
 
 
-class IMSVDModel(nn.Module):
+class PretrainModel(nn.Module):
     """Backbone followed by the projector (which holds the optional output norm).
 
     Args:
@@ -177,7 +177,7 @@ class IMSVDModel(nn.Module):
         return self.projector(self.backbone(x))
 
 
-def build_model(model_cfg: Mapping) -> IMSVDModel:
+def build_model(model_cfg: Mapping) -> PretrainModel:
     """Build backbone + projector from the config's ``model`` section.
 
     Args:
@@ -191,7 +191,7 @@ def build_model(model_cfg: Mapping) -> IMSVDModel:
     # recipes stored in checkpoints written before model.out_norm existed lack the key
     out_norm = model_cfg.get("out_norm", "none")
     projector = Projector(backbone.num_features, model_cfg["projector"], out_norm)
-    return IMSVDModel(backbone, projector)
+    return PretrainModel(backbone, projector)
 
 
 # ---------------------------------------------------------------------- from a checkpoint

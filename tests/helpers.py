@@ -38,9 +38,9 @@ def load_tool(name: str) -> ModuleType:
 
 def tiny_imsvd_model(spec: str = "64-32", stem: str = "small"):
     """An IMSVD model: ResNet-18 (``stem``) and a projector ``spec`` (random init)."""
-    from pretrain.model import IMSVDModel, Projector, build_backbone
+    from pretrain.model import PretrainModel, Projector, build_backbone
 
-    return IMSVDModel(build_backbone("resnet18", stem=stem), Projector(512, spec))
+    return PretrainModel(build_backbone("resnet18", stem=stem), Projector(512, spec))
 
 
 def randomised(sd: dict, seed: int = 0, integers: bool = False) -> dict:
@@ -100,12 +100,12 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def write_checkpoint_kind(kind: str, path: str, sd: dict) -> None:
     """Write a ResNet-18 backbone ``sd`` (standard stem) in one of :data:`CHECKPOINT_KINDS`."""
     from pretrain.checkpoint import export_backbone, save_training_state
-    from pretrain.model import IMSVDModel, Projector, build_backbone
+    from pretrain.model import PretrainModel, Projector, build_backbone
 
     if kind == "exported":
         export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
     elif kind == "train_state":
-        model = IMSVDModel(build_backbone("resnet18"), Projector(512, "64-32"))
+        model = PretrainModel(build_backbone("resnet18"), Projector(512, "64-32"))
         model.backbone.load_state_dict(sd)
         cfg = {"model": {"arch": "resnet18", "stem": "standard", "projector": "64-32"}}
         save_training_state(

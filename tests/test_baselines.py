@@ -8,13 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.baselines import BarlowTwinsLoss, VICRegLoss
 from pretrain.dist import all_reduce_sum, cleanup, init_distributed
-from pretrain.loss import (
-    BarlowTwinsLoss,
-    LossConfigError,
-    VICRegLoss,
-    build_loss,
-)
+from pretrain.loss import LossConfigError
+from pretrain.methods import build_loss
 
 N, IN, D = 12, 6, 8
 

@@ -348,7 +348,7 @@ def test_two_processes_skip_a_batch_together(tmp_path):
 
 
 def _earlier_layout(sd: dict, norm: int) -> dict:
-    """An IMSVDModel state dict with the output norm as ``out_norm.*`` (the earlier layout)."""
+    """An PretrainModel state dict with the output norm as ``out_norm.*`` (the earlier layout)."""
     head = f"projector.{norm}."
     return {(f"out_norm.{k[len(head):]}" if k.startswith(head) else k): v for k, v in sd.items()}
 
@@ -357,7 +357,7 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
     """model.out_norm=bn: the norm is the projector's last layer, with the same keys in training,
     in the checkpoint and when rebuilt; files of the earlier out_norm.* layout read and resume."""
     from pretrain.checkpoint.train_state import train_state_sha256
-    from pretrain.model import IMSVDModel, Projector, build_model
+    from pretrain.model import PretrainModel, Projector, build_model
 
     out, old = tmp_path / "bn", tmp_path / "old"
     cfg = _cfg(out, "model.out_norm=bn")
@@ -386,9 +386,9 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
     assert isinstance(projector, Projector) and meta["projector"]["out_norm"] == "bn"
     assert list(projector.state_dict()) == list(trained.projector.state_dict())
     x = torch.randn(3, 3, 32, 32)
-    read = IMSVDModel(backbone, projector).eval()
+    read = PretrainModel(backbone, projector).eval()
     torch.testing.assert_close(read(x), trained.eval()(x))  # the logits the loss saw
-    # a bare IMSVDModel.state_dict() of such a run, in either layout, reads the same way
+    # a bare PretrainModel.state_dict() of such a run, in either layout, reads the same way
     for name, sd in (
         ("new", trained.state_dict()),
         ("old", _earlier_layout(trained.state_dict(), norm)),
@@ -396,7 +396,7 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
         torch.save(sd, tmp_path / f"model_sd_{name}.pth")
         _, projector2, meta2 = model_from_checkpoint(tmp_path / f"model_sd_{name}.pth")
         assert meta2["projector"]["out_norm"] == "bn" and meta2["projector"]["matches_projector"]
-        torch.testing.assert_close(IMSVDModel(backbone, projector2).eval()(x), read(x))
+        torch.testing.assert_close(PretrainModel(backbone, projector2).eval()(x), read(x))
 
 
 @pytest.mark.slow

@@ -49,9 +49,12 @@ LAYERS = (
     ("errors", ("pretrain.errors",)),
     ("plain file I/O", (IO_MODULE,)),
     ("config", ("pretrain.keytypes", "pretrain.config")),
+    ("process group and collectives", ("pretrain.dist",)),
     ("torchvision ResNets", ("pretrain.resnet",)),
     ("checkpoint files: state dicts and metadata", ("pretrain.checkpoint",)),
     ("models, also built from checkpoints", ("pretrain.model",)),
+    ("losses and their monitors", ("pretrain.loss", "pretrain.baselines", "pretrain.monitors")),
+    ("methods: one module each, the registry", ("pretrain.methods",)),
 )
 # Imports of project modules inside a function of pretrain/, each with its reason. An import
 # that only dodges an import cycle does not belong here: the cycle is a layering error.

@@ -80,7 +80,7 @@ def strip_prefix(sd: Mapping[str, Any], prefix: str) -> "OrderedDict[str, Any]":
 
 
 def fold_out_norm(sd: Mapping[str, Any]) -> "OrderedDict[str, Any]":
-    """An IMSVDModel state dict of the earlier layout in today's: the projector-output norm
+    """An PretrainModel state dict of the earlier layout in today's: the projector-output norm
     (``model.out_norm: bn``) that was stored as ``out_norm.*`` becomes the projector's last
     layer ``projector.<i>.*`` (i = one past the projector's last index). Other dicts are
     returned unchanged (as a copy).

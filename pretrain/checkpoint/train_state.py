@@ -102,7 +102,7 @@ def save_training_state(
 
     Args:
         path: destination (use :func:`checkpoint_name` inside the output folder).
-        model: the IMSVDModel, possibly wrapped in DDP / DataParallel / torch.compile; its
+        model: the PretrainModel, possibly wrapped in DDP / DataParallel / torch.compile; its
             state_dict must consist of ``backbone.*`` and ``projector.*`` keys (the norm of
             ``model.out_norm: bn`` is the projector's last layer).
         optimizer: optimizer whose state_dict is stored (None allowed).
@@ -125,7 +125,7 @@ def save_training_state(
     bad = [k for k in model_sd if not k.startswith(("backbone.", "projector."))]
     if bad or not any(k.startswith("backbone.") for k in model_sd):
         raise CheckpointError(
-            "save_training_state expects an IMSVDModel (keys backbone.* and projector.*); "
+            "save_training_state expects an PretrainModel (keys backbone.* and projector.*); "
             f"got keys such as {fmt_keys(bad or list(model_sd), 5)}"
         )
     if not isinstance(config, Mapping):
@@ -264,7 +264,7 @@ def restore_training_state(
 
     Args:
         state: dict from :func:`load_training_state`.
-        model: the IMSVDModel (may be DDP-wrapped); its keys must match exactly.
+        model: the PretrainModel (may be DDP-wrapped); its keys must match exactly.
         optimizer: optimizer to restore, or None to skip.
         scaler: GradScaler to restore, or None to skip.
 

@@ -46,7 +46,7 @@ from pretrain.datasets import build_image_dataset
 from pretrain.errors import IMSVDError
 from pretrain.images import load_rgb
 from pretrain.log import format_table
-from pretrain.model import IMSVDModel, build_model, require_projector
+from pretrain.model import PretrainModel, build_model, require_projector
 from pretrain.progress import progress
 from pretrain.transforms import AugmentConfig, eval_transform, reference_two_views, sample_two_views
 from transfer.analysis.codes import (
@@ -77,7 +77,7 @@ class AnalysisError(IMSVDError, ValueError):
 # ----------------------------------------------------------------------------------- model
 
 
-def load_model(ctx: runner.EvalContext) -> tuple[IMSVDModel, dict[str, Any]]:
+def load_model(ctx: runner.EvalContext) -> tuple[PretrainModel, dict[str, Any]]:
     """Backbone + projector from one read of ``model.weights``, or randomly initialised.
 
     Args:
@@ -106,7 +106,7 @@ def load_model(ctx: runner.EvalContext) -> tuple[IMSVDModel, dict[str, Any]]:
         info = {"weights": "random", "epoch": None, "sha256": None}
     else:
         backbone, projector, meta = ctx.load_model()
-        model = IMSVDModel(backbone, require_projector(projector, meta))
+        model = PretrainModel(backbone, require_projector(projector, meta))
         # a reader records the recipe only when the file holds one
         recipe = meta.get("config") or recipe
         info = {"weights": str(m["weights"]), "epoch": meta.get("epoch"), "sha256": meta["sha256"]}
