@@ -183,19 +183,15 @@ class Checkpointer:
         if self.info.distributed:  # every rank's streams, so each resumes its own
             rng = [None] * self.info.world_size
             torch.distributed.all_gather_object(rng, ckpt.capture_rng_state())
-        error: Exception | None = None
-        if self.info.is_main:
-            path = self.out / ckpt.checkpoint_name(epoch, step)
-            try:
-                self._write(path, epoch, step_in_epoch, step, rng)
-            except (NonFiniteStateError, CheckpointWriteError) as e:
-                error = e
-        # on the process's device: NCCL reduces CUDA tensors only
-        flag = torch.tensor([float(error is not None)], device=self.info.device)
-        failed = dist.all_reduce_sum(flag)
+        path = self.out / ckpt.checkpoint_name(epoch, step)
+        _, error, failed = dist.run_on_main(
+            lambda: self._write(path, epoch, step_in_epoch, step, rng),
+            self.info.device,
+            (NonFiniteStateError, CheckpointWriteError),
+        )
         if error is not None:
             raise error
-        if float(failed[0]) > 0:
+        if failed:
             raise CheckpointWriteError("the main process could not write the checkpoint")
         self.last_saved_step = step
 

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,12 @@ __all__ = [
     "shard_range",
     "all_reduce_sum",
     "all_reduce_sum_with_grad",
+    "main_rank_values",
+    "run_on_main",
     "cleanup",
 ]
+
+T = TypeVar("T")
 
 
 class DistributedSetupError(IMSVDError, ValueError):
@@ -444,3 +448,44 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return x
     return _AllReduceSumWithGrad.apply(x)
+
+
+def main_rank_values(values: Sequence[int], device: str | torch.device) -> List[int]:
+    """Rank 0's integers on every rank (what the other ranks pass is ignored).
+
+    One all-reduce on ``device`` (the process's device: NCCL reduces CUDA tensors only); the
+    values themselves for a single process. Every rank must call it.
+    """
+    if get_world_size() == 1:
+        return [int(v) for v in values]
+    mine = [int(v) for v in values] if get_rank() == 0 else [0] * len(values)
+    return [int(v) for v in all_reduce_sum(torch.tensor(mine, device=torch.device(device)))]
+
+
+def run_on_main(
+    fn: Callable[[], T],
+    device: str | torch.device,
+    catch: Tuple[type, ...] = (Exception,),
+    code: Callable[[BaseException], int] = lambda e: 1,
+) -> Tuple[Optional[T], Optional[BaseException], int]:
+    """Run ``fn()`` on rank 0 alone and tell every rank how it went (the pattern of every write
+    that rank 0 makes for the job: a checkpoint, an output folder's lock, a result file).
+
+    A rank that raised alone would leave the others waiting in their next collective; here
+    rank 0 catches ``catch``, and one :func:`main_rank_values` exchange gives every rank the
+    outcome code (0: ``fn`` returned; else ``code(error)``, at least 1), so all ranks can raise
+    together. Exceptions outside ``catch`` propagate on rank 0 (a bug keeps its traceback; the
+    other ranks are then left in the exchange, as with any crash). Every rank must call it.
+
+    Returns:
+        (``fn``'s result on rank 0, else None; rank 0's caught error, else None; the outcome
+        code, the same on every rank).
+    """
+    result, error, outcome = None, None, 0
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except catch as e:
+            error, outcome = e, max(1, int(code(e)))
+    (outcome,) = main_rank_values([outcome], device)
+    return result, error, outcome

@@ -263,10 +263,11 @@ def _single():
 
 def test_the_output_folder_decision_in_one_process(tmp_path):
     from pretrain.checkpointer import RunFolder, RunFolderBusyError
-    from transfer.eval.runner import main_rank_value, take_output_folder
+    from pretrain.dist import main_rank_values
+    from transfer.eval.runner import take_output_folder
 
     info = _single()
-    assert [main_rank_value(v, info) for v in (0, 1, 2)] == [0, 1, 2]  # no process group
+    assert main_rank_values([0, 1, 2], info.device) == [0, 1, 2]  # no process group
     assert take_output_folder(None, info) is None
     lock = take_output_folder(tmp_path / "a", info)
     assert lock is not None and (tmp_path / "a" / ".lock").is_file()
@@ -283,14 +284,14 @@ def _folder_worker(rank, world, port, busy, free, out_dir):
     import os
 
     from pretrain.checkpointer import RunFolderBusyError
-    from pretrain.dist import cleanup, init_distributed
-    from transfer.eval.runner import main_rank_value, take_output_folder
+    from pretrain.dist import cleanup, init_distributed, main_rank_values
+    from transfer.eval.runner import take_output_folder
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    got = {"value": main_rank_value(5 if rank == 0 else 7, info)}
+    got = {"value": main_rank_values([5 if rank == 0 else 7], info.device)[0]}
     try:
         take_output_folder(busy, info)
         got["busy"] = "no error"
@@ -298,7 +299,7 @@ def _folder_worker(rank, world, port, busy, free, out_dir):
         got["busy"] = str(e)
     lock = take_output_folder(free, info)
     got["free"] = lock is not None
-    got["after"] = main_rank_value(1, info)  # every rank still in step
+    got["after"] = main_rank_values([1], info.device)[0]  # every rank still in step
     torch.distributed.barrier()
     if lock is not None:
         lock.__exit__(None, None, None)

@@ -268,9 +268,8 @@ def _as_rank1(monkeypatch, rank0_says):
     cols]), the other all-reduces see this rank alone; the files are never signed here."""
     monkeypatch.setattr(feat_mod, "get_rank", lambda: 1)
     monkeypatch.setattr(feat_mod, "get_world_size", lambda: 2)
-    monkeypatch.setattr(
-        feat_mod, "all_reduce_sum", lambda t: torch.tensor(rank0_says) if t.numel() == 3 else t
-    )
+    monkeypatch.setattr(feat_mod, "main_rank_values", lambda values, device: list(rank0_says))
+    monkeypatch.setattr(feat_mod, "all_reduce_sum", lambda t: t)  # this rank alone
 
     def not_here(*a, **k):
         raise AssertionError("files signed on rank 1")

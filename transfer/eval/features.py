@@ -40,6 +40,7 @@ from pretrain.dist import (
     get_rank,
     get_world_size,
     known_batch_sizes,
+    main_rank_values,
     shard_range,
 )
 from pretrain.errors import IMSVDError
@@ -374,7 +375,7 @@ def cached_features(
             meta = cache_meta(split, layer, dataset, weights_sha256, check, precision)
             hit = _read_cache(paths[2], paths[0], paths[1], meta)
         except Exception:  # noqa: BLE001 (the other ranks are told, then it is re-raised)
-            _from_main([_FAILED, 0, 0], device)
+            main_rank_values([_FAILED, 0, 0], device)
             raise
         if hit is not None and getattr(dataset, "strict", False) and len(hit[1]) < len(dataset):
             logger.info(
@@ -384,7 +385,7 @@ def cached_features(
             )
             hit = None
     # rank 0 decides for every rank: all take the same branch (extract_features is collective)
-    state, rows, cols = _from_main(
+    state, rows, cols = main_rank_values(
         [_MISS if hit is None else _HIT, *(hit[0].shape if hit is not None else (0, 0))], device
     )
     if state == _FAILED:
@@ -393,7 +394,7 @@ def cached_features(
         )
     if state == _HIT:
         got = _hit_rows(hit, paths, (rows, cols), gather)
-        unread = _sum_over_ranks(got is None, device)
+        unread = int(all_reduce_sum(torch.tensor([int(got is None)], device=device)).item())
         if unread == 0:
             logger.info(
                 "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths "
@@ -444,21 +445,6 @@ def _hit_rows(hit, paths, shape, gather: str) -> tuple[np.ndarray, np.ndarray] |
     except OSError as e:  # a mapped page that cannot be read
         logger.warning("features cache %s unreadable on this rank (%s)", paths[0], e)
         return None
-
-
-def _from_main(values: list[int], device: str | torch.device) -> list[int]:
-    """Rank 0's ``values`` on every rank (one all-reduce; the identity for a single process)."""
-    if get_world_size() == 1:
-        return [int(v) for v in values]
-    mine = values if get_rank() == 0 else [0] * len(values)
-    return [int(v) for v in all_reduce_sum(torch.tensor(mine, device=torch.device(device)))]
-
-
-def _sum_over_ranks(value: int, device: str | torch.device) -> int:
-    """Sum of ``value`` over ranks (``value`` itself for a single process)."""
-    if get_world_size() == 1:
-        return int(value)
-    return int(all_reduce_sum(torch.tensor([int(value)], device=torch.device(device))).item())
 
 
 def _load_arrays(

@@ -28,11 +28,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain
 from pretrain.checkpointer import run_changing_differences, write_error_message
-from pretrain.dist import all_reduce_sum
+from pretrain.dist import run_on_main
 from pretrain.errors import IMSVDError
 
 FORMAT, VERSION = "imsvd-supervised-state", 1
@@ -227,16 +226,15 @@ def on_main_process(write, info, what: str) -> None:
         HeadStateError: rank 0's error (an OSError becomes one, naming ``what``); on the other
             ranks one saying that the main process could not write ``what``.
     """
-    error: Exception | None = None
-    if info.is_main:
+
+    def written() -> None:
         try:
             write()
-        except IMSVDError as e:
-            error = e
         except OSError as e:
-            error = HeadStateError(f"cannot write {what}: {e.strerror or e}")
-    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=info.device))
+            raise HeadStateError(f"cannot write {what}: {e.strerror or e}") from None
+
+    _, error, failed = run_on_main(written, info.device, (IMSVDError,))
     if error is not None:
         raise error
-    if float(failed[0]) > 0:
+    if failed:
         raise HeadStateError(f"the main process could not write {what} (see its error)")

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from pretrain.checkpoint import NonFiniteWeightsError, with_accepted_inputs
 from pretrain.checkpointer import RunFolder, RunFolderBusyError
 from pretrain.config import ConfigError, save_config
-from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
+from pretrain.dist import DistInfo, all_reduce_sum, init_distributed, run_on_main
 from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.images import max_image_pixels
@@ -249,28 +249,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main_rank_value(value: int, info: DistInfo) -> int:
-    """Rank 0's ``value`` on every rank (what the other ranks pass is ignored).
-
-    One all-reduce on the process's device when distributed; ``value`` itself for a single
-    process (no process group needed). Every rank must call it.
-    """
-    if not info.distributed:
-        return int(value)
-    mine = torch.tensor([int(value) if info.is_main else 0], dtype=torch.long, device=info.device)
-    return int(all_reduce_sum(mine).item())
-
-
-_LOCKED, _BUSY, _LOCK_FAILED = 0, 1, 2
+_BUSY, _LOCK_FAILED = 1, 2
 
 
 def take_output_folder(out: Path | None, info: DistInfo) -> RunFolder | None:
     """The output folder's lock, taken by rank 0; every rank learns whether it was taken.
 
     Rank 0 tries the flock (:class:`pretrain.checkpointer.RunFolder`) and shares the outcome
-    (:func:`main_rank_value`), so that when the folder is busy every rank stops with the error,
-    instead of the other ranks going on into collectives rank 0 never joins. Every rank must
-    call it, with or without a folder.
+    (:func:`pretrain.dist.run_on_main`), so that when the folder is busy every rank stops with
+    the error, instead of the other ranks going on into collectives rank 0 never joins. Every
+    rank must call it, with or without a folder.
 
     Returns:
         The held lock on rank 0, None on the other ranks or without a folder.
@@ -280,19 +268,17 @@ def take_output_folder(out: Path | None, info: DistInfo) -> RunFolder | None:
             names the holder's pid). Rank 0 re-raises its own error when taking the lock failed
             otherwise (e.g. an OSError), the other ranks raise RunFolderBusyError.
     """
-    lock, error, outcome = None, None, _LOCKED
-    if out is not None and info.is_main:
-        try:
-            lock = RunFolder(out, True, key="output_dir").__enter__()
-        except Exception as e:  # noqa: BLE001 (shared with the other ranks, then re-raised)
-            error, outcome = e, _BUSY if isinstance(e, RunFolderBusyError) else _LOCK_FAILED
-    try:
-        outcome = main_rank_value(outcome, info)
-    except BaseException:
-        if lock is not None:
-            lock.__exit__(None, None, None)
-        raise
-    if outcome == _LOCKED:
+
+    def take() -> RunFolder | None:
+        return None if out is None else RunFolder(out, True, key="output_dir").__enter__()
+
+    lock, error, outcome = run_on_main(
+        take,
+        info.device,
+        (Exception,),  # shared with the other ranks, then re-raised
+        lambda e: _BUSY if isinstance(e, RunFolderBusyError) else _LOCK_FAILED,
+    )
+    if not outcome:
         return lock
     if error is not None:
         raise error
