@@ -14,10 +14,11 @@ from pretrain.datasets import build_image_dataset
 from pretrain.images import CorruptImageError
 from pretrain.model import model_from_checkpoint
 from pretrain.transforms import eval_transform
+from transfer.eval import feature_cache as cache_mod
 from transfer.eval import features as feat_mod
+from transfer.eval.feature_cache import cached_features
 from transfer.eval.features import (
     FeatureError,
-    cached_features,
     extract_features,
     feature_dim,
     freeze,
@@ -86,13 +87,13 @@ def test_cache_hit_and_invalidation(setup, tmp_path, monkeypatch):
     assert info["split"] == "train" and "CenterCrop" in info["transform"]
 
     calls = []
-    real = feat_mod.extract_features
+    real = cache_mod.extract_features
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(feat_mod, "extract_features", counting)
+    monkeypatch.setattr(cache_mod, "extract_features", counting)
     f2, y2 = cached_features(tmp_path, "train", model, ds, meta["sha256"], batch_size=8)
     assert calls == []  # hit: nothing extracted
     np.testing.assert_array_equal(f1, f2)
@@ -148,13 +149,13 @@ def test_no_readable_image_is_an_error(setup, tmp_path):
 
 def _counting(monkeypatch):
     calls = []
-    real = feat_mod.extract_features
+    real = cache_mod.extract_features
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(feat_mod, "extract_features", counting)
+    monkeypatch.setattr(cache_mod, "extract_features", counting)
     return calls
 
 
@@ -221,7 +222,7 @@ def test_relative_roots_from_another_directory_are_other_files(setup, tmp_path, 
     again = cached_features(tmp_path / "cache", "val", model, ds, meta["sha256"])
     assert calls == [1] and not np.array_equal(first[0], again[0])
     stored = json.loads((tmp_path / "cache" / "val_pool5.json").read_text())
-    assert stored["samples_sha256"] == feat_mod.dataset_signature(ds)
+    assert stored["samples_sha256"] == cache_mod.dataset_signature(ds)
 
 
 @pytest.mark.parametrize("killed_after", ["feats", "labels"])
@@ -235,17 +236,17 @@ def test_a_killed_rewrite_never_leaves_a_valid_looking_mix(
     # a run with other weights is killed right after it replaced one array
     torch.manual_seed(3)
     other = freeze(_other_weights(model))
-    real_save = feat_mod._save_npy_atomic
+    real_save = cache_mod._save_npy_atomic
 
     def save_then_die(arr, path):
         real_save(arr, path)
         if str(path).endswith(f"{killed_after}.npy"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(feat_mod, "_save_npy_atomic", save_then_die)
+    monkeypatch.setattr(cache_mod, "_save_npy_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         cached_features(cache, "val", other, ds, "1" * 64)
-    monkeypatch.setattr(feat_mod, "_save_npy_atomic", real_save)
+    monkeypatch.setattr(cache_mod, "_save_npy_atomic", real_save)
     calls = _counting(monkeypatch)
     again = cached_features(cache, "val", model, ds, meta["sha256"])  # w1 again
     assert calls == [1]  # not a "hit" on w2's arrays under w1's name
@@ -266,22 +267,22 @@ def _other_weights(model):
 def _as_rank1(monkeypatch, rank0_says):
     """This process plays rank 1 of 2: rank 0's decision is ``rank0_says`` ([state, rows,
     cols]), the other all-reduces see this rank alone; the files are never signed here."""
-    monkeypatch.setattr(feat_mod, "get_rank", lambda: 1)
-    monkeypatch.setattr(feat_mod, "get_world_size", lambda: 2)
-    monkeypatch.setattr(feat_mod, "main_rank_values", lambda values, device: list(rank0_says))
-    monkeypatch.setattr(feat_mod, "all_reduce_sum", lambda t: t)  # this rank alone
+    monkeypatch.setattr(cache_mod, "get_rank", lambda: 1)
+    monkeypatch.setattr(cache_mod, "get_world_size", lambda: 2)
+    monkeypatch.setattr(cache_mod, "main_rank_values", lambda values, device: list(rank0_says))
+    monkeypatch.setattr(cache_mod, "all_reduce_sum", lambda t: t)  # this rank alone
 
     def not_here(*a, **k):
         raise AssertionError("files signed on rank 1")
 
-    monkeypatch.setattr(feat_mod, "files_signature", not_here)
+    monkeypatch.setattr(cache_mod, "files_signature", not_here)
     calls = []
 
     def extract(model, ds, *a, **k):
         calls.append(1)
         return np.zeros((len(ds), 3), np.float32), np.zeros(len(ds), np.int64)
 
-    monkeypatch.setattr(feat_mod, "extract_features", extract)
+    monkeypatch.setattr(cache_mod, "extract_features", extract)
     return calls
 
 
@@ -324,7 +325,7 @@ def _cache_worker(rank, world, port, weights, tree, cache, out_dir):
     model = freeze(model)
     ds = build_image_dataset(tree, transform=eval_transform(40, 32))
     if rank == 1:  # this rank would see other files (e.g. a stale NFS attribute cache)
-        feat_mod.files_signature = lambda *a, **k: "other"
+        cache_mod.files_signature = lambda *a, **k: "other"
     calls = _counting(pytest.MonkeyPatch())
     got = [cached_features(cache, "val", model, ds, meta["sha256"]) for _ in range(2)]
     torch.save(
@@ -377,9 +378,9 @@ def test_half_precision_extraction_is_close_and_cached_apart(
     fp32 = cached_features(tmp_path, "train", model, ds, meta["sha256"], batch_size=6)[0]
     assert "precision" not in json.loads((tmp_path / "train_pool5.json").read_text())
     calls = []
-    real = feat_mod.extract_features
+    real = cache_mod.extract_features
     monkeypatch.setattr(
-        feat_mod, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k)
+        cache_mod, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     again = cached_features(
         tmp_path, "train", model, ds, meta["sha256"], batch_size=6, precision=precision

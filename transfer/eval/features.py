@@ -1,4 +1,5 @@
-"""The one frozen-feature extractor of the project, with an on-disk features cache.
+"""The one frozen-feature extractor of the project (its on-disk cache:
+:mod:`transfer.eval.feature_cache`).
 
 Every frozen evaluation (VOC07 SVM, kNN, the linear probes' validation pass) gets its features
 here, from a backbone the runner (:mod:`transfer.eval.runner`) read through
@@ -17,12 +18,7 @@ Layers:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -34,17 +30,14 @@ from pretrain.datasets import collate_readable
 from pretrain.dist import (
     all_gather_tensor,
     all_reduce_sum,
-    barrier,
     gather_batch_sizes,
     gather_rows_to_main,
     get_rank,
     get_world_size,
     known_batch_sizes,
-    main_rank_values,
     shard_range,
 )
 from pretrain.errors import IMSVDError
-from pretrain.fileio import atomic_write, fsync_dir, write_json_atomic
 from pretrain.progress import progress
 from pretrain.runtime import PRECISIONS, autocast
 
@@ -53,7 +46,6 @@ logger = logging.getLogger("imsvd.features")
 LAYERS = ("pool5", "res5", "res4")
 # output side of the adaptive average pool for the spatially pooled variants
 _SPATIAL_POOL = {"res5": 2, "res4": 3}
-CACHE_VERSION = 1
 # where extracted rows end up: every rank / rank 0 only / each rank its own contiguous rows
 GATHERS = ("all", "main", "shard")
 
@@ -148,14 +140,30 @@ def extract_features(
         FeatureError: bad layer, batch size, precision or gather, or no readable item at all.
     """
     check_layer(layer)
+    check_request(precision, gather)
+    if batch_size <= 0:
+        raise FeatureError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    local_f, local_y, dropped = _extract_shard(
+        model, dataset, batch_size, layer, device, num_workers, desc, precision
+    )
+    sizes = gather_batch_sizes(local_f.shape[0], device)
+    dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
+    _check_counts(sum(sizes), dropped, len(dataset), desc)
+    return _deliver(local_f, local_y, sizes, gather, device)
+
+
+def check_request(precision: str, gather: str) -> None:
+    """FeatureError for a precision or gather that is not one of PRECISIONS / GATHERS."""
     if precision not in PRECISIONS:
         raise FeatureError(f"features.precision {precision!r} is not one of {tuple(PRECISIONS)}")
     if gather not in GATHERS:
         raise FeatureError(f"feature gather {gather!r} is not one of {GATHERS}")
-    if batch_size <= 0:
-        raise FeatureError(f"batch_size must be positive, got {batch_size}")
+
+
+def _extract_shard(model, dataset, batch_size, layer, device, num_workers, desc, precision):
+    """(features (n_r, D), labels (n_r,), unreadable count) of this rank's contiguous shard."""
     model.eval()
-    device = torch.device(device)
     rank, world = get_rank(), get_world_size()
     start, stop = shard_range(len(dataset), rank, world)
     loader = DataLoader(
@@ -166,8 +174,7 @@ def extract_features(
         pin_memory=device.type == "cuda",
         collate_fn=collate_readable,
     )
-    feats, labels = [], []
-    dropped = 0
+    feats, labels, dropped = [], [], 0
     for images, targets, n_bad in progress(loader, total=len(loader), desc=desc, rank=rank):
         dropped += n_bad
         if images is None:
@@ -176,14 +183,11 @@ def extract_features(
             out = forward_features(model, images.to(device, non_blocking=True), layer)
         feats.append(out.float())
         labels.append(torch.as_tensor(targets, dtype=torch.long).to(device))
-    dim = feature_dim(model, layer)
-    local_f = torch.cat(feats) if feats else torch.zeros((0, dim), device=device)
-    local_y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
-    del feats, labels
-    sizes = gather_batch_sizes(local_f.shape[0], device)
-    dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
-    _check_counts(sum(sizes), dropped, len(dataset), desc)
-    return _deliver(local_f, local_y, sizes, gather, device)
+    if not feats:
+        dim = feature_dim(model, layer)
+        empty_y = torch.zeros((0,), dtype=torch.long, device=device)
+        return torch.zeros((0, dim), device=device), empty_y, dropped
+    return torch.cat(feats), torch.cat(labels), dropped
 
 
 def _check_counts(rows: int, dropped: int, n: int, desc: str) -> None:
@@ -227,294 +231,3 @@ def rows_on_main(
     f = gather_rows_to_main(torch.from_numpy(np.ascontiguousarray(feats)), sizes, device)
     y = gather_rows_to_main(torch.from_numpy(np.ascontiguousarray(labels)), sizes, device)
     return None if f is None else (f.numpy(), y.numpy())
-
-
-CACHE_CHECKS = ("stat", "content")
-
-
-def dataset_signature(dataset: Dataset) -> str:
-    """Hash of the sample list: each sample's absolute resolved path and label.
-
-    Without ``samples`` (a dataset that is not a list of files) only its length is hashed.
-    """
-    samples = getattr(dataset, "samples", None)
-    h = hashlib.sha256(str(len(dataset)).encode())
-    folders: dict[str, str] = {}  # each folder resolved once (symlinks, "..", the cwd)
-    if samples is not None:
-        for path, label in samples:
-            h.update(f"{_resolved(str(path), folders)}\0{label}\n".encode())
-    return h.hexdigest()
-
-
-def _resolved(path: str, folders: dict[str, str]) -> str:
-    folder, name = os.path.split(path)
-    if folder not in folders:
-        folders[folder] = os.path.realpath(folder or ".")
-    return os.path.join(folders[folder], name)
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def files_signature(dataset: Dataset, check: str = "stat") -> str:
-    """Hash of what the sample files are now: size and mtime_ns of each (``check="stat"``), and
-    also the sha256 of its bytes (``check="content"``); a missing file counts as "missing".
-
-    Raises:
-        FeatureError: unknown ``check``.
-    """
-    if check not in CACHE_CHECKS:
-        raise FeatureError(f"features.cache_check {check!r} is not one of {CACHE_CHECKS}")
-    h = hashlib.sha256(check.encode())
-    for path, _ in getattr(dataset, "samples", None) or []:
-        try:
-            st = os.stat(path)
-            ident = f"{st.st_size}:{st.st_mtime_ns}"
-            if check == "content":
-                ident += ":" + file_sha256(path)
-        except OSError:
-            ident = "missing"
-        h.update(f"{ident}\n".encode())
-    return h.hexdigest()
-
-
-def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
-    atomic_write(path, lambda f: np.save(f, arr))
-
-
-def cache_meta(
-    split: str,
-    layer: str,
-    dataset: Dataset,
-    weights_sha256: str,
-    check: str = "stat",
-    precision: str = "fp32",
-) -> dict[str, Any]:
-    """What a cache entry must match to be reused: cache version, weights hash, layer, split,
-    transform, sample count, the sample list (:func:`dataset_signature`), the files as they
-    are now (:func:`files_signature`) and, when not fp32, the extraction's precision (so fp32
-    entries written before the key existed stay valid)."""
-    extra = {} if precision == "fp32" else {"precision": precision}
-    return {
-        **extra,
-        "version": CACHE_VERSION,
-        "weights_sha256": weights_sha256,
-        "layer": layer,
-        "split": split,
-        "transform": repr(getattr(dataset, "transform", None)),
-        "num_samples": len(dataset),
-        "samples_sha256": dataset_signature(dataset),
-        "files_sha256": files_signature(dataset, check),
-        "cache_check": check,
-    }
-
-
-def cached_features(
-    cache_dir: str | os.PathLike,
-    split: str,
-    model: nn.Module,
-    dataset: Dataset,
-    weights_sha256: str,
-    layer: str = "pool5",
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    check: str = "stat",
-    precision: str = "fp32",
-    gather: str = "all",
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`extract_features` behind an on-disk cache.
-
-    ``<cache_dir>/<split>_<layer>.{feats.npy,labels.npy,json}``; the JSON (:func:`cache_meta`)
-    holds the weights hash, layer, split, transform, the hash of the samples' absolute resolved
-    paths and labels, and the hash of the files' size and mtime_ns (``check="content"``: also
-    their bytes). A cache whose metadata matches is reused; otherwise the features are
-    extracted again and the entry rewritten by rank 0: the metadata file is removed first, then
-    the arrays are written (atomically each) and the metadata last, so an entry is valid as a
-    whole or not at all, whenever a writer is killed. The log says why an entry was used or
-    rebuilt.
-
-    Rank 0 alone computes the metadata (so a content check hashes the files once) and decides
-    hit or miss; the decision reaches every rank (one all-reduce on ``device``), so all ranks
-    extract together or none does. On a hit the other ranks read (memory-mapped) the rows
-    ``gather`` gives them from the arrays rank 0 checked; when one of them cannot, every rank
-    re-extracts. With ``gather="shard"`` a rank's rows are a contiguous slice of the whole
-    arrays in rank order, but which slice may differ between an extraction and a hit; on a miss
-    the shards reach rank 0 in bounded chunks for writing.
-
-    Args:
-        cache_dir: folder of the cache.
-        split: split name (part of the file names and metadata).
-        model, dataset, layer, batch_size, device, num_workers, precision, gather: as for
-            extract_features.
-        weights_sha256: content hash of the backbone weights (load_backbone's meta["sha256"]).
-        check: "stat" (size + mtime_ns of every file) or "content" (also a sha256 of each).
-    Returns:
-        (features, labels) as extract_features (unreadable images left out; their number is
-        ``len(dataset)`` minus the rows of all ranks).
-    Raises:
-        FeatureError: unknown ``check``; as extract_features.
-    """
-    if check not in CACHE_CHECKS:  # on every rank, before any collective
-        raise FeatureError(f"features.cache_check {check!r} is not one of {CACHE_CHECKS}")
-    if precision not in PRECISIONS:
-        raise FeatureError(f"features.precision {precision!r} is not one of {tuple(PRECISIONS)}")
-    if gather not in GATHERS:
-        raise FeatureError(f"feature gather {gather!r} is not one of {GATHERS}")
-    stem = Path(cache_dir) / f"{split}_{layer}"
-    paths = (Path(f"{stem}.feats.npy"), Path(f"{stem}.labels.npy"), Path(f"{stem}.json"))
-    meta, hit = None, None
-    if get_rank() == 0:  # the signature (a hash of every file with check="content") once
-        try:
-            meta = cache_meta(split, layer, dataset, weights_sha256, check, precision)
-            hit = _read_cache(paths[2], paths[0], paths[1], meta)
-        except Exception:  # noqa: BLE001 (the other ranks are told, then it is re-raised)
-            main_rank_values([_FAILED, 0, 0], device)
-            raise
-        if hit is not None and getattr(dataset, "strict", False) and len(hit[1]) < len(dataset):
-            logger.info(
-                "features cache %s was written with unreadable images left out: strict mode "
-                "re-extracts",
-                stem,
-            )
-            hit = None
-    # rank 0 decides for every rank: all take the same branch (extract_features is collective)
-    state, rows, cols = main_rank_values(
-        [_MISS if hit is None else _HIT, *(hit[0].shape if hit is not None else (0, 0))], device
-    )
-    if state == _FAILED:
-        raise FeatureError(
-            f"features cache {stem}: rank 0 failed to check the entry (see its error)"
-        )
-    if state == _HIT:
-        got = _hit_rows(hit, paths, (rows, cols), gather)
-        unread = int(all_reduce_sum(torch.tensor([int(got is None)], device=device)).item())
-        if unread == 0:
-            logger.info(
-                "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths "
-                "and file sizes / mtimes (%s check)",
-                stem,
-                rows,
-                cols,
-                check,
-            )
-            return got
-        logger.warning(
-            "features cache %s could not be read on %d rank(s): re-extracting", stem, unread
-        )
-    logger.info("extracting %s features (%d images, layer %s)", split, len(dataset), layer)
-    feats, labels = extract_features(
-        model,
-        dataset,
-        batch_size,
-        layer,
-        device,
-        num_workers,
-        f"{split} features",
-        precision,
-        gather,
-    )
-    whole = rows_on_main(feats, labels, device) if gather == "shard" else (feats, labels)
-    if get_rank() == 0:
-        _write_cache(Path(cache_dir), paths[2], paths[0], paths[1], meta, *whole)
-    barrier()
-    return feats, labels
-
-
-_MISS, _HIT, _FAILED = 0, 1, 2
-
-
-def _hit_rows(hit, paths, shape, gather: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """This rank's rows of a valid entry (rank 0's memory-mapped ``hit``, the others read the
-    files), copied out of the map; None when this rank cannot read them."""
-    rank, world = get_rank(), get_world_size()
-    if gather == "main" and rank != 0:
-        return np.zeros((0, shape[1]), np.float32), np.zeros((0,), np.int64)
-    arrays = hit if rank == 0 else _load_arrays(paths[0], paths[1], shape)
-    if arrays is None:
-        return None
-    lo, hi = shard_range(shape[0], rank, world) if gather == "shard" else (0, shape[0])
-    try:
-        return np.array(arrays[0][lo:hi]), np.array(arrays[1][lo:hi])
-    except OSError as e:  # a mapped page that cannot be read
-        logger.warning("features cache %s unreadable on this rank (%s)", paths[0], e)
-        return None
-
-
-def _load_arrays(
-    f_path: Path, y_path: Path, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The arrays of an entry rank 0 found valid, or None when unreadable or of another shape."""
-    try:
-        feats, labels = np.load(f_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        logger.warning("features cache %s unreadable on this rank (%s)", f_path, e)
-        return None
-    if tuple(feats.shape) != tuple(shape) or labels.shape != (shape[0],):
-        logger.warning("features cache %s has another shape on this rank", f_path)
-        return None
-    return feats, labels
-
-
-def _write_cache(cache_dir, m_path, f_path, y_path, meta, feats, labels) -> None:
-    """Invalidate (remove the metadata), write the arrays, then the metadata: never a mix."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        m_path.unlink()
-    except FileNotFoundError:
-        pass
-    fsync_dir(cache_dir)
-    _save_npy_atomic(feats, f_path)
-    _save_npy_atomic(labels, y_path)
-    write_json_atomic(dict(meta, shape=list(feats.shape)), m_path)
-
-
-_MEANING = {
-    "version": "cache format version",
-    "weights_sha256": "weights",
-    "layer": "layer",
-    "split": "split",
-    "transform": "transform",
-    "num_samples": "number of samples",
-    "samples_sha256": "sample list (absolute paths / labels)",
-    "files_sha256": "files (size / mtime_ns / content) under the same paths",
-    "cache_check": "cache check",
-}
-
-
-def _read_cache(
-    m_path: Path, f_path: Path, y_path: Path, meta: Mapping[str, Any]
-) -> tuple[np.ndarray, np.ndarray] | None:
-    if not (m_path.is_file() and f_path.is_file() and y_path.is_file()):
-        if f_path.exists() or y_path.exists():
-            logger.info(
-                "features cache %s has no valid metadata (an interrupted write?): re-extracting",
-                m_path,
-            )
-        return None
-    try:
-        stored = json.loads(m_path.read_text(encoding="utf-8"))
-        if not isinstance(stored, dict):
-            return None
-        shape = stored.pop("shape", None)
-        if stored != dict(meta):
-            differ = [_MEANING.get(k, k) for k in meta if stored.get(k) != meta[k]]
-            differ += [k for k in stored if k not in meta]
-            why = ", ".join(differ) or "metadata"
-            logger.info("features cache %s is stale (%s changed): re-extracting", m_path, why)
-            return None
-        feats = np.load(f_path, mmap_mode="r")  # the rows a rank needs are copied out later
-        labels = np.load(y_path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        logger.warning("features cache %s unreadable (%s): re-extracting", m_path, e)
-        return None
-    if list(feats.shape) != shape or labels.shape[0] != feats.shape[0]:
-        logger.warning("features cache %s has inconsistent shapes: re-extracting", m_path)
-        return None
-    return feats, labels

@@ -41,7 +41,8 @@ from pretrain.images import max_image_pixels
 from pretrain.log import LOGGER_NAME, setup_logging
 from pretrain.model import model_from_checkpoint
 from transfer.eval.evalcfg import build_parser, load_eval_config
-from transfer.eval.features import FeatureError, cached_features, extract_features, freeze
+from transfer.eval.feature_cache import cached_features
+from transfer.eval.features import FeatureError, extract_features, freeze
 
 logger = logging.getLogger(LOGGER_NAME)
 

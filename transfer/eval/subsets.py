@@ -26,7 +26,7 @@ import numpy as np
 
 from pretrain.config import ConfigError
 from pretrain.errors import IMSVDError
-from transfer.eval.features import file_sha256
+from transfer.eval.feature_cache import file_sha256
 
 __all__ = ["SubsetError", "read_subset_file", "select_by_names", "select_fraction", "apply_subset"]
 
