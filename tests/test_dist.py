@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pretrain import dist as pdist
+from pretrain.dist import group as dist_group
 from pretrain.dist import DistributedSetupError, init_distributed
 
 LAUNCH_VARS = (
@@ -92,7 +93,7 @@ def test_slurm_env_is_read(clean_env):
     clean_env.setenv("SLURM_NTASKS", "1")
     clean_env.setenv("SLURM_LOCALID", "0")
     assert init_distributed("cpu").world_size == 1
-    assert pdist._read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})[
+    assert dist_group._read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})[
         :3
     ] == (5, 8, 1)
     # torchrun variables win over SLURM's when both are present.
@@ -103,7 +104,7 @@ def test_slurm_env_is_read(clean_env):
         "SLURM_PROCID": "5",
         "SLURM_NTASKS": "8",
     }
-    assert pdist._read_launch_env(both)[:3] == (1, 2, 0)
+    assert dist_group._read_launch_env(both)[:3] == (1, 2, 0)
 
 
 def test_bad_device(clean_env):
