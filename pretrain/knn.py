@@ -194,10 +194,7 @@ def knn_classify(
     world = dist.get_world_size() if sharded else 1
     try:
         temperature = check_temperature(temperature)
-        half = torch.is_tensor(train_feats) and train_feats.dtype in (torch.bfloat16, torch.float16)
-        bank = torch.as_tensor(train_feats, dtype=None if half else torch.float32, device=device)
-        labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
-        queries = torch.as_tensor(test_feats, dtype=torch.float32)
+        bank, labels, queries = _as_tensors(train_feats, train_labels, test_feats, device)
         _check_inputs(bank, labels, queries, ks, chunk_size, bank_block)
         refused = None
     except ValueError as exc:
@@ -214,15 +211,30 @@ def knn_classify(
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
     for start in range(0, queries.shape[0], int(chunk_size)):
         q = F.normalize(queries[start : start + int(chunk_size)].to(device), dim=1)
-        keys = _shard_topk(q, bank, offset, kmax, int(bank_block))
-        if world > 1:  # merge the shards' candidates by the same key order
-            keys = torch.cat(dist.all_gather_tensor(keys[None]).unbind(0), dim=1)
-            keys = keys.topk(kmax, dim=1).values
-        sim, index = _decode_keys(keys)  # (m, kmax): whole-bank top-k, sorted
-        cand = _labels_at(labels, index, offset, world)
+        sim, cand = _neighbours(q, bank, labels, offset, kmax, int(bank_block), world)
         for k, pred in _vote(sim, cand, preds, kmax, n_cls, temperature).items():
             preds[k].append(pred)
     return {k: torch.cat(v).numpy() if v else np.zeros(0, np.int64) for k, v in preds.items()}
+
+
+def _neighbours(q, bank, labels, offset: int, kmax: int, bank_block: int, world: int):
+    """(similarities, labels) (m, kmax) of the whole bank's top-k of queries ``q``, sorted:
+    this shard's candidates, merged with the other ranks' by the same key order."""
+    keys = _shard_topk(q, bank, offset, kmax, bank_block)
+    if world > 1:
+        keys = torch.cat(dist.all_gather_tensor(keys[None]).unbind(0), dim=1)
+        keys = keys.topk(kmax, dim=1).values
+    sim, index = _decode_keys(keys)
+    return sim, _labels_at(labels, index, offset, world)
+
+
+def _as_tensors(train_feats, train_labels, test_feats, device):
+    """The bank (float32, or a bf16 / fp16 tensor as given) and its labels on ``device``, the
+    queries as float32 (moved chunk by chunk)."""
+    half = torch.is_tensor(train_feats) and train_feats.dtype in (torch.bfloat16, torch.float16)
+    bank = torch.as_tensor(train_feats, dtype=None if half else torch.float32, device=device)
+    labels = torch.as_tensor(train_labels, dtype=torch.long, device=device)
+    return bank, labels, torch.as_tensor(test_feats, dtype=torch.float32)
 
 
 def _shard_sizes(local: int, refused, world: int, device) -> list[int]:
