@@ -7,6 +7,20 @@ sim_max the query's best similarity: the same vote scaled by a positive constant
 the same prediction), without the float32 overflow of exp(sim / T) for T below about 0.0113.
 This is the one implementation: the offline evaluation (``transfer.eval.knn``) and the online
 probe of pretraining (``pretrain.probe``) both call it.
+
+The k neighbours of a query are its k most similar bank rows, ties in similarity broken by the
+lower bank index (-0.0 counts below +0.0); the vote of class c is the sum over them of
+exp((sim - sim_max) / T), the largest class wins (the lower class index on a tie).
+
+Sharded bank: with ``sharded=True`` in a process group, each rank passes its contiguous shard
+of the bank (rank 0 the first rows, then rank 1, ...; shards may differ in size or be empty)
+and the same queries. Each rank finds its shard's top-k candidates per query chunk, one
+all_gather of (chunk, k) keys and labels merges them, and the merged top-k are voted by
+scatter-adding their weights: predictions equal those of one process holding the whole bank,
+returned on every rank. Per rank the memory is the shard (not copied: each bank block is
+normalised when it is used) plus O(chunk_size x (bank_block + W k)); no N x D array is
+gathered. The default bank block of 16,384 rows keeps the temporaries of a 1,024-query chunk
+near 0.6 GB (measured no slower than 65,536 on a 131k x 2048 bank).
 """
 
 from __future__ import annotations
@@ -151,26 +165,13 @@ def knn_classify(
     sharded: bool = False,
     bank_block: int = 16384,
 ) -> dict:
-    """Weighted cosine k-NN predictions, on one process or over a bank sharded across ranks.
-
-    The k neighbours of a query are its k most similar bank rows, ties in similarity broken by
-    the lower bank index (-0.0 counts below +0.0); the vote of class c is the sum over them of
-    exp((sim - sim_max) / T), the largest class wins (the lower class index on a tie).
-
-    With ``sharded=True`` in a process group, ``train_feats`` / ``train_labels`` are this rank's
-    contiguous shard of the bank (rank 0 the first rows, then rank 1, ...; shards may differ in
-    size or be empty) and ``test_feats`` the same queries on every rank. Each rank finds its
-    shard's top-k candidates per query chunk, one all_gather of (chunk, k) keys and labels
-    merges them, and the merged top-k are voted by scatter-adding their weights: predictions
-    equal those of one process holding the whole bank, returned on every rank. Per rank the
-    memory is the shard (not copied: each bank block is normalised when it is used) plus
-    O(chunk_size x (bank_block + W k)); no N x D array is gathered.
+    """Weighted cosine k-NN predictions, on one process or over a bank sharded across ranks
+    (the neighbour order, the vote and the sharded merge: see the module docstring).
 
     Args:
-        train_feats: (N, D) bank features, or this rank's (N_r, D) shard (L2-normalised here,
-            block by block; a float32 array or tensor on ``device`` is used without a copy, and
-            so is a bf16 / fp16 tensor, e.g. from :func:`bank_tensor`: its blocks are
-            compared in float32).
+        train_feats: (N, D) bank features, or this rank's (N_r, D) shard, normalised block by
+            block; a float32 array or tensor on ``device`` is used without a copy, and so is a
+            bf16 / fp16 tensor (:func:`bank_tensor`), its blocks compared in float32.
         train_labels: (N,) or (N_r,) integer labels.
         test_feats: (M, D) query features.
         ks: neighbour counts (each capped at the whole bank's size).
@@ -179,9 +180,7 @@ def knn_classify(
         chunk_size: query rows per similarity block.
         device: where the products run (the process's device for NCCL).
         sharded: the bank is sharded over the process group's ranks (every rank must call).
-        bank_block: bank rows per similarity block (bounds it to chunk_size x bank_block; the
-            default keeps the temporaries of a 1,024-query chunk near 0.6 GB, measured no
-            slower than 65,536 on a 131k x 2048 bank).
+        bank_block: bank rows per similarity block (bounds it to chunk_size x bank_block).
 
     Returns:
         {k: (M,) int64 numpy predictions} for each k in ks.
@@ -205,8 +204,7 @@ def knn_classify(
     offset, total = sum(sizes[: dist.get_rank()]) if world > 1 else 0, sum(sizes)
     if total == 0:
         raise DataError("kNN: 0 bank rows (no readable bank image)")
-    top = labels.max() if labels.numel() else labels.new_zeros(())
-    n_cls = int(num_classes) if num_classes else int(_max_over_ranks(top, world)) + 1
+    n_cls = int(num_classes) if num_classes else _class_count(labels, world)
     kmax = min(max(int(k) for k in ks), total)
     preds: dict[int, list[torch.Tensor]] = {int(k): [] for k in ks}
     for start in range(0, queries.shape[0], int(chunk_size)):
@@ -263,6 +261,12 @@ def _vote(sim, cand, ks, kmax: int, n_cls: int, temperature: float) -> dict:
         )
         out[k] = votes.argmax(1).cpu()
     return out
+
+
+def _class_count(labels: torch.Tensor, world: int) -> int:
+    """The largest label over the whole bank (every rank's shard) + 1."""
+    top = labels.max() if labels.numel() else labels.new_zeros(())
+    return int(_max_over_ranks(top, world)) + 1
 
 
 def _max_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
