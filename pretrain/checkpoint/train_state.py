@@ -1,5 +1,11 @@
 """Training state (``imsvd-train-state``): save with a content hash, load and verify, restore,
-and the checkpoint files of a run folder (list, newest loadable, prune)."""
+and the checkpoint files of a run folder (list, newest loadable, prune).
+
+Position convention: ``(epoch, step_in_epoch)`` is where training resumes; ``epoch`` is the
+0-based epoch in progress and ``step_in_epoch`` the optimizer steps of it already done. At the
+end of epoch e a state is saved with ``epoch=e+1, step_in_epoch=0``. ``step`` counts all
+optimizer steps.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +87,41 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"checkpoint_e{epoch:04d}_s{step:08d}.pth"
 
 
+def _model_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The state dict of a (possibly wrapped) PretrainModel, without a ``module.`` prefix."""
+    model_sd = unwrap_model(model).state_dict()
+    if any(k.startswith("module.") for k in model_sd):
+        model_sd = OrderedDict((k.removeprefix("module."), v) for k, v in model_sd.items())
+    bad = [k for k in model_sd if not k.startswith(("backbone.", "projector."))]
+    if bad or not any(k.startswith("backbone.") for k in model_sd):
+        raise CheckpointError(
+            "save_training_state expects a PretrainModel (keys backbone.* and projector.*); "
+            f"got keys such as {fmt_keys(bad or list(model_sd), 5)}"
+        )
+    return model_sd
+
+
+def _check_position(config, **position: int) -> None:
+    """CheckpointError unless ``config`` is a mapping and each position an int >= 0."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"config must be a plain dict, got {type(config).__name__}")
+    for name, v in position.items():
+        if type(v) is not int or v < 0:
+            raise CheckpointError(f"save_training_state: {name} must be an int >= 0, got {v!r}")
+
+
+def _rng_fields(rng) -> tuple[dict, list | None]:
+    """(rank 0's RNG state, every rank's or None) from ``save_training_state``'s ``rng``."""
+    if rng is None:
+        return dict(capture_rng_state()), None
+    if isinstance(rng, Mapping):
+        return dict(rng), None
+    per_rank = [dict(r) for r in rng]
+    if not per_rank:
+        raise CheckpointError("save_training_state: rng list is empty")
+    return per_rank[0], per_rank
+
+
 def save_training_state(
     path: str | os.PathLike,
     *,
@@ -94,11 +135,7 @@ def save_training_state(
     extra: Mapping[str, Any] | None = None,
     rng: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Atomically write an ``imsvd-train-state`` checkpoint.
-
-    Position convention: ``(epoch, step_in_epoch)`` is where training resumes; ``epoch`` is the
-    0-based epoch in progress and ``step_in_epoch`` the optimizer steps of it already done. At
-    the end of epoch e save ``epoch=e+1, step_in_epoch=0``. ``step`` counts all optimizer steps.
+    """Atomically write an ``imsvd-train-state`` checkpoint (positions: the module docstring).
 
     Args:
         path: destination (use :func:`checkpoint_name` inside the output folder).
@@ -107,7 +144,7 @@ def save_training_state(
             ``model.out_norm: bn`` is the projector's last layer).
         optimizer: optimizer whose state_dict is stored (None allowed).
         scaler: torch.amp.GradScaler or None; a disabled scaler is stored as None.
-        epoch: epoch in progress (0-based), see above.
+        epoch: epoch in progress (0-based).
         step: global optimizer step count.
         step_in_epoch: optimizer steps done in ``epoch``.
         config: the resolved config (plain nested dict).
@@ -118,45 +155,17 @@ def save_training_state(
     Returns:
         The written path.
     """
-    net = unwrap_model(model)
-    model_sd = net.state_dict()
-    if any(k.startswith("module.") for k in model_sd):
-        model_sd = OrderedDict((k.removeprefix("module."), v) for k, v in model_sd.items())
-    bad = [k for k in model_sd if not k.startswith(("backbone.", "projector."))]
-    if bad or not any(k.startswith("backbone.") for k in model_sd):
-        raise CheckpointError(
-            "save_training_state expects an PretrainModel (keys backbone.* and projector.*); "
-            f"got keys such as {fmt_keys(bad or list(model_sd), 5)}"
-        )
-    if not isinstance(config, Mapping):
-        raise CheckpointError(f"config must be a plain dict, got {type(config).__name__}")
+    model_sd = _model_state(model)
+    _check_position(config, epoch=epoch, step=step, step_in_epoch=step_in_epoch)
     arch, stem = _arch_stem(config, strip_prefix(model_sd, "backbone."))
-    for name, v in (("epoch", epoch), ("step", step), ("step_in_epoch", step_in_epoch)):
-        if type(v) is not int or v < 0:
-            raise CheckpointError(f"save_training_state: {name} must be an int >= 0, got {v!r}")
-
-    scaler_sd = None
-    if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
-        scaler_sd = scaler.state_dict()
-    rng_per_rank = None
-    if rng is None:
-        rng_main: Mapping[str, Any] = capture_rng_state()
-    elif isinstance(rng, Mapping):
-        rng_main = rng
-    else:
-        rng_per_rank = [dict(r) for r in rng]
-        if not rng_per_rank:
-            raise CheckpointError("save_training_state: rng list is empty")
-        rng_main = rng_per_rank[0]
+    enabled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
+    scaler_sd = scaler.state_dict() if enabled else None
+    rng_main, rng_per_rank = _rng_fields(rng)
 
     state: dict[str, Any] = {
         "format": TRAIN_STATE_FORMAT,
         "format_version": TRAIN_STATE_VERSION,
-        "arch": arch,
-        "stem": stem,
-        "epoch": epoch,
-        "step": step,
-        "step_in_epoch": step_in_epoch,
+        **dict(arch=arch, stem=stem, epoch=epoch, step=step, step_in_epoch=step_in_epoch),
         "model": model_sd,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler_sd,
