@@ -124,8 +124,18 @@ def plot_curves(
     n = len(runs)
     fig = plt.figure(figsize=(max(7.0, 3.2 * n), 7.2), constrained_layout=True)
     grid = fig.add_gridspec(2, n, height_ratios=[1.4, 1.0])
-    ax = fig.add_subplot(grid[0, :])
     colours = plt.get_cmap("tab10")
+    _knn_panel(fig.add_subplot(grid[0, :]), names, data, refs, x, title, colours)
+    for i, (name, rows) in enumerate(zip(names, data)):
+        _loss_panel(fig.add_subplot(grid[1, i]), name, rows, colours)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def _knn_panel(ax, names, data, refs, x: str, title: str | None, colours) -> None:
+    """The kNN top-1 curve of every run with a probe, and the reference lines."""
     for i, (name, rows) in enumerate(zip(names, data)):
         key = _knn_key(rows)
         if key is None:
@@ -139,28 +149,20 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9, frameon=True)
     ax.set_title(title or "Online kNN probe (weighted, cosine, T = 0.07)", fontsize=11)
-    for i, (name, rows) in enumerate(zip(names, data)):
-        lax = fig.add_subplot(grid[1, i])
-        terms = sorted({k for r in rows for k in r if k.startswith("loss_")})
-        for t, term in enumerate(terms):
-            xs, ys = _series(rows, term, "step")
-            lax.plot(
-                xs,
-                ys,
-                lw=1.4,
-                marker="." if len(xs) < 20 else None,
-                color=colours(t),
-                label=term[5:],
-            )
-        lax.set_title(f"{name}: loss terms", fontsize=10)
-        lax.set_xlabel("training step")
-        lax.grid(alpha=0.3)
-        if terms:
-            lax.legend(fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
+
+
+def _loss_panel(ax, name: str, rows, colours) -> None:
+    """One run's loss terms against the training step."""
+    terms = sorted({k for r in rows for k in r if k.startswith("loss_")})
+    for t, term in enumerate(terms):
+        xs, ys = _series(rows, term, "step")
+        marker = "." if len(xs) < 20 else None
+        ax.plot(xs, ys, lw=1.4, marker=marker, color=colours(t), label=term[5:])
+    ax.set_title(f"{name}: loss terms", fontsize=10)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+    if terms:
+        ax.legend(fontsize=8)
 
 
 def _ref(text: str) -> tuple[str, float]:
