@@ -64,6 +64,29 @@ def scan_image_folder(
     """
     if not os.path.isdir(root):
         raise DataError(f"data root {root!r} does not exist or is not a directory")
+    folders = _class_folders(root)
+    classes = folders if class_names is None else _known_classes(root, folders, class_names)
+    index = {name: i for i, name in enumerate(classes)}
+    samples: List[Tuple[str, int]] = []
+    links: List[str] = []
+    for name in folders:
+        files = _images_under(os.path.join(root, name), links)
+        samples.extend((p, index[name]) for p in sorted(files))
+    if links:
+        logger.warning(
+            "%s: %d symlinked director%s inside class folders not followed: %s",
+            root, len(links), "y" if len(links) == 1 else "ies", _preview(links),
+        )  # fmt: skip
+    if not samples:
+        raise DataError(
+            f"data root {root!r} has {len(folders)} class folders but no images with extensions "
+            f"{', '.join(IMG_EXTENSIONS)}"
+        )
+    return samples, classes
+
+
+def _class_folders(root: str) -> List[str]:
+    """The sorted class sub-folders of ``root`` (a link to ``root`` or above it is skipped)."""
     root_real = os.path.realpath(root)
     folders = []
     for e in sorted(os.scandir(root), key=lambda e: e.name):
@@ -78,49 +101,37 @@ def scan_image_folder(
         folders.append(e.name)
     if not folders:
         raise DataError(f"data root {root!r} has no class sub-folders (expected root/<class>/img)")
-    if class_names is None:
-        classes = folders
-    else:
-        classes = list(class_names)
-        unknown = [f for f in folders if f not in classes]
-        if unknown:
-            raise DataError(
-                f"data root {root!r}: class folder(s) {unknown} are not classes of the training "
-                f"split ({len(classes)} classes: {_preview(classes)})"
-            )
-        missing = sorted(set(classes) - set(folders))
-        if missing:
-            logger.info(
-                "%s has %d of the %d training classes (absent: %s)",
-                root, len(folders), len(classes), _preview(missing),
-            )  # fmt: skip
-    index = {name: i for i, name in enumerate(classes)}
-    samples: List[Tuple[str, int]] = []
-    links: List[str] = []
-    for name in folders:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=False):
-            dirnames.sort()
-            links += [
-                os.path.join(dirpath, d)
-                for d in dirnames
-                if os.path.islink(os.path.join(dirpath, d))
-            ]
-            files += [
-                os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS)
-            ]
-        samples.extend((p, index[name]) for p in sorted(files))
-    if links:
-        logger.warning(
-            "%s: %d symlinked director%s inside class folders not followed: %s",
-            root, len(links), "y" if len(links) == 1 else "ies", _preview(links),
-        )  # fmt: skip
-    if not samples:
+    return folders
+
+
+def _known_classes(root: str, folders: List[str], class_names: Sequence[str]) -> List[str]:
+    """``class_names`` as a list, after checking every folder is one of them."""
+    classes = list(class_names)
+    unknown = [f for f in folders if f not in classes]
+    if unknown:
         raise DataError(
-            f"data root {root!r} has {len(folders)} class folders but no images with extensions "
-            f"{', '.join(IMG_EXTENSIONS)}"
+            f"data root {root!r}: class folder(s) {unknown} are not classes of the training "
+            f"split ({len(classes)} classes: {_preview(classes)})"
         )
-    return samples, classes
+    missing = sorted(set(classes) - set(folders))
+    if missing:
+        logger.info(
+            "%s has %d of the %d training classes (absent: %s)",
+            root, len(folders), len(classes), _preview(missing),
+        )  # fmt: skip
+    return classes
+
+
+def _images_under(folder: str, links: List[str]) -> List[str]:
+    """Image files below ``folder`` (directory links not followed: appended to ``links``)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        links += [
+            os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))
+        ]
+        files += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS)]
+    return files
 
 
 def _preview(items: Sequence[Any], n: int = 5) -> str:
