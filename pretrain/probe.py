@@ -218,39 +218,9 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
         raise DataError("config keys 'eval.bank_root' and 'eval.query_root' must be set together")
     # in a process group each rank loads (and embeds) only its contiguous shard of the bank
     world = dist.get_world_size()
-    where = "bank shard" if world > 1 else "bank"
-
-    def shard(items):
-        lo, hi = dist.shard_range(len(items), dist.get_rank(), world)
-        return items[lo:hi]
-
-    if bank_root:
-        bank_ds = build_image_dataset(root=str(bank_root))
-        # queries labelled by the bank's class names (an unknown class is an error naming it)
-        query_ds = build_image_dataset(root=str(query_root), class_names=bank_ds.classes)
-        bank_items = [bank_ds.samples[i] for i in rng.permutation(len(bank_ds))[:n_bank]]
-        qs = [query_ds.samples[i] for i in rng.permutation(len(query_ds))[:n_query]]
-        labels = [y for _, y in bank_items + qs]
-        bank = load_probe_set(shard(bank_items), size, where)
-        queries = load_probe_set(qs, size, "queries")
-    elif data_cfg["kind"] == "synthetic":
-        source = SyntheticImages(data_cfg["synthetic_length"], data_cfg["synthetic_size"])
-        perm = rng.permutation(len(source))
-        if n_bank + n_query > len(perm):
-            n_bank, n_query = _shrink(n_bank, n_query, len(perm))
-        labels = [source.label(int(i)) for i in perm[: n_bank + n_query]]
-        bank = _synthetic(source, shard(perm[:n_bank]), size)
-        queries = _synthetic(source, perm[n_bank : n_bank + n_query], size)
-    else:
-        ds = build_image_dataset(root=data_cfg["root"], list_file=data_cfg["list_file"])
-        perm = rng.permutation(len(ds))
-        if n_bank + n_query > len(perm):
-            n_bank, n_query = _shrink(n_bank, n_query, len(perm))
-        labels = [ds.samples[i][1] for i in perm[: n_bank + n_query]]
-        bank = load_probe_set([ds.samples[i] for i in shard(perm[:n_bank])], size, where)
-        queries = load_probe_set(
-            [ds.samples[i] for i in perm[n_bank : n_bank + n_query]], size, "queries"
-        )
+    bank, queries, labels, n_bank = _load_sets(
+        eval_cfg, data_cfg, rng, (n_bank, n_query), size, "bank shard" if world > 1 else "bank"
+    )
     logger.info(
         "kNN probe: bank %d (%s), queries %d images at %d px (%.1f s to load)",
         len(bank),
@@ -260,6 +230,45 @@ def build_probe(eval_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> KNN
         time.perf_counter() - t0,
     )
     return KNNProbe(bank, queries, shard=world > 1, num_classes=max(labels) + 1, **kw)
+
+
+def _shard(items):
+    """This rank's contiguous part of ``items`` (all of them for one process)."""
+    lo, hi = dist.shard_range(len(items), dist.get_rank(), dist.get_world_size())
+    return items[lo:hi]
+
+
+def _load_sets(eval_cfg, data_cfg, rng, sizes: tuple[int, int], size: int, where: str):
+    """(bank shard, queries, labels of the whole bank then the queries, bank size) from the
+    probe's folders, the synthetic images or the pretraining data (see :func:`build_probe`)."""
+    n_bank, n_query = sizes
+    if eval_cfg["bank_root"]:
+        bank_ds = build_image_dataset(root=str(eval_cfg["bank_root"]))
+        # queries labelled by the bank's class names (an unknown class is an error naming it)
+        query_ds = build_image_dataset(
+            root=str(eval_cfg["query_root"]), class_names=bank_ds.classes
+        )
+        bank_items = [bank_ds.samples[i] for i in rng.permutation(len(bank_ds))[:n_bank]]
+        qs = [query_ds.samples[i] for i in rng.permutation(len(query_ds))[:n_query]]
+        labels = [y for _, y in bank_items + qs]
+        bank = load_probe_set(_shard(bank_items), size, where)
+        return bank, load_probe_set(qs, size, "queries"), labels, n_bank
+    if data_cfg["kind"] == "synthetic":
+        source = SyntheticImages(data_cfg["synthetic_length"], data_cfg["synthetic_size"])
+        perm = rng.permutation(len(source))
+        if n_bank + n_query > len(perm):
+            n_bank, n_query = _shrink(n_bank, n_query, len(perm))
+        labels = [source.label(int(i)) for i in perm[: n_bank + n_query]]
+        bank = _synthetic(source, _shard(perm[:n_bank]), size)
+        return bank, _synthetic(source, perm[n_bank : n_bank + n_query], size), labels, n_bank
+    ds = build_image_dataset(root=data_cfg["root"], list_file=data_cfg["list_file"])
+    perm = rng.permutation(len(ds))
+    if n_bank + n_query > len(perm):
+        n_bank, n_query = _shrink(n_bank, n_query, len(perm))
+    labels = [ds.samples[i][1] for i in perm[: n_bank + n_query]]
+    bank = load_probe_set([ds.samples[i] for i in _shard(perm[:n_bank])], size, where)
+    qs = [ds.samples[i] for i in perm[n_bank : n_bank + n_query]]
+    return bank, load_probe_set(qs, size, "queries"), labels, n_bank
 
 
 def _shrink(n_bank: int, n_query: int, available: int) -> tuple[int, int]:
