@@ -104,6 +104,21 @@ def _pair_joints(
 
 
 @torch.no_grad()
+def _offblock_mi(q1, q2, step: int, num_pairs: int | None) -> list[torch.Tensor]:
+    """[MI, MI of independent pairs] (nats, mean over the step's variable pairs) of the soft
+    codes (N, M, B) of the two views (see :func:`code_monitors`)."""
+    n, m = q1.shape[0], q1.shape[1]
+    shift = 1 + int(step) % (m - 1)
+    idx1 = torch.arange(m, device=q1.device)
+    if num_pairs is not None:
+        idx1 = idx1[: max(1, int(num_pairs))]
+    idx2 = (idx1 + shift) % m
+    mi = block_mutual_information(_pair_joints(q1, q2, idx1, idx2)).mean()
+    # rolling view 2 by one sample pairs each sample with another one: independent pairs
+    q2_shuffled = q2.roll(1, dims=0) if n > 1 else q2
+    return [mi, block_mutual_information(_pair_joints(q1, q2_shuffled, idx1, idx2)).mean()]
+
+
 def code_monitors(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -153,24 +168,10 @@ def code_monitors(
         h_marg / math.log(bin_size),
         (arg1 == arg2).float().mean(),
     ]
-    keys = [
-        "mon/onehot_0.9",
-        "mon/onehot_0.99",
-        "mon/marginal_entropy",
-        "mon/marginal_entropy_ratio",
-        "mon/agreement",
-    ]
-    n, m = q1.shape[0], q1.shape[1]
-    if m > 1:
-        shift = 1 + int(step) % (m - 1)
-        idx1 = torch.arange(m, device=q1.device)
-        if num_pairs is not None:
-            idx1 = idx1[: max(1, int(num_pairs))]
-        idx2 = (idx1 + shift) % m
-        stats.append(block_mutual_information(_pair_joints(q1, q2, idx1, idx2)).mean())
-        # rolling view 2 by one sample pairs each sample with another one: independent pairs
-        q2_shuffled = q2.roll(1, dims=0) if n > 1 else q2
-        stats.append(block_mutual_information(_pair_joints(q1, q2_shuffled, idx1, idx2)).mean())
+    keys = ["mon/onehot_0.9", "mon/onehot_0.99", "mon/marginal_entropy"]
+    keys += ["mon/marginal_entropy_ratio", "mon/agreement"]
+    if q1.shape[1] > 1:
+        stats += _offblock_mi(q1, q2, step, num_pairs)
         keys += ["mon/offblock_mi", "mon/offblock_mi_floor"]
     values = torch.stack(stats).tolist()  # one device sync for all metrics
     return dict(zip(keys, values))
