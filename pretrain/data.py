@@ -10,7 +10,7 @@ Image reading lives in :mod:`pretrain.images`, the labelled datasets in :mod:`pr
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -288,6 +288,35 @@ def _pair(cfg: Dict[str, Any], key: str) -> Tuple[float, float]:
     return float(v[0]), float(v[1])
 
 
+def _source(cfg: Mapping[str, Any]) -> Any:
+    """The images of ``data.kind``: generated, an ImageFolder tree or a list file."""
+    kind = cfg["kind"]
+    if kind == "synthetic":
+        return SyntheticImages(int(cfg["synthetic_length"]), int(cfg["synthetic_size"]))
+    if kind == "imagefolder":
+        return build_image_dataset(root=cfg["root"], strict=bool(cfg["strict"]))
+    if kind == "list":
+        if not cfg["list_file"]:
+            raise DataError("data.kind='list' needs data.list_file")
+        return build_image_dataset(
+            root=cfg["root"], list_file=cfg["list_file"], strict=bool(cfg["strict"])
+        )
+    raise DataError(f"data.kind={kind!r}: expected imagefolder, list or synthetic")
+
+
+def _augment_config(cfg: Mapping[str, Any]) -> AugmentConfig:
+    try:
+        return AugmentConfig(
+            size=int(cfg["image_size"]),
+            scale=_pair(cfg, "crop_scale"),
+            interpolation=str(cfg["interpolation"]),
+            blur_prob=_pair(cfg, "blur_prob"),
+            solarize_prob=_pair(cfg, "solarize_prob"),
+        )
+    except ConfigError as exc:
+        raise DataError(f"data config: {exc}") from exc
+
+
 def build_pretrain_loader(
     data_cfg: Dict[str, Any],
     *,
@@ -316,29 +345,7 @@ def build_pretrain_loader(
         cfg = complete_section(data_cfg, "pretrain", "data", extra=LOADER_EXTRA_KEYS)
     except ConfigError as exc:
         raise DataError(f"unknown data config key or bad value: {exc}") from exc
-    kind = cfg["kind"]
-    if kind == "synthetic":
-        source: Any = SyntheticImages(int(cfg["synthetic_length"]), int(cfg["synthetic_size"]))
-    elif kind == "imagefolder":
-        source = build_image_dataset(root=cfg["root"], strict=bool(cfg["strict"]))
-    elif kind == "list":
-        if not cfg["list_file"]:
-            raise DataError("data.kind='list' needs data.list_file")
-        source = build_image_dataset(
-            root=cfg["root"], list_file=cfg["list_file"], strict=bool(cfg["strict"])
-        )
-    else:
-        raise DataError(f"data.kind={kind!r}: expected imagefolder, list or synthetic")
-    try:
-        aug = AugmentConfig(
-            size=int(cfg["image_size"]),
-            scale=_pair(cfg, "crop_scale"),
-            interpolation=str(cfg["interpolation"]),
-            blur_prob=_pair(cfg, "blur_prob"),
-            solarize_prob=_pair(cfg, "solarize_prob"),
-        )
-    except ConfigError as exc:
-        raise DataError(f"data config: {exc}") from exc
+    source, aug = _source(cfg), _augment_config(cfg)
     if batch_size_per_rank < 1 or not 0 <= rank < world_size:
         raise DataError(f"bad batch_size_per_rank={batch_size_per_rank} / rank={rank}/{world_size}")
     if len(source) < batch_size_per_rank * world_size:
