@@ -237,24 +237,29 @@ def read_torch_file(
         )
     names = ", ".join(found)
     if allow_unsafe:
-        logger.warning(
-            "%s holds pickled Python objects (%s); loading it with a full unpickle because "
-            "allow_unsafe was given",
-            path,
-            names,
-        )
-        try:
-            obj = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as e2:  # noqa: BLE001
-            raise CheckpointError(
-                f"{path} could not be loaded even with a full unpickle "
-                f"({type(e2).__name__}: {str(e2)[:200]})"
-            ) from None
-        return obj, [f"loaded with a full unpickle (allow_unsafe): it holds {names}"]
+        return _unsafe_load(path, map_location, names)
     raise CheckpointError(
         f"{path} contains pickled Python objects ({names}), which torch.load(weights_only=True) "
         f"refuses because unpickling can run arbitrary code ({reason}). {UNSAFE_HINT}"
     )
+
+
+def _unsafe_load(path: Path, map_location: Any, names: str) -> tuple[Any, list[str]]:
+    """A full unpickle of ``path``, asked for with ``allow_unsafe`` (it holds ``names``)."""
+    logger.warning(
+        "%s holds pickled Python objects (%s); loading it with a full unpickle because "
+        "allow_unsafe was given",
+        path,
+        names,
+    )
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e2:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path} could not be loaded even with a full unpickle "
+            f"({type(e2).__name__}: {str(e2)[:200]})"
+        ) from None
+    return obj, [f"loaded with a full unpickle (allow_unsafe): it holds {names}"]
 
 
 def load_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
