@@ -1,9 +1,20 @@
 """The on-disk cache of extracted features, keyed on what the features depend on.
 
-``<cache_dir>/<split>_<layer>.{feats.npy,labels.npy,json}``: the JSON holds the weights hash,
-layer, split, transform, the samples' absolute resolved paths and labels (hashed) and the
-files' size and mtime_ns (``check="content"``: also a hash of their bytes); an entry whose
-metadata matches is reused, otherwise rebuilt by rank 0 (see :func:`cached_features`).
+``<cache_dir>/<split>_<layer>.{feats.npy,labels.npy,json}``; the JSON (:func:`cache_meta`)
+holds the weights hash, layer, split, transform, the hash of the samples' absolute resolved
+paths and labels, and the hash of the files' size and mtime_ns (``check="content"``: also their
+bytes). A cache whose metadata matches is reused; otherwise the features are extracted again
+and the entry rewritten by rank 0: the metadata file is removed first, then the arrays are
+written (atomically each) and the metadata last, so an entry is valid as a whole or not at all,
+whenever a writer is killed. The log says why an entry was used or rebuilt.
+
+Several processes: rank 0 alone computes the metadata (so a content check hashes the files
+once) and decides hit or miss; the decision reaches every rank (one all-reduce), so all ranks
+extract together or none does. On a hit the other ranks read (memory-mapped) the rows
+``gather`` gives them from the arrays rank 0 checked; when one of them cannot, every rank
+re-extracts. With ``gather="shard"`` a rank's rows are a contiguous slice of the whole arrays in
+rank order, but which slice may differ between an extraction and a hit; on a miss the shards
+reach rank 0 in bounded chunks for writing.
 """
 
 from __future__ import annotations
@@ -135,24 +146,7 @@ def cached_features(
     precision: str = "fp32",
     gather: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`extract_features` behind an on-disk cache.
-
-    ``<cache_dir>/<split>_<layer>.{feats.npy,labels.npy,json}``; the JSON (:func:`cache_meta`)
-    holds the weights hash, layer, split, transform, the hash of the samples' absolute resolved
-    paths and labels, and the hash of the files' size and mtime_ns (``check="content"``: also
-    their bytes). A cache whose metadata matches is reused; otherwise the features are
-    extracted again and the entry rewritten by rank 0: the metadata file is removed first, then
-    the arrays are written (atomically each) and the metadata last, so an entry is valid as a
-    whole or not at all, whenever a writer is killed. The log says why an entry was used or
-    rebuilt.
-
-    Rank 0 alone computes the metadata (so a content check hashes the files once) and decides
-    hit or miss; the decision reaches every rank (one all-reduce on ``device``), so all ranks
-    extract together or none does. On a hit the other ranks read (memory-mapped) the rows
-    ``gather`` gives them from the arrays rank 0 checked; when one of them cannot, every rank
-    re-extracts. With ``gather="shard"`` a rank's rows are a contiguous slice of the whole
-    arrays in rank order, but which slice may differ between an extraction and a hit; on a miss
-    the shards reach rank 0 in bounded chunks for writing.
+    """:func:`extract_features` behind the on-disk cache of the module docstring.
 
     Args:
         cache_dir: folder of the cache.
