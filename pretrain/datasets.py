@@ -75,8 +75,11 @@ def scan_image_folder(
     if links:
         logger.warning(
             "%s: %d symlinked director%s inside class folders not followed: %s",
-            root, len(links), "y" if len(links) == 1 else "ies", _preview(links),
-        )  # fmt: skip
+            root,
+            len(links),
+            "y" if len(links) == 1 else "ies",
+            _preview(links),
+        )
     if not samples:
         raise DataError(
             f"data root {root!r} has {len(folders)} class folders but no images with extensions "
@@ -117,8 +120,11 @@ def _known_classes(root: str, folders: List[str], class_names: Sequence[str]) ->
     if missing:
         logger.info(
             "%s has %d of the %d training classes (absent: %s)",
-            root, len(folders), len(classes), _preview(missing),
-        )  # fmt: skip
+            root,
+            len(folders),
+            len(classes),
+            _preview(missing),
+        )
     return classes
 
 

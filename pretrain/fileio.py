@@ -176,8 +176,14 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
         raise yaml.constructor.ConstructorError(
             None, None, f"{text!r} is not a decimal number", node.start_mark
         )
-    return float(text.replace(".inf", "inf").replace(".Inf", "inf").replace(".INF", "inf")
-                 .replace(".nan", "nan").replace(".NaN", "nan").replace(".NAN", "nan"))  # fmt: skip
+    return float(
+        text.replace(".inf", "inf")
+        .replace(".Inf", "inf")
+        .replace(".INF", "inf")
+        .replace(".nan", "nan")
+        .replace(".NaN", "nan")
+        .replace(".NAN", "nan")
+    )
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)

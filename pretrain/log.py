@@ -204,8 +204,12 @@ class MetricWriter:
             resume="allow",
             config=dict(options.get("config") or {}),
         )
-        get_logger().info("Weights & Biases run %s (%s mode, project %s)", run_id, mode,
-                          options.get("project", "imsvd"))  # fmt: skip
+        get_logger().info(
+            "Weights & Biases run %s (%s mode, project %s)",
+            run_id,
+            mode,
+            options.get("project", "imsvd"),
+        )
         return run
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:

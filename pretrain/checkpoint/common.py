@@ -88,8 +88,11 @@ def fold_out_norm(sd: Mapping[str, Any]) -> "OrderedDict[str, Any]":
     out = OrderedDict(sd)
     if not any(k.startswith("out_norm.") for k in out):
         return out
-    indices = [int(k.split(".")[1]) for k in out if k.startswith("projector.")
-               and k.split(".")[1].isdigit()]  # fmt: skip
+    indices = [
+        int(k.split(".")[1])
+        for k in out
+        if k.startswith("projector.") and k.split(".")[1].isdigit()
+    ]
     last = max(indices, default=-1) + 1
     return OrderedDict(
         (f"projector.{last}.{k[len('out_norm.'):]}" if k.startswith("out_norm.") else k, v)

@@ -69,26 +69,45 @@ def run(ctx: runner.EvalContext) -> dict:
     k = cfg["knn"]
     model, _, meta = ctx.load_model()
     train_ds, val_ds = build_train_val_datasets(
-        d["train_root"], d["train_list"], d["val_root"], d["val_list"], transform, transform,
+        d["train_root"],
+        d["train_list"],
+        d["val_root"],
+        d["val_list"],
+        transform,
+        transform,
         strict=bool(d["strict"]),
-    )  # fmt: skip
+    )
     bank, bank_y = ctx.features("train", model, train_ds, meta["sha256"], gather="shard")
     queries, query_y = ctx.features("val", model, val_ds, meta["sha256"])
     n_train = ctx.total_rows(bank.shape[0])  # the whole bank, over the ranks' shards
     bank = bank_tensor(bank, str(k["bank_precision"]), ctx.device)  # numpy shard released
     acc = knn_accuracy(
-        bank, bank_y, queries, query_y,
-        ks=[int(x) for x in k["ks"]], temperature=float(k["temperature"]),
-        num_classes=train_ds.num_classes, chunk_size=int(k["chunk_size"]), device=ctx.device,
+        bank,
+        bank_y,
+        queries,
+        query_y,
+        ks=[int(x) for x in k["ks"]],
+        temperature=float(k["temperature"]),
+        num_classes=train_ds.num_classes,
+        chunk_size=int(k["chunk_size"]),
+        device=ctx.device,
         sharded=True,
-    )  # fmt: skip
+    )
     if not ctx.is_main:
         return {}
     unreadable = {"train": len(train_ds) - n_train, "val": len(val_ds) - len(query_y)}
-    return dict(acc, num_train=n_train, num_val=len(query_y), unreadable_images=unreadable,
-                num_classes=train_ds.num_classes, temperature=float(k["temperature"]),
-                bank_precision=str(k["bank_precision"]), layer=cfg["features"]["layer"],
-                weights=str(cfg["model"]["weights"]), weights_sha256=meta["sha256"])  # fmt: skip
+    return dict(
+        acc,
+        num_train=n_train,
+        num_val=len(query_y),
+        unreadable_images=unreadable,
+        num_classes=train_ds.num_classes,
+        temperature=float(k["temperature"]),
+        bank_precision=str(k["bank_precision"]),
+        layer=cfg["features"]["layer"],
+        weights=str(cfg["model"]["weights"]),
+        weights_sha256=meta["sha256"],
+    )
 
 
 def summary(results: dict) -> str:

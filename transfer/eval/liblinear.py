@@ -102,9 +102,15 @@ def liblinear_fixed_cost(x, labels, mask, cost, weights, svm_cfg) -> np.ndarray:
         (K, d + 1) weights, bias last (the low-shot protocol's refits).
     """
     yb = binary_labels(labels)
-    args = (weights, float(svm_cfg["intercept_scaling"]), float(svm_cfg["tol"]),
-            int(svm_cfg["max_iter"]))  # fmt: skip
+    args = (
+        weights,
+        float(svm_cfg["intercept_scaling"]),
+        float(svm_cfg["tol"]),
+        int(svm_cfg["max_iter"]),
+    )
     return np.stack(
-        [liblinear_fit(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
-         for j in range(labels.shape[1])]
-    )  # fmt: skip
+        [
+            liblinear_fit(x[mask[:, j]], yb[mask[:, j], j], None, cost, args)
+            for j in range(labels.shape[1])
+        ]
+    )
