@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pretrain.config import ConfigError, complete_section
 from pretrain.datasets import SyntheticImages, build_image_dataset
+from pretrain.fast_augment import device_augment, fast_crops, params_to_tensors
 from pretrain.images import (
     DECODE_ERRORS,
     CorruptImageError,
@@ -27,14 +28,7 @@ from pretrain.images import (
     decode_rgb,
     exif_orientation,
 )
-from pretrain.transforms import (
-    AugmentConfig,
-    device_augment,
-    fast_crops,
-    params_to_tensors,
-    reference_two_views,
-    sample_two_views,
-)
+from pretrain.transforms import AugmentConfig, reference_two_views, sample_two_views
 
 logger = logging.getLogger("imsvd.data")
 

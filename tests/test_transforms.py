@@ -10,14 +10,16 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from pretrain.transforms import (
-    AugmentConfig,
+from pretrain.fast_augment import (
     _gaussian_blur,
     _hue_shift,
     device_augment,
     draft_factor,
     fast_crops,
     params_to_tensors,
+)
+from pretrain.transforms import (
+    AugmentConfig,
     reference_two_views,
     sample_crop,
     sample_generator,
