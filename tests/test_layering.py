@@ -53,6 +53,7 @@ LAYERS = (
     ("torchvision ResNets", ("pretrain.resnet",)),
     ("checkpoint files: state dicts and metadata", ("pretrain.checkpoint",)),
     ("models, also built from checkpoints", ("pretrain.model",)),
+    ("the lean off-block sweep", ("pretrain.offblock",)),
     ("losses and their monitors", ("pretrain.loss", "pretrain.baselines", "pretrain.monitors")),
     ("methods: one module each, the registry", ("pretrain.methods",)),
 )
