@@ -9,7 +9,6 @@ never matter. ``checkpoint_key`` / ``prefix`` bypass the table for any other lay
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,19 @@ from .common import (
     is_tensor_dict,
     strip_prefix,
 )
+from .layouts import (
+    CIFAR_SHORTCUT,
+    base_read,
+    cifar_to_torchvision,
+    drop_prefixed,
+    epoch_of,
+    tensor_section,
+    unmodule,
+    unwrapped_keys,
+)
 from .train_state import validate_train_state
 
 logger = logging.getLogger("imsvd.checkpoint")
-
-TensorDict = "OrderedDict[str, torch.Tensor]"
 
 
 @dataclass
@@ -60,70 +67,6 @@ class Reader:
     accepts: str
     detect: Callable[[Any], bool]
     read: Callable[[Any, Path, bool], Extracted]
-
-
-# --------------------------------------------------------------------------------- helpers
-
-
-def _epoch(obj: Any) -> int | None:
-    e = obj.get("epoch") if isinstance(obj, Mapping) else None
-    return e if isinstance(e, int) and not isinstance(e, bool) else None
-
-
-def _section(obj: Any) -> tuple[str | None, Mapping[str, torch.Tensor] | None]:
-    """The tensor dict at the top level, or under 'model' / 'state_dict': (wrapper, dict)."""
-    if is_tensor_dict(obj):
-        return None, obj
-    if isinstance(obj, Mapping):
-        for w in ("model", "state_dict"):
-            if is_tensor_dict(obj.get(w)):
-                return w, obj[w]
-    return None, None
-
-
-def _unmodule(sd: Mapping[str, torch.Tensor], notes: list[str]) -> "OrderedDict[str, Any]":
-    """Remove a DDP ``module.`` prefix carried by every key."""
-    if sd and all(k.startswith("module.") for k in sd):
-        notes.append("stripped the 'module.' prefix")
-        return strip_prefix(sd, "module.")
-    return OrderedDict(sd)
-
-
-def _keys(obj: Any) -> list[str]:
-    """Keys of the unwrapped tensor dict (``module.`` removed), or [] when there is none."""
-    _, sd = _section(obj)
-    return list(_unmodule(sd, [])) if sd is not None else []
-
-
-def _drop(sd: Mapping[str, Any], prefixes: tuple[str, ...], what: str, notes: list) -> TensorDict:
-    dropped = [k for k in sd if k.startswith(prefixes)]
-    if dropped:
-        notes.append(f"dropped {what} ({', '.join(dropped)})")
-    return OrderedDict((k, v) for k, v in sd.items() if not k.startswith(prefixes))
-
-
-def _base(obj: Any) -> tuple[str | None, "OrderedDict[str, Any]", dict[str, Any]]:
-    wrapper, sd = _section(obj)
-    meta: dict[str, Any] = {"epoch": _epoch(obj), "config": None, "notes": []}
-    return wrapper, _unmodule(sd, meta["notes"]), meta
-
-
-_CIFAR_SHORTCUT = re.compile(r"^(layer\d+\.\d+\.)shortcut\.(\d+\..+)$")
-
-
-def cifar_to_torchvision(sd: Mapping[str, Any], notes: list[str]) -> TensorDict:
-    """Rename a CIFAR ResNet's ``shortcut.0/1`` to torchvision's ``downsample.0/1``."""
-    out: "OrderedDict[str, Any]" = OrderedDict()
-    renamed = 0
-    for k, v in sd.items():
-        m = _CIFAR_SHORTCUT.match(k)
-        if m:
-            k = f"{m.group(1)}downsample.{m.group(2)}"
-            renamed += 1
-        out[k] = v
-    if renamed:
-        notes.append(f"renamed {renamed} CIFAR ResNet 'shortcut.*' keys to 'downsample.*'")
-    return out
 
 
 # --------------------------------------------------------------------------------- readers
@@ -171,8 +114,8 @@ def _is_dino(obj: Any) -> bool:
 
 
 def _read_dino(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    meta: dict[str, Any] = {"epoch": _epoch(obj), "config": None, "notes": []}
-    teacher = _unmodule(obj["teacher"], meta["notes"])
+    meta: dict[str, Any] = {"epoch": epoch_of(obj), "config": None, "notes": []}
+    teacher = unmodule(obj["teacher"], meta["notes"])
     if not any(k.startswith("backbone.") for k in teacher):
         raise CheckpointError(f"{path}: DINO 'teacher' holds no 'backbone.*' keys")
     meta["notes"].append("read the teacher network's backbone (the student is ignored)")
@@ -181,39 +124,43 @@ def _read_dino(obj: Any, path: Path, verify_hash: bool) -> Extracted:
     if head:
         meta["notes"].append(f"dropped the DINO head ({len(head)} tensors)")
     meta["dino_network"] = "teacher"
-    sd = _drop(strip_prefix(teacher, "backbone."), ("fc.",), "the classifier", meta["notes"])
+    sd = drop_prefixed(
+        strip_prefix(teacher, "backbone."), ("fc.",), "the classifier", meta["notes"]
+    )
     return Extracted(sd, None, meta)
 
 
 def _read_moco_v3(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    _, sd, meta = _base(obj)
+    _, sd, meta = base_read(obj)
     enc = strip_prefix(sd, "base_encoder.")
-    enc = _drop(enc, ("fc.", "head."), "the MoCo v3 projection head", meta["notes"])
+    enc = drop_prefixed(enc, ("fc.", "head."), "the MoCo v3 projection head", meta["notes"])
     meta["notes"].append("momentum encoder and predictor ignored")
     return Extracted(enc, None, meta)
 
 
 def _read_moco(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    _, sd, meta = _base(obj)
+    _, sd, meta = base_read(obj)
     q = strip_prefix(sd, "encoder_q.")
-    return Extracted(_drop(q, ("fc.",), "the MoCo projection head", meta["notes"]), None, meta)
+    return Extracted(
+        drop_prefixed(q, ("fc.",), "the MoCo projection head", meta["notes"]), None, meta
+    )
 
 
 def _is_cifar(obj: Any) -> bool:
-    keys = _keys(obj)
+    keys = unwrapped_keys(obj)
     if any(k.startswith("backbone.") for k in keys):
         keys = [k[len("backbone.") :] for k in keys if k.startswith("backbone.")]
-    return any(_CIFAR_SHORTCUT.match(k) for k in keys) and "conv1.weight" in keys
+    return any(CIFAR_SHORTCUT.match(k) for k in keys) and "conv1.weight" in keys
 
 
 def _read_cifar(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    wrapper, sd, meta = _base(obj)
+    wrapper, sd, meta = base_read(obj)
     projector = None
     if any(k.startswith("backbone.") for k in sd):
         projector = strip_prefix(sd, "projector.") or None
         sd = strip_prefix(sd, "backbone.")
         meta["notes"].append(f"backbone read from '{wrapper or '<top level>'}' backbone.* keys")
-    sd = _drop(
+    sd = drop_prefixed(
         cifar_to_torchvision(sd, meta["notes"]), ("fc.", "linear."), "the classifier", meta["notes"]
     )
     # the reference CIFAR ResNet's stem: 3x3 stride-1 conv, no max-pool
@@ -222,17 +169,17 @@ def _read_cifar(obj: Any, path: Path, verify_hash: bool) -> Extracted:
 
 
 def _has_backbone(obj: Any) -> bool:
-    return any(k.startswith("backbone.") for k in _keys(obj))
+    return any(k.startswith("backbone.") for k in unwrapped_keys(obj))
 
 
 def _read_imsvd_model(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    _, sd, meta = _base(obj)
+    _, sd, meta = base_read(obj)
     sd = fold_out_norm(sd)
     return Extracted(strip_prefix(sd, "backbone."), strip_prefix(sd, "projector.") or None, meta)
 
 
 def _is_torchvision(obj: Any) -> bool:
-    keys = _keys(obj)
+    keys = unwrapped_keys(obj)
     return "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys)
 
 
@@ -240,17 +187,17 @@ _SWAV_HEADS = ("projection_head.", "prototypes.")
 
 
 def _read_swav(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    _, sd, meta = _base(obj)
+    _, sd, meta = base_read(obj)
     for head, what in zip(_SWAV_HEADS, ("the SwAV projection head", "the SwAV prototypes")):
-        sd = _drop(sd, (head,), what, meta["notes"])
-    return Extracted(_drop(sd, ("fc.",), "the classifier", meta["notes"]), None, meta)
+        sd = drop_prefixed(sd, (head,), what, meta["notes"])
+    return Extracted(drop_prefixed(sd, ("fc.",), "the classifier", meta["notes"]), None, meta)
 
 
 def _read_torchvision(obj: Any, path: Path, verify_hash: bool) -> Extracted:
-    wrapper, sd, meta = _base(obj)
+    wrapper, sd, meta = base_read(obj)
     if wrapper is not None:
         meta["notes"].append(f"weights read from the '{wrapper}' entry")
-    return Extracted(_drop(sd, ("fc.",), "the classifier", meta["notes"]), None, meta)
+    return Extracted(drop_prefixed(sd, ("fc.",), "the classifier", meta["notes"]), None, meta)
 
 
 def _format_is(fmt: str) -> Callable[[Any], bool]:
@@ -259,9 +206,9 @@ def _format_is(fmt: str) -> Callable[[Any], bool]:
 
 def _has_prefix(prefix: str, wrapper: str | None = "any") -> Callable[[Any], bool]:
     def detect(obj: Any) -> bool:
-        if wrapper != "any" and _section(obj)[0] != wrapper:
+        if wrapper != "any" and tensor_section(obj)[0] != wrapper:
             return False
-        return any(k.startswith(prefix) for k in _keys(obj))
+        return any(k.startswith(prefix) for k in unwrapped_keys(obj))
 
     return detect
 
@@ -323,7 +270,8 @@ READERS: tuple[Reader, ...] = (
     Reader(
         "swav",
         "SwAV: 'module.*' ResNet keys with 'projection_head.*' / 'prototypes.*' (heads dropped)",
-        lambda obj: _is_torchvision(obj) and any(k.startswith(_SWAV_HEADS) for k in _keys(obj)),
+        lambda obj: _is_torchvision(obj)
+        and any(k.startswith(_SWAV_HEADS) for k in unwrapped_keys(obj)),
         _read_swav,
     ),
     Reader(
@@ -358,7 +306,7 @@ def unrecognised(path: Path, obj: Any, what: str = "a ResNet backbone") -> Check
 def _read_custom(
     obj: Any, path: Path, key: str | None, prefix: str | None
 ) -> tuple[str, Extracted]:
-    meta: dict[str, Any] = {"epoch": _epoch(obj), "config": None, "notes": []}
+    meta: dict[str, Any] = {"epoch": epoch_of(obj), "config": None, "notes": []}
     node, where = obj, "<top level>"
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
@@ -366,7 +314,7 @@ def _read_custom(
             raise CheckpointError(f"{path}: checkpoint_key {key!r} not found (top level: {top})")
         node, where = obj[key], repr(key)
     elif not is_tensor_dict(obj):
-        wrapper, node = _section(obj)
+        wrapper, node = tensor_section(obj)
         where = repr(wrapper)
     if not is_tensor_dict(node):
         raise CheckpointError(
@@ -381,7 +329,9 @@ def _read_custom(
                 f"{path}: no key of entry {where} starts with prefix {prefix!r} "
                 f"(e.g. {list(node)[:5]})"
             )
-    sd = _drop(cifar_to_torchvision(sd, meta["notes"]), ("fc.",), "the classifier", meta["notes"])
+    sd = drop_prefixed(
+        cifar_to_torchvision(sd, meta["notes"]), ("fc.",), "the classifier", meta["notes"]
+    )
     label = f"custom (checkpoint_key={key!r}, prefix={prefix!r}, entry {where})"
     return label, Extracted(sd, None, meta)
 
