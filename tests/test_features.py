@@ -466,3 +466,14 @@ def test_one_process_gets_the_whole_arrays_whatever_the_gather(setup):
         np.testing.assert_array_equal(got[1], ref[1])
     with pytest.raises(FeatureError, match="feature gather 'rank0'"):
         extract_features(model, ds, gather="rank0")
+
+
+def test_channels_last_extraction_gives_the_same_features(setup):
+    _, model, _, ds = setup
+    ref, y = extract_features(model, ds, batch_size=5)
+    got, y2 = extract_features(model, ds, batch_size=5, channels_last=True)
+    assert np.array_equal(y, y2)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert convs and all(not p.is_contiguous() for p in convs)  # the weights were converted
+    model.to(memory_format=torch.contiguous_format)

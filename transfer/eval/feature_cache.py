@@ -145,14 +145,15 @@ def cached_features(
     check: str = "stat",
     precision: str = "fp32",
     gather: str = "all",
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract_features` behind the on-disk cache of the module docstring.
 
     Args:
         cache_dir: folder of the cache.
         split: split name (part of the file names and metadata).
-        model, dataset, layer, batch_size, device, num_workers, precision, gather: as for
-            extract_features.
+        model, dataset, layer, batch_size, device, num_workers, precision, gather,
+            channels_last: as for extract_features.
         weights_sha256: content hash of the backbone weights (load_backbone's meta["sha256"]).
         check: "stat" (size + mtime_ns of every file) or "content" (also a sha256 of each).
     Returns:
@@ -186,7 +187,7 @@ def cached_features(
         )
     logger.info("extracting %s features (%d images, layer %s)", split, len(dataset), layer)
     args = (batch_size, layer, device, num_workers, f"{split} features", precision, gather)
-    feats, labels = extract_features(model, dataset, *args)
+    feats, labels = extract_features(model, dataset, *args, channels_last=channels_last)
     whole = rows_on_main(feats, labels, device) if gather == "shard" else (feats, labels)
     if get_rank() == 0:
         _write_cache(Path(cache_dir), paths[2], paths[0], paths[1], meta, *whole)

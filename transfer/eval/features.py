@@ -109,6 +109,7 @@ def extract_features(
     desc: str = "features",
     precision: str = "fp32",
     gather: str = "all",
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of a dataset, extracted in shards over processes, in dataset order.
 
@@ -133,6 +134,9 @@ def extract_features(
             (:func:`pretrain.dist.gather_rows_to_main`), the other ranks (0, D) and (0,);
             "shard": every process the rows it extracted (rank 0 the first ones, then rank 1,
             ...), nothing gathered.
+        channels_last: the network and the images in channels_last memory format (faster
+            convolutions on GPUs, with autocast above all); the same features up to float
+            rounding (not part of the cache key).
     Returns:
         (features float32 (N, D), labels int64 (N,)), N = the number of readable items (of the
         whole dataset, or of this process's share as ``gather`` says).
@@ -144,8 +148,16 @@ def extract_features(
     if batch_size <= 0:
         raise FeatureError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     local_f, local_y, dropped = _extract_shard(
-        model, dataset, batch_size, layer, device, num_workers, desc, precision
+        model.to(memory_format=fmt),
+        dataset,
+        batch_size,
+        layer,
+        device,
+        num_workers,
+        desc,
+        (precision, fmt),
     )
     sizes = gather_batch_sizes(local_f.shape[0], device)
     dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
@@ -161,8 +173,10 @@ def check_request(precision: str, gather: str) -> None:
         raise FeatureError(f"feature gather {gather!r} is not one of {GATHERS}")
 
 
-def _extract_shard(model, dataset, batch_size, layer, device, num_workers, desc, precision):
-    """(features (n_r, D), labels (n_r,), unreadable count) of this rank's contiguous shard."""
+def _extract_shard(model, dataset, batch_size, layer, device, num_workers, desc, numerics):
+    """(features (n_r, D), labels (n_r,), unreadable count) of this rank's contiguous shard;
+    ``numerics`` = (precision, memory format)."""
+    precision, fmt = numerics
     model.eval()
     rank, world = get_rank(), get_world_size()
     start, stop = shard_range(len(dataset), rank, world)
@@ -180,7 +194,8 @@ def _extract_shard(model, dataset, batch_size, layer, device, num_workers, desc,
         if images is None:
             continue
         with autocast(device, precision):
-            out = forward_features(model, images.to(device, non_blocking=True), layer)
+            x = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            out = forward_features(model, x, layer)
         feats.append(out.float())
         labels.append(torch.as_tensor(targets, dtype=torch.long).to(device))
     if not feats:

@@ -54,6 +54,7 @@ NEUTRAL_KEYS = (
     "data.strict",
     "features.cache_check",
     "features.precision",
+    "features.channels_last",
     "train.resume",
     "train.log_every",
     "train.eval_every",

@@ -198,6 +198,7 @@ class EvalContext:
             device=self.device,
             num_workers=int(self.cfg["data"]["num_workers"]),
             precision=str(self.cfg["features"]["precision"]),
+            channels_last=bool(self.cfg["features"]["channels_last"]),
             gather=gather,
         )
         if self.out is None:
