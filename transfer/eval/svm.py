@@ -45,6 +45,12 @@ class SVMError(IMSVDError, ValueError):
     """Invalid input to the SVM stage (shapes, labels, costs)."""
 
 
+def l2_normalize(feats: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Per-row f / (||f|| + eps) in float64 (the protocol's normalisation)."""
+    f = np.asarray(feats, dtype=np.float64)
+    return f / (np.linalg.norm(f, axis=1, keepdims=True) + eps)
+
+
 def augment(x: np.ndarray, intercept_scaling: float = 1.0) -> np.ndarray:
     """Append the constant bias feature liblinear uses: (n, d) -> (n, d + 1) float64."""
     x = np.asarray(x, dtype=np.float64)
