@@ -18,6 +18,7 @@ from pretrain.config import ConfigError
 from transfer.eval import svm
 from transfer.eval.ap import voc_ap
 from transfer.eval.liblinear import liblinear_fixed_cost
+from transfer.eval.newton import SolverSetup
 from transfer.eval.svm import l2_normalize
 from transfer.eval.voc07_data import VOCError
 
@@ -156,7 +157,7 @@ def low_shot_original(
     solver = svm_cfg["solver"]
     if solver not in ("newton", "liblinear"):
         raise ConfigError(f"svm.solver must be 'newton' or 'liblinear', got {solver!r}")
-    setup = svm.SolverSetup(svm.augment(xtr, scaling)) if solver == "newton" else None
+    setup = SolverSetup(svm.augment(xtr, scaling)) if solver == "newton" else None
     out = {}
     for k in ks:
         maps = []
