@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.analysis.codes import joint_matrix
 from transfer.analysis.figures import (
     FigureStyle,
     GridRow,
@@ -22,6 +21,7 @@ from transfer.analysis.figures import (
     pointwise_dependence,
 )
 from transfer.analysis.gradcam import overlay
+from transfer.analysis.joint import joint_matrix
 
 B, M = 8, 4
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF", "svg": b"<?xml"}
