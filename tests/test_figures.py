@@ -11,16 +11,15 @@ from PIL import Image
 
 from transfer.analysis.figures import (
     FigureStyle,
-    GridRow,
     floor_clips,
     joint_figure,
     log_joint,
-    plot_grid,
     plot_joint_corner,
     plot_views,
     pointwise_dependence,
 )
 from transfer.analysis.gradcam import overlay
+from transfer.analysis.grids import GridRow, plot_grid
 from transfer.analysis.joint import joint_matrix
 
 B, M = 8, 4

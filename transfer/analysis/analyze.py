@@ -58,8 +58,6 @@ from transfer.analysis.codes import (
 )
 from transfer.analysis.figures import (
     FigureStyle,
-    exemplar_figures,
-    gradcam_figure,
     plot_joint_corner,
     plot_views,
     save_npy,
@@ -67,6 +65,7 @@ from transfer.analysis.figures import (
     to_uint8,
 )
 from transfer.analysis.gradcam import GradCAM, choose_layer
+from transfer.analysis.grids import exemplar_figures, gradcam_figure
 from transfer.eval import runner
 
 
