@@ -84,7 +84,8 @@ def run_new(xtr, ytr, xte, yte, costs):
 
 
 def main() -> None:
-    from transfer.eval.voc07_svm import l2_normalize, protocol_costs
+    from transfer.eval.svm import l2_normalize
+    from transfer.eval.voc07_svm import protocol_costs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=2000)

@@ -13,7 +13,8 @@ from pretrain.config import find_config
 from pretrain.model import build_model
 from pretrain.transforms import eval_transform
 from transfer.analysis import analyze
-from transfer.analysis.codes import joint_matrix, soft_codes
+from transfer.analysis.codes import soft_codes
+from transfer.analysis.joint import joint_matrix
 
 B = 8
 CFG = {

@@ -10,12 +10,14 @@ from transfer.analysis.codes import (
     CodeStatsAccumulator,
     JointAccumulator,
     UnitExemplars,
+    soft_codes,
+    summarize,
+)
+from transfer.analysis.joint import (
     as_blocks,
     joint_matrix,
     joint_summary,
     pairwise_mutual_information,
-    soft_codes,
-    summarize,
 )
 
 B = 5  # prime, so (a, b, a + b mod B) is pairwise independent over all (a, b)

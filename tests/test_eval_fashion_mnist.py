@@ -14,8 +14,7 @@ from pretrain.knn import knn_accuracy
 from pretrain.model import build_backbone
 from transfer.eval.ap import voc_ap
 from transfer.eval.features import extract_features, freeze
-from transfer.eval.svm import cross_validate_svms, decision_scores
-from transfer.eval.voc07_svm import l2_normalize
+from transfer.eval.svm import cross_validate_svms, decision_scores, l2_normalize
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(

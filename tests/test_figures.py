@@ -9,19 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.analysis.codes import joint_matrix
 from transfer.analysis.figures import (
     FigureStyle,
-    GridRow,
     floor_clips,
     joint_figure,
     log_joint,
-    plot_grid,
     plot_joint_corner,
     plot_views,
     pointwise_dependence,
 )
 from transfer.analysis.gradcam import overlay
+from transfer.analysis.grids import GridRow, plot_grid
+from transfer.analysis.joint import joint_matrix
 
 B, M = 8, 4
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF", "svg": b"<?xml"}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.monitors import code_monitors, soft_codes
-from transfer.analysis.codes import joint_matrix, pairwise_mutual_information
+from transfer.analysis.joint import joint_matrix, pairwise_mutual_information
 
 B = 7
 

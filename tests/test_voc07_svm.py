@@ -17,17 +17,17 @@ from sklearn.svm import LinearSVC
 
 from transfer.eval import svm as svm_mod
 from transfer.eval.ap import step_ap, voc_ap
-from transfer.eval.svm import SVMError, augment, cross_validate_svms, fit_batched, fit_svms
-from transfer.eval.voc07_svm import (
-    VOCError,
-    find_voc2007,
+from transfer.eval.low_shot import low_shot_original
+from transfer.eval.svm import (
+    SVMError,
+    augment,
+    cross_validate_svms,
+    fit_batched,
+    fit_svms,
     l2_normalize,
-    low_shot_original,
-    main,
-    protocol_costs,
-    read_split,
-    train_and_test_svms,
 )
+from transfer.eval.voc07_data import VOCError, find_voc2007, read_split
+from transfer.eval.voc07_svm import main, protocol_costs, train_and_test_svms
 
 COSTS = protocol_costs()
 
@@ -208,7 +208,7 @@ def test_row_mask_equals_training_on_the_subset():
 
 
 def test_low_shot_mode():
-    from transfer.eval.voc07_svm import low_shot_svms
+    from transfer.eval.low_shot import low_shot_svms
 
     x, labels = _features(n=150, seed=0)
     cfg = {"solver": "newton", "costs": [0.1, 1.0], "positive_weight": 2.0,

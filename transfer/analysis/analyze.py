@@ -34,39 +34,32 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pretrain.config import ConfigError, complete_section, find_config, load_config
 from pretrain.datasets import build_image_dataset
 from pretrain.errors import IMSVDError
-from pretrain.images import load_rgb
 from pretrain.log import format_table
 from pretrain.model import PretrainModel, build_model, require_projector
-from pretrain.progress import progress
-from pretrain.transforms import AugmentConfig, eval_transform, reference_two_views, sample_two_views
-from transfer.analysis.codes import (
-    CodeStatsAccumulator,
-    JointAccumulator,
-    UnitExemplars,
-    model_codes,
-    summarize,
+from pretrain.transforms import AugmentConfig, eval_transform
+from transfer.analysis.codes import summarize
+from transfer.analysis.figures import FigureStyle
+from transfer.analysis.gradcam import choose_layer
+from transfer.analysis.outputs import (
+    CodeSettings,
+    block_outputs,
+    gradcam_outputs,
+    save_joint,
+    views_figure,
 )
-from transfer.analysis.figures import (
-    FigureStyle,
-    exemplar_figures,
-    gradcam_figure,
-    plot_joint_corner,
-    plot_views,
-    save_npy,
-    save_npz,
-    to_uint8,
+from transfer.analysis.stream import (
+    AnalysisViews,
+    analysis_indices,
+    analysis_loader,
+    stream_statistics,
 )
-from transfer.analysis.gradcam import GradCAM, choose_layer
 from transfer.eval import runner
 
 
@@ -141,62 +134,6 @@ def recipe_value(recipe: dict | None, dotted: str, required: str = "") -> Any:
     return complete_section({}, "pretrain", section)[key]
 
 
-# ------------------------------------------------------------------------------------ data
-
-
-class AnalysisViews(Dataset):
-    """Items (clean view, augmented view 1, view 2, dataset index) of an image dataset.
-
-    Augmented views reuse the pretraining augmentation with parameters drawn from
-    (seed, 0, index), so they do not depend on worker count or order. An unreadable image gives
-    None (see :class:`pretrain.datasets.ImageDataset`).
-
-    Args:
-        base: dataset returning (PIL image, label) or None (transform None).
-        indices: dataset indices to analyse.
-        clean: transform of the clean view.
-        augment: augmentation config of the two views; None: no augmented views.
-        seed: augmentation seed.
-    """
-
-    def __init__(
-        self,
-        base: Dataset,
-        indices: Sequence[int],
-        clean: Any,
-        augment: AugmentConfig | None,
-        seed: int = 0,
-    ) -> None:
-        self.base, self.indices, self.clean = base, list(indices), clean
-        self.augment, self.seed = augment, seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, pos: int):
-        index = self.indices[pos]
-        item = self.base[index]
-        if item is None:  # unreadable image (non-strict): left out by collate_views
-            return None
-        img, _ = item
-        clean = self.clean(img)
-        if self.augment is None:
-            return clean, clean, clean, index
-        params = sample_two_views(self.seed, 0, index, img.width, img.height, self.augment)
-        v1, v2 = reference_two_views(img, params, self.augment)
-        return clean, v1, v2, index
-
-
-def collate_views(items: Sequence[Any]) -> tuple[Any, int]:
-    """Batch the readable items of :class:`AnalysisViews`.
-
-    Returns:
-        ((clean, view 1, view 2, indices) or None when no item was readable, items left out).
-    """
-    good = [it for it in items if it is not None]
-    return (default_collate(good) if good else None), len(items) - len(good)
-
-
 # -------------------------------------------------------------------------------- analysis
 
 
@@ -230,47 +167,6 @@ def _stats_table(stats: dict) -> list[dict]:
     ]
 
 
-@torch.no_grad()
-def stream_statistics(
-    model: nn.Module,
-    loader: DataLoader,
-    bin_size: int,
-    temperature: float,
-    device: torch.device,
-    two_views: bool,
-    variables: Sequence[int],
-    top_n: int,
-    floor: bool = True,
-) -> tuple[CodeStatsAccumulator, JointAccumulator, UnitExemplars, int]:
-    """One pass over ``loader`` (items of :class:`AnalysisViews`) accumulating every statistic.
-
-    Batches come from :func:`collate_views`: unreadable images are left out and counted.
-
-    Returns:
-        (clean-view statistics, joint accumulator, unit exemplars, unreadable images).
-    """
-    dim = model.projector.out_dim
-    stats_acc = CodeStatsAccumulator(dim // bin_size, bin_size, device=device)
-    joint_acc = JointAccumulator(dim, bin_size, device=device, floor=floor)
-    exemplars = UnitExemplars(variables, bin_size, top_n=top_n)
-    unreadable = 0
-    for batch, dropped in progress(loader, total=len(loader), desc="analyze"):
-        unreadable += dropped
-        if batch is None:  # every image of this batch was unreadable
-            continue
-        clean, v1, v2, idx = batch
-        q0 = model_codes(model, clean, bin_size, temperature, device)
-        stats_acc.update(q0)
-        exemplars.update(q0, idx)
-        if two_views:
-            q1 = model_codes(model, v1, bin_size, temperature, device)
-            q2 = model_codes(model, v2, bin_size, temperature, device)
-            joint_acc.update(q1, q2)
-        else:
-            joint_acc.update(q0)
-    return stats_acc, joint_acc, exemplars, unreadable
-
-
 def validate(cfg: dict) -> None:
     """Cross-field checks of an analyze recipe (raises ConfigError naming the keys)."""
     if not cfg["data"]["root"] and not cfg["data"]["list_file"]:
@@ -290,6 +186,42 @@ def figure_style(cfg: dict) -> FigureStyle:
     return FigureStyle(str(cfg["figures"]["format"]), int(cfg["figures"]["dpi"]))
 
 
+def code_settings(cfg: dict, dim: int, recipe: dict | None) -> CodeSettings:
+    """The :class:`CodeSettings` of an analyze recipe for a projector of width ``dim``.
+
+    Raises:
+        AnalysisError: no bin size recorded or given, a width that is not a multiple of it, a
+            variable or the Grad-CAM unit out of range.
+    """
+    c, gc = cfg["codes"], cfg["gradcam"]
+    bin_size = int(c["bin_size"] or recipe_value(recipe, "loss.bin_size", "codes.bin_size"))
+    temperature = float(c["temperature"] or recipe_value(recipe, "loss.temperature"))
+    if dim % bin_size:
+        raise AnalysisError(f"projector width {dim} is not a multiple of bin size {bin_size}")
+    m = dim // bin_size
+    variables = list(dict.fromkeys(int(v) for v in cfg["figures"]["variables"]))
+    gradcam_variable = variables[0] if int(gc["variable"]) < 0 else int(gc["variable"])
+    bad = [v for v in variables + [gradcam_variable] if not 0 <= v < m]
+    if bad:
+        raise AnalysisError(f"variables {bad} out of range: the model has {m} variables")
+    if int(gc["unit"]) >= bin_size:
+        raise AnalysisError(f"gradcam.unit {gc['unit']} out of range: units are 0..{bin_size - 1}")
+    return CodeSettings(bin_size, temperature, m, variables, gradcam_variable)
+
+
+def view_transforms(cfg: dict, recipe: dict | None) -> tuple[int, AugmentConfig | None, Any]:
+    """(crop size, the augmentation of the two views or None with ``codes.views=same``, the
+    clean view's transform): ``data.crop`` / ``data.resize``, else the model's recipe."""
+    d = cfg["data"]
+    image_size = int(d["crop"] or recipe_value(recipe, "data.image_size"))
+    resize = int(d["resize"] or round(image_size * 256 / 224))
+    scale = recipe_value(recipe, "data.crop_scale")
+    augment = None
+    if cfg["codes"]["views"] == "two":
+        augment = AugmentConfig(size=image_size, scale=(float(scale[0]), float(scale[1])))
+    return image_size, augment, eval_transform(resize=resize, crop=image_size)
+
+
 def run(ctx: runner.EvalContext) -> dict[str, Any]:
     """The whole analysis in a set-up context.
 
@@ -298,108 +230,53 @@ def run(ctx: runner.EvalContext) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     cfg, out, device = ctx.cfg, ctx.out, ctx.device
-    d, c, figs, gc = cfg["data"], cfg["codes"], cfg["figures"], cfg["gradcam"]
+    d, c, figs = cfg["data"], cfg["codes"], cfg["figures"]
     model, info = load_model(ctx)
     recipe = info.pop("recipe")
-    bin_size = int(c["bin_size"] or recipe_value(recipe, "loss.bin_size", "codes.bin_size"))
-    temperature = float(c["temperature"] or recipe_value(recipe, "loss.temperature"))
-    dim = model.projector.out_dim
-    if dim % bin_size:
-        raise AnalysisError(f"projector width {dim} is not a multiple of bin size {bin_size}")
-    m = dim // bin_size
-    variables = list(dict.fromkeys(int(v) for v in figs["variables"]))
-    gradcam_variable = variables[0] if int(gc["variable"]) < 0 else int(gc["variable"])
-    bad = [v for v in variables + [gradcam_variable] if not 0 <= v < m]
-    if bad:
-        raise AnalysisError(f"variables {bad} out of range: the model has {m} variables")
-    if int(gc["unit"]) >= bin_size:
-        raise AnalysisError(f"gradcam.unit {gc['unit']} out of range: units are 0..{bin_size - 1}")
-    image_size = int(d["crop"] or recipe_value(recipe, "data.image_size"))
-    resize = int(d["resize"] or round(image_size * 256 / 224))
-    scale = recipe_value(recipe, "data.crop_scale")
-    augment = None
-    if c["views"] == "two":
-        augment = AugmentConfig(size=image_size, scale=(float(scale[0]), float(scale[1])))
-    clean_tf = eval_transform(resize=resize, crop=image_size)
-
+    codes = code_settings(cfg, model.projector.out_dim, recipe)
+    image_size, augment, clean_tf = view_transforms(cfg, recipe)
     base = build_image_dataset(
         root=d["root"] or None, list_file=d["list_file"] or None, strict=bool(d["strict"])
     )
-    n_total, seed = len(base), int(cfg["seed"])
-    if 0 < int(d["num_images"]) < n_total:
-        g = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(n_total, generator=g)[: int(d["num_images"])].sort().values
-        indices = indices.tolist()
-    else:
-        indices = list(range(n_total))
+    seed = int(cfg["seed"])
+    indices = analysis_indices(len(base), int(d["num_images"]), seed)
     views = AnalysisViews(base, indices, clean_tf, augment, seed)
-    # Shuffled: the independence floor pairs each sample with the one streamed before it, which
-    # in a class-sorted tree would be an image of the same class (a dependent pair). Every other
-    # statistic is a sum and does not depend on the order.
-    loader = DataLoader(
-        views,
-        batch_size=int(d["batch_size"]),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=int(d["num_workers"]),
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_views,
-    )
+    loader = analysis_loader(views, int(d["batch_size"]), int(d["num_workers"]), seed, device)
     stats_acc, joint_acc, exemplars, unreadable = stream_statistics(
-        model, loader, bin_size, temperature, device, augment is not None, variables,
-        int(figs["exemplars"]), floor=bool(c["floor"]),
-    )  # fmt: skip
+        model,
+        loader,
+        codes.bin_size,
+        codes.temperature,
+        device,
+        augment is not None,
+        codes.variables,
+        int(figs["exemplars"]),
+        floor=bool(c["floor"]),
+    )
     if stats_acc.count == 0:
         raise AnalysisError(f"none of the {len(views)} images under {d['root']} could be read")
     stats, arrays = summarize(stats_acc, joint_acc)
     stats.update(
-        views=c["views"], temperature=temperature, image_size=image_size,
-        data_root=str(d["root"]), dataset_size=n_total, unreadable_images=unreadable, **info,
-    )  # fmt: skip
-
-    outputs: dict[str, Path] = {}
-    joint = joint_acc.joint()
-    k = min(int(c["corner_vars"]), m)
-    corner = joint[: k * bin_size, : k * bin_size].cpu().numpy()
-    outputs["joint corner (npy)"] = save_npy(corner, out / "joint_corner.npy")
-    if c["save_full_joint"]:
-        outputs["joint matrix (npy)"] = save_npy(joint.cpu().numpy(), out / "joint_full.npy")
-    del joint, joint_acc  # free the D x D accumulators before the figures
-    npz = {name: v.cpu().numpy() for name, v in arrays.items()}
-    outputs["block statistics (npz)"] = save_npz(npz, out / "code_stats.npz")
-    style = figure_style(cfg)
-    names = ("view 1", "view 2") if augment is not None else ("clean view", "clean view")
-    path = style.path(out, "joint_corner")
-    outputs["joint corner (Fig. 3a)"] = plot_joint_corner(corner, bin_size, path, style.dpi, names)
-
-    # Figs. 3b-c: two augmented views of one image (the clean view twice with codes.views=same)
-    item = _first_readable(views, int(figs["view_image"]))
-    v1, v2 = item[1], item[2]
-    q = model_codes(model, torch.stack([v1, v2]), bin_size, temperature, device)
-    q = q[:, : min(int(figs["view_vars"]), m)].cpu().numpy()
-    path = style.path(out, "views")
-    outputs["two views (Figs. 3b-c)"] = plot_views(
-        [to_uint8(v1), to_uint8(v2)], q, bin_size, path, style.dpi
+        views=c["views"],
+        temperature=codes.temperature,
+        image_size=image_size,
+        data_root=str(d["root"]),
+        dataset_size=len(base),
+        unreadable_images=unreadable,
+        **info,
     )
-
-    layer = gc["layer"]
+    outputs, corner = save_joint(joint_acc.joint(), codes, c, out)
+    del joint_acc  # free the D x D accumulators before the figures
+    style = figure_style(cfg)
+    outputs.update(block_outputs(corner, arrays, codes, augment is not None, out, style))
+    # Figs. 3b-c: the first readable image at or after figures.view_image
+    item = _first_readable(views, int(figs["view_image"]))
+    outputs["two views (Figs. 3b-c)"] = views_figure(model, item, codes, figs, out, style, device)
+    layer = cfg["gradcam"]["layer"]
     if layer == "auto":
         layer = choose_layer(model.backbone, image_size)
     stats["gradcam_layer"] = layer
-    with GradCAM(model, f"backbone.{layer}") as cam_fn:
-        outputs.update(
-            exemplar_figures(
-                cam_fn, exemplars, lambda i: clean_tf(base[i][0]), bin_size,
-                int(figs["units_per_variable"]), out, device, style,
-            )  # fmt: skip
-        )
-        if gc["images"]:
-            imgs = torch.stack([clean_tf(load_rgb(str(p))) for p in gc["images"]])
-            unit = None if int(gc["unit"]) < 0 else int(gc["unit"])
-            outputs["Grad-CAM, given images"] = gradcam_figure(
-                cam_fn, model, imgs, [Path(p).name for p in gc["images"]], gradcam_variable,
-                unit, bin_size, temperature, style.path(out, "gradcam_images"), style.dpi,
-            )  # fmt: skip
+    outputs.update(gradcam_outputs(model, layer, exemplars, views, codes, cfg, out, style, device))
     stats["elapsed_s"] = round(time.perf_counter() - t0, 2)
     stats["outputs"] = {name: str(p) for name, p in outputs.items()}
     return stats

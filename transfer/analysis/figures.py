@@ -1,5 +1,6 @@
-"""Files and figures of the code analysis (paper Figs. 3-5): atomic .npy / .npz / figure writers,
-the plots, and the exemplar / Grad-CAM figures of :mod:`transfer.analysis.analyze`.
+"""Files and figures of the code analysis (paper Fig. 3): atomic .npy / .npz / figure writers,
+the shared figure look, the joint-matrix and two-view plots of :mod:`transfer.analysis.analyze`.
+The image grids of Figs. 4-5 (exemplars, Grad-CAM) are :mod:`transfer.analysis.grids`.
 
 Figures are written as PNG, PDF or SVG (:class:`FigureStyle`, from ``figures.format`` and
 ``figures.dpi``). Every colour scale has a labelled colorbar naming its quantity and unit; maps
@@ -12,25 +13,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from pretrain.config import ConfigError
 from pretrain.fileio import atomic_write
-from pretrain.progress import progress
 from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
-from transfer.analysis.codes import UnitExemplars, model_codes
-from transfer.analysis.gradcam import CAM_COLORMAP, GradCAM, overlay, unit_score
 
 FORMATS = ("png", "pdf", "svg")
 # decades of joint probability shown below the largest entry (smaller values share the lowest
 # colour): enough to separate the ideal diagonal 1/B from the ideal off-block 1/B^2 for B <= 300
 LOG_DECADES = 5.0
 # shared look of every figure: small serif-free fonts sized for a two-column paper
-_STYLE = {
+STYLE = {
     "font.size": 8,
     "axes.titlesize": 9,
     "axes.labelsize": 8,
@@ -108,14 +105,14 @@ def save_figure(fig, path: Path, dpi: int = 300) -> Path:
     The bounding box is cropped to the drawn content; PDF and SVG carry no creation date, so
     the same figure gives the same file.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fmt = Path(path).suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise ValueError(f"{path}: figure format {fmt!r} is not one of {', '.join(FORMATS)}")
     metadata = {"png": None, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
 
     def write(tmp: Path) -> None:
-        with plt.rc_context(_STYLE):
+        with plt.rc_context(STYLE):
             fig.savefig(
                 tmp, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.04, metadata=metadata
             )
@@ -126,7 +123,8 @@ def save_figure(fig, path: Path, dpi: int = 300) -> Path:
         plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     # imported on first use: pyplot needs the non-interactive backend chosen before its import
     import matplotlib
 
@@ -218,11 +216,11 @@ def joint_figure(corner: np.ndarray, bin_size: int, views: tuple[str, str] = ("v
         The figure: (a) log10 P with block separators, the ideal levels 1/B and 1/B^2 marked on
         its colorbar; (b) log2 P / (p1 p2) per block (pointwise mutual information, bits).
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import Normalize
 
     k = corner.shape[0] // bin_size
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(7.4, 3.3), layout="constrained")
         logp, vmin, vmax = log_joint(corner)
         ax = axes[0]
@@ -278,7 +276,7 @@ def plot_views(
         path: output file (format from its suffix).
         dpi: raster resolution.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     codes = np.asarray(codes)
@@ -286,7 +284,7 @@ def plot_views(
     colours = plt.get_cmap("tab10" if m <= 10 else "tab20")
     n_colours = colours.N
     argmax = codes.argmax(axis=2)
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             len(images), 2, figsize=(7.2, 1.45 * len(images) + 0.5), layout="constrained",
             gridspec_kw={"width_ratios": [1, 6]}, squeeze=False,
@@ -316,175 +314,3 @@ def plot_views(
         fig.legend(handles=handles, loc="outside lower center", ncol=min(m, 10), frameon=False,
                    handlelength=1.0, columnspacing=1.0)  # fmt: skip
     return save_figure(fig, path, dpi)
-
-
-class GridRow(NamedTuple):
-    """One row of an image grid: its label, images and one caption per image."""
-
-    label: str
-    images: Sequence[np.ndarray]
-    captions: Sequence[str] = ()
-
-
-def grid_figure(
-    rows: Sequence[GridRow],
-    title: str,
-    column_labels: Sequence[str] = (),
-    colorbar_label: str = "",
-    cell: float = 0.9,
-):
-    """A tight grid of square images: a label left of each row, headers above the columns,
-    captions below the images, and optionally a colorbar of :data:`CAM_COLORMAP` (0-1).
-
-    Args:
-        rows: the rows (empty cells where a row has fewer images).
-        title: the figure title.
-        column_labels: one header per column.
-        colorbar_label: quantity and unit of the colorbar; empty: no colorbar.
-        cell: side of one image, inches.
-
-    Returns:
-        The figure.
-    """
-    plt = _pyplot()
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    ncols = max(1, max((len(r.images) for r in rows), default=1))
-    nrows = max(1, len(rows))
-    gap, cap = 0.05, (0.16 if any(r.captions for r in rows) else 0.0)
-    left = 0.12 + 0.055 * max((len(line) for r in rows for line in r.label.split("\n")), default=0)
-    top = 0.3 + (0.16 if column_labels else 0.0)
-    right = 0.75 if colorbar_label else 0.05
-    width = left + ncols * cell + (ncols - 1) * gap + right
-    height = top + nrows * (cell + cap) + (nrows - 1) * gap + 0.05
-    with plt.rc_context(_STYLE):
-        fig = plt.figure(figsize=(width, height))
-        for r in range(nrows):
-            for c in range(ncols):
-                x0 = left + c * (cell + gap)
-                y0 = height - top - (r + 1) * (cell + cap) - r * gap + cap
-                ax = fig.add_axes((x0 / width, y0 / height, cell / width, cell / height))
-                ax.set_xticks([])
-                ax.set_yticks([])
-                row = rows[r] if r < len(rows) else GridRow("", [])
-                if c < len(row.images):
-                    ax.imshow(row.images[c], interpolation="nearest")
-                    if c < len(row.captions):
-                        ax.set_xlabel(row.captions[c], fontsize=6.5, labelpad=1.5)
-                else:
-                    ax.set_axis_off()
-                if c == 0:
-                    ax.set_ylabel(row.label, rotation=0, ha="right", va="center", labelpad=5)
-                if r == 0 and c < len(column_labels):
-                    ax.set_title(column_labels[c], fontsize=7, pad=2)
-        fig.suptitle(title, y=1 - 0.12 / height, va="top")
-        if colorbar_label:
-            x0 = left + ncols * cell + (ncols - 1) * gap + 0.1
-            bottom = height - top - nrows * (cell + cap) - (nrows - 1) * gap + cap
-            cax = fig.add_axes((x0 / width, bottom / height, 0.1 / width,
-                                (height - top - bottom) / height))  # fmt: skip
-            mappable = ScalarMappable(Normalize(0.0, 1.0), plt.get_cmap(CAM_COLORMAP))
-            fig.colorbar(mappable, cax=cax).set_label(colorbar_label)
-    return fig
-
-
-def plot_grid(
-    rows: Sequence[GridRow], title: str, path: Path, dpi: int = 300, **kwargs: Any
-) -> Path:
-    """Write :func:`grid_figure` to ``path`` (format from its suffix)."""
-    return save_figure(grid_figure(rows, title, **kwargs), path, dpi)
-
-
-CAM_LABEL = "Grad-CAM relevance (each image's maximum = 1)"
-
-
-def exemplar_figures(
-    cam_fn: GradCAM,
-    exemplars: UnitExemplars,
-    load: Any,
-    bin_size: int,
-    units_per_variable: int,
-    out: Path,
-    device: torch.device,
-    style: FigureStyle = FigureStyle(),
-) -> dict[str, Path]:
-    """Figs. 4 and 5: per variable, top images of its most used units and their Grad-CAM maps.
-
-    Args:
-        cam_fn: Grad-CAM bound to the model's chosen layer.
-        exemplars: the streamed unit exemplars.
-        load: dataset index -> clean input tensor (3, H, W).
-        bin_size: B.
-        units_per_variable: rows per figure.
-        out: output folder.
-        device: model device.
-        style: file format and resolution.
-
-    Returns:
-        {summary name: written path}.
-    """
-    outputs = {}
-    for v in progress(exemplars.variables, desc="exemplars"):
-        counts = exemplars.counts[exemplars.variables.index(v)]
-        total = max(int(counts.sum()), 1)
-        rows, cam_rows = [], []
-        for u in exemplars.top_units(v, units_per_variable):
-            top = exemplars.exemplars(v, u)
-            imgs = torch.stack([load(i) for i, _ in top])
-            n = int(counts[u])
-            label = f"variable {v}, unit {u}\n{n} images ({100 * n / total:.0f}%)"
-            captions = [f"q = {s:.2f}" for _, s in top]
-            cams = cam_fn(imgs.to(device), unit_score(v, u, bin_size)).numpy()
-            rows.append(GridRow(label, [to_uint8(x) for x in imgs], captions))
-            cam_rows.append(
-                GridRow(label, [overlay(to_uint8(x), c) for x, c in zip(imgs, cams)], captions)
-            )
-        ncols = max((len(r.images) for r in rows), default=0)
-        headers = [f"rank {c + 1}" for c in range(ncols)]
-        what = f"its {len(rows)} most used units" if len(rows) > 1 else "its most used unit"
-        outputs[f"exemplars, variable {v} (Fig. 4)"] = plot_grid(
-            rows, f"Variable {v}: top images of {what} (ranked by q)",
-            style.path(out, f"exemplars_var{v}"),
-            style.dpi, column_labels=headers,
-        )  # fmt: skip
-        outputs[f"Grad-CAM, variable {v} (Fig. 5)"] = plot_grid(
-            cam_rows, f"Variable {v}: Grad-CAM of each image's unit",
-            style.path(out, f"gradcam_var{v}"), style.dpi, column_labels=headers,
-            colorbar_label=CAM_LABEL,
-        )  # fmt: skip
-    return outputs
-
-
-def gradcam_figure(
-    cam_fn: GradCAM,
-    model: nn.Module,
-    images: torch.Tensor,
-    names: Sequence[str],
-    variable: int,
-    unit: int | None,
-    bin_size: int,
-    temperature: float,
-    path: Path,
-    dpi: int = 300,
-) -> Path:
-    """Grad-CAM of one variable on given images: each row shows the image and its map.
-
-    Args:
-        unit: the unit explained; None: each image's own argmax unit.
-    """
-    device = next(model.parameters()).device
-    qv = model_codes(model, images, bin_size, temperature, device)[:, variable].cpu()
-    units = qv.argmax(dim=1) if unit is None else torch.full((len(images),), int(unit))
-    cams = cam_fn(images.to(device), unit_score(variable, units, bin_size)).numpy()
-    rows = []
-    for i, (name, u) in enumerate(zip(names, units.tolist())):
-        img = to_uint8(images[i])
-        q = float(qv[i, u]) if 0 <= u < bin_size else float("nan")
-        short = name if len(name) <= 24 else "..." + name[-21:]
-        rows.append(GridRow(f"{short}\nunit {u}, q = {q:.2f}", [img, overlay(img, cams[i])]))
-    which = "each image's argmax unit" if unit is None else f"unit {unit}"
-    return plot_grid(
-        rows, f"Grad-CAM, variable {variable} ({which})", path, dpi,
-        column_labels=["input", "Grad-CAM"], colorbar_label=CAM_LABEL,
-    )  # fmt: skip

@@ -1,6 +1,7 @@
 """The parts of supervised training on a pretrained backbone (linear probe and fine-tuning):
 the head, the model that joins it to the backbone, global batches, seeded augmentations, the
-epoch schedule and top-k accuracy. :mod:`transfer.eval.supervised` runs them."""
+epoch schedule, top-k accuracy and the validation pass's features and scores.
+:mod:`transfer.eval.supervised` runs them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.utils.data import Dataset
 
 from pretrain.config import ConfigError
 from pretrain.datasets import build_train_val_datasets, collate_readable
+from pretrain.dist import all_reduce_sum
 from pretrain.log import format_table
 from pretrain.syncbn import convert_sync_batchnorm
 from pretrain.transforms import eval_transform, train_linear_transform
@@ -27,6 +29,8 @@ __all__ = [
     "lr_at_epoch",
     "topk_accuracy",
     "topk_hits",
+    "head_accuracy",
+    "backbone_features",
     "format_epoch",
     "build_datasets",
     "head_classes",
@@ -172,6 +176,57 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     """Top-k accuracies in percent ({"top1": ..., "top5": ...}); k capped at the class count."""
     hits = topk_hits(logits, labels, ks)
     return {f"top{k}": 100.0 * h / max(labels.shape[0], 1) for k, h in zip(ks, hits)}
+
+
+_SCORE_ROWS = 8192  # validation rows scored by the head at a time
+
+
+def head_accuracy(head: nn.Module, feats, labels, device, ks: Sequence[int] = (1, 5)):
+    """Top-k accuracies (percent) of ``head`` on the validation features of every process.
+
+    Each process scores its own rows (``feats`` (n, dim) and ``labels`` (n,), numpy) with the
+    head in eval mode, a slice at a time, and puts it back in train mode; one all-reduce sums
+    the hits and the rows, so every rank (each calls this) returns the same figures.
+
+    Returns:
+        ({"top1": ..., "top5": ...}, validation rows over every process).
+    """
+    hits = [0] * len(ks)
+    head.eval()
+    with torch.no_grad():
+        for lo in range(0, feats.shape[0], _SCORE_ROWS):
+            logits = head(torch.from_numpy(feats[lo : lo + _SCORE_ROWS]).to(device))
+            part = torch.from_numpy(labels[lo : lo + _SCORE_ROWS]).to(device)
+            hits = [a + b for a, b in zip(hits, topk_hits(logits, part, ks))]
+    head.train()
+    *hits, rows = (
+        int(v) for v in all_reduce_sum(torch.tensor([*hits, feats.shape[0]], device=device))
+    )
+    return {f"top{k}": 100.0 * h / max(rows, 1) for k, h in zip(ks, hits)}, rows
+
+
+def backbone_features(backbone: nn.Module, dataset, cfg: dict, device):
+    """This process's rows (``gather="shard"``) of the features of ``dataset`` through the
+    backbone as it is now (fine-tuning's validation: no cache), at the recipe's layer, batch
+    size, workers and precision; the backbone is put back in train mode.
+
+    Returns:
+        (features (n, dim), labels (n,)), numpy.
+    """
+    d = cfg["data"]
+    feats, labels = features.extract_features(
+        backbone,
+        dataset,
+        desc="val features",
+        gather="shard",
+        layer=cfg["features"]["layer"],
+        batch_size=int(d["batch_size"]),
+        device=device,
+        num_workers=int(d["num_workers"]),
+        precision=cfg["train"]["precision"],
+    )
+    backbone.train()
+    return feats, labels
 
 
 def format_epoch(record: dict, epochs: int, unreadable: int = 0) -> str:

@@ -1,5 +1,7 @@
 """Inner steps of the batched finite-Newton SVM solver of :mod:`transfer.eval.svm`.
 
+:class:`SolverSetup` holds what every problem on the same features shares; each iteration
+(:func:`newton_iteration`) drops the converged problems and moves the others by a Newton step.
 The Newton direction of each problem comes either from an exact solve on the Gram matrix of
 its margin-violating rows (:func:`direct_direction`) or from conjugate gradients batched over
 problems (:func:`pcg`) with a low-rank preconditioner (:func:`top_eig`, :func:`apply_precond`);
@@ -8,12 +10,139 @@ problems (:func:`pcg`) with a low-rank preconditioner (:func:`top_eig`, :func:`a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-if TYPE_CHECKING:  # a type only: transfer.eval.svm imports this module
-    from transfer.eval.svm import SolverSetup
+
+class SolverSetup:
+    """Quantities shared by every problem on the same features (computed once per feature set).
+
+    Attributes:
+        xa: (n, D) float64 augmented features; xa32 / xa32t: float32 copies for CG products.
+        eig: leading eigenpairs (values, vectors) of xa^T xa, for the CG preconditioner.
+        kernel: (n, n) Gram matrix xa xa^T for the direct dual solves, or None when n is too
+            large to hold it (then only CG is used).
+        direct_max: the largest margin-violating set whose Newton direction is solved directly
+            (0 without ``kernel``).
+    """
+
+    def __init__(self, xa: np.ndarray, max_kernel_rows: int = 12000) -> None:
+        self.xa = np.ascontiguousarray(xa, dtype=np.float64)
+        self.xa32 = self.xa.astype(np.float32)
+        self.xa32t = np.ascontiguousarray(self.xa32.T)
+        self.eig = top_eig(self.xa, rank=min(64, self.xa.shape[1]))
+        n, dim = self.xa.shape
+        self.kernel = self.xa @ self.xa.T if n <= max_kernel_rows else None
+        # a direct solve costs ~|A|^3 / 3 flops, a CG solve ~ (iterations) * 4 n D: prefer the
+        # direct solve while it is cheaper than about 30 CG iterations
+        self.direct_max = int((3 * 30 * 4 * n * dim) ** (1 / 3)) if self.kernel is not None else 0
+
+
+def newton_iteration(
+    setup: SolverSetup,
+    w: np.ndarray,
+    z: np.ndarray,
+    y: np.ndarray,
+    c: np.ndarray,
+    active: np.ndarray,
+    g_stop: np.ndarray,
+    info: dict,
+    max_cg: int,
+    threads: int,
+) -> np.ndarray:
+    """One Newton iteration of the problems ``active``; ``w``, ``z`` and ``info`` are updated.
+
+    A problem whose gradient norm is at most its ``g_stop`` is marked converged and dropped;
+    every other one moves along its Newton direction (:func:`newton_direction`) by the exact
+    line search.
+
+    Args:
+        setup: the :class:`SolverSetup` of the features.
+        w, z: (D, P) weights of every problem and (n, P) their raw scores ``setup.xa @ w``.
+        y, c: (n, P) labels in {+1, -1} and per-sample costs.
+        active: indices of the problems still iterating.
+        g_stop: (P,) gradient norm at which each problem stops.
+        info: "cg_iters" and "direct_solves" (added to), "converged" (P,) bool (set).
+        max_cg, threads: as in :func:`transfer.eval.svm.fit_batched`.
+    Returns:
+        The indices of the problems still iterating.
+    """
+    xa = setup.xa
+    wa, ya, ca = w[:, active], y[:, active], c[:, active]
+    m = ya * z[:, active]
+    viol = np.maximum(0.0, 1.0 - m)
+    grad = wa - 2.0 * (xa.T @ (ca * ya * viol))
+    done = np.linalg.norm(grad, axis=0) <= g_stop[active]
+    if done.any():
+        info["converged"][active[done]] = True
+        keep = ~done
+        active = active[keep]
+        if active.size == 0:
+            return active
+        wa, ya, ca, m, grad = wa[:, keep], ya[:, keep], ca[:, keep], m[:, keep], grad[:, keep]
+    s, direct_solves, cg_iters = newton_direction(
+        setup, wa, ya, ca * (m < 1.0), grad, max_cg, threads
+    )
+    info["direct_solves"] += direct_solves
+    info["cg_iters"] += cg_iters
+    u = ya * (xa @ s)
+    t = line_search(wa, s, m, u, ca)
+    w[:, active] = wa + t * s
+    z[:, active] += t * (ya * u)  # ya * ya = 1: back to raw scores
+    return active
+
+
+def newton_direction(
+    setup: SolverSetup,
+    w: np.ndarray,
+    y: np.ndarray,
+    dmask: np.ndarray,
+    grad: np.ndarray,
+    max_cg: int,
+    threads: int,
+) -> tuple[np.ndarray, int, int]:
+    """The Newton step (D, P) of each problem from weights ``w`` (D, P) and gradient ``grad``.
+
+    Exact (:func:`direct_direction`, ``threads`` at a time) where the problem's violating set
+    has at most ``setup.direct_max`` rows, batched preconditioned CG (:func:`pcg`, at most
+    ``max_cg`` iterations) otherwise. ``y``: (n, P) labels; ``dmask``: (n, P) the costs of the
+    margin-violating rows, 0 elsewhere.
+
+    Returns:
+        (step, direct solves, CG iterations).
+    """
+    n_act = (dmask > 0).sum(axis=0)
+    direct = n_act <= setup.direct_max
+    s = np.empty_like(w)
+    direct_solves = cg_iters = 0
+    if direct.any():
+        cols = np.nonzero(direct)[0]
+        dirs = _map_threads(
+            lambda col: direct_direction(setup, y[:, col], dmask[:, col]), cols, threads
+        )
+        for col, d in zip(cols, dirs):
+            s[:, col] = d - w[:, col]
+        direct_solves = int(cols.size)
+    if (~direct).any():
+        cols = np.nonzero(~direct)[0]
+        n = setup.xa.shape[0]
+        precond = (setup.eig[0], setup.eig[1], 2.0 * dmask[:, cols].sum(axis=0) / n)
+        s[:, cols], cg_iters = pcg(setup, dmask[:, cols], -grad[:, cols], precond, 0.1, max_cg)
+    return s, direct_solves, cg_iters
+
+
+def _map_threads(fn, items, threads: int) -> list:
+    """``[fn(i) for i in items]`` on a thread pool, BLAS single-threaded inside each task.
+
+    The direct solves are independent, moderate-size LAPACK calls (they release the GIL):
+    one per core beats one multi-threaded factorisation at a time.
+    """
+    if threads <= 1 or len(items) == 1:
+        return [fn(i) for i in items]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
 
 
 def direct_direction(setup: SolverSetup, y: np.ndarray, dcost: np.ndarray) -> np.ndarray:
@@ -37,7 +166,6 @@ def direct_direction(setup: SolverSetup, y: np.ndarray, dcost: np.ndarray) -> np
 
 def top_eig(xa: np.ndarray, rank: int, iters: int = 4, seed: int = 0):
     """Leading ``rank`` eigenpairs of xa^T xa by randomized subspace iteration (no D^3 work)."""
-    from threadpoolctl import threadpool_limits
 
     def orth(m: np.ndarray) -> np.ndarray:
         # tall-skinny QR gains nothing from BLAS threads and stalls badly on a busy machine

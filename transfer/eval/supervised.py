@@ -34,14 +34,15 @@ from pretrain.progress import progress
 from pretrain.runtime import StopRequest, autocast, grad_scaler
 from transfer.eval import features, head_state
 from transfer.eval.classifier import (
+    backbone_features,
     build_datasets,
     build_model,
     build_train_loader,
     format_epoch,
+    head_accuracy,
     head_classes,
     lr_factor,
     sgd_groups,
-    topk_hits,
 )
 from transfer.eval.subsets import apply_subset
 
@@ -49,7 +50,6 @@ logger = logging.getLogger("imsvd.supervised")
 
 MODES = ("frozen", "finetune")
 FINETUNED_BACKBONE = "backbone_finetuned.pth"
-_SCORE_ROWS = 8192  # validation rows scored by the head at a time
 
 
 class SupervisedError(IMSVDError, ValueError):
@@ -264,34 +264,13 @@ class SupervisedTrainer:
                 )
             feats, labels = self.val_feats
         else:
-            kw = {
-                "layer": self.layer,
-                "batch_size": int(self.cfg["data"]["batch_size"]),
-                "device": self.info.device,
-                "num_workers": int(self.cfg["data"]["num_workers"]),
-                "precision": self.t["precision"],
-            }
-            feats, labels = features.extract_features(
-                self.backbone, self.val_ds, desc="val features", gather="shard", **kw
+            feats, labels = backbone_features(
+                self.backbone, self.val_ds, self.cfg, self.info.device
             )
-            self.backbone.train()
-        ks, hits = (1, 5), [0, 0]
-        self.head.eval()
-        with torch.no_grad():
-            for lo in range(0, feats.shape[0], _SCORE_ROWS):
-                logits = self.head(
-                    torch.from_numpy(feats[lo : lo + _SCORE_ROWS]).to(self.info.device)
-                )
-                part = torch.from_numpy(labels[lo : lo + _SCORE_ROWS]).to(self.info.device)
-                hits = [a + b for a, b in zip(hits, topk_hits(logits, part, ks))]
-        self.head.train()
-        *hits, rows = (
-            int(v)
-            for v in all_reduce_sum(torch.tensor([*hits, feats.shape[0]], device=self.info.device))
-        )
+        accuracy, rows = head_accuracy(self.head, feats, labels, self.info.device)
         self.unreadable["val"] = len(self.val_ds) - rows
         self.val_seen = self.epoch
-        return {f"top{k}": 100.0 * h / max(rows, 1) for k, h in zip(ks, hits)}
+        return accuracy
 
     # -------------------------------------------------------------------- loop
     def _epoch(self, stop: StopRequest) -> bool:

@@ -26,23 +26,27 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
-from threadpoolctl import threadpool_limits
 
 from pretrain.errors import IMSVDError
 from transfer.eval.ap import step_ap
-from transfer.eval.newton import direct_direction, line_search, pcg, top_eig
+from transfer.eval.newton import SolverSetup, newton_iteration
 
 logger = logging.getLogger("imsvd.svm")
 
 
 class SVMError(IMSVDError, ValueError):
     """Invalid input to the SVM stage (shapes, labels, costs)."""
+
+
+def l2_normalize(feats: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Per-row f / (||f|| + eps) in float64 (the protocol's normalisation)."""
+    f = np.asarray(feats, dtype=np.float64)
+    return f / (np.linalg.norm(f, axis=1, keepdims=True) + eps)
 
 
 def augment(x: np.ndarray, intercept_scaling: float = 1.0) -> np.ndarray:
@@ -53,25 +57,6 @@ def augment(x: np.ndarray, intercept_scaling: float = 1.0) -> np.ndarray:
 
 def _objective(w: np.ndarray, viol: np.ndarray, c: np.ndarray) -> np.ndarray:
     return 0.5 * np.einsum("dp,dp->p", w, w) + np.einsum("np,np->p", c, viol * viol)
-
-
-class SolverSetup:
-    """Quantities shared by every problem on the same features (computed once per feature set).
-
-    Attributes:
-        xa: (n, D) float64 augmented features; xa32 / xa32t: float32 copies for CG products.
-        eig: leading eigenpairs (values, vectors) of xa^T xa, for the CG preconditioner.
-        kernel: (n, n) Gram matrix xa xa^T for the direct dual solves, or None when n is too
-            large to hold it (then only CG is used).
-    """
-
-    def __init__(self, xa: np.ndarray, max_kernel_rows: int = 12000) -> None:
-        self.xa = np.ascontiguousarray(xa, dtype=np.float64)
-        self.xa32 = self.xa.astype(np.float32)
-        self.xa32t = np.ascontiguousarray(self.xa32.T)
-        self.eig = top_eig(self.xa, rank=min(64, self.xa.shape[1]))
-        n = self.xa.shape[0]
-        self.kernel = self.xa @ self.xa.T if n <= max_kernel_rows else None
 
 
 def fit_batched(
@@ -100,7 +85,8 @@ def fit_batched(
         tol: stop a problem when ||grad|| <= tol * ||grad at w=0||.
         max_newton: Newton iterations cap.
         max_cg: conjugate-gradient iterations cap per Newton step.
-        setup: precomputed :class:`SolverSetup` for ``xa`` (built here when None).
+        setup: precomputed :class:`transfer.eval.newton.SolverSetup` for ``xa`` (built here
+            when None).
         threads: parallel direct solves (default: every core).
     Returns:
         (w, info): w is (D, P); info has "newton_iters", "cg_iters", "direct_solves" and
@@ -114,74 +100,18 @@ def fit_batched(
         raise SVMError(f"fit_batched: xa {xa.shape}, y {y.shape}, c {c.shape} disagree")
     p_all = y.shape[1]
     w = np.zeros((dim, p_all)) if w0 is None else np.array(w0, dtype=np.float64, copy=True)
-    cy = c * y
-    g0 = np.linalg.norm(2.0 * (xa.T @ cy), axis=0)
-    g0 = np.where(g0 > 0, g0, 1.0)
+    g0 = np.linalg.norm(2.0 * (xa.T @ (c * y)), axis=0)
+    g_stop = tol * np.where(g0 > 0, g0, 1.0)
     z = xa @ w
     active = np.arange(p_all)
-    converged = np.zeros(p_all, dtype=bool)
-    newton_iters = cg_total = direct_total = 0
-    # a direct solve costs ~|A|^3 / 3 flops, a CG solve ~ (iterations) * 4 n D: prefer the
-    # direct solve while it is cheaper than about 30 CG iterations
-    direct_max = int((3 * 30 * 4 * n * dim) ** (1 / 3)) if setup.kernel is not None else 0
+    info = {"newton_iters": 0, "cg_iters": 0, "direct_solves": 0}
+    info["converged"] = np.zeros(p_all, dtype=bool)
     for _ in range(max_newton):
         if active.size == 0:
             break
-        newton_iters += 1
-        wa, ya, ca, cya = w[:, active], y[:, active], c[:, active], cy[:, active]
-        m = ya * z[:, active]
-        viol = np.maximum(0.0, 1.0 - m)
-        grad = wa - 2.0 * (xa.T @ (cya * viol))
-        gnorm = np.linalg.norm(grad, axis=0)
-        done = gnorm <= tol * g0[active]
-        if done.any():
-            converged[active[done]] = True
-            keep = ~done
-            active = active[keep]
-            if active.size == 0:
-                break
-            wa, ya, ca, cya = wa[:, keep], ya[:, keep], ca[:, keep], cya[:, keep]
-            m, grad = m[:, keep], grad[:, keep]
-        dmask = ca * (m < 1.0)
-        n_act = (dmask > 0).sum(axis=0)
-        direct = n_act <= direct_max
-        s = np.empty_like(wa)
-        if direct.any():
-            cols = np.nonzero(direct)[0]
-            dirs = _map_threads(
-                lambda col: direct_direction(setup, ya[:, col], dmask[:, col]), cols, threads
-            )
-            for col, d in zip(cols, dirs):
-                s[:, col] = d - wa[:, col]
-            direct_total += int(cols.size)
-        if (~direct).any():
-            cols = np.nonzero(~direct)[0]
-            precond = (setup.eig[0], setup.eig[1], 2.0 * dmask[:, cols].sum(axis=0) / n)
-            s[:, cols], iters = pcg(setup, dmask[:, cols], -grad[:, cols], precond, 0.1, max_cg)
-            cg_total += iters
-        u = ya * (xa @ s)
-        t = line_search(wa, s, m, u, ca)
-        w[:, active] = wa + t * s
-        z[:, active] += t * (ya * u)  # ya * ya = 1: back to raw scores
-    info = {
-        "newton_iters": newton_iters,
-        "cg_iters": cg_total,
-        "direct_solves": direct_total,
-        "converged": converged,
-    }
+        info["newton_iters"] += 1
+        active = newton_iteration(setup, w, z, y, c, active, g_stop, info, max_cg, threads)
     return w, info
-
-
-def _map_threads(fn, items, threads: int) -> list:
-    """``[fn(i) for i in items]`` on a thread pool, BLAS single-threaded inside each task.
-
-    The direct solves are independent, moderate-size LAPACK calls (they release the GIL):
-    one per core beats one multi-threaded factorisation at a time.
-    """
-    if threads <= 1 or len(items) == 1:
-        return [fn(i) for i in items]
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fn, items))
 
 
 def binary_labels(labels: np.ndarray) -> np.ndarray:
@@ -265,6 +195,58 @@ def svm_inputs(
     return feats, labels, class_weight, costs, row_mask
 
 
+class _CountingSolver:
+    """:func:`fit_batched` on fixed features and settings, its iteration counts summed in
+    ``stats`` ("newton_iters", "cg_iters", "direct_solves", "unconverged" problems)."""
+
+    def __init__(self, xa: np.ndarray, tol: float, max_newton: int) -> None:
+        self.xa, self.setup, self.tol, self.max_newton = xa, SolverSetup(xa), tol, max_newton
+        self.stats = {"newton_iters": 0, "cg_iters": 0, "direct_solves": 0, "unconverged": 0}
+
+    def __call__(self, y: np.ndarray, c: np.ndarray, w0: np.ndarray | None):
+        w_out, info = fit_batched(
+            self.xa, y, c, w0=w0, tol=self.tol, max_newton=self.max_newton, setup=self.setup
+        )
+        for key in ("newton_iters", "cg_iters", "direct_solves"):
+            self.stats[key] += info[key]
+        self.stats["unconverged"] += int((~info["converged"]).sum())
+        return w_out, info
+
+
+def _fold_problems(yb: np.ndarray, base_c: np.ndarray, row_mask: np.ndarray, n_folds: int):
+    """The cross-validation problems: one per (class j, fold f), column j * n_folds + f.
+
+    Args:
+        yb: (n, K) labels in {+1, -1}.
+        base_c: (n, K) per-row costs at C = 1 (0 outside a class's rows).
+        row_mask: (n, K) bool, the rows each class trains on.
+        n_folds: folds of unshuffled stratified CV over each class's rows.
+    Returns:
+        (folds: per class, the held-out rows of each fold; labels (n, K * n_folds); costs at
+        C = 1 (n, K * n_folds), 0 on each problem's held-out rows).
+    """
+    n, k = yb.shape
+    folds = []
+    for j in range(k):
+        rows = np.nonzero(row_mask[:, j])[0]
+        folds.append([rows[t] for t in stratified_folds(yb[rows, j], n_folds)])
+    mask = np.ones((n, k * n_folds))
+    for j in range(k):
+        for f, test_idx in enumerate(folds[j]):
+            mask[test_idx, j * n_folds + f] = 0.0
+    return folds, np.repeat(yb, n_folds, axis=1), np.repeat(base_c, n_folds, axis=1) * mask
+
+
+def _held_out_ap(scores: np.ndarray, yb: np.ndarray, folds: list, n_folds: int) -> np.ndarray:
+    """(K, n_folds) AP of each (class, fold) problem's scores (n, K * n_folds) on its held-out
+    rows, against the labels ``yb`` (n, K)."""
+    ap = np.zeros((yb.shape[1], n_folds))
+    for j in range(yb.shape[1]):
+        for f, test_idx in enumerate(folds[j]):
+            ap[j, f] = step_ap(scores[test_idx, j * n_folds + f], yb[test_idx, j])
+    return ap
+
+
 def cross_validate_svms(
     feats: np.ndarray,
     labels: np.ndarray,
@@ -295,46 +277,20 @@ def cross_validate_svms(
     feats, labels, class_weight, costs, row_mask = svm_inputs(
         feats, labels, class_weight, costs, row_mask
     )
-    n, k = labels.shape
+    k, nf = labels.shape[1], n_folds
     xa = augment(feats, intercept_scaling)
     yb = binary_labels(labels)  # (n, K)
     base_c = np.where(yb > 0, class_weight[1], class_weight[-1])
     base_c = base_c * row_mask  # a zero cost removes a row from every problem of its class
-    # problems: one per (class, fold), column j * n_folds + f; all share the features
-    folds = []
-    for j in range(k):
-        rows = np.nonzero(row_mask[:, j])[0]
-        folds.append([rows[t] for t in stratified_folds(yb[rows, j], n_folds)])
-    nf = n_folds
-    y_p = np.repeat(yb, nf, axis=1)
-    mask = np.ones((n, k * nf))
-    for j in range(k):
-        for f, test_idx in enumerate(folds[j]):
-            mask[test_idx, j * nf + f] = 0.0
-    c_base = np.repeat(base_c, nf, axis=1) * mask
-    order = np.argsort(costs, kind="stable")
+    folds, y_p, c_base = _fold_problems(yb, base_c, row_mask, nf)
     cv_ap = np.zeros((k, len(costs), n_folds))
     fold_w = np.zeros((len(costs), xa.shape[1], k * nf))
     w = None
-    setup = SolverSetup(xa)
-    stats = {"newton_iters": 0, "cg_iters": 0, "direct_solves": 0, "unconverged": 0}
-
-    def solve(y_cols, c_cols, w0):
-        w_out, info = fit_batched(
-            xa, y_cols, c_cols, w0=w0, tol=tol, max_newton=max_newton, setup=setup
-        )
-        for key in ("newton_iters", "cg_iters", "direct_solves"):
-            stats[key] += info[key]
-        stats["unconverged"] += int((~info["converged"]).sum())
-        return w_out, info
-
-    for ci in order:  # increasing costs: each solution warm-starts the next
+    solve = _CountingSolver(xa, tol, max_newton)
+    for ci in np.argsort(costs, kind="stable"):  # increasing costs: each warm-starts the next
         w, info = solve(y_p, costs[ci] * c_base, w)
         fold_w[ci] = w
-        scores = xa @ w
-        for j in range(k):
-            for f, test_idx in enumerate(folds[j]):
-                cv_ap[j, ci, f] = step_ap(scores[test_idx, j * nf + f], yb[test_idx, j])
+        cv_ap[:, ci] = _held_out_ap(xa @ w, yb, folds, nf)
         logger.info(
             "C=%g: mean CV AP %.2f%% (%d Newton iterations, %d CG iterations, %d direct solves)",
             costs[ci],
@@ -348,9 +304,9 @@ def cross_validate_svms(
     w0 = np.stack([fold_w[best[j]][:, j * nf : (j + 1) * nf].mean(axis=1) for j in range(k)], 1)
     c_refit = base_c * np.array([costs[b] for b in best])[None, :]
     weights, _ = solve(yb, c_refit, w0)
-    if stats["unconverged"]:
-        logger.warning("%d SVM problems stopped at max_newton", stats["unconverged"])
-    return CVResult(costs, cv_ap, best, weights.T.copy(), stats)
+    if solve.stats["unconverged"]:
+        logger.warning("%d SVM problems stopped at max_newton", solve.stats["unconverged"])
+    return CVResult(costs, cv_ap, best, weights.T.copy(), solve.stats)
 
 
 def fit_svms(
