@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from pretrain import dist as pdist
+from pretrain.dist import DistributedSetupError
 from pretrain.dist import group as dist_group
-from pretrain.dist import DistributedSetupError, init_distributed
+from pretrain.dist import init_distributed
 
 LAUNCH_VARS = (
     "RANK",
@@ -93,9 +94,9 @@ def test_slurm_env_is_read(clean_env):
     clean_env.setenv("SLURM_NTASKS", "1")
     clean_env.setenv("SLURM_LOCALID", "0")
     assert init_distributed("cpu").world_size == 1
-    assert dist_group._read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})[
-        :3
-    ] == (5, 8, 1)
+    assert dist_group._read_launch_env(
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    )[:3] == (5, 8, 1)
     # torchrun variables win over SLURM's when both are present.
     both = {
         "RANK": "1",

@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain
 from pretrain.checkpointer import run_changing_differences, write_error_message
 from pretrain.dist import run_on_main
