@@ -153,12 +153,11 @@ def cached_features(
         cache_dir: folder of the cache.
         split: split name (part of the file names and metadata).
         model, dataset, layer, batch_size, device, num_workers, precision, gather,
-            channels_last: as for extract_features.
+        channels_last: as for extract_features.
         weights_sha256: content hash of the backbone weights (load_backbone's meta["sha256"]).
         check: "stat" (size + mtime_ns of every file) or "content" (also a sha256 of each).
     Returns:
-        (features, labels) as extract_features (unreadable images left out; their number is
-        ``len(dataset)`` minus the rows of all ranks).
+        (features, labels) as extract_features (unreadable images left out).
     Raises:
         FeatureError: unknown ``check``; as extract_features.
     """

@@ -113,10 +113,8 @@ def extract_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of a dataset, extracted in shards over processes, in dataset order.
 
-    Each process extracts one contiguous shard of the dataset. Items the dataset yields as None
-    (unreadable images, see :class:`pretrain.datasets.ImageDataset`) are left out, logged and
-    counted: the arrays then have ``len(dataset) - unreadable`` rows in all, each with its own
-    image's label (nothing is replaced).
+    Each process extracts one contiguous shard. Unreadable images (None items) are left out,
+    logged and counted: ``len(dataset) - unreadable`` rows in all, each with its own label.
 
     Args:
         model: frozen backbone (put in eval mode here as well).
@@ -126,17 +124,15 @@ def extract_features(
         device: compute device of this process.
         num_workers: DataLoader workers.
         desc: progress-bar label.
-        precision: "fp32", or "bf16" / "fp16": the forward under autocast (half the activation
-            memory and, on GPUs, faster), the features returned as float32 all the same.
+        precision: "fp32", or "bf16" / "fp16": the forward under autocast; float32 features.
         gather: where the rows end up (one process always gets the whole arrays):
             "all": every process the whole arrays (one all_gather; N x D on every process);
             "main": rank 0 the whole arrays, sent in chunks of bounded size
             (:func:`pretrain.dist.gather_rows_to_main`), the other ranks (0, D) and (0,);
             "shard": every process the rows it extracted (rank 0 the first ones, then rank 1,
             ...), nothing gathered.
-        channels_last: the network and the images in channels_last memory format (faster
-            convolutions on GPUs, with autocast above all); the same features up to float
-            rounding (not part of the cache key).
+        channels_last: the network and images in channels_last memory format (GPUs); the
+            same features up to float rounding (not part of the cache key).
     Returns:
         (features float32 (N, D), labels int64 (N,)), N = the number of readable items (of the
         whole dataset, or of this process's share as ``gather`` says).
