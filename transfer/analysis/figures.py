@@ -232,8 +232,15 @@ def joint_figure(corner: np.ndarray, bin_size: int, views: tuple[str, str] = ("v
             level = math.log10(value)
             if vmin <= level <= vmax:
                 cb.ax.axhline(level, color="white", lw=1.2)
-                cb.ax.text(-0.15, level, name, transform=cb.ax.get_yaxis_transform(),
-                           ha="right", va="center", fontsize=6)  # fmt: skip
+                cb.ax.text(
+                    -0.15,
+                    level,
+                    name,
+                    transform=cb.ax.get_yaxis_transform(),
+                    ha="right",
+                    va="center",
+                    fontsize=6,
+                )
         ax.set_title(f"(a) joint probability P, first {k} variables")
         _variable_ticks(ax, k, bin_size, "xy", "white")
         ax.set_xlabel(f"variable ({views[1]}, {bin_size} units each)")
@@ -285,10 +292,9 @@ def plot_views(
     n_colours = colours.N
     argmax = codes.argmax(axis=2)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(
-            len(images), 2, figsize=(7.2, 1.45 * len(images) + 0.5), layout="constrained",
-            gridspec_kw={"width_ratios": [1, 6]}, squeeze=False,
-        )  # fmt: skip
+        size = (7.2, 1.45 * len(images) + 0.5)
+        grid = dict(layout="constrained", gridspec_kw={"width_ratios": [1, 6]}, squeeze=False)
+        fig, axes = plt.subplots(len(images), 2, figsize=size, **grid)
         for r, (img, q) in enumerate(zip(images, codes)):
             axes[r, 0].imshow(img)
             axes[r, 0].set_xticks([])
@@ -305,12 +311,14 @@ def plot_views(
             ax.spines[["top", "right"]].set_visible(False)
             if r > 0:
                 same = int((argmax[r] == argmax[0]).sum())
-                ax.set_title(f"view {r + 1}: same argmax unit as view 1 in {same} of {m} variables",
-                             loc="left")  # fmt: skip
+                ax.set_title(
+                    f"view {r + 1}: same argmax unit as view 1 in {same} of {m} variables",
+                    loc="left",
+                )
             else:
                 ax.set_title(f"view 1: soft codes of the first {m} variables", loc="left")
         axes[-1, 1].set_xlabel(f"variable ({bin_size} units each)")
         handles = [Patch(color=colours(v % n_colours), label=f"variable {v}") for v in range(m)]
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(m, 10), frameon=False,
-                   handlelength=1.0, columnspacing=1.0)  # fmt: skip
+        style = dict(frameon=False, handlelength=1.0, columnspacing=1.0)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(m, 10), **style)
     return save_figure(fig, path, dpi)

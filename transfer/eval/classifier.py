@@ -315,8 +315,11 @@ def build_model(backbone: nn.Module, num_classes: int, cfg: dict, info, finetune
     Returns:
         (model, forward): the unwrapped :class:`SupervisedModel` and the trained module.
     """
-    head = LinearHead(features.feature_dim(backbone, cfg["features"]["layer"]), num_classes,
-                      bool(cfg["head"]["batchnorm"]))  # fmt: skip
+    head = LinearHead(
+        features.feature_dim(backbone, cfg["features"]["layer"]),
+        num_classes,
+        bool(cfg["head"]["batchnorm"]),
+    )
     if finetune:
         backbone.requires_grad_(True)
     model = SupervisedModel(backbone, head, cfg["features"]["layer"]).to(info.device)
@@ -336,12 +339,24 @@ def sgd_groups(model: SupervisedModel, cfg: dict, finetune: bool) -> list[dict]:
     """SGD parameter groups: the head (train.lr, train.weight_decay) and, when fine-tuning, the
     backbone (backbone.lr, backbone.weight_decay)."""
     t = cfg["train"]
-    groups = [{"params": list(model.head.parameters()), "lr": float(t["lr"]),
-               "weight_decay": float(t["weight_decay"]), "name": "head"}]  # fmt: skip
+    groups = [
+        {
+            "params": list(model.head.parameters()),
+            "lr": float(t["lr"]),
+            "weight_decay": float(t["weight_decay"]),
+            "name": "head",
+        }
+    ]
     if finetune:
         b = cfg["backbone"]
-        groups.append({"params": list(model.backbone.parameters()), "lr": float(b["lr"]),
-                       "weight_decay": float(b["weight_decay"]), "name": "backbone"})  # fmt: skip
+        groups.append(
+            {
+                "params": list(model.backbone.parameters()),
+                "lr": float(b["lr"]),
+                "weight_decay": float(b["weight_decay"]),
+                "name": "backbone",
+            }
+        )
     return groups
 
 
@@ -351,13 +366,16 @@ def build_train_loader(dataset, cfg: dict, info):
     The loader yields (images or None, labels, unreadable count) per step, as
     :func:`pretrain.datasets.collate_readable`.
     """
-    sampler = GlobalBatchSampler(len(dataset), int(cfg["train"]["batch_size"]), info.world_size,
-                                 info.rank, int(cfg["seed"]))  # fmt: skip
+    sampler = GlobalBatchSampler(
+        len(dataset), int(cfg["train"]["batch_size"]), info.world_size, info.rank, int(cfg["seed"])
+    )
     loader = torch.utils.data.DataLoader(
-        SeededItems(dataset, int(cfg["seed"])), batch_sampler=sampler,
-        num_workers=int(cfg["data"]["num_workers"]), pin_memory=info.device.type == "cuda",
+        SeededItems(dataset, int(cfg["seed"])),
+        batch_sampler=sampler,
+        num_workers=int(cfg["data"]["num_workers"]),
+        pin_memory=info.device.type == "cuda",
         collate_fn=collate_readable,
-    )  # fmt: skip
+    )
     return sampler, loader
 
 

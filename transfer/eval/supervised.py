@@ -388,8 +388,9 @@ class SupervisedTrainer:
         sd, meta = self.backbone.state_dict(), self.meta
 
         def write() -> None:
-            export_backbone(path, sd, arch=meta["arch"], stem=meta["stem"], epoch=self.epochs,
-                            config=self.cfg)  # fmt: skip
+            export_backbone(
+                path, sd, arch=meta["arch"], stem=meta["stem"], epoch=self.epochs, config=self.cfg
+            )
             logger.info("fine-tuned backbone written to %s", path)
 
         head_state.on_main_process(write, self.info, str(path))

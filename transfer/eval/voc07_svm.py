@@ -229,8 +229,8 @@ def summary(results: dict) -> str:
         text += "\n" + format_table(
             [{"k": k, "mAP": v["mAP_mean"], "std": v["mAP_std"]} for k, v in low["ks"].items()],
             title=f"VOC07 low-shot SVM, {low['protocol']['name']} protocol, percent "
-                  f"({low['protocol']['samples']} samples per k)",
-        )  # fmt: skip
+            f"({low['protocol']['samples']} samples per k)",
+        )
     return text
 
 
