@@ -11,6 +11,7 @@ import torch
 from helpers import make_image_tree
 
 from pretrain.datasets import build_image_dataset
+from pretrain.errors import IMSVDError
 from pretrain.images import CorruptImageError
 from pretrain.model import model_from_checkpoint
 from pretrain.transforms import eval_transform
@@ -271,6 +272,7 @@ def _as_rank1(monkeypatch, rank0_says):
     monkeypatch.setattr(cache_mod, "get_world_size", lambda: 2)
     monkeypatch.setattr(cache_mod, "main_rank_values", lambda values, device: list(rank0_says))
     monkeypatch.setattr(cache_mod, "all_reduce_sum", lambda t: t)  # this rank alone
+    monkeypatch.setattr(cache_mod, "run_on_main", lambda *a, **k: (None, None, 0))  # not rank 0
 
     def not_here(*a, **k):
         raise AssertionError("files signed on rank 1")
@@ -392,7 +394,7 @@ def test_half_precision_extraction_is_close_and_cached_apart(
         extract_features(model, ds, precision="fp8")
 
 
-def _gather_worker(rank, world, port, weights, tree, cache, out_dir):
+def _gather_worker(rank, world, port, weights, tree, cache, out_dir, bad_tree):
     from pretrain import dist as pdist
     from pretrain.dist import cleanup, init_distributed
 
@@ -407,6 +409,12 @@ def _gather_worker(rank, world, port, weights, tree, cache, out_dir):
     got["cache_miss"] = cached_features(cache, "val", model, ds, "w", batch_size=2, gather="shard")
     got["cache_hit"] = cached_features(cache, "val", model, ds, "w", batch_size=2, gather="shard")
     got["cache_main"] = cached_features(cache, "val", model, ds, "w", batch_size=2, gather="main")
+    # a corrupt image in rank 1's shard, strict mode: both ranks raise, neither waits alone
+    bad = build_image_dataset(bad_tree, transform=eval_transform(40, 32), strict=True)
+    try:
+        extract_features(model, bad, batch_size=2, gather="shard")
+    except IMSVDError as e:
+        got["strict_error"] = f"{type(e).__name__}: {e}"
     # uneven (one rank empty) rows sent in one-row chunks
     rows = torch.arange(rank * 7, dtype=torch.float64).reshape(-1, 1) * (rank + 1)
     whole = pdist.gather_rows_to_main(rows, [0, 7], chunk_bytes=1)
@@ -431,7 +439,9 @@ def test_gather_modes_on_two_ranks(tiny_backbone, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cache = tmp_path / "cache"
-    args = (2, port, str(tiny_backbone), str(tree), str(cache), str(tmp_path))
+    bad_tree = make_image_tree(tmp_path / "bad", n_per_class=3)
+    (bad_tree / "c2" / "img002.png").write_bytes(b"not an image")  # row 8: rank 1's shard
+    args = (2, port, str(tiny_backbone), str(tree), str(cache), str(tmp_path), str(bad_tree))
     mp.spawn(_gather_worker, args=args, nprocs=2, join=True)
     model = freeze(model_from_checkpoint(tiny_backbone)[0])
     ref_f, ref_y = extract_features(
@@ -453,6 +463,10 @@ def test_gather_modes_on_two_ranks(tiny_backbone, tmp_path):
     same(got[0]["cache_main"], 0, 9)
     assert got[1]["cache_main"][0].shape[0] == 0
     np.testing.assert_allclose(np.load(cache / "val_pool5.feats.npy"), ref_f, rtol=1e-5, atol=1e-6)
+    assert got[1]["strict_error"].startswith("CorruptImageError")
+    assert (
+        got[0]["strict_error"] == "FeatureError: features: rank 1 failed to extract (see its error)"
+    )
     assert got[0]["rows"].flatten().tolist() == [2.0 * i for i in range(7)]
     assert got[1]["rows"] is None
 
@@ -474,6 +488,26 @@ def test_channels_last_extraction_gives_the_same_features(setup):
     got, y2 = extract_features(model, ds, batch_size=5, channels_last=True)
     assert np.array_equal(y, y2)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
-    assert convs and all(not p.is_contiguous() for p in convs)  # the weights were converted
-    model.to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in model.parameters())  # the model is left as it is
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_features(setup, tmp_path, monkeypatch, caplog):
+    _, model, meta, ds = setup
+    ref = extract_features(model, ds, batch_size=5)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "_write_cache", full_disk)
+    with caplog.at_level("WARNING", logger="imsvd.features"):
+        got = cached_features(tmp_path, "train", model, ds, meta["sha256"], batch_size=5)
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert "not written" in caplog.text and "No space left" in caplog.text
+
+
+def test_an_empty_npy_in_the_cache_is_re_extracted(setup, tmp_path, monkeypatch):
+    _, model, meta, ds = setup
+    first = cached_features(tmp_path, "train", model, ds, meta["sha256"], batch_size=5)
+    (tmp_path / "train_pool5.feats.npy").write_bytes(b"")
+    again = cached_features(tmp_path, "train", model, ds, meta["sha256"], batch_size=5)
+    np.testing.assert_array_equal(again[0], first[0])

@@ -34,10 +34,10 @@ from torch.utils.data import Dataset
 
 from pretrain.dist import (
     all_reduce_sum,
-    barrier,
     get_rank,
     get_world_size,
     main_rank_values,
+    run_on_main,
     shard_range,
 )
 from pretrain.fileio import atomic_write, fsync_dir, write_json_atomic
@@ -188,9 +188,10 @@ def cached_features(
     args = (batch_size, layer, device, num_workers, f"{split} features", precision, gather)
     feats, labels = extract_features(model, dataset, *args, channels_last=channels_last)
     whole = rows_on_main(feats, labels, device) if gather == "shard" else (feats, labels)
-    if get_rank() == 0:
-        _write_cache(Path(cache_dir), paths[2], paths[0], paths[1], meta, *whole)
-    barrier()
+    write_args = (Path(cache_dir), paths[2], paths[0], paths[1], meta, *(whole or ()))
+    _, error, failed = run_on_main(lambda: _write_cache(*write_args), device, (OSError,))
+    if failed:  # the cache only saves time: the features are good, the run goes on
+        logger.warning("features cache %s not written (%s)", stem, error or "see rank 0's log")
     return feats, labels
 
 
@@ -260,7 +261,7 @@ def _load_arrays(
     """The arrays of an entry rank 0 found valid, or None when unreadable or of another shape."""
     try:
         feats, labels = np.load(f_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty .npy
         logger.warning("features cache %s unreadable on this rank (%s)", f_path, e)
         return None
     if tuple(feats.shape) != tuple(shape) or labels.shape != (shape[0],):
@@ -318,7 +319,7 @@ def _read_cache(
             return None
         feats = np.load(f_path, mmap_mode="r")  # the rows a rank needs are copied out later
         labels = np.load(y_path, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty .npy
         logger.warning("features cache %s unreadable (%s): re-extracting", m_path, e)
         return None
     if list(feats.shape) != shape or labels.shape[0] != feats.shape[0]:

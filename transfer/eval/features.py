@@ -131,8 +131,9 @@ def extract_features(
             (:func:`pretrain.dist.gather_rows_to_main`), the other ranks (0, D) and (0,);
             "shard": every process the rows it extracted (rank 0 the first ones, then rank 1,
             ...), nothing gathered.
-        channels_last: the network and images in channels_last memory format (GPUs); the
-            same features up to float rounding (not part of the cache key).
+        channels_last: the images in channels_last memory format, so that the convolutions
+            run in it (GPUs); the model is left as it is; the same features up to float
+            rounding (not part of the cache key).
     Returns:
         (features float32 (N, D), labels int64 (N,)), N = the number of readable items (of the
         whole dataset, or of this process's share as ``gather`` says).
@@ -145,17 +146,19 @@ def extract_features(
         raise FeatureError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    local_f, local_y, dropped = _extract_shard(
-        model.to(memory_format=fmt),
-        dataset,
-        batch_size,
-        layer,
-        device,
-        num_workers,
-        desc,
-        (precision, fmt),
-    )
-    sizes = gather_batch_sizes(local_f.shape[0], device)
+    args = (batch_size, layer, device, num_workers, desc, (precision, fmt))
+    try:
+        local_f, local_y, dropped = _extract_shard(model, dataset, *args)
+        error = None
+    except IMSVDError as e:  # e.g. a corrupt image in strict mode: every rank must hear of it
+        local_f, local_y, dropped, error = None, None, 0, e
+    sizes = gather_batch_sizes(-1 if error is not None else local_f.shape[0], device)
+    if error is not None:
+        raise error
+    if min(sizes) < 0:
+        raise FeatureError(
+            f"{desc}: rank {sizes.index(min(sizes))} failed to extract (see its error)"
+        )
     dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
     _check_counts(sum(sizes), dropped, len(dataset), desc)
     return _deliver(local_f, local_y, sizes, gather, device)

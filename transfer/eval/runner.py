@@ -271,15 +271,24 @@ def take_output_folder(out: Path | None, info: DistInfo) -> RunFolder | None:
             otherwise (e.g. an OSError), the other ranks raise RunFolderBusyError.
     """
 
-    def take() -> RunFolder | None:
-        return None if out is None else RunFolder(out, True, key="output_dir").__enter__()
+    held: list[RunFolder] = []
 
-    lock, error, outcome = run_on_main(
-        take,
-        info.device,
-        (Exception,),  # shared with the other ranks, then re-raised
-        lambda e: _BUSY if isinstance(e, RunFolderBusyError) else _LOCK_FAILED,
-    )
+    def take() -> RunFolder | None:
+        if out is not None:
+            held.append(RunFolder(out, True, key="output_dir").__enter__())
+        return held[0] if held else None
+
+    try:
+        lock, error, outcome = run_on_main(
+            take,
+            info.device,
+            (Exception,),  # shared with the other ranks, then re-raised
+            lambda e: _BUSY if isinstance(e, RunFolderBusyError) else _LOCK_FAILED,
+        )
+    except BaseException:  # the exchange failed: the lock is not left held
+        for folder in held:
+            folder.__exit__(None, None, None)
+        raise
     if not outcome:
         return lock
     if error is not None:
