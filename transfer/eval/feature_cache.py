@@ -165,20 +165,16 @@ def cached_features(
         raise FeatureError(f"features.cache_check {check!r} is not one of {CACHE_CHECKS}")
     check_request(precision, gather)
     stem = Path(cache_dir) / f"{split}_{layer}"
-    paths = (Path(f"{stem}.feats.npy"), Path(f"{stem}.labels.npy"), Path(f"{stem}.json"))
-    meta, hit = _main_checks(
-        stem, paths, (split, layer, dataset, weights_sha256, check), precision, device
-    )
+    paths = tuple(Path(f"{stem}.{ext}") for ext in ("feats.npy", "labels.npy", "json"))
+    key = (split, layer, dataset, weights_sha256, check)
+    meta, hit = _main_checks(stem, paths, key, precision, device)
     if hit is not None:
         got = _hit_rows(hit, paths, gather)
         unread = int(all_reduce_sum(torch.tensor([int(got is None)], device=device)).item())
         if unread == 0:
+            why = "same weights, layer, transform, sample paths and file sizes / mtimes"
             logger.info(
-                "features cache hit: %s (%d x %d): same weights, layer, transform, sample paths "
-                "and file sizes / mtimes (%s check)",
-                stem,
-                *hit.shape,
-                check,
+                "features cache hit: %s (%d x %d): %s (%s check)", stem, *hit.shape, why, check
             )
             return got
         logger.warning(

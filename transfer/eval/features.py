@@ -152,6 +152,14 @@ def extract_features(
         error = None
     except IMSVDError as e:  # e.g. a corrupt image in strict mode: every rank must hear of it
         local_f, local_y, dropped, error = None, None, 0, e
+    sizes = _sizes_or_raise(local_f, error, device, desc)
+    dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
+    _check_counts(sum(sizes), dropped, len(dataset), desc)
+    return _deliver(local_f, local_y, sizes, gather, device)
+
+
+def _sizes_or_raise(local_f, error, device, desc: str) -> list[int]:
+    """Every rank's row count (one exchange); a rank's extraction error raised on every rank."""
     sizes = gather_batch_sizes(-1 if error is not None else local_f.shape[0], device)
     if error is not None:
         raise error
@@ -159,9 +167,7 @@ def extract_features(
         raise FeatureError(
             f"{desc}: rank {sizes.index(min(sizes))} failed to extract (see its error)"
         )
-    dropped = int(all_reduce_sum(torch.tensor([dropped], device=device)).sum())
-    _check_counts(sum(sizes), dropped, len(dataset), desc)
-    return _deliver(local_f, local_y, sizes, gather, device)
+    return sizes
 
 
 def check_request(precision: str, gather: str) -> None:
