@@ -32,13 +32,13 @@ from pretrain.fileio import atomic_write
 
 # The key rules (what is a backbone tensor, what is dropped on purpose) are shared with the
 # MMDetection exporter; the renaming below is Detectron2's own.
-from transfer.resnet_keys import BLOCK_BN as _BLOCK_BN
-from transfer.resnet_keys import BLOCK_CONV as _BLOCK_CONV
-from transfer.resnet_keys import SHORTCUT_BN as _SHORTCUT_BN
-from transfer.resnet_keys import SHORTCUT_CONV as _SHORTCUT_CONV
-from transfer.resnet_keys import STEM_BN as _STEM_BN
-from transfer.resnet_keys import STEM_CONV as _STEM_CONV
-from transfer.resnet_keys import drop_category, unknown_keys_message
+from transfer.detection.resnet_keys import BLOCK_BN as _BLOCK_BN
+from transfer.detection.resnet_keys import BLOCK_CONV as _BLOCK_CONV
+from transfer.detection.resnet_keys import SHORTCUT_BN as _SHORTCUT_BN
+from transfer.detection.resnet_keys import SHORTCUT_CONV as _SHORTCUT_CONV
+from transfer.detection.resnet_keys import STEM_BN as _STEM_BN
+from transfer.detection.resnet_keys import STEM_CONV as _STEM_CONV
+from transfer.detection.resnet_keys import drop_category, unknown_keys_message
 
 __all__ = [
     "D2ConversionError",

@@ -5,7 +5,7 @@ or training checkpoint, the reference IMSVD model.pth / model_final.pth, a bare 
 resnet50.pth, MoCo checkpoints). Example::
 
     python tools/convert_to_mmdet.py exported_backbone.pth imsvd_r50_mmdet.pth
-    python transfer/mmdet_train.py mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
+    imsvd-mmdet-train mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pretrain.checkpoint import (
     with_accepted_inputs,
 )
 from pretrain.errors import IMSVDError
-from transfer.mmdet_weights import (
+from transfer.detection.mmdet.weights import (
     FORMAT,
     FORMAT_VERSION,
     LAYOUTS,

@@ -24,7 +24,11 @@ from pretrain.checkpoint import (
     with_accepted_inputs,
 )
 from pretrain.errors import IMSVDError
-from transfer.d2_weights import D2ConversionError, convert_torchvision_to_d2, write_d2_pickle
+from transfer.detection.d2.weights import (
+    D2ConversionError,
+    convert_torchvision_to_d2,
+    write_d2_pickle,
+)
 
 
 def convert(

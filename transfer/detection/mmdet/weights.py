@@ -30,7 +30,7 @@ import torch
 
 from pretrain.errors import IMSVDError
 from pretrain.fileio import atomic_write
-from transfer.resnet_keys import (
+from transfer.detection.resnet_keys import (
     drop_category,
     infer_depth,
     is_backbone_key,

@@ -20,7 +20,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from pretrain.errors import IMSVDError
-from transfer.stacks import DATASET_NAMES  # the command line names them too
+from transfer.detection.stacks import DATASET_NAMES  # the command line names them too
 
 logger = logging.getLogger("imsvd.train_net")
 
