@@ -1,8 +1,9 @@
-"""What the two weight converters share: the conversion command and the text it prints.
+"""What the two weight converters share: the conversion report, the walk over a torchvision
+state_dict, the output checks and the conversion command.
 
 The Detectron2 converter (``transfer.detection.d2``: ``weights``, ``convert``) and the
-MMDetection one (``transfer.detection.mmdet``: ``weights``, ``convert``) differ in the file they
-write and the line that describes the source; the command around them is written here once.
+MMDetection one (``transfer.detection.mmdet``: ``weights``, ``convert``) differ only in the names
+they give the tensors, the file they write and what their report counts; the rest is here.
 Neither framework is imported.
 """
 
@@ -11,7 +12,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+)
+
+import torch
 
 from pretrain.checkpoint import (
     add_weights_args,
@@ -20,12 +35,138 @@ from pretrain.checkpoint import (
     with_accepted_inputs,
 )
 from pretrain.errors import IMSVDError
+from transfer.detection.resnet_keys import (
+    drop_category,
+    is_backbone_key,
+    missing_stages,
+    unknown_keys_message,
+)
 
 __all__ = [
+    "ConversionReport",
+    "backbone_entries",
+    "check_stages",
+    "fp32_cpu",
+    "check_output",
     "load_standard_backbone",
     "conversion_summary",
     "conversion_main",
 ]
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did; each converter's report adds what it counts.
+
+    Attributes:
+        converted: number of tensors written.
+        dropped: category -> list of dropped source keys.
+    """
+
+    converted: int = 0
+    dropped: Dict[str, List[str]] = field(default_factory=dict)
+
+    def dropped_line(self) -> str:
+        """The ``dropped: fc (2), num_batches_tracked (53)`` line (or ``dropped: nothing``)."""
+        if not self.dropped:
+            return "dropped: nothing"
+        return "dropped: " + ", ".join(f"{cat} ({len(keys)})" for cat, keys in self.dropped.items())
+
+    @staticmethod
+    def values_lines(counts: Mapping[str, int], width: int) -> List[str]:
+        """One ``  <stage> <values>`` line per stage, the names padded to ``width``."""
+        return [f"  {stage:<{width}} {n:>12,d} values" for stage, n in counts.items()]
+
+
+def backbone_entries(
+    state_dict: Mapping[str, Any],
+    report: ConversionReport,
+    error: Type[Exception],
+    keep: Sequence[str] = (),
+) -> Iterator[Tuple[str, Any]]:
+    """Yield the ResNet backbone entries of a torchvision state_dict, in order.
+
+    Keys dropped on purpose (``fc.*``, ``projector.*``, BatchNorm ``num_batches_tracked`` unless
+    kept) are recorded in ``report.dropped``; once every key is seen, any key that is neither
+    raises ``error`` naming them.
+
+    Args:
+        state_dict: torchvision-named tensors (as returned by pretrain.checkpoint.load_backbone).
+        report: receives the dropped keys.
+        error: the converter's error class.
+        keep: drop categories that are backbone entries for this converter
+            (``("num_batches_tracked",)`` where the target holds the counters).
+
+    Yields:
+        ``(key, value)`` of each backbone tensor.
+
+    Raises:
+        error: after the last entry, when some keys are not ResNet backbone tensors.
+    """
+    unknown: List[str] = []
+    with_counters = "num_batches_tracked" in keep
+    for key, value in state_dict.items():
+        category = drop_category(key, keep=keep)
+        if category is not None:
+            report.dropped.setdefault(category, []).append(key)
+        elif is_backbone_key(key, with_num_batches=with_counters):
+            yield key, value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise error(unknown_keys_message(unknown))
+
+
+def check_stages(
+    keys: Sequence[str],
+    converted: int,
+    error: Type[Exception],
+    stage_name: Callable[[str], str] = str,
+) -> None:
+    """Refuse a backbone without a stem or without one of the four stages.
+
+    Args:
+        keys: the torchvision-named backbone keys that were converted.
+        converted: number of tensors converted (for the message).
+        error: the converter's error class.
+        stage_name: the target framework's name of a torchvision stage ("layer4" -> "res5").
+
+    Raises:
+        error: naming the absent stages.
+    """
+    absent = missing_stages([k for k in keys if is_backbone_key(k)])
+    if absent:
+        raise error(
+            f"incomplete ResNet backbone: no tensors for {', '.join(map(stage_name, absent))} "
+            f"(got {converted} backbone tensors)"
+        )
+
+
+def fp32_cpu(value: torch.Tensor) -> torch.Tensor:
+    """A detached CPU tensor, floating point widened to float32 (both frameworks train in fp32;
+    fp16 / bf16 exports are widened), integers (BatchNorm counters) kept."""
+    value = value.detach().to("cpu")
+    return value.float() if value.is_floating_point() else value
+
+
+def check_output(path: str, force: bool, error: Type[Exception]) -> str:
+    """Refuse an existing output (unless ``force``) or one whose folder is missing.
+
+    Args:
+        path: the file to write.
+        force: overwrite an existing file.
+        error: the converter's error class.
+
+    Returns:
+        ``os.fspath(path)``.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not force:
+        raise error(f"output {path!r} already exists (pass --force to overwrite)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise error(f"output folder {folder!r} does not exist")
+    return path
 
 
 def load_standard_backbone(
