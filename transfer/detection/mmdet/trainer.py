@@ -126,6 +126,13 @@ def setup(args: argparse.Namespace) -> Config:
         # Checked as strictly as any other file before mmengine unpickles it.
         read_mmdet_weights(resumable, safe_globals=checkpoint_safe_globals())
         cfg.resume = True
+    _set_pretrained(cfg, args, resuming=resumable is not None)
+    return cfg
+
+
+def _set_pretrained(cfg: Config, args: argparse.Namespace, resuming: bool) -> None:
+    """Point the Pretrained init_cfg entries at --weights, clear them for --no-weights, or check
+    the checkpoints the config names (none is an error unless the run resumes)."""
     if args.weights:
         _check_weights(args.weights, cfg, trained=False)
         set_pretrained_checkpoint(cfg, args.weights)
@@ -138,7 +145,7 @@ def setup(args: argparse.Namespace) -> Config:
     else:
         pending = pretrained_checkpoints(cfg)
         unset = [k for k, v in pending.items() if not v]
-        if unset and resumable is None:
+        if unset and not resuming:
             # Never train from random weights by accident.
             raise MMDetTrainError(
                 f"no pretrained weights: {', '.join(unset)} has no checkpoint. Pass --weights "
@@ -147,7 +154,6 @@ def setup(args: argparse.Namespace) -> Config:
             )
         for path in sorted({v for v in pending.values() if v}):
             _check_weights(path, cfg, trained=False)
-    return cfg
 
 
 def metrics_to_results(metrics: Dict[str, Any]) -> Dict[str, Dict[str, Optional[float]]]:
