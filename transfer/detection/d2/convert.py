@@ -53,9 +53,15 @@ def convert(
     """
     # Detectron2's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
     state_dict, meta, stem = load_standard_backbone(
-        input_path, output_path, force, D2ConversionError, "Detectron2 needs",
-        allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix,
-    )  # fmt: skip
+        input_path,
+        output_path,
+        force,
+        D2ConversionError,
+        "Detectron2 needs",
+        allow_unsafe=allow_unsafe,
+        checkpoint_key=checkpoint_key,
+        prefix=prefix,
+    )
     blobs, report = convert_torchvision_to_d2(state_dict)
     extra = {
         "arch": meta["arch"],

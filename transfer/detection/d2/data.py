@@ -190,14 +190,20 @@ def register_data(
         s = summaries[split]
         logger.info(
             "registered %s: %s (%d images, %d annotations, %d categories), images in %s",
-            name, json_file, s.num_images, s.num_annotations, len(s.categories), image_root,
-        )  # fmt: skip
+            name,
+            json_file,
+            s.num_images,
+            s.num_annotations,
+            len(s.categories),
+            image_root,
+        )
     n_classes = len(next(iter(summaries.values())).categories)
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES != n_classes:
         logger.info(
             "MODEL.ROI_HEADS.NUM_CLASSES %d -> %d (the categories of the data)",
-            cfg.MODEL.ROI_HEADS.NUM_CLASSES, n_classes,
-        )  # fmt: skip
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            n_classes,
+        )
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = n_classes
     if "train" in pairs:
         cfg.DATASETS.TRAIN = (DATASET_NAMES["train"],)

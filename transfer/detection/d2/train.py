@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = detectron2_base_parser()
     add_weights_args(parser, layout_options=False)
     parser.add_argument(
-        "--config", dest="config_file", metavar="FILE",
+        "--config",
+        dest="config_file",
+        metavar="FILE",
         help="config name in transfer/configs/ (e.g. mask_rcnn_C4_1x.yaml) or a path",
-    )  # fmt: skip
+    )
     data = parser.add_argument_group(
         "own COCO-format data",
         f"registered as {DATASET_NAMES['train']} / {DATASET_NAMES['test']}; they replace "

@@ -63,9 +63,15 @@ def convert(
     """
     # MMDetection's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
     state_dict, meta, stem = load_standard_backbone(
-        input_path, output_path, force, MMDetWeightsError, "MMDetection's ResNet needs",
-        allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix,
-    )  # fmt: skip
+        input_path,
+        output_path,
+        force,
+        MMDetWeightsError,
+        "MMDetection's ResNet needs",
+        allow_unsafe=allow_unsafe,
+        checkpoint_key=checkpoint_key,
+        prefix=prefix,
+    )
     tensors, report = convert_torchvision_to_mmdet(state_dict, layout=layout)
     out_meta = {
         "format": FORMAT,

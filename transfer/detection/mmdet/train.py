@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="config name in transfer/configs/mmdet/ or a path")
     parser.add_argument("--work-dir", help="output folder (default: the config's work_dir)")
     parser.add_argument(
-        "--weights", help="converted backbone (.pth, tools/convert_to_mmdet.py); with "
-        "--eval-only: a trained checkpoint"
-    )  # fmt: skip
+        "--weights",
+        help="converted backbone (.pth, tools/convert_to_mmdet.py); with "
+        "--eval-only: a trained checkpoint",
+    )
     parser.add_argument(
         "--no-weights",
         action="store_true",
