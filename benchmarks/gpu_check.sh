@@ -40,7 +40,7 @@ t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from pretrain.checkpoint import export_backbone
-from transfer import d2_trainer
+from transfer.detection.d2 import trainer as d2_trainer
 sd = t._source_resnet50()
 bb = {k: v for k, v in sd.items() if not k.startswith("fc.")}
 export_backbone(f"{out}/bb.pth", bb, arch="resnet50", stem="standard", epoch=1, config=None)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.detectron2
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
-from transfer import d2_trainer, train_net  # noqa: E402
+from transfer.detection.d2 import train as d2_train  # noqa: E402
+from transfer.detection.d2 import trainer as d2_trainer  # noqa: E402
 
 # three of the 80 official COCO categories, with their official ids
 CATEGORIES = [
@@ -89,7 +90,7 @@ def _args(weights, out, *flags, opts=(), eval_only=False):
     argv = ["--config", "mask_rcnn_C4_instant_test.yaml", *flags]
     argv += ["--eval-only"] if eval_only else []
     argv += ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu", *opts]
-    return train_net.build_parser().parse_args(argv)
+    return d2_train.build_parser().parse_args(argv)
 
 
 def _flags(coco, train=True, test=True):
@@ -125,7 +126,7 @@ def test_flags_register_the_data_and_replace_the_datasets(weights, coco, tmp_pat
 def test_builtin_dataset_missing_names_path_and_flags(weights, tmp_path, monkeypatch, capsys):
     """The instant config's coco_2017_val_100 is not on this machine: a one-line error."""
     monkeypatch.chdir(tmp_path)  # Detectron2's default root ./datasets does not exist here
-    code = train_net.cli(
+    code = d2_train.cli(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", weights,
          "OUTPUT_DIR", str(tmp_path / "o"), "MODEL.DEVICE", "cpu"]
     )  # fmt: skip
@@ -149,7 +150,7 @@ def test_builtin_dataset_missing_names_path_and_flags(weights, tmp_path, monkeyp
 def test_flag_errors(weights, coco, tmp_path, capsys, change, message):
     argv = ["--config", "mask_rcnn_C4_instant_test.yaml", *change(coco, tmp_path),
             "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "o")]  # fmt: skip
-    assert train_net.cli(argv) == 2
+    assert d2_train.cli(argv) == 2
     assert message in capsys.readouterr().err
 
 

@@ -23,7 +23,7 @@ from helpers import (
 
 from pretrain.checkpoint import export_backbone
 from pretrain.model import build_backbone
-from transfer.d2_weights import (
+from transfer.detection.d2.weights import (
     D2ConversionError,
     check_arch,
     check_heads_loaded,

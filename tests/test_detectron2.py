@@ -30,9 +30,10 @@ from detectron2.modeling import build_model  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
-from transfer import d2_trainer, train_net  # noqa: E402
-from transfer.d2_ext import single_process_norm  # noqa: E402
-from transfer.d2_weights import (  # noqa: E402
+from transfer.detection.d2 import train as d2_train  # noqa: E402
+from transfer.detection.d2 import trainer as d2_trainer  # noqa: E402
+from transfer.detection.d2.ext import single_process_norm  # noqa: E402
+from transfer.detection.d2.weights import (  # noqa: E402
     D2ConversionError,
     convert_torchvision_to_d2,
     read_d2_pickle,
@@ -224,7 +225,7 @@ def test_startup_refuses_another_depth_and_prints_what_it_read(converted, tmp_pa
     torch.save(torchvision.models.resnet18().state_dict(), src)
     _convert_tool().convert(src, r18)
     argv = ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path / "o")]
-    args = train_net.build_parser().parse_args(argv + ["MODEL.WEIGHTS", r18])
+    args = d2_train.build_parser().parse_args(argv + ["MODEL.WEIGHTS", r18])
     with pytest.raises(d2_trainer.TrainNetError, match="resnet18 backbone.*DEPTH 50"):
         d2_trainer.setup(args)
     cfg = _cfg_from("mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", converted[3])
@@ -239,7 +240,7 @@ def test_eval_only_with_a_code_carrying_pickle_runs_nothing(tmp_path, capsys):
         pickle.dump({"model": {}, "__author__": _Evil(marker)}, f)
     argv = ["--config", "mask_rcnn_C4_instant_test.yaml", "--eval-only", "MODEL.WEIGHTS", evil,
             "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.DEVICE", "cpu"]  # fmt: skip
-    assert train_net.cli(argv) == 2
+    assert d2_train.cli(argv) == 2
     err = capsys.readouterr().err
     assert f"{os.system.__module__}.system" in err and "--allow-unsafe" in err
     assert not marker.exists()
@@ -334,7 +335,7 @@ def _instant_args(weights: str, out: str, dataset: str, *extra: str, resume=Fals
         # Object masks given as RLE (not only polygons) need bitmask format in training.
         "INPUT.MASK_FORMAT", "bitmask", *extra,
     ]  # fmt: skip
-    return train_net.build_parser().parse_args(argv)
+    return d2_train.build_parser().parse_args(argv)
 
 
 def _check_results(results, dataset):
@@ -409,7 +410,7 @@ def test_eval_only_with_a_converted_backbone_names_the_missing_heads(
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    args = train_net.build_parser().parse_args(
+    args = d2_train.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", str(tmp_path / "x.pkl"),
          "OUTPUT_DIR", str(tmp_path)]
     )  # fmt: skip
@@ -417,19 +418,19 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         d2_trainer.setup(args)
     for folder in (tmp_path, tmp_path / "w.pkl"):  # a directory is not "missing"
         folder.mkdir(exist_ok=True)
-        args = train_net.build_parser().parse_args(
+        args = d2_train.build_parser().parse_args(
             ["--config", "mask_rcnn_C4_instant_test.yaml", "MODEL.WEIGHTS", str(folder),
              "OUTPUT_DIR", str(tmp_path / "o")]
         )  # fmt: skip
         with pytest.raises(d2_trainer.TrainNetError, match="is a directory"):
             d2_trainer.setup(args)
-    args = train_net.build_parser().parse_args(
+    args = d2_train.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path)]
     )
     with pytest.raises(d2_trainer.TrainNetError, match="MODEL.WEIGHTS is empty"):
         d2_trainer.setup(args)
     # --resume without a checkpoint to resume from is no excuse for random weights either.
-    args = train_net.build_parser().parse_args(
+    args = d2_train.build_parser().parse_args(
         ["--config", "mask_rcnn_C4_instant_test.yaml", "--resume", "OUTPUT_DIR", str(tmp_path)]
     )
     with pytest.raises(d2_trainer.TrainNetError, match="last_checkpoint"):

@@ -28,11 +28,11 @@ NOT_USER_ERRORS = {
 }
 # modules that import Detectron2 / MMDetection (read from the source when those do not import)
 FRAMEWORK_MODULES = {
-    "transfer.d2_trainer",
-    "transfer.d2_ext",
-    "transfer.d2_data",
-    "transfer.mmdet_trainer",
-    "transfer.mmdet_ext",
+    "transfer.detection.d2.trainer",
+    "transfer.detection.d2.ext",
+    "transfer.detection.d2.data",
+    "transfer.detection.mmdet.trainer",
+    "transfer.detection.mmdet.ext",
 }
 
 
@@ -92,7 +92,7 @@ def test_every_exception_class_of_the_library_derives_from_the_base():
     assert NOT_USER_ERRORS <= set(classes), "an allow-listed class is gone: update NOT_USER_ERRORS"
     # the walk sees the classes (a broken walk would pass vacuously)
     seen = {"pretrain.config.ConfigError", "transfer.eval.supervised.SupervisedError"}
-    seen |= {"transfer.d2_data.TrainNetError", "pretrain.log.MissingPackageError"}
+    seen |= {"transfer.detection.d2.data.TrainNetError", "pretrain.log.MissingPackageError"}
     assert seen <= set(classes)
     assert len(classes) >= 25
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-D2_MODULES = {"transfer.d2_trainer", "transfer.d2_ext", "transfer.d2_data"}
-MMDET_MODULES = {"transfer.mmdet_trainer", "transfer.mmdet_ext"}
+D2_MODULES = {f"transfer.detection.d2.{m}" for m in ("trainer", "ext", "data")}
+MMDET_MODULES = {f"transfer.detection.mmdet.{m}" for m in ("trainer", "ext")}
 MMDET = ("mmdet", "mmcv", "mmengine")
 # Builds the detection command lines with either stack or without: imports them inside
 # try/except ImportError only (checked below by importing it with both blocked).
-STACK_PROBES = {"transfer.stacks"}
+STACK_PROBES = {"transfer.detection.stacks"}
 PROJECT = ("pretrain", "transfer")
 # The plain file I/O under every other module (atomic writes, JSON, YAML).
 IO_MODULE = "pretrain.fileio"
@@ -278,7 +278,7 @@ print("imported", len({modules!r}))
 
 def test_the_library_imports_without_detectron2_and_mmdetection():
     mods = sorted(set(_library()) - D2_MODULES - MMDET_MODULES)
-    assert "transfer.mmdet_weights" in mods and "transfer.eval.runner" in mods
+    assert "transfer.detection.mmdet.weights" in mods and "transfer.eval.runner" in mods
     res = _import_in_subprocess(mods, ("detectron2",) + MMDET)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -296,10 +296,10 @@ def test_configs_logs_and_files_are_written_without_torch():
 @pytest.mark.parametrize(
     "module, run_argv, flag, stack, first_module",
     [
-        ("transfer.train_net", ["--config", "mask_rcnn_C4_1x.yaml"], "--train-json", "Detectron2",
-         "detectron2"),
-        ("transfer.mmdet_train", ["mask_rcnn_C4_1x", "--weights", "w.pth"], "--cfg-options",
-         "MMDetection", "mmengine"),
+        ("transfer.detection.d2.train", ["--config", "mask_rcnn_C4_1x.yaml"], "--train-json",
+         "Detectron2", "detectron2"),
+        ("transfer.detection.mmdet.train", ["mask_rcnn_C4_1x", "--weights", "w.pth"],
+         "--cfg-options", "MMDetection", "mmengine"),
     ],
 )  # fmt: skip
 def test_detection_entry_points_without_their_stack(module, run_argv, flag, stack, first_module):

@@ -34,13 +34,14 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
-from transfer import mmdet_train, mmdet_trainer  # noqa: E402
-from transfer.mmdet_ext import (  # noqa: E402
+from transfer.detection.mmdet import train as mmdet_train  # noqa: E402
+from transfer.detection.mmdet import trainer as mmdet_trainer  # noqa: E402
+from transfer.detection.mmdet.ext import (  # noqa: E402
     ResLayerExtraNorm,
     set_pretrained_checkpoint,
     single_process_norm,
 )
-from transfer.mmdet_weights import MMDetWeightsError  # noqa: E402
+from transfer.detection.mmdet.weights import MMDetWeightsError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".mmdet_train_payload_ran")

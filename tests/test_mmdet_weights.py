@@ -24,7 +24,7 @@ from helpers import (
 
 from pretrain.checkpoint import export_backbone
 from pretrain.model import build_backbone
-from transfer.mmdet_weights import (
+from transfer.detection.mmdet.weights import (
     MMDetWeightsError,
     check_depth,
     convert_torchvision_to_mmdet,
@@ -32,7 +32,7 @@ from transfer.mmdet_weights import (
     read_mmdet_weights,
     write_mmdet_checkpoint,
 )
-from transfer.resnet_keys import drop_category, infer_depth, is_backbone_key
+from transfer.detection.resnet_keys import drop_category, infer_depth, is_backbone_key
 
 MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".mmdet_payload_ran")
 

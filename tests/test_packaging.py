@@ -24,11 +24,11 @@ SCRIPTS = {
     "imsvd-voc07": "transfer.eval.voc07_svm:main",
     "imsvd-analyze": "transfer.analysis.analyze:main",
     "imsvd-export-backbone": "pretrain.export:main",
-    "imsvd-convert-d2": "transfer.convert_d2:main",
+    "imsvd-convert-d2": "transfer.detection.d2.convert:main",
     "imsvd-plot": "pretrain.curves:main",
-    "imsvd-d2-train": "transfer.train_net:cli",
-    "imsvd-convert-mmdet": "transfer.convert_mmdet:main",
-    "imsvd-mmdet-train": "transfer.mmdet_train:cli",
+    "imsvd-d2-train": "transfer.detection.d2.train:cli",
+    "imsvd-convert-mmdet": "transfer.detection.mmdet.convert:main",
+    "imsvd-mmdet-train": "transfer.detection.mmdet.train:cli",
 }
 
 # Calls every console script's function with --help in one process (imports torch once) and

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Convert a backbone checkpoint to MMDetection weights (``transfer.convert_mmdet``)."""
+"""Convert a backbone checkpoint to MMDetection weights (``transfer.detection.mmdet.convert``)."""
 
 import sys
 
-from transfer.convert_mmdet import convert, main  # noqa: F401  (convert: the library call)
+from transfer.detection.mmdet.convert import convert, main  # noqa: F401  (convert: library call)
 
 if __name__ == "__main__":
     sys.exit(main())

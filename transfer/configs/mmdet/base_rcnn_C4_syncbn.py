@@ -4,12 +4,12 @@
 # The protocol of this project's Detectron2 configs (transfer/configs/Base-RCNN-C4-BN.yaml) and
 # of mmselfsup's MMDetection benchmark: torchvision-layout ResNet (stride on the 3x3 conv:
 # style 'pytorch'), every norm a trainable SyncBN (backbone, shared head and an extra norm after
-# res5: ResLayerExtraNorm from transfer/mmdet_ext.py), no frozen stage, norms in train mode,
-# RGB input normalised with the torchvision mean/std, no weight decay on norm parameters.
+# res5: ResLayerExtraNorm from transfer/detection/mmdet/ext.py), no frozen stage, norms in train
+# mode, RGB input normalised with the torchvision mean/std, no weight decay on norm parameters.
 #
-# Weights: transfer/mmdet_train.py --weights W sets both Pretrained checkpoints below to W, a
+# Weights: imsvd-mmdet-train --weights W sets both Pretrained checkpoints below to W, a
 # file written by tools/convert_to_mmdet.py (backbone.* and roi_head.shared_head.layer4.*).
-custom_imports = dict(imports=["transfer.mmdet_ext"], allow_failed_imports=False)
+custom_imports = dict(imports=["transfer.detection.mmdet.ext"], allow_failed_imports=False)
 default_scope = "mmdet"
 
 norm_cfg = dict(type="SyncBN", requires_grad=True)

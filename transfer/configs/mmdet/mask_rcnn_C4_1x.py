@@ -3,7 +3,7 @@
 # 1x value is 0.02: --cfg-options optim_wrapper.optimizer.lr=0.02).
 # Data: $DETECTRON2_DATASETS/coco (default ./datasets/coco), the layout the Detectron2 configs
 # read: annotations/instances_{train,val}2017.json, train2017/, val2017/.
-# Weights: transfer/mmdet_train.py mask_rcnn_C4_1x.py --weights converted.pth
+# Weights: imsvd-mmdet-train mask_rcnn_C4_1x.py --weights converted.pth
 _base_ = "./base_rcnn_C4_syncbn.py"
 
 dataset_type = "CocoDataset"

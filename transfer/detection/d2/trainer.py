@@ -1,7 +1,7 @@
 """Detectron2 side of ``transfer/train_net.py``: config resolution, the trainer, the run.
 
 Imported only once the command line is parsed and Detectron2 is known to import (see
-:mod:`transfer.train_net`, the entry point, and :mod:`transfer.stacks`).
+:mod:`transfer.detection.d2.train`, the entry point, and :mod:`transfer.detection.stacks`).
 """
 
 from __future__ import annotations
@@ -36,22 +36,22 @@ from pretrain.checkpoint import NonFiniteWeightsError, check_finite_weights
 from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.log import print_table
-from transfer.d2_data import (
+from transfer.detection.d2.data import (
     TrainNetError,
     check_data_available,
     data_args,
     register_data,
 )
-from transfer.d2_ext import has_cpp_ops, single_process_norm
-from transfer.d2_weights import (
+from transfer.detection.d2.ext import has_cpp_ops, single_process_norm
+from transfer.detection.d2.weights import (
     D2ConversionError,
     check_arch,
     check_heads_loaded,
     check_trunk_loaded,
     read_d2_weights,
 )
+from transfer.detection.stacks import CONFIG_DIR
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 logger = logging.getLogger("imsvd.train_net")
 
 
@@ -80,9 +80,9 @@ def resolve_config(name: str) -> str:
 class SafeCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that reads weights without running code and refuses bad fits.
 
-    Files are read by :func:`transfer.d2_weights.read_d2_weights` (restricted unpickling);
+    Files are read by :func:`transfer.detection.d2.weights.read_d2_weights` (restricted unpickling);
     after loading, a shape mismatch or a backbone tensor left unloaded raises instead of being
-    logged (see :func:`transfer.d2_weights.check_trunk_loaded`).
+    logged (see :func:`transfer.detection.d2.weights.check_trunk_loaded`).
     """
 
     def __init__(
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the config and data flags, then launch one process per GPU (Detectron2's launch).
 
     Args:
-        args: the parsed command line of :func:`transfer.train_net.build_parser`.
+        args: the parsed command line of :func:`transfer.detection.d2.train.build_parser`.
 
     Returns:
         Exit code: 0 on success, 2 on a bad config or weights file.

@@ -24,20 +24,24 @@ import os
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from pretrain.errors import IMSVDError
 from pretrain.fileio import atomic_write
-from transfer.resnet_keys import (
-    drop_category,
+from transfer.detection.conversion import (
+    ConversionReport,
+    backbone_entries,
+    check_output,
+    check_stages,
+    fp32_cpu,
+)
+from transfer.detection.resnet_keys import (
     infer_depth,
     is_backbone_key,
-    missing_stages,
     split_prefixed,
     stage_of,
-    unknown_keys_message,
 )
 
 __all__ = [
@@ -79,20 +83,17 @@ class MMDetWeightsError(IMSVDError, ValueError):
 
 
 @dataclass
-class MMDetConversionReport:
-    """What a conversion did.
+class MMDetConversionReport(ConversionReport):
+    """What a conversion to MMDetection did (``converted`` and ``dropped`` as every report).
 
     Attributes:
-        converted: number of tensors written.
-        tensors: of these, weights and norm statistics (the rest: num_batches_tracked).
-        dropped: category -> list of dropped source keys.
+        tensors: of the converted ones, weights and norm statistics (the rest:
+            num_batches_tracked).
         prefix_counts: model prefix ("backbone.", "roi_head.shared_head.") -> number of tensors.
         stage_values: torchvision stage -> number of values.
     """
 
-    converted: int = 0
     tensors: int = 0
-    dropped: Dict[str, List[str]] = field(default_factory=dict)
     prefix_counts: Dict[str, int] = field(default_factory=dict)
     stage_values: Dict[str, int] = field(default_factory=dict)
 
@@ -103,15 +104,8 @@ class MMDetConversionReport:
             f"converted {self.converted} tensors ({self.tensors} weights and norm statistics, "
             f"{counters} num_batches_tracked counters)"
         ]
-        for prefix, n in self.prefix_counts.items():
-            lines.append(f"  {prefix + '*':<24} {n:>4d} tensors")
-        for stage, n in self.stage_values.items():
-            lines.append(f"  {stage:<7} {n:>12,d} values")
-        if self.dropped:
-            parts = [f"{cat} ({len(keys)})" for cat, keys in self.dropped.items()]
-            lines.append("dropped: " + ", ".join(parts))
-        else:
-            lines.append("dropped: nothing")
+        lines += [f"  {p + '*':<24} {n:>4d} tensors" for p, n in self.prefix_counts.items()]
+        lines += self.values_lines(self.stage_values, 7) + [self.dropped_line()]
         return "\n".join(lines)
 
 
@@ -129,10 +123,7 @@ def depth_of_arch(arch: str) -> int:
 def _tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise MMDetWeightsError(f"key {name!r}: expected a tensor, got {type(value).__name__}")
-    value = value.detach().to("cpu")
-    if value.is_floating_point():
-        value = value.float()  # MMDetection trains in fp32; fp16/bf16 exports are widened
-    return value.clone().contiguous()
+    return fp32_cpu(value).clone().contiguous()
 
 
 def convert_torchvision_to_mmdet(
@@ -160,15 +151,8 @@ def convert_torchvision_to_mmdet(
     prefixes = LAYOUTS[layout]
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     report = MMDetConversionReport()
-    unknown: List[str] = []
-    for key, value in state_dict.items():
-        category = drop_category(key, keep=("num_batches_tracked",))
-        if category is not None:
-            report.dropped.setdefault(category, []).append(key)
-            continue
-        if not is_backbone_key(key, with_num_batches=True):
-            unknown.append(key)
-            continue
+    keep = ("num_batches_tracked",)
+    for key, value in backbone_entries(state_dict, report, MMDetWeightsError, keep=keep):
         stage = stage_of(key)
         prefix = prefixes[stage]
         tensor = _tensor(key, value)
@@ -177,14 +161,7 @@ def convert_torchvision_to_mmdet(
         if not key.endswith("num_batches_tracked"):
             report.tensors += 1
             report.stage_values[stage] = report.stage_values.get(stage, 0) + int(tensor.numel())
-    if unknown:
-        raise MMDetWeightsError(unknown_keys_message(unknown))
-    absent = missing_stages([k for k in state_dict if is_backbone_key(k)])
-    if absent:
-        raise MMDetWeightsError(
-            f"incomplete ResNet backbone: no tensors for {', '.join(absent)} "
-            f"(got {len(out)} backbone tensors)"
-        )
+    check_stages(list(state_dict), len(out), MMDetWeightsError)
     report.converted = len(out)
     return out, report
 
@@ -207,12 +184,7 @@ def write_mmdet_checkpoint(
         MMDetWeightsError: if the output exists and force is False, its folder is missing, or
             meta holds a value that weights_only loading would refuse.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        raise MMDetWeightsError(f"output {path!r} already exists (pass --force to overwrite)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MMDetWeightsError(f"output folder {folder!r} does not exist")
+    path = check_output(path, force, MMDetWeightsError)
     _check_plain(meta, "meta")
     payload = {"state_dict": OrderedDict(state_dict), "meta": dict(meta)}
     atomic_write(path, lambda f: torch.save(payload, f), make_parents=False)

@@ -21,7 +21,7 @@ import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,19 +30,20 @@ from pretrain.checkpoint import CheckpointError, read_torch_file, read_weights_p
 from pretrain.errors import IMSVDError
 from pretrain.fileio import atomic_write
 
-# The key rules (what is a backbone tensor, what is dropped on purpose) are shared with the
-# MMDetection exporter; the renaming below is Detectron2's own.
-from transfer.resnet_keys import BLOCK_BN as _BLOCK_BN
-from transfer.resnet_keys import BLOCK_CONV as _BLOCK_CONV
-from transfer.resnet_keys import SHORTCUT_BN as _SHORTCUT_BN
-from transfer.resnet_keys import SHORTCUT_CONV as _SHORTCUT_CONV
-from transfer.resnet_keys import STEM_BN as _STEM_BN
-from transfer.resnet_keys import STEM_CONV as _STEM_CONV
-from transfer.resnet_keys import drop_category, unknown_keys_message
+# The key rules (what is a backbone tensor, what is dropped on purpose) and the walk over them
+# are shared with the MMDetection exporter; the renaming below is Detectron2's own.
+from transfer.detection import resnet_keys
+from transfer.detection.conversion import (
+    ConversionReport,
+    backbone_entries,
+    check_output,
+    check_stages,
+    fp32_cpu,
+)
 
 __all__ = [
     "D2ConversionError",
-    "ConversionReport",
+    "D2ConversionReport",
     "torchvision_key_to_d2",
     "convert_torchvision_to_d2",
     "write_d2_pickle",
@@ -60,33 +61,22 @@ class D2ConversionError(IMSVDError, ValueError):
 
 
 @dataclass
-class ConversionReport:
-    """What a conversion did.
+class D2ConversionReport(ConversionReport):
+    """What a conversion to Detectron2 did (``converted`` and ``dropped`` as every report).
 
     Attributes:
-        converted: number of tensors written.
-        dropped: category -> list of dropped source keys.
         stage_params: Detectron2 stage ("stem", "res2".."res5") -> number of parameters.
         shapes: a few representative output names -> shapes.
     """
 
-    converted: int = 0
-    dropped: Dict[str, List[str]] = field(default_factory=dict)
     stage_params: Dict[str, int] = field(default_factory=dict)
     shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """Return a short multi-line human-readable summary."""
         lines = [f"converted {self.converted} tensors"]
-        for stage, n in self.stage_params.items():
-            lines.append(f"  {stage:<5} {n:>12,d} values")
-        if self.dropped:
-            parts = [f"{cat} ({len(keys)})" for cat, keys in self.dropped.items()]
-            lines.append("dropped: " + ", ".join(parts))
-        else:
-            lines.append("dropped: nothing")
-        for name, shape in self.shapes.items():
-            lines.append(f"  {name}: {tuple(shape)}")
+        lines += self.values_lines(self.stage_params, 5) + [self.dropped_line()]
+        lines += [f"  {name}: {tuple(shape)}" for name, shape in self.shapes.items()]
         return "\n".join(lines)
 
 
@@ -100,32 +90,34 @@ def torchvision_key_to_d2(key: str) -> Optional[str]:
         The Detectron2 name ("res2.0.conv2.norm.weight"), or None when the key is not a
         ResNet backbone tensor (callers decide whether that is an error).
     """
-    if _STEM_CONV.match(key):
+    if resnet_keys.STEM_CONV.match(key):
         return "stem.conv1.weight"
-    m = _STEM_BN.match(key)
+    m = resnet_keys.STEM_BN.match(key)
     if m:
         return f"stem.conv1.norm.{m.group(1)}"
-    m = _BLOCK_CONV.match(key)
+    m = resnet_keys.BLOCK_CONV.match(key)
     if m:
         return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.weight"
-    m = _BLOCK_BN.match(key)
+    m = resnet_keys.BLOCK_BN.match(key)
     if m:
         return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.norm.{m.group(4)}"
-    m = _SHORTCUT_CONV.match(key)
+    m = resnet_keys.SHORTCUT_CONV.match(key)
     if m:
         return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.weight"
-    m = _SHORTCUT_BN.match(key)
+    m = resnet_keys.SHORTCUT_BN.match(key)
     if m:
         return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.norm.{m.group(3)}"
     return None
 
 
+def _d2_stage(stage: str) -> str:
+    """Detectron2's name of a torchvision stage: "stem", "layer1".."layer4" -> "res2".."res5"."""
+    return stage if stage == "stem" else f"res{int(stage[len('layer'):]) + 1}"
+
+
 def _to_numpy(name: str, value: object) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        if value.is_floating_point():
-            value = value.float()  # Detectron2 trains in fp32; fp16/bf16 exports are widened
-        return value.numpy().copy()
+        return fp32_cpu(value).numpy().copy()
     if isinstance(value, np.ndarray):
         return value.astype(np.float32) if value.dtype.kind == "f" else value.copy()
     raise D2ConversionError(f"key {name!r}: expected a tensor, got {type(value).__name__}")
@@ -133,7 +125,7 @@ def _to_numpy(name: str, value: object) -> np.ndarray:
 
 def convert_torchvision_to_d2(
     state_dict: Mapping[str, object],
-) -> Tuple["OrderedDict[str, np.ndarray]", ConversionReport]:
+) -> Tuple["OrderedDict[str, np.ndarray]", D2ConversionReport]:
     """Convert a torchvision ResNet backbone state_dict to Detectron2 names and numpy arrays.
 
     Strict: ``num_batches_tracked``, ``fc.*`` and ``projector.*`` are dropped deliberately (and
@@ -150,32 +142,18 @@ def convert_torchvision_to_d2(
         D2ConversionError: on keys that cannot be mapped or an incomplete backbone.
     """
     blobs: "OrderedDict[str, np.ndarray]" = OrderedDict()
-    report = ConversionReport()
-    unknown: List[str] = []
-    for key, value in state_dict.items():
-        category = drop_category(key)
-        if category is not None:
-            report.dropped.setdefault(category, []).append(key)
-            continue
+    report = D2ConversionReport()
+    converted = []
+    for key, value in backbone_entries(state_dict, report, D2ConversionError):
         new = torchvision_key_to_d2(key)
-        if new is None:
-            unknown.append(key)
-            continue
         if new in blobs:  # cannot happen with the patterns above; guards future edits
             raise D2ConversionError(f"key {key!r}: target name {new!r} produced twice")
         arr = _to_numpy(key, value)
         blobs[new] = arr
+        converted.append(key)
         stage = new.split(".", 1)[0]
         report.stage_params[stage] = report.stage_params.get(stage, 0) + int(arr.size)
-    if unknown:
-        raise D2ConversionError(unknown_keys_message(unknown))
-    present = {name.split(".", 1)[0] for name in blobs}
-    missing_stages = [s for s in ("stem", "res2", "res3", "res4", "res5") if s not in present]
-    if missing_stages:
-        raise D2ConversionError(
-            f"incomplete ResNet backbone: no tensors for {', '.join(missing_stages)} "
-            f"(got {len(blobs)} backbone tensors)"
-        )
+    check_stages(converted, len(blobs), D2ConversionError, _d2_stage)
     report.converted = len(blobs)
     for name in ("stem.conv1.weight", "res2.0.conv1.weight", "res5.0.shortcut.weight"):
         if name in blobs:
@@ -210,12 +188,7 @@ def write_d2_pickle(
         D2ConversionError: if the output exists and force is False, its folder is missing, or
             ``extra`` would replace one of Detectron2's own entries.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        raise D2ConversionError(f"output {path!r} already exists (pass --force to overwrite)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise D2ConversionError(f"output folder {folder!r} does not exist")
+    path = check_output(path, force, D2ConversionError)
     payload = {"model": dict(blobs), "__author__": author, "matching_heuristics": True}
     clash = sorted(set(extra or {}) & set(payload))
     if clash:

@@ -3,9 +3,9 @@
 Importing this module registers ``ResLayerExtraNorm`` in MMDetection's model registry (the
 configs list it in ``custom_imports``, so MMDetection's own tools find it too): the C4 shared
 head (res5) followed by one more normalisation layer, the counterpart of the Detectron2 head
-``Res5ROIHeadsExtraNorm`` in ``transfer/d2_ext.py``.
+``Res5ROIHeadsExtraNorm`` in ``transfer/detection/d2/ext.py``.
 
-It also holds the config helpers of ``transfer/mmdet_train.py``: SyncBN -> BN for one process,
+It also holds the config helpers of ``imsvd-mmdet-train``: SyncBN -> BN for one process,
 setting the Pretrained checkpoints, and the classes a trained MMDetection checkpoint may
 contain besides tensors (for loading it with ``torch.load(weights_only=True)``).
 """

@@ -20,7 +20,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from pretrain.errors import IMSVDError
-from transfer.stacks import DATASET_NAMES  # the command line names them too
+from transfer.detection.stacks import DATASET_NAMES  # the command line names them too
 
 logger = logging.getLogger("imsvd.train_net")
 
@@ -118,31 +118,10 @@ def data_args(args: argparse.Namespace) -> Dict[str, Tuple[str, str]]:
     return pairs
 
 
-def register_data(
-    cfg: CfgNode, pairs: Dict[str, Tuple[str, str]], num_classes_given: bool = False
-) -> Dict[str, CocoSummary]:
-    """Register the given COCO-format data and point DATASETS.TRAIN / TEST at it.
-
-    The flags win over DATASETS.TRAIN / TEST from the config or the overrides. A name registered
-    before (an earlier call in the same process) is replaced. MODEL.ROI_HEADS.NUM_CLASSES
-    follows the data's categories unless it was given on the command line (the heads are
-    trained from scratch; another class count fails in the COCO evaluation).
-
-    Args:
-        cfg: the merged, not yet frozen config (changed in place).
-        pairs: from :func:`data_args`.
-        num_classes_given: MODEL.ROI_HEADS.NUM_CLASSES was an explicit override.
-
-    Returns:
-        The summary of each registered json, by split.
-
-    Raises:
-        TrainNetError: a MODEL.ROI_HEADS.NUM_CLASSES override other than the number of
-            categories, train and test categories that differ, annotations with unknown
-            categories, or masks the config cannot train on (no segmentation with
-            MODEL.MASK_ON, RLE with polygon format).
-    """
-    summaries = {split: read_coco_summary(json_file) for split, (json_file, _) in pairs.items()}
+def _check_summaries(
+    cfg: CfgNode, summaries: Dict[str, CocoSummary], num_classes_given: bool
+) -> None:
+    """The checks of :func:`register_data` before anything is registered (its Raises)."""
     for s in summaries.values():
         if s.problems:
             more = f" (and {len(s.problems) - 1} more)" if len(s.problems) > 1 else ""
@@ -174,6 +153,34 @@ def register_data(
                 f"{train.path}: {train.rle_masks} annotations have RLE masks, which "
                 "INPUT.MASK_FORMAT polygon cannot read: add INPUT.MASK_FORMAT bitmask"
             )
+
+
+def register_data(
+    cfg: CfgNode, pairs: Dict[str, Tuple[str, str]], num_classes_given: bool = False
+) -> Dict[str, CocoSummary]:
+    """Register the given COCO-format data and point DATASETS.TRAIN / TEST at it.
+
+    The flags win over DATASETS.TRAIN / TEST from the config or the overrides. A name registered
+    before (an earlier call in the same process) is replaced. MODEL.ROI_HEADS.NUM_CLASSES
+    follows the data's categories unless it was given on the command line (the heads are
+    trained from scratch; another class count fails in the COCO evaluation).
+
+    Args:
+        cfg: the merged, not yet frozen config (changed in place).
+        pairs: from :func:`data_args`.
+        num_classes_given: MODEL.ROI_HEADS.NUM_CLASSES was an explicit override.
+
+    Returns:
+        The summary of each registered json, by split.
+
+    Raises:
+        TrainNetError: a MODEL.ROI_HEADS.NUM_CLASSES override other than the number of
+            categories, train and test categories that differ, annotations with unknown
+            categories, or masks the config cannot train on (no segmentation with
+            MODEL.MASK_ON, RLE with polygon format).
+    """
+    summaries = {split: read_coco_summary(json_file) for split, (json_file, _) in pairs.items()}
+    _check_summaries(cfg, summaries, num_classes_given)
     for split, (json_file, image_root) in pairs.items():
         name = DATASET_NAMES[split]
         if name in DatasetCatalog.list():
@@ -183,14 +190,20 @@ def register_data(
         s = summaries[split]
         logger.info(
             "registered %s: %s (%d images, %d annotations, %d categories), images in %s",
-            name, json_file, s.num_images, s.num_annotations, len(s.categories), image_root,
-        )  # fmt: skip
+            name,
+            json_file,
+            s.num_images,
+            s.num_annotations,
+            len(s.categories),
+            image_root,
+        )
     n_classes = len(next(iter(summaries.values())).categories)
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES != n_classes:
         logger.info(
             "MODEL.ROI_HEADS.NUM_CLASSES %d -> %d (the categories of the data)",
-            cfg.MODEL.ROI_HEADS.NUM_CLASSES, n_classes,
-        )  # fmt: skip
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            n_classes,
+        )
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = n_classes
     if "train" in pairs:
         cfg.DATASETS.TRAIN = (DATASET_NAMES["train"],)

@@ -1,7 +1,8 @@
 """Torchvision ResNet state_dict keys: what is a backbone tensor, what is dropped on purpose.
 
-Shared by the exporters to detection frameworks (``transfer.d2_weights`` renames these keys for
-Detectron2, ``transfer.mmdet_weights`` for MMDetection). Neither framework is imported here.
+Shared by the exporters to detection frameworks (``transfer.detection.d2.weights`` renames these
+keys for Detectron2, ``transfer.detection.mmdet.weights`` for MMDetection). Neither framework is
+imported here.
 
 A key is one of:
 

@@ -5,24 +5,21 @@ or training checkpoint, the reference IMSVD model.pth / model_final.pth, a bare 
 resnet50.pth, MoCo checkpoints). Example::
 
     python tools/convert_to_mmdet.py exported_backbone.pth imsvd_r50_mmdet.pth
-    python transfer/mmdet_train.py mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
+    imsvd-mmdet-train mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
-from pretrain.checkpoint import (
-    add_weights_args,
-    load_backbone,
-    weights_kwargs,
-    with_accepted_inputs,
+from transfer.detection.conversion import (
+    conversion_main,
+    conversion_summary,
+    load_standard_backbone,
 )
-from pretrain.errors import IMSVDError
-from transfer.mmdet_weights import (
+from transfer.detection.mmdet.weights import (
     FORMAT,
     FORMAT_VERSION,
     LAYOUTS,
@@ -30,6 +27,11 @@ from transfer.mmdet_weights import (
     convert_torchvision_to_mmdet,
     depth_of_arch,
     write_mmdet_checkpoint,
+)
+
+LAYOUT_HELP = (
+    "c4: layer4 goes to roi_head.shared_head (R50-C4 detectors, default); backbone: all four "
+    "stages under backbone. (FPN detectors)"
 )
 
 
@@ -59,18 +61,17 @@ def convert(
     Raises:
         ValueError: (CheckpointError / MMDetWeightsError) on unreadable or unmappable input.
     """
-    if os.path.exists(output_path) and not force:
-        raise MMDetWeightsError(f"output {output_path!r} already exists (pass --force)")
-    state_dict, meta = load_backbone(
-        input_path, allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix
+    # MMDetection's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
+    state_dict, meta, stem = load_standard_backbone(
+        input_path,
+        output_path,
+        force,
+        MMDetWeightsError,
+        "MMDetection's ResNet needs",
+        allow_unsafe=allow_unsafe,
+        checkpoint_key=checkpoint_key,
+        prefix=prefix,
     )
-    stem = meta.get("stem", "standard")
-    if stem != "standard":
-        # MMDetection's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
-        raise MMDetWeightsError(
-            f"{input_path}: backbone stem is {stem!r}; MMDetection's ResNet needs the "
-            "'standard' stem"
-        )
     tensors, report = convert_torchvision_to_mmdet(state_dict, layout=layout)
     out_meta = {
         "format": FORMAT,
@@ -85,14 +86,11 @@ def convert(
         "epoch": meta.get("epoch") if isinstance(meta.get("epoch"), int) else None,
     }
     write_mmdet_checkpoint(tensors, out_meta, output_path, force=force)
-    lines = [
-        f"read {input_path} as {meta['source_format']}",
-        f"{input_path} -> {output_path}",
+    details = (
         f"source {meta['source_format']}, arch {meta['arch']}, stem {stem}, layout {layout}, "
-        f"epoch {meta.get('epoch')}, sha256 {str(meta.get('sha256', '?'))[:16]}",
-    ]
-    lines += [f"note: {n}" for n in meta.get("notes", [])]
-    return "\n".join(lines) + "\n" + report.summary()
+        f"epoch {meta.get('epoch')}, sha256 {str(meta.get('sha256', '?'))[:16]}"
+    )
+    return conversion_summary(input_path, output_path, meta, details, report)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -104,30 +102,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         Exit code: 0 on success, 2 on a bad input or output.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="backbone checkpoint (.pth)")
-    parser.add_argument("output", help="MMDetection weights to write (.pth)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument(
-        "--layout",
-        choices=sorted(LAYOUTS),
-        default="c4",
-        help="c4: layer4 goes to roi_head.shared_head (R50-C4 detectors, default); backbone: "
-        "all four stages under backbone. (FPN detectors)",
+    layout = dict(choices=sorted(LAYOUTS), default="c4", help=LAYOUT_HELP)
+    return conversion_main(
+        argv,
+        convert,
+        prog=None,
+        description=__doc__.split("\n\n")[0],
+        output_help="MMDetection weights to write (.pth)",
+        error_prefix="convert_to_mmdet",
+        options=[("--layout", layout)],
     )
-    add_weights_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        print(
-            convert(
-                args.input, args.output, force=args.force, layout=args.layout,
-                **weights_kwargs(args),
-            )
-        )  # fmt: skip
-    except IMSVDError as exc:
-        print(f"convert_to_mmdet: error: {with_accepted_inputs(exc)}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
-#!/usr/bin/env python
 """Fine-tune a converted backbone with MMDetection (Mask R-CNN / Faster R-CNN R50-C4).
 
 Examples::
 
     python tools/convert_to_mmdet.py backbone.pth imsvd_r50_mmdet.pth
-    python transfer/mmdet_train.py mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
-    torchrun --nproc_per_node 8 transfer/mmdet_train.py mask_rcnn_C4_1x.py \\
+    imsvd-mmdet-train mask_rcnn_C4_1x.py --weights imsvd_r50_mmdet.pth
+    torchrun --nproc_per_node 8 -m transfer.detection.mmdet.train mask_rcnn_C4_1x.py \\
         --launcher pytorch --weights imsvd_r50_mmdet.pth
-    python transfer/mmdet_train.py mask_rcnn_C4_1x.py --eval-only \\
+    imsvd-mmdet-train mask_rcnn_C4_1x.py --eval-only \\
         --weights output/mmdet/mask_rcnn_C4_1x/iter_90000.pth
 
 A bare config name resolves inside transfer/configs/mmdet/; a path works too. A thin wrapper over
@@ -22,7 +21,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from transfer.stacks import CfgOptionsAction, require
+from transfer.detection.stacks import CfgOptionsAction, require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="imsvd-mmdet-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="config name in transfer/configs/mmdet/ or a path")
     parser.add_argument("--work-dir", help="output folder (default: the config's work_dir)")
     parser.add_argument(
-        "--weights", help="converted backbone (.pth, tools/convert_to_mmdet.py); with "
-        "--eval-only: a trained checkpoint"
-    )  # fmt: skip
+        "--weights",
+        help="converted backbone (.pth, tools/convert_to_mmdet.py); with "
+        "--eval-only: a trained checkpoint",
+    )
     parser.add_argument(
         "--no-weights",
         action="store_true",
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse arguments; if MMDetection imports, run (:func:`transfer.mmdet_trainer.run`).
+    """Parse arguments; if MMDetection imports, run (:func:`transfer.detection.mmdet.trainer.run`).
 
     Args:
         argv: arguments (defaults to sys.argv[1:]).
@@ -78,7 +78,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if not require("mmdet", "mmdet_train"):
         return 2
-    from transfer.mmdet_trainer import run
+    from transfer.detection.mmdet.trainer import run
 
     return run(args)
 

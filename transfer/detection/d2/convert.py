@@ -12,19 +12,19 @@ against the config. Example::
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
-from pretrain.checkpoint import (
-    add_weights_args,
-    load_backbone,
-    weights_kwargs,
-    with_accepted_inputs,
+from transfer.detection.conversion import (
+    conversion_main,
+    conversion_summary,
+    load_standard_backbone,
 )
-from pretrain.errors import IMSVDError
-from transfer.d2_weights import D2ConversionError, convert_torchvision_to_d2, write_d2_pickle
+from transfer.detection.d2.weights import (
+    D2ConversionError,
+    convert_torchvision_to_d2,
+    write_d2_pickle,
+)
 
 
 def convert(
@@ -51,17 +51,17 @@ def convert(
     Raises:
         ValueError: (CheckpointError / D2ConversionError) on unreadable or unmappable input.
     """
-    if os.path.exists(output_path) and not force:
-        raise D2ConversionError(f"output {output_path!r} already exists (pass --force)")
-    state_dict, meta = load_backbone(
-        input_path, allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix
+    # Detectron2's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
+    state_dict, meta, stem = load_standard_backbone(
+        input_path,
+        output_path,
+        force,
+        D2ConversionError,
+        "Detectron2 needs",
+        allow_unsafe=allow_unsafe,
+        checkpoint_key=checkpoint_key,
+        prefix=prefix,
     )
-    stem = meta.get("stem", "standard")
-    if stem != "standard":
-        # Detectron2's ResNet stem is a 7x7/2 conv + max-pool; other stems cannot be loaded.
-        raise D2ConversionError(
-            f"{input_path}: backbone stem is {stem!r}; Detectron2 needs the 'standard' stem"
-        )
     blobs, report = convert_torchvision_to_d2(state_dict)
     extra = {
         "arch": meta["arch"],
@@ -70,14 +70,11 @@ def convert(
         "source_sha256": meta["sha256"],
     }
     write_d2_pickle(blobs, output_path, force=force, extra=extra)
-    lines = [
-        f"read {input_path} as {meta['source_format']}",
-        f"{input_path} -> {output_path}",
+    details = (
         f"arch {meta['arch']}, stem {stem}, epoch {meta.get('epoch')}, "
-        f"sha256 {meta['sha256'][:16]} (arch and stem recorded in the output)",
-    ]
-    lines += [f"note: {n}" for n in meta.get("notes", [])]
-    return "\n".join(lines) + "\n" + report.summary()
+        f"sha256 {meta['sha256'][:16]} (arch and stem recorded in the output)"
+    )
+    return conversion_summary(input_path, output_path, meta, details, report)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -89,18 +86,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         Exit code: 0 on success, 2 on a bad input or output.
     """
-    parser = argparse.ArgumentParser(prog="imsvd-convert-d2", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="backbone checkpoint (.pth)")
-    parser.add_argument("output", help="Detectron2 weights to write (.pkl)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    add_weights_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        print(convert(args.input, args.output, force=args.force, **weights_kwargs(args)))
-    except IMSVDError as exc:
-        print(f"convert_to_d2: error: {with_accepted_inputs(exc)}", file=sys.stderr)
-        return 2
-    return 0
+    return conversion_main(
+        argv,
+        convert,
+        prog="imsvd-convert-d2",
+        description=__doc__.split("\n\n")[0],
+        output_help="Detectron2 weights to write (.pkl)",
+        error_prefix="convert_to_d2",
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The optional detection stacks (Detectron2, MMDetection) as the entry points see them.
 
-The command lines of ``imsvd-d2-train`` / ``transfer/train_net.py`` and ``imsvd-mmdet-train`` /
-``transfer/mmdet_train.py`` are built here without importing either stack, so ``--help`` and
-argument errors work in an environment that has neither (``pip install imsvd`` without the
+The command lines of ``imsvd-d2-train`` / ``transfer/train_net.py`` and ``imsvd-mmdet-train``
+are built with the pieces here, without importing either stack, so ``--help`` and argument
+errors work in an environment that has neither (``pip install imsvd`` without the
 set-up). A run then checks its stack with :func:`require`: one ``error:`` line naming the
 missing package and the command that installs it, exit status 2, no traceback.
 """
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+# The folder of the detection configs, transfer/configs/ (Detectron2 YAMLs; mmdet/: MMDetection's).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # The names under which --train-json / --test-json data is registered in Detectron2.
 DATASET_NAMES = {"train": "imsvd_coco_train", "test": "imsvd_coco_test"}
 

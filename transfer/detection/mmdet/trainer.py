@@ -1,7 +1,7 @@
-"""MMDetection side of ``transfer/mmdet_train.py``: config resolution, set-up, the run.
+"""MMDetection side of ``imsvd-mmdet-train``: config resolution, set-up, the run.
 
 Imported only once the command line is parsed and MMDetection is known to import (see
-:mod:`transfer.mmdet_train`, the entry point, and :mod:`transfer.stacks`).
+:mod:`transfer.detection.mmdet.train`, the entry point, and :mod:`transfer.detection.stacks`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from pretrain.checkpoint import NonFiniteWeightsError, check_finite_tensors
 from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.log import print_table
-from transfer.mmdet_ext import (
+from transfer.detection.mmdet.ext import (
     MetricsCapture,
     checkpoint_safe_globals,
     pretrained_checkpoints,
     set_pretrained_checkpoint,
     single_process_norm,
 )
-from transfer.mmdet_weights import MMDetWeightsError, check_depth, read_mmdet_weights
+from transfer.detection.mmdet.weights import MMDetWeightsError, check_depth, read_mmdet_weights
+from transfer.detection.stacks import CONFIG_DIR as DETECTION_CONFIGS
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mmdet")
+CONFIG_DIR = os.path.join(DETECTION_CONFIGS, "mmdet")
 logger = logging.getLogger("imsvd.mmdet_train")
 
 # Metric name suffixes of MMDetection's CocoMetric / VOCMetric -> reported names.
@@ -125,6 +126,13 @@ def setup(args: argparse.Namespace) -> Config:
         # Checked as strictly as any other file before mmengine unpickles it.
         read_mmdet_weights(resumable, safe_globals=checkpoint_safe_globals())
         cfg.resume = True
+    _set_pretrained(cfg, args, resuming=resumable is not None)
+    return cfg
+
+
+def _set_pretrained(cfg: Config, args: argparse.Namespace, resuming: bool) -> None:
+    """Point the Pretrained init_cfg entries at --weights, clear them for --no-weights, or check
+    the checkpoints the config names (none is an error unless the run resumes)."""
     if args.weights:
         _check_weights(args.weights, cfg, trained=False)
         set_pretrained_checkpoint(cfg, args.weights)
@@ -137,7 +145,7 @@ def setup(args: argparse.Namespace) -> Config:
     else:
         pending = pretrained_checkpoints(cfg)
         unset = [k for k, v in pending.items() if not v]
-        if unset and resumable is None:
+        if unset and not resuming:
             # Never train from random weights by accident.
             raise MMDetTrainError(
                 f"no pretrained weights: {', '.join(unset)} has no checkpoint. Pass --weights "
@@ -146,7 +154,6 @@ def setup(args: argparse.Namespace) -> Config:
             )
         for path in sorted({v for v in pending.values() if v}):
             _check_weights(path, cfg, trained=False)
-    return cfg
 
 
 def metrics_to_results(metrics: Dict[str, Any]) -> Dict[str, Dict[str, Optional[float]]]:
@@ -227,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     """Run :func:`main` on the parsed command line; errors of config or weights are one line.
 
     Args:
-        args: the parsed command line of :func:`transfer.mmdet_train.build_parser`.
+        args: the parsed command line of :func:`transfer.detection.mmdet.train.build_parser`.
 
     Returns:
         Exit code: 0 on success, 2 on a bad config or weights file.
