@@ -26,16 +26,15 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_knn_scale import spawn_ranks  # noqa: E402  (benchmarks/)
 
 from pretrain import dist as pdist  # noqa: E402
 
@@ -77,12 +76,7 @@ def _worker(rank, world, port, cfg, out):
 
 def run(cfg: dict) -> list:
     """One variant on cfg["world"] fresh processes; the ranks' results."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(cfg["world"], port, cfg, out), nprocs=cfg["world"], join=True)
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cfg["world"])]
+    return spawn_ranks(_worker, cfg)
 
 
 def expected(variant: str, c0: float, n: int, dim: int, world: int, rank: int) -> float:

@@ -124,14 +124,20 @@ def _worker(rank, world, port, cfg, out):
         pdist.cleanup()
 
 
-def run(cfg: dict) -> dict:
-    """One variant on cfg["world"] fresh processes; the ranks' results."""
+def spawn_ranks(worker, cfg: dict) -> list:
+    """``worker(rank, world, port, cfg, out)`` on cfg["world"] fresh processes (their peak
+    memory their own); the ranks' results, read from ``out/rank<r>.json``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(cfg["world"], port, cfg, out), nprocs=cfg["world"], join=True)
+        mp.spawn(worker, args=(cfg["world"], port, cfg, out), nprocs=cfg["world"], join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cfg["world"])]
+
+
+def run(cfg: dict) -> list:
+    """One variant on cfg["world"] fresh processes; the ranks' results."""
+    return spawn_ranks(_worker, cfg)
 
 
 def model_bytes(c0: float, n: int, world: int, dim: int) -> float:
