@@ -300,3 +300,53 @@ class RunFolder:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+_BUSY, _LOCK_FAILED = 1, 2
+
+
+def take_output_folder(out: Path | None, info: dist.DistInfo) -> RunFolder | None:
+    """The output folder's lock, taken by rank 0; every rank learns whether it was taken.
+
+    Rank 0 tries the flock (:class:`RunFolder`) and shares the outcome
+    (:func:`pretrain.dist.run_on_main`), so that when the folder is busy every rank stops with
+    the error, instead of the other ranks going on into collectives rank 0 never joins. Every
+    rank must call it, with or without a folder.
+
+    Returns:
+        The held lock on rank 0, None on the other ranks or without a folder.
+
+    Raises:
+        RunFolderBusyError: another run holds the folder (on every rank; rank 0's message
+            names the holder's pid). Rank 0 re-raises its own error when taking the lock failed
+            otherwise (e.g. an OSError), the other ranks raise RunFolderBusyError.
+    """
+
+    held: list[RunFolder] = []
+
+    def take() -> RunFolder | None:
+        if out is not None:
+            held.append(RunFolder(out, True, key="output_dir").__enter__())
+        return held[0] if held else None
+
+    try:
+        lock, error, outcome = dist.run_on_main(
+            take,
+            info.device,
+            (Exception,),  # shared with the other ranks, then re-raised
+            lambda e: _BUSY if isinstance(e, RunFolderBusyError) else _LOCK_FAILED,
+        )
+    except BaseException:  # the exchange failed: the lock is not left held
+        for folder in held:
+            folder.__exit__(None, None, None)
+        raise
+    if not outcome:
+        return lock
+    if error is not None:
+        raise error
+    if outcome == _BUSY:
+        raise RunFolderBusyError(
+            f"output folder {out} is in use by another run (found by rank 0); wait for it to "
+            "end or choose another output_dir"
+        )
+    raise RunFolderBusyError(f"rank 0 could not lock the output folder {out} (see its error)")

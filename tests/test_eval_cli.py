@@ -262,9 +262,8 @@ def _single():
 
 
 def test_the_output_folder_decision_in_one_process(tmp_path):
-    from pretrain.checkpointer import RunFolder, RunFolderBusyError
+    from pretrain.checkpointer import RunFolder, RunFolderBusyError, take_output_folder
     from pretrain.dist import main_rank_values
-    from transfer.eval.runner import take_output_folder
 
     info = _single()
     assert main_rank_values([0, 1, 2], info.device) == [0, 1, 2]  # no process group
@@ -283,9 +282,8 @@ def test_the_output_folder_decision_in_one_process(tmp_path):
 def _folder_worker(rank, world, port, busy, free, out_dir):
     import os
 
-    from pretrain.checkpointer import RunFolderBusyError
+    from pretrain.checkpointer import RunFolderBusyError, take_output_folder
     from pretrain.dist import cleanup, init_distributed, main_rank_values
-    from transfer.eval.runner import take_output_folder
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
