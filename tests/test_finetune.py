@@ -278,3 +278,20 @@ def test_two_processes_equal_one_with_global_batchnorm(tiny_trees, tiny_backbone
     assert [h["loss"] for h in results[0]["history"]] == pytest.approx(
         [h["loss"] for h in results[1]["history"]], rel=1e-4
     )
+
+
+def test_channels_last_training_matches_contiguous(tiny_trees, tiny_backbone, tmp_path):
+    """train.channels_last only changes the memory format: one step (the whole 24-image set)
+    gives the same head and backbone as the contiguous run, up to float rounding."""
+    states = []
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        args = _args("finetune_tiny", tiny_trees, tiny_backbone, out, "train.epochs=1",
+                     "train.batch_size=24", f"train.channels_last={flag}")  # fmt: skip
+        assert finetune.main(args) == 0
+        states.append(_state(out))
+    for part in ("head", "backbone"):
+        for key in states[0][part]:
+            torch.testing.assert_close(
+                states[1][part][key].float(), states[0][part][key].float(), rtol=1e-4, atol=1e-5
+            )

@@ -208,7 +208,7 @@ def head_accuracy(head: nn.Module, feats, labels, device, ks: Sequence[int] = (1
 def backbone_features(backbone: nn.Module, dataset, cfg: dict, device):
     """This process's rows (``gather="shard"``) of the features of ``dataset`` through the
     backbone as it is now (fine-tuning's validation: no cache), at the recipe's layer, batch
-    size, workers and precision; the backbone is put back in train mode.
+    size, workers, precision and memory format; the backbone is put back in train mode.
 
     Returns:
         (features (n, dim), labels (n,)), numpy.
@@ -224,6 +224,7 @@ def backbone_features(backbone: nn.Module, dataset, cfg: dict, device):
         device=device,
         num_workers=int(d["num_workers"]),
         precision=cfg["train"]["precision"],
+        channels_last=bool(cfg["train"]["channels_last"]),
     )
     backbone.train()
     return feats, labels

@@ -55,6 +55,7 @@ NEUTRAL_KEYS = (
     "features.precision",
     "features.channels_last",
     "train.resume",
+    "train.channels_last",
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every_steps",

@@ -127,6 +127,9 @@ class SupervisedTrainer:
             nesterov=bool(self.t["nesterov"]),
         )
         self.scaler = grad_scaler(info.device, self.t["precision"])
+        # channels_last images: the convolutions run in that format (the weights stay as they are)
+        channels_last = bool(self.t["channels_last"])
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def _build_loader(self) -> None:
         self.sampler, self.loader = build_train_loader(self.train_ds, self.cfg, self.info)
@@ -210,7 +213,7 @@ class SupervisedTrainer:
         dev, finetune = self.info.device, self.mode == "finetune"
         images = self.empty_images if images is None else images
         labels = torch.as_tensor(labels if len(images) else [], dtype=torch.long).to(dev)
-        x = images.to(dev, non_blocking=True)
+        x = images.to(dev, non_blocking=True).contiguous(memory_format=self.memory_format)
         # one collective before the forward: the global batch size and preemption signals
         flags = all_reduce_sum(
             torch.tensor([float(len(x)), float(stop.signum is not None)], device=dev)
