@@ -47,6 +47,32 @@ STACKS = {
 }
 
 
+def find_config(name: str, folder: str, suffix: str, error: type) -> str:
+    """Find a detector config: an existing path as given, else ``name`` or ``name + suffix``
+    in ``folder`` (the shipped configs).
+
+    Args:
+        name: e.g. "mask_rcnn_C4_1x", "mask_rcnn_C4_1x" + suffix, or a path.
+        folder: the folder of the shipped configs.
+        suffix: their file suffix (".yaml" for Detectron2, ".py" for MMDetection).
+        error: the exception class raised when nothing is found.
+
+    Returns:
+        Path of the config file.
+
+    Raises:
+        error: neither exists (the message lists the shipped configs).
+    """
+    if os.path.isfile(name):
+        return name
+    for candidate in (name, name + suffix):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    available = sorted(f for f in os.listdir(folder) if f.endswith(suffix))
+    raise error(f"config {name!r} not found (as a path or in {folder}: {available})")
+
+
 def missing_module(stack: str) -> Optional[str]:
     """The first module of ``STACKS[stack]`` that does not import, with the reason, or None.
 

@@ -50,7 +50,7 @@ from transfer.detection.d2.weights import (
     check_trunk_loaded,
     read_d2_weights,
 )
-from transfer.detection.stacks import CONFIG_DIR
+from transfer.detection.stacks import CONFIG_DIR, find_config
 
 logger = logging.getLogger("imsvd.train_net")
 
@@ -67,14 +67,7 @@ def resolve_config(name: str) -> str:
     Raises:
         TrainNetError: if neither exists.
     """
-    if os.path.isfile(name):
-        return name
-    for candidate in (name, name + ".yaml"):
-        path = os.path.join(CONFIG_DIR, candidate)
-        if os.path.isfile(path):
-            return path
-    available = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-    raise TrainNetError(f"config {name!r} not found (as a path or in {CONFIG_DIR}: {available})")
+    return find_config(name, CONFIG_DIR, ".yaml", TrainNetError)
 
 
 class SafeCheckpointer(DetectionCheckpointer):

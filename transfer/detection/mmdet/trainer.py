@@ -30,6 +30,7 @@ from transfer.detection.mmdet.ext import (
 )
 from transfer.detection.mmdet.weights import MMDetWeightsError, check_depth, read_mmdet_weights
 from transfer.detection.stacks import CONFIG_DIR as DETECTION_CONFIGS
+from transfer.detection.stacks import find_config
 
 CONFIG_DIR = os.path.join(DETECTION_CONFIGS, "mmdet")
 logger = logging.getLogger("imsvd.mmdet_train")
@@ -56,14 +57,7 @@ def resolve_config(name: str) -> str:
     Raises:
         MMDetTrainError: if neither exists.
     """
-    if os.path.isfile(name):
-        return name
-    for candidate in (name, name + ".py"):
-        path = os.path.join(CONFIG_DIR, candidate)
-        if os.path.isfile(path):
-            return path
-    available = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
-    raise MMDetTrainError(f"config {name!r} not found (as a path or in {CONFIG_DIR}: {available})")
+    return find_config(name, CONFIG_DIR, ".py", MMDetTrainError)
 
 
 def _check_weights(path: str, cfg: Config, trained: bool) -> None:
