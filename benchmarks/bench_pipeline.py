@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pretrain.data import build_pretrain_loader  # noqa: E402
+from pretrain.data.loader import build_pretrain_loader  # noqa: E402
 
 
 def make_jpegs(root: str, n: int, w: int, h: int) -> None:

@@ -97,7 +97,7 @@ from gpu_check_train import (  # noqa: E402  (benchmarks/)
     train_part,
 )
 
-from pretrain.fashion_mnist import is_complete  # noqa: E402
+from pretrain.data.fashion_mnist import is_complete  # noqa: E402
 from pretrain.knn import knn_classify  # noqa: E402
 
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="3 CPU steps per method")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from pretrain.fashion_mnist import export_image_tree
+    from pretrain.data.fashion_mnist import export_image_tree
 
     out = Path(args.out)
     tree = export_image_tree(out / "fashion_mnist", Path(args.data_dir))

@@ -19,10 +19,10 @@ from torch import nn
 from pretrain import dist
 from pretrain.checkpointer import FINAL_BACKBONE, Checkpointer, CheckpointWriteError, RunFolder
 from pretrain.config import ConfigError, save_config
-from pretrain.data import build_pretrain_loader
+from pretrain.data.images import DataError
+from pretrain.data.loader import build_pretrain_loader
 from pretrain.errors import IMSVDError
 from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
-from pretrain.images import DataError
 from pretrain.log import MetricWriter, setup_logging
 from pretrain.methods import get_method
 from pretrain.model import build_model, parse_projector_spec

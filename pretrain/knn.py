@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pretrain import dist
 from pretrain.config import ConfigError
-from pretrain.images import DataError
+from pretrain.data.images import DataError
 
 __all__ = ["knn_classify", "knn_accuracy", "check_temperature", "bank_tensor", "BANK_PRECISIONS"]
 

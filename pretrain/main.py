@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return 0
     # heavy imports after the config is known to be valid
+    from pretrain.data.images import max_image_pixels
     from pretrain.engine import train
-    from pretrain.images import max_image_pixels
 
     try:
         max_image_pixels()  # checked before any image is read

@@ -26,10 +26,10 @@ from torch import nn
 
 from pretrain import dist
 from pretrain.config import ConfigError
-from pretrain.datasets import SyntheticImages, build_image_dataset
-from pretrain.images import CorruptImageError, DataError, load_rgb
+from pretrain.data.datasets import SyntheticImages, build_image_dataset
+from pretrain.data.images import CorruptImageError, DataError, load_rgb
+from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.knn import check_temperature, knn_accuracy
-from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("imsvd.probe")
 

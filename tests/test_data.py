@@ -10,16 +10,16 @@ import torch
 from helpers import REPO
 from PIL import Image
 
-from pretrain.data import TwoViewDataset, build_pretrain_loader
-from pretrain.datasets import (
+from pretrain.data.datasets import (
     build_image_dataset,
     build_train_val_datasets,
     collate_readable,
     parse_list_file,
     scan_image_folder,
 )
-from pretrain.images import CorruptImageError, DataError, PixelLimitError, load_rgb, to_rgb
-from pretrain.transforms import AugmentConfig, eval_transform, train_linear_transform
+from pretrain.data.images import CorruptImageError, DataError, PixelLimitError, load_rgb, to_rgb
+from pretrain.data.loader import TwoViewDataset, build_pretrain_loader
+from pretrain.data.transforms import AugmentConfig, eval_transform, train_linear_transform
 
 
 def _save(path, size=(40, 30), seed=0):
@@ -587,9 +587,9 @@ def test_a_raised_pixel_limit_reaches_pil_before_any_image_is_opened(tmp_path, m
     # the loader opens the file first, then checks: the limit is given to PIL at import
     script = (
         "import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 1000\n"
-        "from pretrain.data import TwoViewDataset\n"
-        "from pretrain.datasets import build_image_dataset\n"
-        "from pretrain.transforms import AugmentConfig\n"
+        "from pretrain.data.loader import TwoViewDataset\n"
+        "from pretrain.data.datasets import build_image_dataset\n"
+        "from pretrain.data.transforms import AugmentConfig\n"
         "ds = build_image_dataset(sys.argv[1])\n"
         "img, _ = TwoViewDataset(ds, AugmentConfig(size=16), 0, 'fast')._open(0)\n"
         "print(Image.MAX_IMAGE_PIXELS, img.size, ds.num_skipped)\n"

@@ -15,8 +15,8 @@ from helpers import REPO
 
 import pretrain.engine
 from pretrain.config import ConfigError
+from pretrain.data.images import DataError
 from pretrain.errors import IMSVDError
-from pretrain.images import DataError
 from pretrain.main import main as pretrain_main
 from transfer.eval import knn, runner
 

@@ -8,8 +8,8 @@ import pytest
 from helpers import load_tool
 from PIL import Image
 
-from pretrain import fashion_mnist as fm
-from pretrain.datasets import build_image_dataset
+from pretrain.data import fashion_mnist as fm
+from pretrain.data.datasets import build_image_dataset
 
 
 def _installer():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from pretrain import fashion_mnist as fm
+from pretrain.data import fashion_mnist as fm
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 VARIANTS = ("reference_fp16", "trainer_fp16", "trainer_bf16_channels_last")

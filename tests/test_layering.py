@@ -61,7 +61,7 @@ LAYERS = (
 # that only dodges an import cycle does not belong here: the cycle is a layering error.
 IN_FUNCTION_IMPORTS = {
     ("pretrain.main", "pretrain.engine"): "torch is loaded after the config check (--check)",
-    ("pretrain.main", "pretrain.images"): "PIL is loaded after the config check (--check)",
+    ("pretrain.main", "pretrain.data.images"): "PIL is loaded after the config check (--check)",
 }
 
 

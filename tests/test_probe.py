@@ -12,7 +12,7 @@ from torch import nn
 
 from pretrain import engine
 from pretrain.config import load_config
-from pretrain.images import DataError
+from pretrain.data.images import DataError
 from pretrain.probe import KNNProbe, ProbeSet, build_probe
 
 REPO = Path(__file__).resolve().parent.parent

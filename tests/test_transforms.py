@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from pretrain.fast_augment import (
+from pretrain.data.fast_augment import (
     _gaussian_blur,
     _hue_shift,
     device_augment,
@@ -18,7 +18,7 @@ from pretrain.fast_augment import (
     fast_crops,
     params_to_tensors,
 )
-from pretrain.transforms import (
+from pretrain.data.transforms import (
     AugmentConfig,
     reference_two_views,
     sample_crop,

@@ -27,10 +27,10 @@ from install_fashion_mnist import DatasetMissingError, ensure_installed  # noqa:
 from pretrain.checkpoint import latest_checkpoint, load_training_state  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.curves import plot_curves  # noqa: E402
-from pretrain.datasets import build_image_dataset  # noqa: E402
+from pretrain.data.datasets import build_image_dataset  # noqa: E402
+from pretrain.data.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
 from pretrain.engine import train  # noqa: E402
 from pretrain.errors import IMSVDError  # noqa: E402
-from pretrain.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
 from pretrain.fileio import write_json_atomic  # noqa: E402
 from pretrain.knn import knn_accuracy  # noqa: E402
 from pretrain.log import print_table  # noqa: E402

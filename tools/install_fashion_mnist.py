@@ -2,7 +2,7 @@
 """Install Fashion-MNIST (the Debian package ``dataset-fashion-mnist``) for the demo.
 
 Runs ``apt-get install`` as root or with password-less sudo; otherwise it prints the command to
-run. The reading and export of the idx files live in ``pretrain.fashion_mnist``.
+run. The reading and export of the idx files live in ``pretrain.data.fashion_mnist``.
 
     python tools/install_fashion_mnist.py [--data-dir /usr/share/datasets/fashion-mnist]
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pretrain.data.fashion_mnist import DEFAULT_DIR, is_complete  # noqa: E402
 from pretrain.errors import IMSVDError  # noqa: E402
-from pretrain.fashion_mnist import DEFAULT_DIR, is_complete  # noqa: E402
 
 APT_PACKAGE = "dataset-fashion-mnist"
 

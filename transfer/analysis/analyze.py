@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 from pretrain.config import ConfigError, complete_section, find_config, load_config
-from pretrain.datasets import build_image_dataset
+from pretrain.data.datasets import build_image_dataset
+from pretrain.data.transforms import AugmentConfig, eval_transform
 from pretrain.errors import IMSVDError
 from pretrain.log import format_table
 from pretrain.model import PretrainModel, build_model, require_projector
-from pretrain.transforms import AugmentConfig, eval_transform
 from transfer.analysis.codes import summarize
 from transfer.analysis.figures import FigureStyle
 from transfer.analysis.gradcam import choose_layer

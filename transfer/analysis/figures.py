@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from pretrain.config import ConfigError
+from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.fileio import atomic_write
-from pretrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("png", "pdf", "svg")
 # decades of joint probability shown below the largest entry (smaller values share the lowest

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.images import load_rgb
+from pretrain.data.images import load_rgb
 from transfer.analysis.codes import UnitExemplars, model_codes
 from transfer.analysis.figures import (
     FigureStyle,

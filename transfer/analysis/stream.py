@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from pretrain.data.transforms import AugmentConfig, reference_two_views, sample_two_views
 from pretrain.progress import progress
-from pretrain.transforms import AugmentConfig, reference_two_views, sample_two_views
 from transfer.analysis.codes import (
     CodeStatsAccumulator,
     JointAccumulator,
@@ -26,7 +26,7 @@ class AnalysisViews(Dataset):
 
     Augmented views reuse the pretraining augmentation with parameters drawn from
     (seed, 0, index), so they do not depend on worker count or order. An unreadable image gives
-    None (see :class:`pretrain.datasets.ImageDataset`).
+    None (see :class:`pretrain.data.datasets.ImageDataset`).
 
     Args:
         base: dataset returning (PIL image, label) or None (transform None).

@@ -13,11 +13,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pretrain.config import ConfigError
-from pretrain.datasets import build_train_val_datasets, collate_readable
+from pretrain.data.datasets import build_train_val_datasets, collate_readable
+from pretrain.data.transforms import eval_transform, train_linear_transform
 from pretrain.dist import all_reduce_sum
 from pretrain.log import format_table
 from pretrain.syncbn import convert_sync_batchnorm
-from pretrain.transforms import eval_transform, train_linear_transform
 from transfer.eval import features
 
 __all__ = [
@@ -365,7 +365,7 @@ def build_train_loader(dataset, cfg: dict, info):
     """(sampler, loader) of the training set: global batches of seeded items.
 
     The loader yields (images or None, labels, unreadable count) per step, as
-    :func:`pretrain.datasets.collate_readable`.
+    :func:`pretrain.data.datasets.collate_readable`.
     """
     sampler = GlobalBatchSampler(
         len(dataset), int(cfg["train"]["batch_size"]), info.world_size, info.rank, int(cfg["seed"])

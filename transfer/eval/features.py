@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pretrain.datasets import collate_readable
+from pretrain.data.datasets import collate_readable
 from pretrain.dist import (
     all_gather_tensor,
     all_reduce_sum,

@@ -18,10 +18,10 @@ from __future__ import annotations
 import sys
 
 from pretrain.config import ConfigError
-from pretrain.datasets import build_train_val_datasets
+from pretrain.data.datasets import build_train_val_datasets
+from pretrain.data.transforms import eval_transform
 from pretrain.knn import BANK_PRECISIONS, bank_tensor, check_temperature, knn_accuracy, knn_classify
 from pretrain.log import format_table
-from pretrain.transforms import eval_transform
 from transfer.eval import runner
 
 # knn_classify / knn_accuracy live in pretrain.knn (shared with the online probe); they stay
@@ -55,7 +55,7 @@ def validate(cfg: dict) -> None:
 def run(ctx: runner.EvalContext) -> dict:
     """kNN evaluation (knn.yaml schema) in a set-up context.
 
-    Val labels follow the train split's class names (:func:`pretrain.datasets.
+    Val labels follow the train split's class names (:func:`pretrain.data.datasets.
     build_train_val_datasets`); unreadable images are left out and counted (``data.strict``:
     fail instead).
 

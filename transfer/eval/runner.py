@@ -34,10 +34,10 @@ from torch.utils.data import Dataset
 from pretrain.checkpoint import NonFiniteWeightsError, with_accepted_inputs
 from pretrain.checkpointer import RunFolder, take_output_folder
 from pretrain.config import ConfigError, save_config
+from pretrain.data.images import max_image_pixels
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
 from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
-from pretrain.images import max_image_pixels
 from pretrain.log import LOGGER_NAME, setup_logging
 from pretrain.model import model_from_checkpoint
 from transfer.eval.evalcfg import build_parser, load_eval_config

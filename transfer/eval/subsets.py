@@ -119,8 +119,8 @@ def select_fraction(labels: list[int], fraction: float, seed: int) -> list[int]:
 
 
 def apply_subset(dataset, data_cfg: dict) -> dict | None:
-    """Restrict ``dataset`` (an :class:`pretrain.datasets.ImageDataset`) to the configured label
-    subset, in place; ``dataset.classes`` stays (so labels keep their meaning).
+    """Restrict ``dataset`` (a :class:`pretrain.data.datasets.ImageDataset`) to the configured
+    label subset, in place; ``dataset.classes`` stays (so labels keep their meaning).
 
     Args:
         dataset: has ``samples`` [(path, label)] and ``targets``.

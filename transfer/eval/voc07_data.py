@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pretrain.datasets import ImageDataset
+from pretrain.data.datasets import ImageDataset
 from pretrain.errors import IMSVDError
 
 logger = logging.getLogger("imsvd.voc07")

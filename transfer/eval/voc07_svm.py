@@ -24,8 +24,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pretrain.config import ConfigError, find_config, load_config
+from pretrain.data.transforms import eval_transform
 from pretrain.log import format_table
-from pretrain.transforms import eval_transform
 from transfer.eval import runner, svm
 from transfer.eval.ap import voc_ap
 from transfer.eval.liblinear import cross_validate_liblinear

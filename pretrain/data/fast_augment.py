@@ -1,7 +1,7 @@
 """The fast two-view pipeline: the same distribution as the reference (PIL) one of
-:mod:`pretrain.transforms`, with the crops decoded and resized in the DataLoader workers (uint8,
-JPEG draft mode where it still downsamples) and the colour jitter, grayscale, blur and solarize
-applied batched on the training device.
+:mod:`pretrain.data.transforms`, with the crops decoded and resized in the DataLoader workers
+(uint8, JPEG draft mode where it still downsamples) and the colour jitter, grayscale, blur and
+solarize applied batched on the training device.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.transforms import INTERPOLATIONS, AugmentConfig, ViewParams
+from pretrain.data.transforms import INTERPOLATIONS, AugmentConfig, ViewParams
 
 # ---------------------------------------------------------------- fast pipeline, worker side
 

@@ -1,10 +1,11 @@
 """The two-view pretraining dataset, its epoch sampler and loader.
 
-Samples come from :mod:`pretrain.datasets` (an image tree, a list file or synthetic images);
+Samples come from :mod:`pretrain.data.datasets` (an image tree, a list file or synthetic images);
 each item is a pair of views whose augmentation parameters are a pure function of
 (seed, epoch, index), so any process computes the same views. An unreadable image is replaced
 by a deterministic draw from the dataset (non-strict) so that every rank's batches stay full.
-Image reading lives in :mod:`pretrain.images`, the labelled datasets in :mod:`pretrain.datasets`.
+Image reading lives in :mod:`pretrain.data.images`, the labelled datasets in
+:mod:`pretrain.data.datasets`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pretrain.config import ConfigError, complete_section
-from pretrain.datasets import SyntheticImages, build_image_dataset
-from pretrain.fast_augment import device_augment, fast_crops, params_to_tensors
-from pretrain.images import (
+from pretrain.data.datasets import SyntheticImages, build_image_dataset
+from pretrain.data.fast_augment import device_augment, fast_crops, params_to_tensors
+from pretrain.data.images import (
     DECODE_ERRORS,
     CorruptImageError,
     DataError,
@@ -28,7 +29,7 @@ from pretrain.images import (
     decode_rgb,
     exif_orientation,
 )
-from pretrain.transforms import AugmentConfig, reference_two_views, sample_two_views
+from pretrain.data.transforms import AugmentConfig, reference_two_views, sample_two_views
 
 logger = logging.getLogger("imsvd.data")
 

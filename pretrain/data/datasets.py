@@ -11,9 +11,9 @@ Unreadable or corrupt images never crash an epoch, and :class:`ImageDataset` nev
 them by another sample: in the default mode they are logged once, counted and dropped from their
 batch (the dataset yields None and :func:`collate_readable` leaves it out); with ``strict=True``
 the first one raises :class:`CorruptImageError` naming the file. (The two-view pretraining loader
-of :mod:`pretrain.data` does replace them, to keep every rank's batches full.)
+of :mod:`pretrain.data.loader` does replace them, to keep every rank's batches full.)
 
-Every image is decoded by :func:`pretrain.images.load_rgb` (any PIL mode to 8-bit RGB by its
+Every image is decoded by :func:`pretrain.data.images.load_rgb` (any PIL mode to 8-bit RGB by its
 meaning).
 
 Directory symlinks below a class folder are not followed (a link back to an ancestor would list
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from pretrain.images import IMG_EXTENSIONS, CorruptImageError, DataError, load_rgb
+from pretrain.data.images import IMG_EXTENSIONS, CorruptImageError, DataError, load_rgb
 
 logger = logging.getLogger("imsvd.data")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pretrain.images import DataError
+from pretrain.data.images import DataError
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = (
