@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data.datasets import build_image_dataset
     from pretrain.data.transforms import eval_transform
     from pretrain.knn import bank_tensor, knn_classify
-    from pretrain.model import model_from_checkpoint
+    from pretrain.models.build import model_from_checkpoint
     from transfer.eval.features import extract_features
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""``SmallInputConv2d`` (pretrain/model.py) against ``nn.Conv2d``: forward + backward time.
+"""``SmallInputConv2d`` (pretrain/models/backbone.py) against ``nn.Conv2d``: forward + backward
+time.
 
 Part 1 times each convolution shape whose output is 1x1 in a ResNet-18 with the ``small_s2`` stem
 on 32 px views (layer4, and the stride-2 entry of layer4) at the demo's batch. Part 2 times the
@@ -25,7 +26,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.loss import IMSVDLoss  # noqa: E402
-from pretrain.model import SmallInputConv2d, build_model  # noqa: E402
+from pretrain.models.backbone import SmallInputConv2d  # noqa: E402
+from pretrain.models.build import build_model  # noqa: E402
 
 # (in, out, kernel, stride, padding, input side) of the 1x1-output convs of ResNet-18 small_s2
 # at 32 px: layer4's 3x3 convs, its stride-2 entry and its 1x1 stride-2 shortcut

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.loss import IMSVDLoss  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
+from pretrain.models.build import build_model  # noqa: E402
 from pretrain.optim import LARS, param_groups  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -26,10 +26,10 @@ from pretrain.config import find_config, load_config  # noqa: E402
 from pretrain.engine import Trainer  # noqa: E402
 from pretrain.log import LOGGER_NAME  # noqa: E402
 from pretrain.methods import build_loss  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
+from pretrain.models.build import build_model  # noqa: E402
+from pretrain.models.syncbn import convert_sync_batchnorm  # noqa: E402
 from pretrain.optim import LARS, lr_at, param_groups, set_lr  # noqa: E402
 from pretrain.runtime import StopRequest  # noqa: E402
-from pretrain.syncbn import convert_sync_batchnorm  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check"
 RECIPE = "imsvd_r50_100ep"
@@ -171,7 +171,7 @@ class ReferenceLoop:
     """A training loop with the reference code's structure, on this project's model, loss, LARS.
 
     SyncBatchNorm (``nn.SyncBatchNorm.convert_sync_batchnorm``; on the CPU, which torch's
-    SyncBatchNorm has no kernel for, :class:`pretrain.syncbn.GlobalBatchNorm`), DDP around
+    SyncBatchNorm has no kernel for, :class:`pretrain.models.syncbn.GlobalBatchNorm`), DDP around
     :class:`TwoViewLoss` (a process group must exist), LARS over :func:`pretrain.optim.param_groups`
     (1-D parameters: no weight decay, no adaptation), the learning rate set every step, then
     ``zero_grad``, the forward under autocast (fp16 with a GradScaler; ``precision="fp32"``: no
@@ -180,7 +180,7 @@ class ReferenceLoop:
 
     Args:
         cfg: a resolved pretraining config (model, loss, optim sections are read).
-        state_dict: initial weights of :func:`pretrain.model.build_model`'s model.
+        state_dict: initial weights of :func:`pretrain.models.build.build_model`'s model.
         device: where it trains.
         precision: "fp16" (the reference's) or "fp32".
         schedule: (total_steps, warmup_steps, peak_lr) of :func:`pretrain.optim.lr_at`.
@@ -196,7 +196,7 @@ class ReferenceLoop:
             self.norm = "torch.nn.SyncBatchNorm"
         else:
             net = convert_sync_batchnorm(net, device)
-            self.norm = "pretrain.syncbn.GlobalBatchNorm (no CPU SyncBatchNorm)"
+            self.norm = "pretrain.models.syncbn.GlobalBatchNorm (no CPU SyncBatchNorm)"
         module = TwoViewLoss(net, build_loss(cfg["loss"])).to(device)
         ids = [device.index] if device.type == "cuda" else None
         self.model = nn.parallel.DistributedDataParallel(module, device_ids=ids)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"exit": rc, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"[gpu_methods] {name}: exit {rc} in {results[name]['seconds']} s", flush=True)
     from pretrain.curves import plot_curves
-    from pretrain.model import model_from_checkpoint
+    from pretrain.models.build import model_from_checkpoint
     from pretrain.probe import indexed_folder_knn
 
     for name in args.methods:

@@ -39,7 +39,7 @@ SETTINGS = {
 def random_init_weights(path: Path, demo_weights: str) -> Path:
     """The demo network at torchvision's default initialisation (seed 0), in the backbone format."""
     from pretrain.checkpoint import export_backbone, load_backbone
-    from pretrain.model import build_backbone
+    from pretrain.models.backbone import build_backbone
 
     if path.is_file():
         return path

@@ -25,7 +25,8 @@ from pretrain.errors import IMSVDError
 from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
 from pretrain.log import MetricWriter, setup_logging
 from pretrain.methods import get_method
-from pretrain.model import build_model, parse_projector_spec
+from pretrain.models.build import build_model
+from pretrain.models.projector import parse_projector_spec
 from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.probe import build_probe
 from pretrain.progress import progress

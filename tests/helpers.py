@@ -38,7 +38,9 @@ def load_tool(name: str) -> ModuleType:
 
 def tiny_imsvd_model(spec: str = "64-32", stem: str = "small"):
     """An IMSVD model: ResNet-18 (``stem``) and a projector ``spec`` (random init)."""
-    from pretrain.model import PretrainModel, Projector, build_backbone
+    from pretrain.models.backbone import build_backbone
+    from pretrain.models.build import PretrainModel
+    from pretrain.models.projector import Projector
 
     return PretrainModel(build_backbone("resnet18", stem=stem), Projector(512, spec))
 
@@ -65,7 +67,7 @@ def randomised(sd: dict, seed: int = 0, integers: bool = False) -> dict:
 
 def resnet18_backbone_sd(seed: int = 1, integers: bool = False) -> dict:
     """A randomised ResNet-18 backbone state dict (standard stem, no fc)."""
-    from pretrain.model import build_backbone
+    from pretrain.models.backbone import build_backbone
 
     return randomised(build_backbone("resnet18", stem="standard").state_dict(), seed, integers)
 
@@ -100,7 +102,9 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def write_checkpoint_kind(kind: str, path: str, sd: dict) -> None:
     """Write a ResNet-18 backbone ``sd`` (standard stem) in one of :data:`CHECKPOINT_KINDS`."""
     from pretrain.checkpoint import export_backbone, save_training_state
-    from pretrain.model import PretrainModel, Projector, build_backbone
+    from pretrain.models.backbone import build_backbone
+    from pretrain.models.build import PretrainModel
+    from pretrain.models.projector import Projector
 
     if kind == "exported":
         export_backbone(path, sd, arch="resnet18", stem="standard", epoch=3, config=None)
@@ -134,7 +138,7 @@ def write_checkpoint_kind(kind: str, path: str, sd: dict) -> None:
 def make_weights(path: Path, seed: int = 0, arch: str = "resnet18", stem: str = "small_s2") -> Path:
     """Export a random-init backbone in this project's backbone format."""
     from pretrain.checkpoint import export_backbone
-    from pretrain.model import build_backbone
+    from pretrain.models.backbone import build_backbone
 
     torch.manual_seed(seed)
     net = build_backbone(arch, zero_init_residual=False, stem=stem)

@@ -11,7 +11,7 @@ from PIL import Image
 from pretrain.checkpoint import export_backbone, save_training_state
 from pretrain.config import find_config
 from pretrain.data.transforms import eval_transform
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 from transfer.analysis import analyze
 from transfer.analysis.codes import soft_codes
 from transfer.analysis.joint import joint_matrix

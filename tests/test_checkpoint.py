@@ -17,7 +17,9 @@ from torch import nn
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import Projector, build_backbone, load_projector
+from pretrain.models.backbone import build_backbone
+from pretrain.models.build import load_projector
+from pretrain.models.projector import Projector
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ from helpers import REPO, TINY_CONFIG, assert_same_tensors, load_tool, no_fc, ti
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
-from pretrain.model import Projector, build_backbone, load_projector, model_from_checkpoint
+from pretrain.models.backbone import build_backbone
+from pretrain.models.build import load_projector, model_from_checkpoint
+from pretrain.models.projector import Projector
 
 
 class _Evil:

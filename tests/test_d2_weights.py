@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from pretrain.checkpoint import export_backbone
-from pretrain.model import build_backbone
+from pretrain.models.backbone import build_backbone
 from transfer.detection.d2.weights import (
     D2ConversionError,
     check_arch,

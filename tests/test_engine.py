@@ -26,7 +26,7 @@ from pretrain.checkpointer import (
 )
 from pretrain.config import load_config
 from pretrain.hooks import HookBase
-from pretrain.model import model_from_checkpoint
+from pretrain.models.build import model_from_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
@@ -78,7 +78,7 @@ def test_smoke_through_launcher(tmp_path):
 def test_training_changes_weights_and_logs_metrics(tmp_path):
     cfg = _cfg(tmp_path / "a")
     torch.manual_seed(cfg["train"]["seed"])
-    from pretrain.model import build_model
+    from pretrain.models.build import build_model
 
     init = build_model(cfg["model"]).backbone.state_dict()
     summary = engine.train(cfg)
@@ -357,7 +357,8 @@ def test_output_norm_run_saves_resumes_and_reads_back(tmp_path):
     """model.out_norm=bn: the norm is the projector's last layer, with the same keys in training,
     in the checkpoint and when rebuilt; files of the earlier out_norm.* layout read and resume."""
     from pretrain.checkpoint.train_state import train_state_sha256
-    from pretrain.model import PretrainModel, Projector, build_model
+    from pretrain.models.build import PretrainModel, build_model
+    from pretrain.models.projector import Projector
 
     out, old = tmp_path / "bn", tmp_path / "old"
     cfg = _cfg(out, "model.out_norm=bn")

@@ -114,7 +114,7 @@ def _corrupt_weights(path, name, value, seed=0):
     import torch
 
     from pretrain.checkpoint import export_backbone
-    from pretrain.model import build_backbone
+    from pretrain.models.backbone import build_backbone
 
     torch.manual_seed(seed)
     net = build_backbone("resnet18", zero_init_residual=False, stem="small_s2")

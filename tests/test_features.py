@@ -14,7 +14,7 @@ from pretrain.data.datasets import build_image_dataset
 from pretrain.data.images import CorruptImageError
 from pretrain.data.transforms import eval_transform
 from pretrain.errors import IMSVDError
-from pretrain.model import model_from_checkpoint
+from pretrain.models.build import model_from_checkpoint
 from transfer.eval import feature_cache as cache_mod
 from transfer.eval import features as feat_mod
 from transfer.eval.feature_cache import cached_features

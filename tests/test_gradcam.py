@@ -71,7 +71,7 @@ def test_hooks_removed_and_errors():
 
 
 def test_choose_layer_and_overlay():
-    from pretrain.model import build_backbone
+    from pretrain.models.backbone import build_backbone
 
     net = build_backbone("resnet18", stem="small_s2").eval()
     assert choose_layer(net, 32) == "layer2"  # small_s2 at 32 px: layer3 is 2x2, layer4 1x1

@@ -23,7 +23,7 @@ from helpers import (
 )
 
 from pretrain.checkpoint import export_backbone
-from pretrain.model import build_backbone
+from pretrain.models.backbone import build_backbone
 from transfer.detection.mmdet.weights import (
     MMDetWeightsError,
     check_depth,

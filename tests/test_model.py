@@ -4,14 +4,10 @@ import pytest
 import torch
 import torchvision
 
-from pretrain.model import (
-    Projector,
-    SmallInputConv2d,
-    build_backbone,
-    build_model,
-    parse_projector_spec,
-)
-from pretrain.resnet import infer_arch, infer_stem
+from pretrain.models.backbone import SmallInputConv2d, build_backbone
+from pretrain.models.build import build_model
+from pretrain.models.projector import Projector, parse_projector_spec
+from pretrain.models.resnet import infer_arch, infer_stem
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pretrain.syncbn import GlobalBatchNorm, convert_sync_batchnorm
+from pretrain.models.syncbn import GlobalBatchNorm, convert_sync_batchnorm
 
 
 def _net() -> nn.Module:

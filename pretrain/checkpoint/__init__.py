@@ -18,14 +18,14 @@ code from a file unless ``allow_unsafe`` is given. Modules:
 * ``rng``: RNG streams; ``train_state``: the training state and run-folder files;
 * ``readers``: one reader per checkpoint layout, in one ordered table;
 * ``backbone``: exported backbones, :func:`load_backbone` (validated against torchvision's
-  ResNet, :mod:`pretrain.resnet`), :func:`read_projector`, :func:`load_backbone_and_projector`
-  (both from one read of the file); ``projector``: which layouts carry a projector, and its
-  layout read from its keys;
+  ResNet, :mod:`pretrain.models.resnet`), :func:`read_projector`,
+  :func:`load_backbone_and_projector` (both from one read of the file); ``projector``: which
+  layouts carry a projector, and its layout read from its keys;
 * ``cli``: the shared ``--allow-unsafe`` / ``--checkpoint-key`` / ``--prefix`` options.
 
 The package reads and writes state dicts and their metadata and imports no model: the modules
-are built from what it reads in the model layer (``pretrain.model``: ``model_from_checkpoint``,
-``load_projector``).
+are built from what it reads in the model layer (``pretrain.models.build``:
+``model_from_checkpoint``, ``load_projector``).
 """
 
 from .atomic import atomic_torch_save, check_plain

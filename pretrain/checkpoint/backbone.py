@@ -1,7 +1,7 @@
 """Backbones and projectors: export (``imsvd-backbone`` or a bare torchvision state_dict) and
 reading them from any accepted checkpoint, the backbone validated against the key set of
-torchvision's ResNet (:mod:`pretrain.resnet`). Modules are built from what is read here in the
-model layer (``pretrain.model.model_from_checkpoint``)."""
+torchvision's ResNet (:mod:`pretrain.models.resnet`). Modules are built from what is read here
+in the model layer (``pretrain.models.build.model_from_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pretrain.resnet import ARCHS, STEMS, infer_arch, infer_stem, torchvision_resnet
+from pretrain.models.resnet import ARCHS, STEMS, infer_arch, infer_stem, torchvision_resnet
 
 from .atomic import atomic_torch_save
 from .common import (
@@ -249,7 +249,8 @@ def read_projector(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read the projector weights from a training state or the reference model.pth.
 
-    ``pretrain.model.load_projector`` adds whether :class:`pretrain.model.Projector` loads them.
+    ``pretrain.models.build.load_projector`` adds whether
+    :class:`pretrain.models.projector.Projector` loads them.
 
     Args:
         path: checkpoint file.

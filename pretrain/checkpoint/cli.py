@@ -51,7 +51,7 @@ def add_weights_args(
 
 
 def weights_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for ``load_backbone`` / ``pretrain.model.model_from_checkpoint``.
+    """Keyword arguments for ``load_backbone`` / ``pretrain.models.build.model_from_checkpoint``.
 
     Args:
         args: a namespace parsed by a parser that went through :func:`add_weights_args`.

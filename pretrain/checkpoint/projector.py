@@ -1,7 +1,7 @@
 """The IMSVD projector in a checkpoint: which layouts carry one, and its layout read from its keys.
 
-Whether :class:`pretrain.model.Projector` loads the weights is the model layer's question
-(``pretrain.model.load_projector``); here only the file is read.
+Whether :class:`pretrain.models.projector.Projector` loads the weights is the model layer's question
+(``pretrain.models.build.load_projector``); here only the file is read.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from pretrain.resnet import infer_arch, infer_stem
+from pretrain.models.resnet import infer_arch, infer_stem
 
 from .atomic import atomic_torch_save
 from .common import (

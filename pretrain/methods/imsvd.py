@@ -16,7 +16,7 @@ import torch
 from pretrain.config import ConfigError
 from pretrain.loss import IMSVDLoss
 from pretrain.methods.base import Method
-from pretrain.model import parse_projector_spec
+from pretrain.models.projector import parse_projector_spec
 from pretrain.monitors import code_monitors
 
 __all__ = ["METHOD"]

@@ -43,7 +43,7 @@ from pretrain.data.datasets import build_image_dataset
 from pretrain.data.transforms import AugmentConfig, eval_transform
 from pretrain.errors import IMSVDError
 from pretrain.log import format_table
-from pretrain.model import PretrainModel, build_model, require_projector
+from pretrain.models.build import PretrainModel, build_model, require_projector
 from transfer.analysis.codes import summarize
 from transfer.analysis.figures import FigureStyle
 from transfer.analysis.gradcam import choose_layer

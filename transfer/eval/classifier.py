@@ -17,7 +17,7 @@ from pretrain.data.datasets import build_train_val_datasets, collate_readable
 from pretrain.data.transforms import eval_transform, train_linear_transform
 from pretrain.dist import all_reduce_sum
 from pretrain.log import format_table
-from pretrain.syncbn import convert_sync_batchnorm
+from pretrain.models.syncbn import convert_sync_batchnorm
 from transfer.eval import features
 
 __all__ = [
@@ -47,7 +47,7 @@ class LinearHead(nn.Module):
     reference IMSVD and VICReg evaluations initialise their heads).
 
     Input (N, dim) features, output (N, num_classes) logits. With several processes the trainer
-    converts the BatchNorm to one over the global batch (:mod:`pretrain.syncbn`).
+    converts the BatchNorm to one over the global batch (:mod:`pretrain.models.syncbn`).
     """
 
     def __init__(self, dim: int, num_classes: int, batchnorm: bool) -> None:
@@ -310,7 +310,7 @@ def build_model(backbone: nn.Module, num_classes: int, cfg: dict, info, finetune
     """The backbone joined to a new head, on the process's device, and the module to call.
 
     With several processes the trained part (head, or head and backbone when fine-tuning) gets
-    global-batch BatchNorm (:func:`pretrain.syncbn.convert_sync_batchnorm`) and is wrapped in
+    global-batch BatchNorm (:func:`pretrain.models.syncbn.convert_sync_batchnorm`) and is wrapped in
     DistributedDataParallel; frozen, the module to call takes features, fine-tuning images.
 
     Returns:

@@ -3,7 +3,7 @@
 
 Every frozen evaluation (VOC07 SVM, kNN, the linear probes' validation pass) gets its features
 here, from a backbone the runner (:mod:`transfer.eval.runner`) read through
-:func:`pretrain.model.model_from_checkpoint` and froze with :func:`freeze`. The dataset is
+:func:`pretrain.models.build.model_from_checkpoint` and froze with :func:`freeze`. The dataset is
 split into contiguous shards, one per process; where the rows end up is the caller's choice
 (``gather``, :data:`GATHERS`): every process the whole arrays (``all``), rank 0 alone
 (``main``: the VOC07 SVM, gathered in bounded chunks), or each process its own rows

@@ -9,7 +9,7 @@ they share, once:
   to ``OUTPUT_DIR/log.txt`` (rank 0 also to stdout), seeding, the resolved config written as
   ``OUTPUT_DIR/config.yaml``;
 * the weights (:meth:`EvalContext.load_model`): one read of the file through
-  :func:`pretrain.model.model_from_checkpoint`, the backbone frozen;
+  :func:`pretrain.models.build.model_from_checkpoint`, the backbone frozen;
 * feature extraction (:meth:`EvalContext.features`), behind the cache when there is an output
   folder;
 * the results (:func:`report`): a printed table, the results JSON and a
@@ -39,7 +39,7 @@ from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
 from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.log import LOGGER_NAME, setup_logging
-from pretrain.model import model_from_checkpoint
+from pretrain.models.build import model_from_checkpoint
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.feature_cache import cached_features
 from transfer.eval.features import FeatureError, extract_features, freeze

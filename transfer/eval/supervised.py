@@ -7,7 +7,7 @@ per-epoch schedule; cross-entropy averaged over the GLOBAL batch (the reference 
 ``linear_eval.py --weights freeze|finetune``, VICReg's and Barlow Twins' ``evaluate.py``; the
 protocol in docs/PROTOCOLS.md). Frozen: the backbone in eval mode without gradients, cached
 validation features, its content hash checked after training. Finetune: the backbone in train
-mode, global-batch BatchNorm with several processes (:mod:`pretrain.syncbn`), the fine-tuned
+mode, global-batch BatchNorm with several processes (:mod:`pretrain.models.syncbn`), the fine-tuned
 backbone exported to OUTPUT_DIR/backbone_finetuned.pth. Any process count trains like one
 (global batches, seeded per-sample augmentation, global BatchNorm); ``train.precision``
 fp32 | bf16 | fp16; checkpoints (:mod:`transfer.eval.head_state`) at epoch ends, every

@@ -3,7 +3,7 @@
 Arch and stem names, blocks per stage, the network torchvision builds for an arch and stem
 (``fc`` an Identity), and recognising arch and stem from a state dict's keys. The checkpoint
 files store these weights under torchvision's names (``pretrain.checkpoint`` checks a file
-against :func:`torchvision_resnet`'s keys and shapes); the model layer (``pretrain.model``)
+against :func:`torchvision_resnet`'s keys and shapes); the model layer (``pretrain.models.build``)
 builds its backbone from it. Imports nothing of the project.
 """
 

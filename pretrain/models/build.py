@@ -1,5 +1,5 @@
-"""The model layer: backbone (torchvision ResNet without fc), the IMSVD projector, and both
-built from a recipe or from a checkpoint.
+"""The model layer's builders: :class:`PretrainModel` (backbone + projector) from a recipe
+(:func:`build_model`) or from a checkpoint (:func:`model_from_checkpoint`).
 
 :func:`model_from_checkpoint` is the one place a file becomes modules: ``pretrain.checkpoint``
 reads the state dicts and their metadata, this module builds and loads the modules.
@@ -20,144 +20,8 @@ from pretrain.checkpoint import (
     read_projector,
 )
 from pretrain.checkpoint.common import diff_keys
-from pretrain.config import ConfigError
-from pretrain.resnet import ARCHS, STEMS, torchvision_resnet
-
-
-class SmallInputConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that computes a 1x1 output as one matrix product of the taps that see input.
-
-    When the output is 1x1 (layer4 of a ResNet with the standard or small_s2 stem on images of
-    32 px or less: a 3x3 / padding 1 conv on a 1x1 map, or a stride-2 one on a 2x2 map), most
-    taps only ever meet zero padding.
-    The result is then ``x[:, :, :h, :w].flatten(1) @ W[:, :, p:p+h, p:p+w].flatten(1).T``:
-    the same sum without the zero terms, so outputs and gradients equal ``nn.Conv2d``'s up to
-    float summation order (the padding taps' weight gradients are exactly 0, as they are in
-    ``nn.Conv2d``). oneDNN's CPU backward of a 512-channel 3x3 conv on a 1x1 map at batch 256
-    takes about 10x its forward (``benchmarks/bench_small_input_conv.py`` measures the ratio).
-    Every other shape, and groups / dilation / non-zero padding modes, go to ``nn.Conv2d``.
-    State-dict keys and parameters are those of ``nn.Conv2d``. The shape test is Python code in
-    ``forward``: ``torch.fx`` tracing / ``torch.jit.script`` of the backbone need plain convs
-    (``m.__class__ = nn.Conv2d`` for each module restores them).
-    """
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias):
-        taps = self._one_output_taps(x)
-        if taps is None:
-            return super()._conv_forward(x, weight, bias)
-        (h, w), (ph, pw) = taps
-        y = nn.functional.linear(
-            x[:, :, :h, :w].flatten(1), weight[:, :, ph : ph + h, pw : pw + w].flatten(1), bias
-        )
-        return y.view(x.shape[0], self.out_channels, 1, 1)
-
-    def _one_output_taps(self, x: torch.Tensor):
-        """((h, w) input rows/cols used, (ph, pw) first tap) when the output is 1x1, else None."""
-        if (
-            x.dim() != 4
-            or self.groups != 1
-            or self.padding_mode != "zeros"
-            or isinstance(self.padding, str)
-            or any(d != 1 for d in self.dilation)
-        ):
-            return None
-        used, first = [], []
-        for size, k, s, p in zip(x.shape[2:], self.kernel_size, self.stride, self.padding):
-            if (size + 2 * p - k) // s + 1 != 1 or p >= k or size + 2 * p < k:
-                return None
-            used.append(min(size, k - p))
-            first.append(p)
-        return tuple(used), tuple(first)
-
-
-def use_small_input_convs(module: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Conv2d`` of ``module`` a :class:`SmallInputConv2d` (in place)."""
-    for m in module.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = SmallInputConv2d
-    return module
-
-
-def build_backbone(
-    arch: str = "resnet50", zero_init_residual: bool = True, stem: str = "standard"
-) -> nn.Module:
-    """Build a torchvision ResNet whose ``fc`` is an Identity (output: pooled features).
-
-    Args:
-        arch: one of resnet18/34/50/101.
-        zero_init_residual: zero the last BN gamma of each residual block (the recipe's setting).
-        stem: "standard" (7x7/2 conv + max-pool), "small" (3x3/1 conv, no max-pool: for 28-64 px
-            images) or "small_s2" (3x3/2 conv + max-pool).
-
-    Returns:
-        The backbone; ``.num_features`` holds the output width (512 or 2048). Its convolutions
-        are :class:`SmallInputConv2d` (same parameters and outputs as ``nn.Conv2d``).
-    """
-    if arch not in ARCHS:
-        raise ConfigError(
-            f"config key 'model.arch': unknown backbone arch '{arch}' (one of {', '.join(ARCHS)})"
-        )
-    if stem not in STEMS:
-        raise ConfigError(
-            f"config key 'model.stem': unknown stem '{stem}' (one of {', '.join(STEMS)})"
-        )
-    return use_small_input_convs(torchvision_resnet(arch, stem, zero_init_residual))
-
-
-def parse_projector_spec(spec: str) -> list[int]:
-    """Parse "8192-8160" into [8192, 8160] with a clear error."""
-    try:
-        dims = [int(x) for x in str(spec).split("-")]
-    except ValueError:
-        raise ConfigError(
-            f"config key 'model.projector': '{spec}' must look like '8192-8160'"
-        ) from None
-    if not dims or any(d <= 0 for d in dims):
-        raise ConfigError(f"config key 'model.projector': '{spec}' must list positive widths")
-    return dims
-
-
-OUT_NORMS = ("none", "bn")
-
-
-def output_norm(dim: int) -> nn.BatchNorm1d:
-    """The norm of ``model.out_norm: bn``: ``BatchNorm1d(dim, affine=False)`` on N x dim logits."""
-    return nn.BatchNorm1d(dim, affine=False)
-
-
-class Projector(nn.Sequential):
-    """MLP projector: (Linear + BatchNorm1d + ReLU) x (k-1), then Linear without bias, and with
-    ``out_norm="bn"`` a last layer ``BatchNorm1d(out_dim, affine=False)`` (beyond the paper: each
-    logit standardised over the batch before the loss).
-
-    The same module, with the same state-dict keys (``<i>.weight`` ..., the norm at the last
-    index), in training and when rebuilt from a checkpoint.
-
-    Args:
-        in_dim: input width (the backbone's pooled features).
-        spec: the Linear widths, e.g. "8192-8160".
-        out_norm: "none" or "bn".
-    Raises:
-        ConfigError: a malformed spec or an unknown out_norm (naming the config key).
-    """
-
-    def __init__(self, in_dim: int, spec: str = "8192-8160", out_norm: str = "none") -> None:
-        if out_norm not in OUT_NORMS:
-            raise ConfigError(
-                f"config key 'model.out_norm': {out_norm!r} is not one of {', '.join(OUT_NORMS)}"
-            )
-        dims = [in_dim] + parse_projector_spec(spec)
-        layers: list[nn.Module] = []
-        for a, b in zip(dims[:-2], dims[1:-1]):
-            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
-        if out_norm == "bn":
-            layers.append(output_norm(dims[-1]))
-        super().__init__(*layers)
-        self.in_dim = in_dim
-        self.out_dim = dims[-1]
-        self.spec = str(spec)
-        self.out_norm = out_norm
+from pretrain.models.backbone import build_backbone
+from pretrain.models.projector import Projector
 
 
 class PretrainModel(nn.Module):
@@ -289,7 +153,9 @@ def model_from_checkpoint(
             check_finite_weights(projector, path, "projector")
             projector.to(device)
         else:
-            meta["notes"].append("projector weights do not match pretrain.model.Projector")
+            meta["notes"].append(
+                "projector weights do not match pretrain.models.projector.Projector"
+            )
     return backbone.to(device), projector, meta
 
 
