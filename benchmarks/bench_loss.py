@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pretrain.loss import IMSVDLoss  # noqa: E402
+from pretrain.losses.imsvd import IMSVDLoss  # noqa: E402
 
 
 def _rss_bytes() -> int:

@@ -1,7 +1,8 @@
 """Benchmark: cost of the online code monitors relative to the IMSVD loss.
 
-The engine calls ``pretrain.monitors.code_monitors(z1, z2, bin_size, temperature, step=step)``
-at every log step. This script times, in one run and on the same inputs (N x D projector
+The engine calls
+``pretrain.losses.monitors.code_monitors(z1, z2, bin_size, temperature, step=step)`` at every log
+step. This script times, in one run and on the same inputs (N x D projector
 outputs, default N=256, D=8160, B=80): the reference figure = one forward+backward of
 ``IMSVDLoss`` (what every training step pays), the new figure = one ``code_monitors`` call, and
 their ratio. Median of ``--repeats`` timed calls after one warm-up.
@@ -25,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pretrain.loss import IMSVDLoss  # noqa: E402
-from pretrain.monitors import code_monitors  # noqa: E402
+from pretrain.losses.imsvd import IMSVDLoss  # noqa: E402
+from pretrain.losses.monitors import code_monitors  # noqa: E402
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.loss import IMSVDLoss  # noqa: E402
+from pretrain.losses.imsvd import IMSVDLoss  # noqa: E402
 from pretrain.models.backbone import SmallInputConv2d  # noqa: E402
 from pretrain.models.build import build_model  # noqa: E402
 

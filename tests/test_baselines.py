@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.baselines import BarlowTwinsLoss, VICRegLoss
 from pretrain.dist import all_reduce_sum, cleanup, init_distributed
-from pretrain.loss import LossConfigError
+from pretrain.losses.barlowtwins import BarlowTwinsLoss
+from pretrain.losses.imsvd import LossConfigError
+from pretrain.losses.vicreg import VICRegLoss
 from pretrain.methods import build_loss
 
 N, IN, D = 12, 6, 8

@@ -53,8 +53,8 @@ LAYERS = (
     ("torchvision ResNets", ("pretrain.models.resnet",)),
     ("checkpoint files: state dicts and metadata", ("pretrain.checkpoint",)),
     ("models, also built from checkpoints", ("pretrain.models",)),
-    ("the lean off-block sweep", ("pretrain.offblock",)),
-    ("losses and their monitors", ("pretrain.loss", "pretrain.baselines", "pretrain.monitors")),
+    ("the lean off-block sweep", ("pretrain.losses.offblock",)),
+    ("losses and their monitors", ("pretrain.losses",)),
     ("methods: one module each, the registry", ("pretrain.methods",)),
 )
 # Imports of project modules inside a function of pretrain/, each with its reason. An import

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import pretrain.loss as loss_mod
-from pretrain.loss import (
+import pretrain.losses.imsvd as loss_mod
+from pretrain.losses.imsvd import (
     IMSVDLoss,
     LossConfigError,
     off_block_entropy_sum,

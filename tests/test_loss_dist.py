@@ -19,7 +19,7 @@ from pretrain.dist import (
     init_distributed,
     known_batch_sizes,
 )
-from pretrain.loss import IMSVDLoss
+from pretrain.losses.imsvd import IMSVDLoss
 
 pytestmark = pytest.mark.dist
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.baselines import BarlowTwinsLoss, VICRegLoss
 from pretrain.config import ConfigError, load_config
 from pretrain.engine import check_config
-from pretrain.loss import IMSVDLoss, LossConfigError
+from pretrain.losses.barlowtwins import BarlowTwinsLoss
+from pretrain.losses.imsvd import IMSVDLoss, LossConfigError
+from pretrain.losses.vicreg import VICRegLoss
 from pretrain.methods import METHODS, build_loss, get_method
 
 REPO = Path(__file__).resolve().parent.parent

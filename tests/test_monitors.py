@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.monitors import code_monitors, soft_codes
+from pretrain.losses.monitors import code_monitors, soft_codes
 from transfer.analysis.joint import joint_matrix, pairwise_mutual_information
 
 B = 7

@@ -34,9 +34,9 @@ from pretrain.errors import IMSVDError  # noqa: E402
 from pretrain.fileio import write_json_atomic  # noqa: E402
 from pretrain.knn import knn_accuracy  # noqa: E402
 from pretrain.log import print_table  # noqa: E402
+from pretrain.losses.monitors import soft_codes  # noqa: E402
 from pretrain.models.backbone import build_backbone  # noqa: E402
 from pretrain.models.build import build_model, model_from_checkpoint  # noqa: E402
-from pretrain.monitors import soft_codes  # noqa: E402
 from pretrain.probe import (  # noqa: E402
     KNNProbe,
     first_by_index,

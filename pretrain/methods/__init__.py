@@ -6,7 +6,7 @@ paper uses, how to build its loss, and its monitors (extra metrics of the two vi
 at log steps). ``loss.name`` selects one: :data:`METHODS` holds ``imsvd``
 (:mod:`pretrain.methods.imsvd`), ``vicreg`` (:mod:`pretrain.methods.vicreg`) and
 ``barlowtwins`` (:mod:`pretrain.methods.barlowtwins`). The losses themselves are
-:mod:`pretrain.loss` (IMSVD) and :mod:`pretrain.baselines` (VICReg, Barlow Twins).
+:mod:`pretrain.losses` (one module per loss).
 
 Config layout: the IMSVD keys sit at the top of ``loss:`` (the toolkit's own method, and the
 keys every IMSVD recipe and stored run config already spell that way), each baseline's under
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from pretrain.loss import LossConfigError
+from pretrain.losses.imsvd import LossConfigError
 from pretrain.methods import barlowtwins, imsvd, vicreg
 from pretrain.methods.base import Method
 

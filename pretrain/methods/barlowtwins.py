@@ -1,12 +1,12 @@
 """Barlow Twins (Zbontar et al., ICML 2021) in the same trainer: config ``loss.barlowtwins``
-(``lambd``), the loss :class:`pretrain.baselines.BarlowTwinsLoss`."""
+(``lambd``), the loss :class:`pretrain.losses.barlowtwins.BarlowTwinsLoss`."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pretrain.baselines import BarlowTwinsLoss
-from pretrain.loss import LossConfigError
+from pretrain.losses.barlowtwins import BarlowTwinsLoss
+from pretrain.losses.imsvd import LossConfigError
 from pretrain.methods.base import Method, min_global_batch
 
 __all__ = ["METHOD"]

@@ -3,8 +3,8 @@ the cross-view joint distribution over the global batch plus transform invarianc
 
 Config: the keys at the top of ``loss:`` (``bin_size``, ``temperature``, ``ti_coeff``,
 ``dia_coeff``, ``off_coeff``, ``ti_mode``, ``impl``, ``shard``); the loss is
-:class:`pretrain.loss.IMSVDLoss`; the monitors are the code statistics of
-:func:`pretrain.monitors.code_monitors` (``train.monitors``).
+:class:`pretrain.losses.imsvd.IMSVDLoss`; the monitors are the code statistics of
+:func:`pretrain.losses.monitors.code_monitors` (``train.monitors``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any, Mapping
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.loss import IMSVDLoss
+from pretrain.losses.imsvd import IMSVDLoss
+from pretrain.losses.monitors import code_monitors
 from pretrain.methods.base import Method
 from pretrain.models.projector import parse_projector_spec
-from pretrain.monitors import code_monitors
 
 __all__ = ["METHOD"]
 

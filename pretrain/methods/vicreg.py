@@ -1,12 +1,12 @@
 """VICReg (Bardes et al., ICLR 2022) in the same trainer: config ``loss.vicreg`` (``sim_coeff``,
-``std_coeff``, ``cov_coeff``), the loss :class:`pretrain.baselines.VICRegLoss`."""
+``std_coeff``, ``cov_coeff``), the loss :class:`pretrain.losses.vicreg.VICRegLoss`."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pretrain.baselines import VICRegLoss
-from pretrain.loss import LossConfigError
+from pretrain.losses.imsvd import LossConfigError
+from pretrain.losses.vicreg import VICRegLoss
 from pretrain.methods.base import Method, min_global_batch
 
 __all__ = ["METHOD"]

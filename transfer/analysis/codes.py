@@ -18,7 +18,7 @@ Plug-in MI from N samples is biased upwards (by roughly (B - 1)^2 / (2N) nats fo
 the accumulator also streams a "floor" matrix pairing view 1 of each sample with view 2 of the
 previous sample: its MI is what independent variables with the same marginals would show.
 
-Batch-level primitives live in :mod:`pretrain.monitors` and are re-exported here.
+Batch-level primitives live in :mod:`pretrain.losses.monitors` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from pretrain.monitors import (
+from pretrain.losses.monitors import (
     argmax_agreement,
     block_mutual_information,
     entropy,

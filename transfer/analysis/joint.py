@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from pretrain.monitors import block_mutual_information, entropy
+from pretrain.losses.monitors import block_mutual_information, entropy
 
 __all__ = [
     "as_blocks",

@@ -1,7 +1,7 @@
 """The lean off-block entropy of the IMSVD loss: the sum of p log p over the off-diagonal B x B
 blocks of P = q1^T q2 / N, swept in row blocks of whole variables so that no D x D buffer is
 held, its gradient accumulated during the same sweep (docs/PROTOCOLS.md section 1;
-:func:`pretrain.loss.off_block_entropy_sum` checks the inputs and calls it).
+:func:`pretrain.losses.imsvd.off_block_entropy_sum` checks the inputs and calls it).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Two implementations of the joint terms give the same values and gradients:
 * ``reference_imsvd_loss``: the straightforward one (materialise P and p*log p, select blocks);
   it costs several D x D buffers (1 GiB each in fp32 at D = 16320) plus autograd temporaries.
 * the lean one (default): DE only needs the D diagonal entries, which are a column-wise mean of
-  q1 * q2 (O(N D)). OE is evaluated by :class:`pretrain.offblock.OffBlockEntropy` in row
+  q1 * q2 (O(N D)). OE is evaluated by :class:`pretrain.losses.offblock.OffBlockEntropy` in row
   blocks of P, never holding more than two ``rows x D`` buffers. Because its output is a
   scalar, its gradient is also accumulated during the forward block sweep and merely scaled in
   backward, so P is computed once (no recomputation pass). With several processes each rank
@@ -41,7 +41,7 @@ from pretrain.dist import (
     get_world_size,
 )
 from pretrain.errors import IMSVDError
-from pretrain.offblock import DEFAULT_BLOCK_ELEMS, OffBlockEntropy, shard_rows
+from pretrain.losses.offblock import DEFAULT_BLOCK_ELEMS, OffBlockEntropy, shard_rows
 
 __all__ = [
     "IMSVDLoss",

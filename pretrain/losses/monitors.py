@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from pretrain.loss import soft_discretize
+from pretrain.losses.imsvd import soft_discretize
 
 __all__ = [
     "soft_codes",
