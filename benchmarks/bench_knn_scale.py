@@ -8,12 +8,12 @@ variant in fresh processes so that the peak resident memory (``ru_maxrss``) is i
 - ``gathered`` (the evaluations' path before the sharded kNN): every rank generates its shard,
   all-gathers the whole N x D bank (``all_gather_tensor``, as ``extract_features`` does) and
   votes over it with the one-hot kNN (a (chunk, N) similarity block and a (chunk, k, C) one-hot);
-- ``sharded`` (:func:`pretrain.knn.knn_classify` with ``sharded=True``, the online probe's
+- ``sharded`` (:func:`pretrain.probe.knn.knn_classify` with ``sharded=True``, the online probe's
   and ``imsvd-knn``'s path): every rank keeps its shard, finds its top-k candidates per query
   chunk over bank blocks, one gather merges them, the merged top-k are scatter-added;
 - ``sharded_bf16`` (``--bf16``): the same with the shard normalised and stored in bf16
-  (:func:`pretrain.knn.bank_tensor`, ``knn.bank_precision=bf16``); its predictions are compared
-  with ``sharded``'s and its top-1 printed (its peak includes the float32 shard it was made
+  (:func:`pretrain.probe.knn.bank_tensor`, ``knn.bank_precision=bf16``); its predictions are
+  compared with ``sharded``'s and its top-1 printed (its peak includes the float32 shard it was made
   from: the saving is the bank's memory while voting, on CUDA the device copy).
 
 Both variants' predictions are compared (the count of queries whose prediction differs is
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain import dist as pdist  # noqa: E402
-from pretrain.knn import bank_tensor, knn_classify  # noqa: E402
+from pretrain.probe.knn import bank_tensor, knn_classify  # noqa: E402
 
 KS = (20, 200)
 

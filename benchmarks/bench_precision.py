@@ -8,7 +8,7 @@ of ``--queries`` test images (all 10,000 by default) with ``features.precision``
 (the same extractor the evaluations use), images/s of each (best of ``--repeats`` passes over
 the test set), the kNN top-1 (k = 20, T = 0.07, the toolkit's weighted kNN) of each, and how
 many test predictions differ; then, on the fp32 features, the kNN with the bank stored in bf16
-and fp16 (``knn.bank_precision``, :func:`pretrain.knn.bank_tensor`): top-1 and predictions
+and fp16 (``knn.bank_precision``, :func:`pretrain.probe.knn.bank_tensor`): top-1 and predictions
 differing from the fp32 bank's. Prints one JSON line.
 """
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.data.datasets import build_image_dataset
     from pretrain.data.transforms import eval_transform
-    from pretrain.knn import bank_tensor, knn_classify
     from pretrain.models.build import model_from_checkpoint
+    from pretrain.probe.knn import bank_tensor, knn_classify
     from transfer.eval.features import extract_features
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain import dist as pdist  # noqa: E402
 from pretrain.config import find_config, load_config  # noqa: E402
+from pretrain.engine.optim import build_optimizer  # noqa: E402
 from pretrain.methods import build_loss  # noqa: E402
 from pretrain.models.build import build_model  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
 
 MODES = ("exchange", "known")
 

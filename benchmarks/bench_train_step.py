@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.engine.optim import LARS, param_groups  # noqa: E402
 from pretrain.losses.imsvd import IMSVDLoss  # noqa: E402
 from pretrain.models.build import build_model  # noqa: E402
-from pretrain.optim import LARS, param_groups  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

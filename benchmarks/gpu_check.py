@@ -19,7 +19,7 @@ can. Output: ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``, both printed at th
    initial weights and learning-rate schedule; ResNet-50, 224 px, projector 8192-8160, B = 80.
    Warm-up steps, then rounds of timed steps interleaved over the three; the median round.
    The trainer's timed step is ``Trainer.set_lr()`` + ``Trainer.run_step(batch)`` of a
-   :class:`pretrain.engine.Trainer` built from the resolved recipe ``imsvd_r50_100ep`` (with
+   :class:`pretrain.engine.trainer.Trainer` built from the resolved recipe ``imsvd_r50_100ep`` (with
    ``data.kind=synthetic``, ``data.pipeline=pil``): it includes the batch-size exchange, the
    loader's ``prepare`` (for tensors already on the device in the trainer's memory format a
    no-op), both forwards under the recipe's autocast, the loss, the per-step non-finite / stop
@@ -33,7 +33,7 @@ can. Output: ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``, both printed at th
    fp32 step from the same weights on the same batch (cuDNN deterministic, TF32 off) and the
    two losses before the update are recorded: they must agree within 1e-5 relative, which is
    what makes the comparison one of the same computation.
-2. ``knn``: :func:`pretrain.knn.knn_classify` (one process, bank on the GPU, its default query
+2. ``knn``: :func:`pretrain.probe.knn.knn_classify` (one process, bank on the GPU, its default query
    chunk and bank block) on a synthetic 1,281,167 x 2048 float32 bank (1,000 class centres plus
    noise, generated on the device block by block from fixed seeds) with 10,000 queries, k = 20
    and 200: seconds, ``torch.cuda.max_memory_allocated`` (bytes; bank, labels and queries
@@ -98,7 +98,7 @@ from gpu_check_train import (  # noqa: E402  (benchmarks/)
 )
 
 from pretrain.data.fashion_mnist import is_complete  # noqa: E402
-from pretrain.knn import knn_classify  # noqa: E402
+from pretrain.probe.knn import knn_classify  # noqa: E402
 
 
 def class_rows(centres: torch.Tensor, n: int, generator: torch.Generator, block: int = 65536):

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pretrain.config import find_config, load_config  # noqa: E402
-from pretrain.engine import Trainer  # noqa: E402
+from pretrain.engine.optim import LARS, lr_at, param_groups, set_lr  # noqa: E402
+from pretrain.engine.runtime import StopRequest  # noqa: E402
+from pretrain.engine.trainer import Trainer  # noqa: E402
 from pretrain.log import LOGGER_NAME  # noqa: E402
 from pretrain.methods import build_loss  # noqa: E402
 from pretrain.models.build import build_model  # noqa: E402
 from pretrain.models.syncbn import convert_sync_batchnorm  # noqa: E402
-from pretrain.optim import LARS, lr_at, param_groups, set_lr  # noqa: E402
-from pretrain.runtime import StopRequest  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check"
 RECIPE = "imsvd_r50_100ep"
@@ -172,18 +172,18 @@ class ReferenceLoop:
 
     SyncBatchNorm (``nn.SyncBatchNorm.convert_sync_batchnorm``; on the CPU, which torch's
     SyncBatchNorm has no kernel for, :class:`pretrain.models.syncbn.GlobalBatchNorm`), DDP around
-    :class:`TwoViewLoss` (a process group must exist), LARS over :func:`pretrain.optim.param_groups`
-    (1-D parameters: no weight decay, no adaptation), the learning rate set every step, then
-    ``zero_grad``, the forward under autocast (fp16 with a GradScaler; ``precision="fp32"``: no
-    autocast, scaler disabled) and the scaled backward / step / update; ``cudnn.benchmark`` on
-    during its steps.
+    :class:`TwoViewLoss` (a process group must exist), LARS over
+    :func:`pretrain.engine.optim.param_groups` (1-D parameters: no weight decay, no adaptation),
+    the learning rate set every step, then ``zero_grad``, the forward under autocast (fp16 with a
+    GradScaler; ``precision="fp32"``: no autocast, scaler disabled) and the scaled backward /
+    step / update; ``cudnn.benchmark`` on during its steps.
 
     Args:
         cfg: a resolved pretraining config (model, loss, optim sections are read).
         state_dict: initial weights of :func:`pretrain.models.build.build_model`'s model.
         device: where it trains.
         precision: "fp16" (the reference's) or "fp32".
-        schedule: (total_steps, warmup_steps, peak_lr) of :func:`pretrain.optim.lr_at`.
+        schedule: (total_steps, warmup_steps, peak_lr) of :func:`pretrain.engine.optim.lr_at`.
         cudnn_benchmark: ``torch.backends.cudnn.benchmark`` during its steps (the reference's
             True; the fp32 check turns it off so that both loops take the same algorithms).
     """
@@ -261,8 +261,8 @@ def trainer_config(
 
 
 class TrainerStep:
-    """This project's :class:`~pretrain.engine.Trainer` driven one step at a time, as its loop
-    does (``set_lr``, ``run_step``, step count), without the loader and the hooks.
+    """This project's :class:`~pretrain.engine.trainer.Trainer` driven one step at a time, as its
+    loop does (``set_lr``, ``run_step``, step count), without the loader and the hooks.
 
     Args:
         cfg: a resolved config (:func:`trainer_config`).

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_methods] {name}: exit {rc} in {results[name]['seconds']} s", flush=True)
     from pretrain.curves import plot_curves
     from pretrain.models.build import model_from_checkpoint
-    from pretrain.probe import indexed_folder_knn
+    from pretrain.probe.online import indexed_folder_knn
 
     for name in args.methods:
         final = out / name / "backbone_final.pth"

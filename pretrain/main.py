@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # heavy imports after the config is known to be valid
     from pretrain.data.images import max_image_pixels
-    from pretrain.engine import train
+    from pretrain.engine.trainer import train
 
     try:
         max_image_pixels()  # checked before any image is read

@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain import engine
 from pretrain.checkpoint import train_state as ckpt_train_state
-from pretrain.checkpointer import (
+from pretrain.config import load_config
+from pretrain.engine import trainer as engine
+from pretrain.engine.checkpointer import (
     CheckpointWriteError,
     ConfigChangedError,
     NonFiniteStateError,
     RunFolder,
     RunFolderBusyError,
 )
-from pretrain.config import load_config
-from pretrain.hooks import HookBase
+from pretrain.engine.hooks import HookBase
 from pretrain.models.build import model_from_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

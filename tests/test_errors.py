@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-import pretrain.engine
+import pretrain.engine.trainer
 from pretrain.config import ConfigError
 from pretrain.data.images import DataError
 from pretrain.errors import IMSVDError
@@ -99,7 +99,7 @@ def test_every_exception_class_of_the_library_derives_from_the_base():
 
 def test_the_base_keeps_the_builtin_kinds_callers_catch():
     from pretrain.checkpoint import CheckpointError
-    from pretrain.checkpointer import RunFolderBusyError
+    from pretrain.engine.checkpointer import RunFolderBusyError
 
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
     assert issubclass(CheckpointError, ValueError) and issubclass(RunFolderBusyError, RuntimeError)
@@ -145,7 +145,9 @@ def _raise(exc: BaseException):
 
 def test_pretrain_a_bug_inside_the_run_propagates(tmp_path, monkeypatch, capsys):
     # numpy and torch raise ValueError on bugs: it must not become "error: ..." with status 2
-    monkeypatch.setattr(pretrain.engine, "build_model", _raise(ValueError("operands differ")))
+    monkeypatch.setattr(
+        pretrain.engine.trainer, "build_model", _raise(ValueError("operands differ"))
+    )
     argv = ["--config", "imsvd_smoke", "--output-dir", str(tmp_path / "run")]
     with pytest.raises(ValueError, match="operands differ"):
         pretrain_main(argv)
@@ -153,7 +155,9 @@ def test_pretrain_a_bug_inside_the_run_propagates(tmp_path, monkeypatch, capsys)
 
 
 def test_pretrain_a_user_error_at_the_same_place_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(pretrain.engine, "build_model", _raise(DataError("no images under x")))
+    monkeypatch.setattr(
+        pretrain.engine.trainer, "build_model", _raise(DataError("no images under x"))
+    )
     assert pretrain_main(["--config", "imsvd_smoke", "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: no images under x"]

@@ -233,7 +233,7 @@ def test_malformed_values_are_schema_errors_naming_the_key(tool, override, needl
 
 @pytest.mark.parametrize("tool", ["knn", "linear", "finetune", "voc07_svm"])
 def test_one_run_per_output_folder(tool, tiny_trees, tiny_backbone, tmp_path, capsys):
-    from pretrain.checkpointer import RunFolder
+    from pretrain.engine.checkpointer import RunFolder
 
     tool_main = {"knn": knn.main, "linear": linear.main, "finetune": finetune.main,
                  "voc07_svm": voc07_svm.main}[tool]  # fmt: skip
@@ -262,8 +262,8 @@ def _single():
 
 
 def test_the_output_folder_decision_in_one_process(tmp_path):
-    from pretrain.checkpointer import RunFolder, RunFolderBusyError, take_output_folder
     from pretrain.dist import main_rank_values
+    from pretrain.engine.checkpointer import RunFolder, RunFolderBusyError, take_output_folder
 
     info = _single()
     assert main_rank_values([0, 1, 2], info.device) == [0, 1, 2]  # no process group
@@ -282,8 +282,8 @@ def test_the_output_folder_decision_in_one_process(tmp_path):
 def _folder_worker(rank, world, port, busy, free, out_dir):
     import os
 
-    from pretrain.checkpointer import RunFolderBusyError, take_output_folder
     from pretrain.dist import cleanup, init_distributed, main_rank_values
+    from pretrain.engine.checkpointer import RunFolderBusyError, take_output_folder
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
@@ -311,7 +311,7 @@ def test_a_busy_output_folder_stops_every_rank(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from pretrain.checkpointer import RunFolder
+    from pretrain.engine.checkpointer import RunFolder
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

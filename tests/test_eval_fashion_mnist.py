@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.knn import knn_accuracy
 from pretrain.models.backbone import build_backbone
+from pretrain.probe.knn import knn_accuracy
 from transfer.eval.ap import voc_ap
 from transfer.eval.features import extract_features, freeze
 from transfer.eval.svm import cross_validate_svms, decision_scores, l2_normalize

@@ -12,7 +12,7 @@ import torch
 from helpers import run_module
 
 from pretrain.config import ConfigError
-from pretrain.knn import knn_accuracy, knn_classify
+from pretrain.probe.knn import knn_accuracy, knn_classify
 from transfer.eval import knn as knn_eval
 from transfer.eval.knn import main
 
@@ -261,7 +261,7 @@ def test_bad_knn_settings_are_refused_naming_the_key(tiny, tmp_path, capsys, ove
 
 
 def test_order_keys_sort_by_similarity_then_lower_index():
-    from pretrain.knn import _decode_keys, _order_keys
+    from pretrain.probe.knn import _decode_keys, _order_keys
 
     sims = torch.tensor([[0.5, -0.25, 1.0, -1.0, 0.0, -0.0, 0.5, 3e-39, -3e-39]])
     index = torch.tensor([7, 1, 4, 0, 2, 3, 5, 6, 8]) + (1 << 31)  # large indices too
@@ -359,7 +359,7 @@ def test_sharded_bank_on_two_ranks_equals_one_process(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_bank_is_normalised_and_votes_like_fp32(precision):
-    from pretrain.knn import bank_tensor
+    from pretrain.probe.knn import bank_tensor
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(5, 32)) * 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr
+from pretrain.engine.optim import LARS, build_optimizer, lr_at, param_groups, scaled_lr
 
 
 def test_lars_step_by_hand():
@@ -90,7 +90,7 @@ def test_schedule_by_hand():
 
 def test_excluded_lr_ratio_scales_the_bias_and_norm_group():
     """Barlow Twins' recipe: biases / norm parameters at 0.0048 / 0.2 of the weights' lr."""
-    from pretrain.optim import param_groups, set_lr
+    from pretrain.engine.optim import param_groups, set_lr
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     groups = param_groups(net, exclude_1d=True, excluded_lr_ratio=0.024)

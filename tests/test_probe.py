@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pretrain import engine
 from pretrain.config import load_config
 from pretrain.data.images import DataError
-from pretrain.probe import KNNProbe, ProbeSet, build_probe
+from pretrain.engine import trainer as engine
+from pretrain.probe.online import KNNProbe, ProbeSet, build_probe
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
@@ -87,7 +87,7 @@ DATA = {"kind": "imagefolder", "root": None, "list_file": None, "image_size": 8}
 
 @pytest.mark.parametrize("temperature", [0.01, 1e-3])
 def test_small_temperature_does_not_overflow(temperature):
-    # the probe votes with pretrain.knn: exp(sim / T) is max-subtracted there
+    # the probe votes with pretrain.probe.knn: exp(sim / T) is max-subtracted there
     probe = KNNProbe(_coloured(300, 0), _coloured(90, 1), ks=(1, 3, 20), temperature=temperature)
     out = probe(_pooling())
     assert out["knn/top1_k1"] == out["knn/top1_k3"] == out["knn/top1_k20"] == 100.0

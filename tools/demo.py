@@ -29,15 +29,15 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.curves import plot_curves  # noqa: E402
 from pretrain.data.datasets import build_image_dataset  # noqa: E402
 from pretrain.data.fashion_mnist import DEFAULT_DIR, export_image_tree, load_split  # noqa: E402
-from pretrain.engine import train  # noqa: E402
+from pretrain.engine.trainer import train  # noqa: E402
 from pretrain.errors import IMSVDError  # noqa: E402
 from pretrain.fileio import write_json_atomic  # noqa: E402
-from pretrain.knn import knn_accuracy  # noqa: E402
 from pretrain.log import print_table  # noqa: E402
 from pretrain.losses.monitors import soft_codes  # noqa: E402
 from pretrain.models.backbone import build_backbone  # noqa: E402
 from pretrain.models.build import build_model, model_from_checkpoint  # noqa: E402
-from pretrain.probe import (  # noqa: E402
+from pretrain.probe.knn import knn_accuracy  # noqa: E402
+from pretrain.probe.online import (  # noqa: E402
     KNNProbe,
     first_by_index,
     indexed_folder_knn,

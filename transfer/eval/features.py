@@ -37,9 +37,9 @@ from pretrain.dist import (
     known_batch_sizes,
     shard_range,
 )
+from pretrain.engine.runtime import PRECISIONS, autocast
 from pretrain.errors import IMSVDError
 from pretrain.progress import progress
-from pretrain.runtime import PRECISIONS, autocast
 
 logger = logging.getLogger("imsvd.features")
 

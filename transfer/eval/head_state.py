@@ -16,7 +16,7 @@ it did not know (no label subset, fp32, epoch-end checkpoints).
 
 A run resumes only when the weights, the training set and the config agree with the file; the
 config is compared with the rule pretraining resumes by
-(:func:`pretrain.checkpointer.run_changing_differences`) over every key except
+(:func:`pretrain.engine.checkpointer.run_changing_differences`) over every key except
 :data:`NEUTRAL_KEYS` (and ``train.epochs`` when both runs use a step schedule: more epochs
 extend the run; under cosine they change every epoch's learning rate).
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain
-from pretrain.checkpointer import run_changing_differences, write_error_message
 from pretrain.dist import run_on_main
+from pretrain.engine.checkpointer import run_changing_differences, write_error_message
 from pretrain.errors import IMSVDError
 
 FORMAT, VERSION = "imsvd-supervised-state", 1

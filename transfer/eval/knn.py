@@ -5,7 +5,7 @@
 
 Features are L2-normalised; each test sample votes over its k most cosine-similar training
 samples with weights exp(sim / T), T = 0.07, k = 20 and 200 (the one implementation,
-:func:`pretrain.knn.knn_accuracy`, also used by the online probe). Each process keeps only its
+:func:`pretrain.probe.knn.knn_accuracy`, also used by the online probe). Each process keeps only its
 shard of the train features (the bank, never gathered: ``knn_classify(sharded=True)`` merges
 the shards' top-k), and the val features (the queries) whole; the vote is the one over the
 WHOLE train set, as on one process. ``knn.bank_precision`` (bf16 / fp16) holds the normalised
@@ -20,11 +20,17 @@ import sys
 from pretrain.config import ConfigError
 from pretrain.data.datasets import build_train_val_datasets
 from pretrain.data.transforms import eval_transform
-from pretrain.knn import BANK_PRECISIONS, bank_tensor, check_temperature, knn_accuracy, knn_classify
 from pretrain.log import format_table
+from pretrain.probe.knn import (
+    BANK_PRECISIONS,
+    bank_tensor,
+    check_temperature,
+    knn_accuracy,
+    knn_classify,
+)
 from transfer.eval import runner
 
-# knn_classify / knn_accuracy live in pretrain.knn (shared with the online probe); they stay
+# knn_classify / knn_accuracy live in pretrain.probe.knn (shared with the online probe); they stay
 # importable from here for callers of the evaluation module.
 __all__ = ["knn_accuracy", "knn_classify", "main", "run", "validate", "RESULTS_NAME"]
 

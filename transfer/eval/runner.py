@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pretrain.checkpoint import NonFiniteWeightsError, with_accepted_inputs
-from pretrain.checkpointer import RunFolder, take_output_folder
 from pretrain.config import ConfigError, save_config
 from pretrain.data.images import max_image_pixels
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
+from pretrain.engine.checkpointer import RunFolder, take_output_folder
 from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.log import LOGGER_NAME, setup_logging
@@ -265,7 +265,7 @@ def setup(ev: Evaluation, cfg: dict) -> EvalContext:
         ConfigError: the tool needs an output folder and ``output_dir`` is empty or cannot be
             written. RunFolderBusyError: another run uses the output folder (an flock on
             ``OUTPUT_DIR/.lock``, as pretraining), before anything is written there; raised on
-            every rank (:func:`pretrain.checkpointer.take_output_folder`).
+            every rank (:func:`pretrain.engine.checkpointer.take_output_folder`).
         PixelLimitError: a malformed ``IMSVD_MAX_IMAGE_PIXELS`` (on every rank, before any
             image is read).
     """

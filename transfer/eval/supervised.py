@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from pretrain.checkpoint import export_backbone, tensor_sha256
 from pretrain.config import ConfigError
 from pretrain.dist import all_reduce_sum
+from pretrain.engine.runtime import StopRequest, autocast, grad_scaler
 from pretrain.errors import IMSVDError
 from pretrain.log import MetricWriter
 from pretrain.progress import progress
-from pretrain.runtime import StopRequest, autocast, grad_scaler
 from transfer.eval import features, head_state
 from transfer.eval.classifier import (
     backbone_features,
@@ -63,7 +63,7 @@ class SupervisedTrainer:
         ctx: :class:`transfer.eval.runner.EvalContext` (config, process group, output folder).
         mode: "frozen" or "finetune".
         checkpoint_name: file name of the checkpoint inside the output folder.
-        hooks: :class:`pretrain.hooks.HookBase` objects; ``after_step`` / ``after_epoch`` see
+        hooks: :class:`pretrain.engine.hooks.HookBase` objects; ``after_step`` / ``after_epoch`` see
             the trainer (``step``, ``epoch``, ``step_in_epoch``, ``model``).
     Raises:
         ConfigError: train.batch_size not divisible by the process count, or head.num_classes

@@ -2,7 +2,7 @@
 
 Every ``eval.every_steps`` steps (and at the end) the engine calls :class:`KNNProbe`, which
 extracts the pooled backbone features of a fixed labelled *bank* and *query* set in eval mode and
-reports weighted kNN top-1 (cosine, T = 0.07; :mod:`pretrain.knn`), as solo-learn and DINO do.
+reports weighted kNN top-1 (cosine, T = 0.07; :mod:`pretrain.probe.knn`), as solo-learn and DINO do.
 The images are decoded once, resized and centre-cropped to the training size and kept in memory
 as uint8 (10k + 2k images at 32 px take 37 MB), so a probe costs one forward pass over them.
 
@@ -29,7 +29,7 @@ from pretrain.config import ConfigError
 from pretrain.data.datasets import SyntheticImages, build_image_dataset
 from pretrain.data.images import CorruptImageError, DataError, load_rgb
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.knn import check_temperature, knn_accuracy
+from pretrain.probe.knn import check_temperature, knn_accuracy
 
 logger = logging.getLogger("imsvd.probe")
 
@@ -115,7 +115,7 @@ class KNNProbe:
         temperature: vote temperature (0.07); finite and > 0.
         batch_size: images per forward pass.
         shard: the bank is this rank's shard: every rank of the process group must call the
-            probe, the ranks' neighbours are merged (:func:`pretrain.knn.knn_classify` with
+            probe, the ranks' neighbours are merged (:func:`pretrain.probe.knn.knn_classify` with
             ``sharded=True``) and every rank returns the numbers of the whole bank.
         num_classes: label count (default: from the bank's and the queries' labels; give it
             with ``shard=True``, a shard may lack the largest label).

@@ -2,7 +2,8 @@
 
 :class:`Trainer` builds the data, model, optimizer and loss from a resolved config and runs
 optimisation steps; metrics, the online kNN probe and checkpointing are hooks
-(:mod:`pretrain.hooks`), the checkpoint policy is :class:`pretrain.checkpointer.Checkpointer`.
+(:mod:`pretrain.engine.hooks`), the checkpoint policy is
+:class:`pretrain.engine.checkpointer.Checkpointer`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,25 @@ import torch
 from torch import nn
 
 from pretrain import dist
-from pretrain.checkpointer import FINAL_BACKBONE, Checkpointer, CheckpointWriteError, RunFolder
 from pretrain.config import ConfigError, save_config
 from pretrain.data.images import DataError
 from pretrain.data.loader import build_pretrain_loader
+from pretrain.engine.checkpointer import (
+    FINAL_BACKBONE,
+    Checkpointer,
+    CheckpointWriteError,
+    RunFolder,
+)
+from pretrain.engine.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
+from pretrain.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from pretrain.engine.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 from pretrain.errors import IMSVDError
-from pretrain.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
 from pretrain.log import MetricWriter, setup_logging
 from pretrain.methods import get_method
 from pretrain.models.build import build_model
 from pretrain.models.projector import parse_projector_spec
-from pretrain.optim import build_optimizer, lr_at, scaled_lr, set_lr
-from pretrain.probe import build_probe
+from pretrain.probe.online import build_probe
 from pretrain.progress import progress
-from pretrain.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIONS"]
 

@@ -1,6 +1,6 @@
 """Training hooks: what happens around the optimisation step (metrics, probe, checkpoints).
 
-The loop in :mod:`pretrain.engine` only runs steps; everything else is a hook (Detectron2's
+The loop in :mod:`pretrain.engine.trainer` only runs steps; everything else is a hook (Detectron2's
 HookBase idea). A hook sees the trainer (a weak proxy: a hook never keeps it alive) and may
 read ``trainer.step`` (steps done), ``trainer.epoch``, ``trainer.step_in_epoch`` (batches of the
 current epoch consumed), ``trainer.losses`` (the last step's loss terms), ``trainer.lr`` and
@@ -19,7 +19,7 @@ from pretrain import dist
 from pretrain.log import AverageMeter, MetricWriter
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from pretrain.engine import Trainer
+    from pretrain.engine.trainer import Trainer
 
 __all__ = ["HookBase", "MetricsHook", "ProbeHook", "CheckpointHook"]
 
@@ -94,7 +94,7 @@ class MetricsHook(HookBase):
 
 class ProbeHook(HookBase):
     """Online kNN probe every ``eval.every_steps`` steps, at step 0 of a fresh run and at the
-    end; every rank runs it on its shard of the bank (:class:`pretrain.probe.KNNProbe`), the
+    end; every rank runs it on its shard of the bank (:class:`pretrain.probe.online.KNNProbe`), the
     main process writes and logs the result."""
 
     def __init__(self, probe, writer: MetricWriter, every: int) -> None:

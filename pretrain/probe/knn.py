@@ -6,7 +6,7 @@ weights exp(sim / T), T = 0.07. The weights are computed as exp((sim - sim_max) 
 sim_max the query's best similarity: the same vote scaled by a positive constant per query (so
 the same prediction), without the float32 overflow of exp(sim / T) for T below about 0.0113.
 This is the one implementation: the offline evaluation (``transfer.eval.knn``) and the online
-probe of pretraining (``pretrain.probe``) both call it.
+probe of pretraining (``pretrain.probe.online``) both call it.
 
 The k neighbours of a query are its k most similar bank rows, ties in similarity broken by the
 lower bank index (-0.0 counts below +0.0); the vote of class c is the sum over them of
