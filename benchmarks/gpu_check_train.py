@@ -291,8 +291,8 @@ class TrainerStep:
         t.set_lr()
         if not t.run_step(batch, self.stop):
             raise RuntimeError("the trainer skipped the batch")
-        t.step += 1
-        return t.losses["loss"].detach()
+        t.state.step += 1
+        return t.state.losses["loss"].detach()
 
     def close(self) -> None:
         self.trainer.writer.close()
@@ -301,7 +301,7 @@ class TrainerStep:
 
 def _schedule(step: TrainerStep) -> tuple[int, int, float]:
     t = step.trainer
-    return t.total_steps, t.warmup_steps, t.peak_lr
+    return t.state.total_steps, t.warmup_steps, t.peak_lr
 
 
 def _release_logger() -> None:

@@ -1,5 +1,6 @@
 """Pretraining engine end to end on CPU: smoke run, resume, preemption, non-finite loss."""
 
+import ast
 import errno
 import json
 import os
@@ -112,9 +113,59 @@ class _AtStep(HookBase):
         self.at, self.fn, self.done = step, fn, False
 
     def after_step(self):
-        if self.trainer.step == self.at and not self.done:
+        if self.state.step == self.at and not self.done:
             self.done = True
             self.fn(self.trainer)
+
+
+class _Recorder(HookBase):
+    """Records what the loop state says at each callback."""
+
+    def __init__(self):
+        self.seen, self.lrs = [], []
+
+    def _note(self, where):
+        s = self.state
+        views = None if s.views is None else tuple(tuple(v.shape) for v in s.views)
+        self.seen.append((where, s.step, s.epoch, s.step_in_epoch, s.status, views))
+
+    def before_train(self):
+        self._note("before")
+
+    def after_step(self):
+        assert "loss" in self.state.losses and 0 <= self.state.train_seconds()
+        self.lrs.append(self.state.lr)  # the warm-up starts at 0
+        self._note("step")
+
+    def after_epoch(self):
+        self._note("epoch")
+
+    def after_train(self):
+        self._note("after")
+
+
+def test_hooks_see_the_loop_state(tmp_path):
+    rec = _Recorder()
+    out = engine.train(_cfg(tmp_path / "run"), hooks=[rec])
+    s = out["step"]
+    steps = [e for e in rec.seen if e[0] == "step"]
+    assert [e[1] for e in steps] == list(range(1, s + 1)) and max(rec.lrs) > 0
+    assert rec.seen[0][:5] == ("before", 0, 0, 0, "running") and rec.seen[0][5] is None
+    assert rec.seen[-1][0] == "after" and rec.seen[-1][4] == "finished"
+    assert all(e[4] == "running" for e in rec.seen[:-1])
+    n, d = steps[0][5][0]
+    assert steps[0][5] == ((n, d), (n, d)) and d > 0
+
+
+def test_builtin_hooks_see_only_the_loop_state_and_what_they_were_given():
+    # the built-in hooks never read the trainer: a hook's view of the loop is LoopState
+    tree = ast.parse((REPO / "pretrain" / "engine" / "hooks.py").read_text(encoding="utf-8"))
+    uses = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr == "trainer" and isinstance(n.value, ast.Name)
+    ]
+    assert not uses, f"pretrain/engine/hooks.py reads self.trainer at lines {uses}"
 
 
 def test_preempt_and_resume_is_identical(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,7 +28,7 @@ from pretrain.engine.checkpointer import (
     CheckpointWriteError,
     RunFolder,
 )
-from pretrain.engine.hooks import CheckpointHook, HookBase, MetricsHook, ProbeHook
+from pretrain.engine.hooks import CheckpointHook, HookBase, LoopState, MetricsHook, ProbeHook
 from pretrain.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.engine.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 from pretrain.errors import IMSVDError
@@ -43,6 +44,11 @@ __all__ = ["Trainer", "train", "NonFiniteLossError", "FINAL_BACKBONE", "PRECISIO
 
 class NonFiniteLossError(IMSVDError, RuntimeError):
     """The loss became NaN/inf; training stopped without writing a checkpoint."""
+
+
+def _monitors(method, cfg: Mapping, z1: torch.Tensor, z2: torch.Tensor, step: int) -> dict:
+    """The method's monitors of a step's two views (what :class:`MetricsHook` logs)."""
+    return method.monitors(z1, z2, cfg, step)
 
 
 def check_config(cfg: Mapping, world_size: int) -> None:
@@ -72,7 +78,9 @@ class Trainer:
     Everything is built here, in the constructor, once the run folder is locked: data, model,
     optimizer, loss, scaler, checkpointer, writer, probe and hooks (:meth:`build_hooks`, which a
     subclass may override); :meth:`fit` resumes and trains, :meth:`close` releases the folder
-    (``fit`` does it when it ends). Hooks see the trainer through a weak proxy.
+    (``fit`` does it when it ends). Hooks see the loop as ``trainer.state``
+    (:class:`pretrain.engine.hooks.LoopState`); a hook that acts on the training itself also
+    sees the trainer, through a weak proxy.
 
     Args:
         cfg: the resolved config.
@@ -102,22 +110,13 @@ class Trainer:
         )
         torch.manual_seed(cfg["train"]["seed"] + self.info.rank)
         self.extra_hooks = list(hooks)
-        # loop state read by hooks
-        self.epoch = self.step = self.step_in_epoch = 0
-        self.losses: dict[str, torch.Tensor] = {}
-        self.views: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.lr = 0.0
-        self.status = "running"
-        self.stop_requested = False
-        self.stop_signal: int | None = None
-        self.backbone_path: Path | None = None
-        self._t_start = time.perf_counter()
+        self.state = LoopState()  # the loop as the hooks see it
         self._folder: RunFolder | None = RunFolder(self.out, self.info.is_main).__enter__()
         try:
             self._build()
             self.hooks = self.build_hooks() + self.extra_hooks
             for h in self.hooks:
-                h.trainer = weakref.proxy(self)
+                h.state, h.trainer = self.state, weakref.proxy(self)
         except BaseException:
             self.close()
             raise
@@ -134,7 +133,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         tr = cfg["train"]
         self.batch_per_rank = tr["batch_size"] // info.world_size
-        self.images_per_step = tr["batch_size"]
+        self.state.images_per_step = tr["batch_size"]
         self.loader = build_pretrain_loader(
             {**cfg["data"], "channels_last": tr["channels_last"]},
             rank=info.rank,
@@ -143,17 +142,17 @@ class Trainer:
             batch_size_per_rank=self.batch_per_rank,
             device=info.device,
         )
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
+        self.state.steps_per_epoch = len(self.loader)
+        if self.state.steps_per_epoch == 0:
             raise DataError(
                 f"the dataset gives no full batch of {self.batch_per_rank} images per process "
                 f"(config keys data.*, train.batch_size)"
             )
-        total = tr["epochs"] * self.steps_per_epoch
+        total = tr["epochs"] * self.state.steps_per_epoch
         if tr["max_steps"] > 0:
             total = min(total, tr["max_steps"])
-        self.total_steps = total
-        self.warmup_steps = int(round(cfg["optim"]["warmup_epochs"] * self.steps_per_epoch))
+        self.state.total_steps = total
+        self.warmup_steps = int(round(cfg["optim"]["warmup_epochs"] * self.state.steps_per_epoch))
         self.peak_lr = scaled_lr(
             cfg["optim"]["base_lr"], tr["batch_size"], cfg["optim"]["reference_batch"]
         )
@@ -181,11 +180,19 @@ class Trainer:
         self.scaler = grad_scaler(info.device, tr["precision"])
         self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
         self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)
-        self.metrics_hook = MetricsHook(self.writer, cfg["log"]["every_steps"])
+        method = self.method  # the hooks get what they use, not the trainer
+        self.metrics_hook = MetricsHook(
+            self.writer,
+            cfg["log"]["every_steps"],
+            monitors=None if method.monitors is None else partial(_monitors, method, cfg),
+            skipped_images=self.loader.pop_skipped,
+            scaler=self.scaler,
+        )
         self.probe_hook: ProbeHook | None = None
         if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
             probe = build_probe(cfg["eval"], cfg["data"])
-            self.probe_hook = ProbeHook(probe, self.writer, cfg["eval"]["every_steps"])
+            every = cfg["eval"]["every_steps"]
+            self.probe_hook = ProbeHook(probe, self.writer, every, model.backbone)
 
     def build_hooks(self) -> list[HookBase]:
         """The built-in hooks in their order: metrics, the online probe (when
@@ -194,12 +201,8 @@ class Trainer:
         hooks: list[HookBase] = [self.metrics_hook]
         if self.probe_hook is not None:
             hooks.append(self.probe_hook)
-        return hooks + [CheckpointHook(self.checkpointer)]
-
-    def train_seconds(self) -> float:
-        """Wall time of this process's training so far, probes excluded (resets on resume)."""
-        probe = self.probe_hook
-        return time.perf_counter() - self._t_start - (probe.seconds if probe else 0.0)
+        ck = self.cfg["checkpoint"]
+        return hooks + [CheckpointHook(self.checkpointer, ck["every_steps"], ck["every_epochs"])]
 
     # ------------------------------------------------------------------ step
     def run_step(self, batch: Any, stop: StopRequest) -> bool:
@@ -220,7 +223,7 @@ class Trainer:
             self.log.warning(
                 "step %d: a process has fewer than 2 readable images in its batch (%s here, "
                 "the rest unreadable: see the skipped-image warnings); all processes skip it",
-                self.step,
+                self.state.step,
                 local,
             )
             return False
@@ -242,31 +245,31 @@ class Trainer:
         if bad > 0:
             parts = {k: float(v.detach()) for k, v in losses.items()}
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.epoch}, step {self.step} ({parts}); training "
-                f"stopped and the last good checkpoint in {self.out} is left intact. "
+                f"non-finite loss at epoch {self.state.epoch}, step {self.state.step} ({parts}); "
+                f"training stopped and the last good checkpoint in {self.out} is left intact. "
                 f"Try a lower optim.base_lr or train.precision=bf16/fp32."
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.losses = losses
-        self.views = (z1.detach(), z2.detach())
+        self.state.losses = losses
+        self.state.views = (z1.detach(), z2.detach())
         if stop_now > 0:
-            self.stop_requested, self.stop_signal = True, stop.signum
+            self.state.stop_requested, self.state.stop_signal = True, stop.signum
         return True
 
     # ------------------------------------------------------------------ loop
     def set_lr(self) -> None:
         """The schedule's learning rate of the step about to run (warm-up + cosine per step)."""
-        self.lr = lr_at(
-            self.step,
-            self.total_steps,
+        self.state.lr = lr_at(
+            self.state.step,
+            self.state.total_steps,
             self.warmup_steps,
             self.peak_lr,
             self.cfg["optim"]["final_lr_ratio"],
         )
-        set_lr(self.optimizer, self.lr)
+        set_lr(self.optimizer, self.state.lr)
 
     def fit(self) -> dict:
         """Train until the schedule's last step; returns a summary dict, and releases the run
@@ -281,39 +284,39 @@ class Trainer:
             self.close()
 
     def _fit(self) -> dict:
-        self.epoch, self.step_in_epoch, self.step = self.checkpointer.resume()
+        self.state.epoch, self.state.step_in_epoch, self.state.step = self.checkpointer.resume()
         if self.info.is_main:  # after the resume check: a refused resume leaves it untouched
             save_config(self.cfg, self.out / "config.yaml")
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.state.step_in_epoch >= self.state.steps_per_epoch:
+            self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
         stop = StopRequest()
         stop.install()
         self.log.info(
             "training %d steps (%d per epoch, %d per process per step, peak lr %.4g, "
             "warm-up %d steps) from step %d",
-            self.total_steps,
-            self.steps_per_epoch,
+            self.state.total_steps,
+            self.state.steps_per_epoch,
             self.batch_per_rank,
             self.peak_lr,
             self.warmup_steps,
-            self.step,
+            self.state.step,
         )
         self.ddp.train()
         bar = progress(
-            range(self.step, self.total_steps),
-            total=self.total_steps,
+            range(self.state.step, self.state.total_steps),
+            total=self.state.total_steps,
             desc="pretrain",
             rank=self.info.rank,
-            initial=self.step,
+            initial=self.state.step,
         )
         bar_iter = iter(bar)
-        self._t_start = time.perf_counter()
+        self.state.started, self.state.paused_seconds = time.perf_counter(), 0.0
         try:
             for h in self.hooks:
                 h.before_train()
             self._loop(stop, bar_iter)
-            if self.status == "running":
-                self.status = "finished"
+            if self.state.status == "running":
+                self.state.status = "finished"
             for h in self.hooks:
                 h.after_train()
         finally:
@@ -321,11 +324,14 @@ class Trainer:
             self.writer.close()
             if hasattr(bar, "close"):
                 bar.close()
+        backbone = next(
+            (h.backbone_path for h in self.hooks if isinstance(h, CheckpointHook)), None
+        )
         return {
-            "status": self.status,
-            "step": self.step,
-            "epoch": self.epoch,
-            "backbone": str(self.backbone_path) if self.backbone_path else None,
+            "status": self.state.status,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "backbone": str(backbone) if backbone else None,
             "last_metrics": {
                 k: v
                 for k, v in self.metrics_hook.last.items()
@@ -334,30 +340,33 @@ class Trainer:
         }
 
     def _loop(self, stop: StopRequest, bar_iter) -> None:
-        while self.step < self.total_steps:
-            self.loader.set_epoch(self.epoch, self.step_in_epoch)
+        while self.state.step < self.state.total_steps:
+            self.loader.set_epoch(self.state.epoch, self.state.step_in_epoch)
             stepped = False
             for batch in self.loader:
                 self.set_lr()
                 done = self.run_step(batch, stop)
-                self.step_in_epoch += 1
+                self.state.step_in_epoch += 1
                 if not done:
                     continue
                 stepped = True
-                self.step += 1
+                self.state.step += 1
                 next(bar_iter, None)
                 for h in self.hooks:
                     h.after_step()
-                if self.stop_requested or self.step >= self.total_steps:
+                if self.state.stop_requested or self.state.step >= self.state.total_steps:
                     break
-            if self.stop_requested or self.step_in_epoch < self.steps_per_epoch:
-                return  # preempted, or the last step fell inside this epoch
+            if self.state.stop_requested:
+                self.state.status = "preempted"
+                return
+            if self.state.step_in_epoch < self.state.steps_per_epoch:
+                return  # the last step fell inside this epoch
             if not stepped:
                 raise DataError(
-                    f"epoch {self.epoch} gave no batch with 2 readable images per process: "
+                    f"epoch {self.state.epoch} gave no batch with 2 readable images per process: "
                     f"check data.root (see the skipped-image warnings in {self.out / 'log.txt'})"
                 )
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
             for h in self.hooks:
                 h.after_epoch()
 
