@@ -109,15 +109,7 @@ RUNTIME_REQUIREMENTS = [
     "tqdm",
 ]
 
-
-def log(msg: str) -> None:
-    """Print a progress line prefixed with the script name."""
-    wheel_cache.log(TOOL, msg)
-
-
-def run(cmd: Sequence[str], **kwargs):
-    """Run a command, echoing it; InstallError if it fails."""
-    return wheel_cache.run(TOOL, cmd, **kwargs)
+log, run = wheel_cache.for_tool(TOOL)  # progress lines and echoed commands
 
 
 def mmdet_works(python: str) -> Optional[str]:

@@ -8,13 +8,14 @@ Standard library only, so any Python 3 can run the installers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 
 class InstallError(RuntimeError):
@@ -42,6 +43,12 @@ def run(tool: str, cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise InstallError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
     return proc
+
+
+def for_tool(tool: str) -> Tuple[Callable[[str], None], Callable[..., subprocess.CompletedProcess]]:
+    """An installer's ``log(msg)`` and ``run(cmd, **kwargs)``: :func:`log` and :func:`run` with
+    its name."""
+    return functools.partial(log, tool), functools.partial(run, tool)
 
 
 def probe_import(python: str, code: str) -> Optional[str]:

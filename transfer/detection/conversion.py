@@ -268,3 +268,28 @@ def conversion_main(
         print(f"{error_prefix}: error: {with_accepted_inputs(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def conversion_command(
+    convert: Callable[..., str],
+    **kwargs: Any,
+) -> Callable[[Optional[Sequence[str]]], int]:
+    """A converter's ``main(argv=None) -> exit code``: :func:`conversion_main` over ``convert``.
+
+    Args:
+        convert: as for :func:`conversion_main`.
+        **kwargs: ``prog``, ``description``, ``output_help``, ``error_prefix``, ``options`` of
+            :func:`conversion_main`.
+
+    Returns:
+        ``main(argv)``: parses ``argv`` (defaults to sys.argv[1:]), converts and returns the exit
+        code (0 on success, 2 on a bad input or output).
+    """
+
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        return conversion_main(argv, convert, **kwargs)
+
+    main.__doc__ = f"Command-line entry point ({kwargs.get('prog') or 'conversion'}): " + (
+        "returns the exit code, 0 on success, 2 on a bad input or output."
+    )
+    return main

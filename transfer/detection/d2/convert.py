@@ -13,10 +13,10 @@ against the config. Example::
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 from transfer.detection.conversion import (
-    conversion_main,
+    conversion_command,
     conversion_summary,
     load_standard_backbone,
 )
@@ -77,23 +77,13 @@ def convert(
     return conversion_summary(input_path, output_path, meta, details, report)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point.
-
-    Args:
-        argv: arguments (defaults to sys.argv[1:]).
-
-    Returns:
-        Exit code: 0 on success, 2 on a bad input or output.
-    """
-    return conversion_main(
-        argv,
-        convert,
-        prog="imsvd-convert-d2",
-        description=__doc__.split("\n\n")[0],
-        output_help="Detectron2 weights to write (.pkl)",
-        error_prefix="convert_to_d2",
-    )
+main = conversion_command(
+    convert,
+    prog="imsvd-convert-d2",
+    description=__doc__.split("\n\n")[0],
+    output_help="Detectron2 weights to write (.pkl)",
+    error_prefix="convert_to_d2",
+)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 from transfer.detection.conversion import (
-    conversion_main,
+    conversion_command,
     conversion_summary,
     load_standard_backbone,
 )
@@ -93,25 +93,14 @@ def convert(
     return conversion_summary(input_path, output_path, meta, details, report)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point.
-
-    Args:
-        argv: arguments (defaults to sys.argv[1:]).
-
-    Returns:
-        Exit code: 0 on success, 2 on a bad input or output.
-    """
-    layout = dict(choices=sorted(LAYOUTS), default="c4", help=LAYOUT_HELP)
-    return conversion_main(
-        argv,
-        convert,
-        prog=None,
-        description=__doc__.split("\n\n")[0],
-        output_help="MMDetection weights to write (.pth)",
-        error_prefix="convert_to_mmdet",
-        options=[("--layout", layout)],
-    )
+main = conversion_command(
+    convert,
+    prog=None,
+    description=__doc__.split("\n\n")[0],
+    output_help="MMDetection weights to write (.pth)",
+    error_prefix="convert_to_mmdet",
+    options=[("--layout", dict(choices=sorted(LAYOUTS), default="c4", help=LAYOUT_HELP))],
+)
 
 
 if __name__ == "__main__":
