@@ -35,7 +35,7 @@ echo "== Detectron2 Mask R-CNN C4 on CUDA (instant config)"
 timeout 150 $PY - "$OUT" <<'PYEOF' 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -12
 import importlib.util, os, sys, time
 out = sys.argv[1]
-spec = importlib.util.spec_from_file_location("t_d2", "tests/test_detectron2.py")
+spec = importlib.util.spec_from_file_location("t_d2", "tests/transfer/detection/d2/test_detectron2.py")
 t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances

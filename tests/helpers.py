@@ -1,5 +1,6 @@
-"""Builders shared by the tests: tiny image trees and VOC folders, tiny models and weights in
-every checkpoint layout the readers accept, state-dict comparisons, and tools/ scripts as modules.
+"""Builders shared by the tests: tiny image trees, VOC folders and COCO datasets, tiny models and
+weights in every checkpoint layout the readers accept, state-dict comparisons, and tools/ scripts
+as modules.
 
 Fixtures over these live in ``conftest.py``; tests that need a fresh, mutable copy call the
 builders directly.
@@ -8,6 +9,7 @@ builders directly.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -194,6 +196,73 @@ def make_voc_tree(root: Path, n_trainval: int = 30, n_test: int = 24, seed: int 
             "\n".join(f"{i:06d}" for i in ids) + "\n"
         )
     return voc
+
+
+def write_tiny_coco(
+    image_dir: str,
+    ann_path: str,
+    names: list[str],
+    categories: list[dict],
+    uncompressed_rle: bool = False,
+) -> str:
+    """A tiny COCO-format instance dataset: ``len(names)`` 64 x 80 images, each with a rectangle
+    (category 1, polygon mask) and an ellipse (category 3, RLE mask; with ``uncompressed_rle``
+    every other one in the uncompressed form, run lengths in column-major order).
+
+    Args:
+        image_dir: where the PNG images go (created).
+        ann_path: the annotation JSON written (its folder is created).
+        names: the images' file names, in image-id order (ids from 1).
+        categories: the JSON's ``categories`` (it must hold ids 1 and 3).
+
+    Returns:
+        ``ann_path``.
+    """
+    from pycocotools import mask as mask_util  # only the detection tests need it
+
+    rng = np.random.default_rng(0)
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(ann_path) or ".", exist_ok=True)
+    images, anns = [], []
+    h, w = 64, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i, name in enumerate(names):
+        img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+        x0, y0 = int(rng.integers(2, 30)), int(rng.integers(2, 25))
+        rw, rh = int(rng.integers(15, 35)), int(rng.integers(12, 30))
+        img[y0 : y0 + rh, x0 : x0 + rw] = (220, 40, 40)
+        poly = [float(v) for v in (x0, y0, x0 + rw, y0, x0 + rw, y0 + rh, x0, y0 + rh)]
+        box = dict(segmentation=[poly], bbox=[x0, y0, rw, rh], area=float(rw * rh))
+        cx, cy = int(rng.integers(20, 60)), int(rng.integers(15, 50))
+        ax, ay = int(rng.integers(6, 14)), int(rng.integers(5, 12))
+        m = (((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2) <= 1.0
+        img[m] = (40, 200, 60)
+        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        if uncompressed_rle and i % 2:
+            segm = {"size": [h, w], "counts": _column_major_runs(m)}
+        else:
+            segm = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+        blob = dict(segmentation=segm, bbox=mask_util.toBbox(rle).tolist(), area=float(m.sum()))
+        for category, ann in ((1, box), (3, blob)):
+            anns.append(dict(image_id=i + 1, category_id=category, iscrowd=0, **ann))
+        Image.fromarray(img).save(os.path.join(image_dir, name))
+        images.append(dict(id=i + 1, file_name=name, height=h, width=w))
+    for k, a in enumerate(anns):
+        a["id"] = k + 1
+    with open(ann_path, "w") as f:
+        json.dump(dict(images=images, annotations=anns, categories=categories), f)
+    return ann_path
+
+
+def _column_major_runs(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts: alternating 0 / 1 run lengths, column-major, from 0."""
+    counts, prev, run = [], 0, 0
+    for v in mask.astype(np.uint8).flatten(order="F"):
+        if v != prev:
+            counts.append(run)
+            run, prev = 0, v
+        run += 1
+    return counts + [run]
 
 
 def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 120) -> str:

@@ -1,14 +1,12 @@
 """Config loading: inheritance, overrides, schema errors, saved config."""
 
-from pathlib import Path
-
 import pytest
 import yaml
+from helpers import REPO
 
 from pretrain.config import ConfigError, load_config, resolve_config_path, save_config
 from pretrain.fileio import yaml_load
 
-REPO = Path(__file__).resolve().parent.parent
 CFG_DIR = REPO / "configs" / "pretrain"
 
 

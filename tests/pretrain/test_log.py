@@ -10,6 +10,7 @@ import sys
 import types
 
 import pytest
+from helpers import REPO
 
 from pretrain import log as plog
 from pretrain import progress as pprog
@@ -197,9 +198,7 @@ def test_wandb_missing_or_bad_mode_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_base_config_declares_wandb_keys_off():
-    from pathlib import Path
-
-    base = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "base.yaml"
+    base = REPO / "configs" / "pretrain" / "base.yaml"
     cfg = load_config(base)
     assert cfg["log"]["wandb"] is False
     assert cfg["log"]["wandb_project"] == "imsvd" and cfg["log"]["wandb_mode"] == "offline"

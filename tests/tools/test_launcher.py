@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from pretrain.checkpoint import latest_checkpoint, load_training_state
 
-REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "tools" / "pretrain.sh"
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
 

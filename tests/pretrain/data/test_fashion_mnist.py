@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 import pytest
-from helpers import load_tool
+from helpers import REPO, load_tool
 from PIL import Image
 
 from pretrain.data import fashion_mnist as fm
@@ -78,7 +78,6 @@ def test_demo_end_to_end_on_a_small_fake_dataset(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     rng = np.random.default_rng(1)
     d = tmp_path / "fm"
@@ -92,7 +91,7 @@ def test_demo_end_to_end_on_a_small_fake_dataset(tmp_path):
             imgs[i, 2 * lbl : 2 * lbl + 6] += 200
         _write_idx(d / img_file, imgs)
         _write_idx(d / lbl_file, labels)
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     out = tmp_path / "run"
     res = subprocess.run(
         [sys.executable, str(repo / "tools/demo.py"), "--data-dir", str(d),

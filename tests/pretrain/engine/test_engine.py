@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint import train_state as ckpt_train_state
@@ -29,7 +30,6 @@ from pretrain.engine.checkpointer import (
 from pretrain.engine.hooks import HookBase
 from pretrain.models.build import model_from_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
 
 

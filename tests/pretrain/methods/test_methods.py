@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import ast
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from pretrain.config import ConfigError, load_config
 from pretrain.engine.trainer import check_config
@@ -17,7 +17,6 @@ from pretrain.losses.imsvd import IMSVDLoss, LossConfigError
 from pretrain.losses.vicreg import VICRegLoss
 from pretrain.methods import METHODS, build_loss, get_method
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "configs" / "pretrain"
 
 

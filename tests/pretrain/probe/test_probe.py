@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 from torch import nn
 
@@ -15,7 +16,6 @@ from pretrain.data.images import DataError
 from pretrain.engine import trainer as engine
 from pretrain.probe.online import KNNProbe, ProbeSet, build_probe
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "pretrain" / "imsvd_smoke.yaml"
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 

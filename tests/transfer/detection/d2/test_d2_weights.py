@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,6 @@ import torch
 import torchvision
 from helpers import (
     CHECKPOINT_KINDS,
-    REPO,
     load_tool,
     randomised,
     resnet18_backbone_sd,
@@ -267,19 +265,6 @@ def test_evaluation_needs_every_tensor_from_the_file(missing, shapes, needles):
     for needle in needles:
         assert needle in str(e.value)
     check_heads_loaded(["backbone.res2.0.conv1.norm.num_batches_tracked"], [], "w.pkl")
-
-
-def test_convert_script_runs_as_a_command(tmp_path):
-    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pkl")
-    torch.save(torchvision.models.resnet18().state_dict(), src)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_to_d2.py"), src, out],
-        capture_output=True,
-        text=True,
-        cwd=str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "converted 100 tensors" in proc.stdout and os.path.isfile(out)
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import REPO, load_tool
-from PIL import Image
+from helpers import REPO, load_tool, write_tiny_coco
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.detectron2
@@ -257,59 +256,10 @@ def _d2_name(tv_key: str) -> str:
 
 
 def _make_tiny_coco(root: str, n_images: int = 4) -> str:
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    images, anns = [], []
-    h, w = 64, 80
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(n_images):
-        img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-        # Rectangle, category 1, polygon mask.
-        x0, y0 = int(rng.integers(2, 30)), int(rng.integers(2, 25))
-        rw, rh = int(rng.integers(15, 35)), int(rng.integers(12, 30))
-        img[y0 : y0 + rh, x0 : x0 + rw] = (220, 40, 40)
-        poly = [x0, y0, x0 + rw, y0, x0 + rw, y0 + rh, x0, y0 + rh]
-        anns.append(
-            dict(image_id=i + 1, category_id=1, segmentation=[[float(v) for v in poly]],
-                 bbox=[x0, y0, rw, rh], area=float(rw * rh), iscrowd=0)
-        )  # fmt: skip
-        # Ellipse, category 3, RLE mask.
-        cx, cy = int(rng.integers(20, 60)), int(rng.integers(15, 50))
-        ax, ay = int(rng.integers(6, 14)), int(rng.integers(5, 12))
-        m = (((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2) <= 1.0
-        img[m] = (40, 200, 60)
-        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-        if i % 2 == 0:
-            segm = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
-        else:  # uncompressed RLE: run lengths in column-major order
-            flat = m.astype(np.uint8).flatten(order="F")
-            counts, prev, run = [], 0, 0
-            for v in flat:
-                if v != prev:
-                    counts.append(run)
-                    run, prev = 0, v
-                run += 1
-            counts.append(run)
-            segm = {"size": [h, w], "counts": counts}
-        x, y, bw, bh = mask_util.toBbox(rle).tolist()
-        anns.append(
-            dict(image_id=i + 1, category_id=3, segmentation=segm, bbox=[x, y, bw, bh],
-                 area=float(m.sum()), iscrowd=0)
-        )  # fmt: skip
-        name = f"img{i}.png"
-        Image.fromarray(img).save(os.path.join(root, "images", name))
-        images.append(dict(id=i + 1, file_name=name, height=h, width=w))
-    for k, a in enumerate(anns):
-        a["id"] = k + 1
-    coco = dict(
-        images=images,
-        annotations=anns,
-        categories=[dict(id=1, name="box"), dict(id=3, name="blob")],
-    )
-    path = os.path.join(root, "annotations.json")
-    with open(path, "w") as f:
-        json.dump(coco, f)
-    return path
+    names = [f"img{i}.png" for i in range(n_images)]
+    categories = [dict(id=1, name="box"), dict(id=3, name="blob")]
+    ann = os.path.join(root, "annotations.json")
+    return write_tiny_coco(os.path.join(root, "images"), ann, names, categories, True)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 try:  # the reason is shown by pytest -rs
     import mmcv.ops  # noqa: F401
@@ -27,11 +25,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     )
 pytestmark = pytest.mark.mmdet
 
+from helpers import REPO, write_tiny_coco  # noqa: E402
 from mmdet.datasets import CocoDataset  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
 
 from pretrain.checkpoint import export_backbone  # noqa: E402
 from transfer.detection.mmdet import train as mmdet_train  # noqa: E402
@@ -43,7 +41,7 @@ from transfer.detection.mmdet.ext import (  # noqa: E402
 )
 from transfer.detection.mmdet.weights import MMDetWeightsError  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO)
 MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".mmdet_train_payload_ran")
 
 # The only parameters a converted backbone cannot provide: the untrained heads.
@@ -325,43 +323,12 @@ def test_refuses_malicious_files(tmp_path, converted):
 
 
 def _make_tiny_coco(root: str, n_images: int = 4) -> None:
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "val2017"), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    images, anns = [], []
-    h, w = 64, 80
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(n_images):
-        img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-        x0, y0 = int(rng.integers(2, 30)), int(rng.integers(2, 25))
-        rw, rh = int(rng.integers(15, 35)), int(rng.integers(12, 30))
-        img[y0 : y0 + rh, x0 : x0 + rw] = (220, 40, 40)
-        poly = [x0, y0, x0 + rw, y0, x0 + rw, y0 + rh, x0, y0 + rh]
-        anns.append(
-            dict(image_id=i + 1, category_id=1, segmentation=[[float(v) for v in poly]],
-                 bbox=[x0, y0, rw, rh], area=float(rw * rh), iscrowd=0)
-        )  # fmt: skip
-        cx, cy = int(rng.integers(20, 60)), int(rng.integers(15, 50))
-        ax, ay = int(rng.integers(6, 14)), int(rng.integers(5, 12))
-        m = (((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2) <= 1.0
-        img[m] = (40, 200, 60)
-        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-        segm = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
-        x, y, bw, bh = mask_util.toBbox(rle).tolist()
-        anns.append(
-            dict(image_id=i + 1, category_id=3, segmentation=segm, bbox=[x, y, bw, bh],
-                 area=float(m.sum()), iscrowd=0)
-        )  # fmt: skip
-        name = f"{i + 1:012d}.png"
-        Image.fromarray(img).save(os.path.join(root, "val2017", name))
-        images.append(dict(id=i + 1, file_name=name, height=h, width=w))
-    for k, a in enumerate(anns):
-        a["id"] = k + 1
     classes = CocoDataset.METAINFO["classes"]
     assert len(classes) == len(COCO_IDS) == 80
     categories = [dict(id=i, name=n) for i, n in zip(COCO_IDS, classes)]
-    with open(os.path.join(root, "annotations", "instances_val2017.json"), "w") as f:
-        json.dump(dict(images=images, annotations=anns, categories=categories), f)
+    names = [f"{i + 1:012d}.png" for i in range(n_images)]
+    ann = os.path.join(root, "annotations", "instances_val2017.json")
+    write_tiny_coco(os.path.join(root, "val2017"), ann, names, categories)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 import torchvision
 from helpers import (
     CHECKPOINT_KINDS,
-    REPO,
     load_tool,
     randomised,
     resnet18_backbone_sd,
@@ -191,19 +189,6 @@ def test_convert_cli_bad_inputs(tmp_path, capsys):
     assert convert_tool.main([str(small), str(tmp_path / "o.pth")]) == 2
     assert "stem" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
-
-
-def test_convert_script_runs_as_a_command(tmp_path):
-    src, out = str(tmp_path / "in.pth"), str(tmp_path / "out.pth")
-    torch.save(torchvision.models.resnet18().state_dict(), src)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_to_mmdet.py"), src, out],
-        capture_output=True,
-        text=True,
-        cwd=str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "converted 120 tensors" in proc.stdout and "roi_head.shared_head.*" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------
