@@ -317,9 +317,7 @@ EVALUATION = runner.Evaluation(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``imsvd-analyze``); returns the process exit code (2 for user errors)."""
-    return runner.main(EVALUATION, argv)
+main = EVALUATION.main  # the entry point (imsvd-analyze)
 
 
 if __name__ == "__main__":

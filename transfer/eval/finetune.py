@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 
 from pretrain.config import ConfigError
 from transfer.eval import classifier, runner
@@ -51,16 +52,6 @@ def validate(cfg: dict) -> None:
         )
 
 
-def run(ctx: runner.EvalContext) -> dict:
-    """Fine-tuning in a set-up context (see the module docstring)."""
-    return SupervisedTrainer(ctx, "finetune", CHECKPOINT_NAME).fit()
-
-
-def summary(results: dict) -> str:
-    """The printed table: top-1 / top-5 of the last epoch, the best epoch's top-1."""
-    return classifier.summary(results, "fine-tuning")
-
-
 EVALUATION = runner.Evaluation(
     name="finetune",
     prog="imsvd-finetune",
@@ -68,14 +59,12 @@ EVALUATION = runner.Evaluation(
     default_config="imagenet_finetune",
     results_name=RESULTS_NAME,
     validate=validate,
-    run=run,
-    summary=summary,
+    run=lambda ctx: SupervisedTrainer(ctx, "finetune", CHECKPOINT_NAME).fit(),
+    summary=partial(classifier.summary, what="fine-tuning"),
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``imsvd-finetune``); returns the exit code (2 for user errors)."""
-    return runner.main(EVALUATION, argv)
+main = EVALUATION.main  # the entry point (imsvd-finetune)
 
 
 if __name__ == "__main__":

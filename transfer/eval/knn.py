@@ -135,9 +135,7 @@ EVALUATION = runner.Evaluation(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``imsvd-knn``); returns the exit code (2 for user errors)."""
-    return runner.main(EVALUATION, argv)
+main = EVALUATION.main  # the entry point (imsvd-knn)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ labelled subset (:mod:`transfer.eval.subsets`). OUT/linear_results.json holds to
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 from pretrain.config import ConfigError
 from transfer.eval import classifier, runner
@@ -53,16 +54,6 @@ def train_linear(cfg: dict) -> dict:
     return runner.run_config(EVALUATION, cfg)
 
 
-def run(ctx: runner.EvalContext) -> dict:
-    """The linear probe in a set-up context (see the module docstring)."""
-    return SupervisedTrainer(ctx, "frozen", CHECKPOINT_NAME).fit()
-
-
-def summary(results: dict) -> str:
-    """The printed table: top-1 / top-5 of the last epoch, the best epoch's top-1."""
-    return classifier.summary(results, "linear probe")
-
-
 EVALUATION = runner.Evaluation(
     name="linear",
     prog="imsvd-linear",
@@ -70,14 +61,12 @@ EVALUATION = runner.Evaluation(
     default_config="imagenet_linear",
     results_name=RESULTS_NAME,
     validate=validate,
-    run=run,
-    summary=summary,
+    run=lambda ctx: SupervisedTrainer(ctx, "frozen", CHECKPOINT_NAME).fit(),
+    summary=partial(classifier.summary, what="linear probe"),
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``imsvd-linear``); returns the exit code (2 for user errors)."""
-    return runner.main(EVALUATION, argv)
+main = EVALUATION.main  # the entry point (imsvd-linear)
 
 
 if __name__ == "__main__":

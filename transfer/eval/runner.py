@@ -75,6 +75,11 @@ class Evaluation:
     summary: Callable[[dict], str]
     output_required: bool = True
 
+    def main(self, argv: list[str] | None = None) -> int:
+        """The tool's entry point (its console script): :func:`main` of this tool; returns the
+        exit code (2 for user errors)."""
+        return main(self, argv)
+
 
 @dataclass
 class EvalContext:

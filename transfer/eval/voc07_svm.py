@@ -246,9 +246,7 @@ EVALUATION = runner.Evaluation(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``imsvd-voc07``); returns the exit code (2 for user errors)."""
-    return runner.main(EVALUATION, argv)
+main = EVALUATION.main  # the entry point (imsvd-voc07)
 
 
 if __name__ == "__main__":
