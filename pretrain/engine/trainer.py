@@ -129,7 +129,33 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
-        """Data, model (DDP, SyncBN, channels-last, compile), optimizer, loss, scaler, probe."""
+        """Data, schedule, model (DDP, SyncBN, channels-last, compile), optimizer, loss, scaler,
+        checkpointer, writer and the built-in hooks' parts."""
+        cfg, info = self.cfg, self.info
+        self._build_data()
+        model = self._build_model()
+        self.optimizer = build_optimizer(model, cfg["optim"], self.peak_lr)
+        self.method = get_method(cfg["loss"]["name"])
+        self.criterion = self.method.build(cfg["loss"])
+        self.scaler = grad_scaler(info.device, cfg["train"]["precision"])
+        self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
+        self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)
+        method = self.method  # the hooks get what they use, not the trainer
+        self.metrics_hook = MetricsHook(
+            self.writer,
+            cfg["log"]["every_steps"],
+            monitors=None if method.monitors is None else partial(_monitors, method, cfg),
+            skipped_images=self.loader.pop_skipped,
+            scaler=self.scaler,
+        )
+        self.probe_hook: ProbeHook | None = None
+        if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
+            probe = build_probe(cfg["eval"], cfg["data"])
+            every = cfg["eval"]["every_steps"]
+            self.probe_hook = ProbeHook(probe, self.writer, every, model.backbone)
+
+    def _build_data(self) -> None:
+        """The loader, the loop's counters and the lr schedule's warm-up and peak."""
         cfg, info = self.cfg, self.info
         tr = cfg["train"]
         self.batch_per_rank = tr["batch_size"] // info.world_size
@@ -156,7 +182,12 @@ class Trainer:
         self.peak_lr = scaled_lr(
             cfg["optim"]["base_lr"], tr["batch_size"], cfg["optim"]["reference_batch"]
         )
-        model = build_model(cfg["model"])
+
+    def _build_model(self) -> nn.Module:
+        """The model on its device (SyncBN, channels-last), its DDP wrapper and the compiled
+        forward; returns the unwrapped model."""
+        info, tr = self.info, self.cfg["train"]
+        model = build_model(self.cfg["model"])
         if info.distributed and tr["sync_bn"]:
             if info.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -174,25 +205,7 @@ class Trainer:
             else model
         )
         self.forward = torch.compile(self.ddp) if tr["compile"] else self.ddp
-        self.optimizer = build_optimizer(model, cfg["optim"], self.peak_lr)
-        self.method = get_method(cfg["loss"]["name"])
-        self.criterion = self.method.build(cfg["loss"])
-        self.scaler = grad_scaler(info.device, tr["precision"])
-        self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scaler, info)
-        self.writer = MetricWriter.from_config(self.out, cfg, rank=info.rank)
-        method = self.method  # the hooks get what they use, not the trainer
-        self.metrics_hook = MetricsHook(
-            self.writer,
-            cfg["log"]["every_steps"],
-            monitors=None if method.monitors is None else partial(_monitors, method, cfg),
-            skipped_images=self.loader.pop_skipped,
-            scaler=self.scaler,
-        )
-        self.probe_hook: ProbeHook | None = None
-        if cfg["eval"]["every_steps"] > 0:  # every rank: the bank is sharded over them
-            probe = build_probe(cfg["eval"], cfg["data"])
-            every = cfg["eval"]["every_steps"]
-            self.probe_hook = ProbeHook(probe, self.writer, every, model.backbone)
+        return model
 
     def build_hooks(self) -> list[HookBase]:
         """The built-in hooks in their order: metrics, the online probe (when
