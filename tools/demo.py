@@ -112,6 +112,50 @@ def _code_stats(out: Path, cfg: dict, tree: Path, test: int) -> dict | None:
     }
 
 
+def _knn_table(
+    args: argparse.Namespace, cfg: dict, tree: Path, data_dir: Path, backbone: str, name: str
+) -> dict:
+    """Weighted kNN top-1 of raw pixels, the random-init backbone(s) and the pretrained one:
+    ``{row label: knn results}`` in the printed order."""
+    size = cfg["data"]["image_size"]
+    zero_init = cfg["model"]["zero_init_residual"]
+    runs = [("raw pixels (mean-centred)", None)]
+    runs.append(
+        ("ResNet-18, random init (the run's start)", lambda: _backbone(None, cfg, zero_init))
+    )
+    if zero_init:  # also the plain torchvision init, a stronger random-feature baseline
+        runs.append(("ResNet-18, random init (torchvision)", lambda: _backbone(None, cfg, False)))
+    runs.append((f"ResNet-18 after {name}", lambda: _backbone(backbone, cfg)))
+    results = {}
+    for label, make in runs:
+        if make is None:
+            results[label] = _raw_pixel_knn(data_dir, args.bank, args.test)
+        else:
+            results[label] = indexed_folder_knn(
+                make(), tree / "train", tree / "test", args.bank, args.test, size=size
+            )
+    return results
+
+
+def _print_results(results: dict, codes: dict | None, bank: int, test: int) -> None:
+    """The kNN table and the line on the test images' discrete codes."""
+    print_table(
+        [
+            {"features": k, "kNN top-1 k=20 (%)": v["top1_k20"], "k=200 (%)": v["top1_k200"]}
+            for k, v in results.items()
+        ],
+        title=f"\nFashion-MNIST weighted kNN (cosine, T=0.07), bank = first "
+        f"{bank} train images, test = first {test} test images",
+    )
+    if codes:
+        print(
+            f"\n[demo] codes of the {codes['num_images']} test images: argmax-marginal entropy "
+            f"{codes['argmax_marginal_entropy']:.3f} nats (log B = {codes['log_bin_size']:.3f}; "
+            f"{codes['active_units_mean']:.1f} units in use per variable), sub-vectors with max "
+            f"> 0.9: {100 * codes['onehot_0.9']:.1f}%"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -142,46 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] pretraining took {t_train / 60:.1f} min")
 
     t2 = time.perf_counter()
-    size = cfg["data"]["image_size"]
-    zero_init = cfg["model"]["zero_init_residual"]
-    runs = [("raw pixels (mean-centred)", None)]
-    runs.append(
-        ("ResNet-18, random init (the run's start)", lambda: _backbone(None, cfg, zero_init))
-    )
-    if zero_init:  # also the plain torchvision init, a stronger random-feature baseline
-        runs.append(("ResNet-18, random init (torchvision)", lambda: _backbone(None, cfg, False)))
-    runs.append((f"ResNet-18 after {name}", lambda: _backbone(summary["backbone"], cfg)))
-    rows, results = [], {}
-    for label, make in runs:
-        if make is None:
-            res = _raw_pixel_knn(data_dir, args.bank, args.test)
-        else:
-            res = indexed_folder_knn(
-                make(), tree / "train", tree / "test", args.bank, args.test, size=size
-            )
-        results[label] = res
-        rows.append(
-            {
-                "features": label,
-                "kNN top-1 k=20 (%)": res["top1_k20"],
-                "k=200 (%)": res["top1_k200"],
-            }
-        )
+    results = _knn_table(args, cfg, tree, data_dir, summary["backbone"], name)
     out = Path(cfg["checkpoint"]["output_dir"])
     codes = _code_stats(out, cfg, tree, args.test)
     t_eval = time.perf_counter() - t2
-    print_table(
-        rows,
-        title=f"\nFashion-MNIST weighted kNN (cosine, T=0.07), bank = first "
-        f"{args.bank} train images, test = first {args.test} test images",
-    )
-    if codes:
-        print(
-            f"\n[demo] codes of the {codes['num_images']} test images: argmax-marginal entropy "
-            f"{codes['argmax_marginal_entropy']:.3f} nats (log B = {codes['log_bin_size']:.3f}; "
-            f"{codes['active_units_mean']:.1f} units in use per variable), sub-vectors with max "
-            f"> 0.9: {100 * codes['onehot_0.9']:.1f}%"
-        )
+    _print_results(results, codes, args.bank, args.test)
     curves = None
     if cfg["eval"]["every_steps"] > 0:
         refs = [(k, v["top1_k20"]) for k, v in results.items() if "after" not in k]

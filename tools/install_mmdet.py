@@ -49,7 +49,6 @@ import argparse
 import fcntl
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -142,39 +141,6 @@ def mmdet_works(python: str) -> Optional[str]:
     return wheel_cache.probe_import(python, probe)
 
 
-def torch_tag(python: str) -> str:
-    """Return the target's torch release (without a local label), e.g. "2.14.1".
-
-    Args:
-        python: target interpreter.
-
-    Returns:
-        The release string.
-
-    Raises:
-        InstallError: when torch does not import there (it must be installed first).
-    """
-    proc = subprocess.run(
-        [python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise InstallError(f"torch does not import with {python}; install torch first")
-    return proc.stdout.strip()
-
-
-def python_tag(python: str) -> str:
-    """Return the CPython wheel tag of the target interpreter, e.g. "cp311"."""
-    proc = subprocess.run(
-        [python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return proc.stdout.strip()
-
-
 def verify(path: Path) -> None:
     """Check a downloaded file against HASHES.
 
@@ -249,7 +215,7 @@ def cached_wheel(cache_dir: Path, python: str, ops: str) -> Optional[Path]:
     """The cached mmcv wheel for this recipe, torch and Python: the ``all`` one if there is one,
     else (``ops="shipped"``) the shipped one; None when neither is cached.
     """
-    release, tag = torch_tag(python), python_tag(python)
+    release, tag = wheel_cache.torch_tag(python), wheel_cache.python_tag(python)
     for kind in ("all",) if ops == "all" else ("all", "shipped"):
         found = sorted(
             cache_dir.glob(f"mmcv-{MMCV_VERSION}{local_label(kind, release)}-{tag}-*.whl")
@@ -275,7 +241,7 @@ def build_mmcv(python: str, sdist: Path, out_dir: Path, ops: str, jobs: int) -> 
     with tempfile.TemporaryDirectory(prefix="mmcvbuild-") as tmp:
         wheel_cache.extract(sdist, tmp)
         src = Path(tmp) / f"mmcv-{MMCV_VERSION}"
-        patches = mmcv_patches(local_label(ops, torch_tag(python)), ops)
+        patches = mmcv_patches(local_label(ops, wheel_cache.torch_tag(python)), ops)
         for rel, fn in patches:
             path = src / rel
             path.write_text(fn(path.read_text(encoding="utf-8"), rel), encoding="utf-8")

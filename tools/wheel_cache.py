@@ -68,6 +68,39 @@ def probe_import(python: str, code: str) -> Optional[str]:
     return out.splitlines()[-1] if out else "unknown"
 
 
+def torch_tag(python: str) -> str:
+    """Return the target's torch release (without a local label), e.g. "2.14.1".
+
+    Args:
+        python: target interpreter.
+
+    Returns:
+        The release string.
+
+    Raises:
+        InstallError: when torch does not import there (it must be installed first).
+    """
+    proc = subprocess.run(
+        [python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise InstallError(f"torch does not import with {python}; install torch first")
+    return proc.stdout.strip()
+
+
+def python_tag(python: str) -> str:
+    """Return the CPython wheel tag of the target interpreter, e.g. "cp311"."""
+    proc = subprocess.run(
+        [python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
 def sha256_of(path: Path) -> str:
     """Return the lowercase hex SHA-256 of a file."""
     digest = hashlib.sha256()

@@ -332,7 +332,9 @@ def test_install_shipped_ops_patches():
 
 
 def test_install_prefers_a_cached_all_ops_wheel(tmp_path):
-    tag, release = install_tool.python_tag(sys.executable), install_tool.torch_tag(sys.executable)
+    tag, release = install_tool.wheel_cache.python_tag(
+        sys.executable
+    ), install_tool.wheel_cache.torch_tag(sys.executable)
 
     def wheel(label: str) -> Path:
         path = tmp_path / f"mmcv-2.1.0{label}-{tag}-{tag}-linux_x86_64.whl"
