@@ -62,7 +62,6 @@ Exit status: 0 when every part ran or was skipped and every check passed, 1 othe
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -74,145 +73,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_train, also when imported
-
-from gpu_check_train import (  # noqa: E402  (benchmarks/)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its parts, also when imported
+from gpu_check_common import (  # noqa: E402  (benchmarks/)
     DEFAULT_OUT,
     DRY_SIZES,
     GIB,
     GPU_SIZES,
-    KNN_EXTRA_LIMIT,
-    KNN_KS,
-    KNN_NOISE,
-    KNN_TEMPERATURE,
+    ROOT,
     Budget,
-    Sizes,
     _error,
-    _sync,
     methods_need_s,
-    train_part,
 )
+from gpu_check_knn import knn_part  # noqa: E402
+from gpu_check_train import train_part  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
 from pretrain.data.fashion_mnist import is_complete  # noqa: E402
-from pretrain.probe.knn import knn_classify  # noqa: E402
-
-
-def class_rows(centres: torch.Tensor, n: int, generator: torch.Generator, block: int = 65536):
-    """``n`` rows around random ones of ``centres`` (C, D): ((n, D) float32, (n,) int64 labels),
-    made in place block by block (noise std :data:`KNN_NOISE`) on the centres' device."""
-    labels = torch.randint(0, centres.shape[0], (n,), generator=generator, device=centres.device)
-    rows = torch.empty(n, centres.shape[1], device=centres.device)
-    for lo in range(0, n, block):
-        part = rows[lo : lo + block]
-        part.normal_(0.0, KNN_NOISE, generator=generator).add_(centres[labels[lo : lo + block]])
-    return rows, labels
-
-
-def plain_knn(bank, labels, queries, ks, temperature, num_classes, chunk: int = 128) -> dict:
-    """Predictions of the plain weighted kNN in float64: cosine similarity of each query to
-    every bank row, the k largest, class votes sum exp(sim / T); ``chunk`` queries at a time.
-
-    Args:
-        bank: (N, D) features; labels: (N,) int64; queries: (M, D); ks: neighbour counts.
-
-    Returns:
-        {k: (M,) int64 numpy predictions}.
-    """
-    preds: dict[int, list] = {k: [] for k in ks}
-    for lo in range(0, queries.shape[0], chunk):
-        q = F.normalize(queries[lo : lo + chunk].double(), dim=1)
-        sim = torch.cat([q @ F.normalize(b.double(), dim=1).T for b in bank.split(65536)], dim=1)
-        top, idx = sim.topk(min(max(ks), bank.shape[0]), dim=1)
-        weight = torch.exp(top / temperature)
-        for k in ks:
-            votes = weight.new_zeros(q.shape[0], num_classes)
-            votes.scatter_add_(1, labels[idx[:, :k]], weight[:, :k])
-            preds[k].append(votes.argmax(1).cpu())
-    return {k: torch.cat(v).numpy() for k, v in preds.items()}
-
-
-def knn_part(sizes: Sizes, device: torch.device) -> dict:
-    """Part 2: seconds and peak device memory of the kNN on a synthetic bank (module docstring)."""
-    t_part = time.perf_counter()
-    gc.collect()  # what the previous part left would count in the peak
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    g = torch.Generator(device=device).manual_seed(0)
-    centres = torch.randn(sizes.knn_classes, sizes.knn_dim, generator=g, device=device)
-    bank, labels = class_rows(centres, sizes.knn_rows, g)
-    queries, qlabels = class_rows(centres, sizes.knn_queries, g)
-    del centres
-    _sync(device)
-    res: dict[str, Any] = {
-        "status": "ok",
-        "device": str(device),
-        "bank_rows": sizes.knn_rows,
-        "dim": sizes.knn_dim,
-        "queries": sizes.knn_queries,
-        "classes": sizes.knn_classes,
-        "ks": list(KNN_KS),
-        "temperature": KNN_TEMPERATURE,
-        "knn_classify_kwargs": dict(sizes.knn_kwargs),
-        "generate_seconds": time.perf_counter() - t_part,
-        "bank_bytes": bank.numel() * bank.element_size(),
-    }
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        res["allocated_before_bytes"] = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    preds = knn_classify(
-        bank,
-        labels,
-        queries,
-        ks=KNN_KS,
-        temperature=KNN_TEMPERATURE,
-        num_classes=sizes.knn_classes,
-        device=device,
-        **sizes.knn_kwargs,
-    )
-    _sync(device)
-    res["seconds"] = time.perf_counter() - t0
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        res.update(
-            peak_bytes=peak,
-            peak_minus_bank_bytes=peak - res["bank_bytes"],
-            limit_bytes=res["bank_bytes"] + KNN_EXTRA_LIMIT,
-            peak_within_limit=peak <= res["bank_bytes"] + KNN_EXTRA_LIMIT,
-        )
-    else:
-        res.update(
-            peak_bytes=None,
-            peak_within_limit=None,
-            peak_note="CPU: torch.cuda.max_memory_allocated does not apply",
-        )
-    y = qlabels.cpu().numpy()
-    res["top1"] = {str(k): float((p == y).mean() * 100) for k, p in preds.items()}
-    n = sizes.knn_check_queries
-    try:  # after the measurement: its failure leaves the figures above
-        ref = plain_knn(bank, labels, queries[:n], KNN_KS, KNN_TEMPERATURE, sizes.knn_classes)
-        differing = {str(k): int((preds[k][:n] != ref[k]).sum()) for k in KNN_KS}
-        res["reference_check"] = {
-            "queries": n,
-            "differing": differing,
-            "equal": not any(differing.values()),
-        }
-    except Exception as exc:  # noqa: BLE001
-        res["reference_check"] = {"queries": n, "equal": None, **_error(exc)}
-    del bank, labels, queries, qlabels, preds
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    res["part_seconds"] = time.perf_counter() - t_part
-    return res
 
 
 # --------------------------------------------------------------------- part 3: the methods
+def _run_or_kill(cmd: list[str], log: Path, timeout_s: float) -> int | None:
+    """Run ``cmd`` in its own process group with its output in ``log``; its exit code, or None
+    when it was still running at ``timeout_s`` (its group is then sent SIGTERM, SIGKILL 30 s
+    later)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return proc.wait(timeout=max(timeout_s, 1.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return None
+
+
 def methods_part(data_dir: str | None, out: Path, epochs: int, dry: bool, timeout_s: float) -> dict:
     """Part 3: ``gpu_methods.py`` as a subprocess (its process group is killed at ``timeout_s``).
 
@@ -242,26 +142,15 @@ def methods_part(data_dir: str | None, out: Path, epochs: int, dry: bool, timeou
     run.mkdir(parents=True, exist_ok=True)
     log = run / "gpu_methods.log"
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=max(timeout_s, 1.0))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            return {
-                "status": "error",
-                "epochs": epochs,
-                "log": str(log),
-                "seconds": time.perf_counter() - t0,
-                "error": f"killed after {timeout_s:.0f} s (the budget left)",
-            }
+    rc = _run_or_kill(cmd, log, timeout_s)
+    if rc is None:
+        return {
+            "status": "error",
+            "epochs": epochs,
+            "log": str(log),
+            "seconds": time.perf_counter() - t0,
+            "error": f"killed after {timeout_s:.0f} s (the budget left)",
+        }
     res: dict[str, Any] = {
         "status": "ok" if rc == 0 else "error",
         "epochs": epochs,
@@ -286,71 +175,82 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _train_rows(tr: dict) -> list[tuple]:
+    """The train part's rows: images/s of each variant and the fp32 first-step check."""
+    rows: list[tuple] = []
+    s = tr["sizes"]
+    what = f"{s['arch']}, {s['image_size']} px, batch {s['batch']}, projector {s['projector']}"
+    for name, label in (
+        ("reference_fp16", "reference-structure loop, fp16"),
+        ("trainer_fp16", "trainer, fp16"),
+        ("trainer_bf16_channels_last", "trainer, bf16 + channels_last"),
+    ):
+        v = tr["variants"][name]
+        if v["status"] != "ok":
+            rows.append(("train", f"{label} ({what})", v["error"]))
+            continue
+        ratio = tr.get(f"ratio_{name}_over_reference_fp16")
+        extra = f" ({ratio:.2f}x the reference)" if ratio else ""
+        rows.append(("train", f"{label} ({what})", f"{_fmt(v['images_per_s'])} images/s{extra}"))
+    chk = tr["fp32_first_step_loss"]
+    if chk.get("status") == "error":
+        rows.append(("train", "fp32 first-step loss", chk["error"]))
+    else:
+        rows.append(
+            (
+                "train",
+                "fp32 first-step loss, reference / trainer",
+                f"{chk['reference']:.6f} / {chk['trainer']:.6f} (rel. diff "
+                f"{chk['rel_diff']:.1e}, {'match' if chk['match'] else 'DIFFER'})",
+            )
+        )
+    return rows
+
+
+def _knn_rows(kn: dict) -> list[tuple]:
+    """The knn part's rows: seconds and peak memory, the check against the plain vote."""
+    what = f"{kn['bank_rows']:,} x {kn['dim']} bank, {kn['queries']:,} queries, k=20/200"
+    mem = ""
+    if kn["peak_bytes"] is not None:
+        within = "within" if kn["peak_within_limit"] else "OVER"
+        mem = (
+            f", peak {kn['peak_bytes'] / GIB:.2f} GiB (bank {kn['bank_bytes'] / GIB:.2f} "
+            f"GiB, {within} bank + 2 GiB)"
+        )
+    chk = kn["reference_check"]
+    return [
+        ("knn", what, f"{kn['seconds']:.2f} s{mem}"),
+        (
+            "knn",
+            f"predictions vs plain float64 ({chk['queries']} queries)",
+            chk.get("error") or ("equal" if chk["equal"] else f"differing {chk['differing']}"),
+        ),
+    ]
+
+
+def _methods_rows(me: dict) -> list[tuple]:
+    """The methods part's rows: each method's exit, seconds and test kNN."""
+    rows = []
+    length = "--dry-run (3 steps)" if me["dry_run"] else f"{me['epochs']} epochs"
+    for name, r in me.get("results", {}).items():
+        knn = ", ".join(f"{k} {v:.2f}" for k, v in r.get("test_knn", {}).items())
+        rows.append(
+            (
+                "methods",
+                f"{name}, {length}",
+                f"exit {r['exit']}, {r['seconds']} s{', ' + knn if knn else ''}",
+            )
+        )
+    return rows
+
+
 def markdown(report: dict) -> str:
     """The figures of ``report`` as a short markdown table."""
     rows = []
     parts = report["parts"]
-    tr = parts.get("train", {})
-    if tr.get("status") == "ok":
-        s = tr["sizes"]
-        what = f"{s['arch']}, {s['image_size']} px, batch {s['batch']}, projector {s['projector']}"
-        for name, label in (
-            ("reference_fp16", "reference-structure loop, fp16"),
-            ("trainer_fp16", "trainer, fp16"),
-            ("trainer_bf16_channels_last", "trainer, bf16 + channels_last"),
-        ):
-            v = tr["variants"][name]
-            if v["status"] != "ok":
-                rows.append(("train", f"{label} ({what})", v["error"]))
-                continue
-            ratio = tr.get(f"ratio_{name}_over_reference_fp16")
-            extra = f" ({ratio:.2f}x the reference)" if ratio else ""
-            rows.append(
-                ("train", f"{label} ({what})", f"{_fmt(v['images_per_s'])} images/s{extra}")
-            )
-        chk = tr["fp32_first_step_loss"]
-        if chk.get("status") == "error":
-            rows.append(("train", "fp32 first-step loss", chk["error"]))
-        else:
-            rows.append(
-                (
-                    "train",
-                    "fp32 first-step loss, reference / trainer",
-                    f"{chk['reference']:.6f} / {chk['trainer']:.6f} (rel. diff "
-                    f"{chk['rel_diff']:.1e}, {'match' if chk['match'] else 'DIFFER'})",
-                )
-            )
-    kn = parts.get("knn", {})
-    if kn.get("status") == "ok":
-        what = f"{kn['bank_rows']:,} x {kn['dim']} bank, {kn['queries']:,} queries, k=20/200"
-        mem = ""
-        if kn["peak_bytes"] is not None:
-            within = "within" if kn["peak_within_limit"] else "OVER"
-            mem = (
-                f", peak {kn['peak_bytes'] / GIB:.2f} GiB (bank {kn['bank_bytes'] / GIB:.2f} "
-                f"GiB, {within} bank + 2 GiB)"
-            )
-        rows.append(("knn", what, f"{kn['seconds']:.2f} s{mem}"))
-        chk = kn["reference_check"]
-        rows.append(
-            (
-                "knn",
-                f"predictions vs plain float64 ({chk['queries']} queries)",
-                chk.get("error") or ("equal" if chk["equal"] else f"differing {chk['differing']}"),
-            )
-        )
-    me = parts.get("methods", {})
-    if me.get("status") == "ok":
-        length = "--dry-run (3 steps)" if me["dry_run"] else f"{me['epochs']} epochs"
-        for name, r in me.get("results", {}).items():
-            knn = ", ".join(f"{k} {v:.2f}" for k, v in r.get("test_knn", {}).items())
-            rows.append(
-                (
-                    "methods",
-                    f"{name}, {length}",
-                    f"exit {r['exit']}, {r['seconds']} s{', ' + knn if knn else ''}",
-                )
-            )
+    for name, make_rows in (("train", _train_rows), ("knn", _knn_rows), ("methods", _methods_rows)):
+        if parts.get(name, {}).get("status") == "ok":
+            rows += make_rows(parts[name])
     for name, p in parts.items():
         if p.get("status") in ("skipped", "error") and not (name == "train" and "variants" in p):
             rows.append((name, p["status"], p.get("reason") or p.get("error", "")))
@@ -375,7 +275,7 @@ def checks(parts: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of gpu_check.json / .md")
     p.add_argument("--dry", action="store_true", help="CPU, toy sizes (< 60 s)")
@@ -383,7 +283,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx .gz folder (part 3)")
     p.add_argument("--methods-epochs", type=int, default=8, help="gpu_methods.py --epochs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run_parts(plan: list, parts: dict, budget: Budget, no_cuda: str | None) -> None:
+    """Run each ``(name, seconds needed, run)`` of ``plan`` that fits in what is left of
+    ``budget`` into ``parts[name]``; a part that does not fit is skipped, a part that raises is
+    an error entry, and ``no_cuda`` (the reason) makes every part an error entry."""
+    for name, need, run in plan:
+        if no_cuda:
+            parts[name] = {"status": "error", "error": no_cuda}
+            continue
+        left = budget.left()
+        if left < need and not (name == "train" and left > 0):
+            parts[name] = {
+                "status": "skipped",
+                "reason": f"budget: {left:.0f} s left of {budget.total_s:.0f} s, the "
+                f"part needs about {need:.0f} s",
+            }
+            continue
+        print(f"[gpu_check] {name} ({left:.0f} s of the budget left)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            parts[name] = run()
+        except Exception as exc:  # noqa: BLE001 - recorded; the next part runs
+            parts[name] = _error(exc)
+        parts[name].setdefault("seconds", time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        print(f"[gpu_check] {name}: {parts[name]['status']} in {took:.1f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = Budget(args.budget_s)
@@ -406,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     no_cuda = not args.dry and not torch.cuda.is_available()
     if no_cuda:
         report["error"] = "no CUDA device (run with --dry for the CPU check)"
-    else:
-        if device.type == "cuda":
-            report["device_name"] = torch.cuda.get_device_name(device)
+    elif device.type == "cuda":
+        report["device_name"] = torch.cuda.get_device_name(device)
     plan = [
         ("train", sizes.train_s, lambda: train_part(sizes, device, budget)),
         ("knn", sizes.knn_s, lambda: knn_part(sizes, device)),
@@ -420,27 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ),
     ]
-    for name, need, run in plan:
-        if no_cuda:
-            parts[name] = {"status": "error", "error": report["error"]}
-            continue
-        left = budget.left()
-        if left < need and not (name == "train" and left > 0):
-            parts[name] = {
-                "status": "skipped",
-                "reason": f"budget: {left:.0f} s left of {args.budget_s:.0f} s, the "
-                f"part needs about {need:.0f} s",
-            }
-            continue
-        print(f"[gpu_check] {name} ({left:.0f} s of the budget left)", flush=True)
-        t0 = time.perf_counter()
-        try:
-            parts[name] = run()
-        except Exception as exc:  # noqa: BLE001 - recorded; the next part runs
-            parts[name] = _error(exc)
-        parts[name].setdefault("seconds", time.perf_counter() - t0)
-        took = time.perf_counter() - t0
-        print(f"[gpu_check] {name}: {parts[name]['status']} in {took:.1f} s", flush=True)
+    run_parts(plan, parts, budget, report.get("error"))
     report["checks"] = checks(parts)
     report["total_seconds"] = budget.elapsed()
     text = json.dumps(report, indent=1, default=str)

@@ -1,27 +1,36 @@
-"""The sizes, the time budget and the ``train`` part of :mod:`gpu_check` (see its docstring):
-this project's trainer against a loop with the reference code's structure."""
+"""The ``train`` part of :mod:`gpu_check` (see its docstring): this project's trainer against a
+loop with the reference code's structure."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
-import socket
+import logging
 import statistics
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_common, also when imported
+from gpu_check_common import (  # noqa: E402  (benchmarks/)
+    DTYPES,
+    LOSS_RTOL,
+    RECIPE,
+    ROOT,
+    Budget,
+    Sizes,
+    _error,
+    _sync,
+    cudnn_flags,
+    exact_fp32,
+    init_world_of_one,
+)
 
+sys.path.insert(0, str(ROOT))
 from pretrain.config import find_config, load_config  # noqa: E402
 from pretrain.engine.optim import LARS, lr_at, param_groups, set_lr  # noqa: E402
 from pretrain.engine.runtime import StopRequest  # noqa: E402
@@ -30,123 +39,6 @@ from pretrain.log import LOGGER_NAME  # noqa: E402
 from pretrain.methods import build_loss  # noqa: E402
 from pretrain.models.build import build_model  # noqa: E402
 from pretrain.models.syncbn import convert_sync_batchnorm  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check"
-RECIPE = "imsvd_r50_100ep"
-LOSS_RTOL = 1e-5
-KNN_KS = (20, 200)
-KNN_TEMPERATURE = 0.07
-KNN_NOISE = 2.0  # per-coordinate noise std around unit-variance class centres
-GIB = 1024**3
-KNN_EXTRA_LIMIT = 2 * GIB  # the per-rank formula's allowance beyond the bank
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """The sizes of one mode (GPU or ``--dry``) and the wall-time guards of its parts (s)."""
-
-    arch: str
-    stem: str
-    image_size: int
-    batch: int
-    projector: str
-    bin_size: int
-    warmup: int
-    steps: int
-    rounds: int
-    knn_rows: int
-    knn_dim: int
-    knn_queries: int
-    knn_classes: int
-    knn_check_queries: int
-    train_s: float
-    knn_s: float
-    knn_kwargs: dict = field(default_factory=dict)  # knn_classify's chunk_size / bank_block
-
-
-GPU_SIZES = Sizes(
-    "resnet50", "standard", 224, 64, "8192-8160", 80, warmup=10, steps=20, rounds=5,
-    knn_rows=1_281_167, knn_dim=2048, knn_queries=10_000, knn_classes=1000,
-    knn_check_queries=1000, train_s=180.0, knn_s=90.0,
-)  # fmt: skip
-# small blocks so that the dry kNN merges several bank blocks and query chunks
-DRY_SIZES = Sizes(
-    "resnet18", "small_s2", 32, 8, "64-80", 10, warmup=1, steps=2, rounds=1,
-    knn_rows=4096, knn_dim=64, knn_queries=256, knn_classes=100, knn_check_queries=256,
-    train_s=45.0, knn_s=10.0, knn_kwargs={"chunk_size": 64, "bank_block": 1024},
-)  # fmt: skip
-
-
-def methods_need_s(epochs: int, dry: bool) -> float:
-    """Estimated seconds of ``gpu_methods.py`` (three methods): the budget guard's need."""
-    return 60.0 if dry else 30.0 + 3 * (20.0 + 6.0 * epochs)
-
-
-class Budget:
-    """Wall time left of the total budget (seconds, from construction)."""
-
-    def __init__(self, total_s: float) -> None:
-        self.total_s, self.t0 = float(total_s), time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return self.total_s - self.elapsed()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _error(exc: BaseException) -> dict:
-    """A part's (or a variant's) error entry: the exception and the end of its traceback."""
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-3:]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_world_of_one(device: torch.device) -> str:
-    """A process group of this one process (nccl on CUDA, gloo on the CPU) for DDP; the backend."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend, init_method="env://", rank=0, world_size=1)
-    return backend
-
-
-@contextlib.contextmanager
-def cudnn_flags(**flags: bool):
-    """Set ``torch.backends.cudnn`` flags (benchmark, deterministic, allow_tf32) in a block."""
-    old = {k: getattr(torch.backends.cudnn, k) for k in flags}
-    for k, v in flags.items():
-        setattr(torch.backends.cudnn, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(torch.backends.cudnn, k, v)
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """cuDNN deterministic, TF32 off for convolutions and matrix products (for the fp32 check)."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with cudnn_flags(benchmark=False, deterministic=True, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 # ------------------------------------------------------------------- part 1: training step
@@ -306,8 +198,6 @@ def _schedule(step: TrainerStep) -> tuple[int, int, float]:
 
 def _release_logger() -> None:
     """Close the project logger's handlers (the trainers' run folders are temporary)."""
-    import logging
-
     logger = logging.getLogger(LOGGER_NAME)
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -384,6 +274,44 @@ def fp32_first_step(sizes: Sizes, device: torch.device, views, run_dir: str) -> 
     return entry, init
 
 
+def _sizes_entry(sizes: Sizes) -> dict:
+    """The train part's sizes as recorded in the report."""
+    return {
+        "arch": sizes.arch,
+        "stem": sizes.stem,
+        "image_size": sizes.image_size,
+        "batch": sizes.batch,
+        "projector": sizes.projector,
+        "bin_size": sizes.bin_size,
+        "warmup_steps": sizes.warmup,
+        "steps_per_round": sizes.steps,
+        "rounds": sizes.rounds,
+    }
+
+
+def _describe_variants(timed: dict, ref: ReferenceLoop) -> None:
+    """Add each timed variant's precision, memory format, DDP, norm and cuDNN flag (in place)."""
+    timed["reference_fp16"].update(
+        precision="fp16",
+        channels_last=False,
+        ddp=True,
+        norm=ref.norm,
+        cudnn_benchmark=ref.cudnn_benchmark,
+    )
+    timed["trainer_fp16"].update(
+        precision="fp16",
+        channels_last=False,
+        ddp=False,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+    )
+    timed["trainer_bf16_channels_last"].update(
+        precision="bf16",
+        channels_last=True,
+        ddp=False,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+    )
+
+
 def train_part(sizes: Sizes, device: torch.device, budget: Budget) -> dict:
     """Part 1: images/s of the reference-structure loop and of the trainer (module docstring)."""
     t_part = time.perf_counter()
@@ -391,21 +319,7 @@ def train_part(sizes: Sizes, device: torch.device, budget: Budget) -> dict:
     g = torch.Generator().manual_seed(1234)
     shape = (sizes.batch, 3, sizes.image_size, sizes.image_size)
     views = tuple(torch.randn(shape, generator=g).to(device) for _ in range(2))
-    res: dict[str, Any] = {
-        "status": "ok",
-        "sizes": {
-            "arch": sizes.arch,
-            "stem": sizes.stem,
-            "image_size": sizes.image_size,
-            "batch": sizes.batch,
-            "projector": sizes.projector,
-            "bin_size": sizes.bin_size,
-            "warmup_steps": sizes.warmup,
-            "steps_per_round": sizes.steps,
-            "rounds": sizes.rounds,
-        },
-        "recipe": RECIPE,
-    }
+    res: dict[str, Any] = {"status": "ok", "sizes": _sizes_entry(sizes), "recipe": RECIPE}
     steppers: list[TrainerStep] = []
     try:
         res["backend"] = init_world_of_one(device)
@@ -451,25 +365,7 @@ def train_part(sizes: Sizes, device: torch.device, budget: Budget) -> dict:
         _release_logger()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    timed["reference_fp16"].update(
-        precision="fp16",
-        channels_last=False,
-        ddp=True,
-        norm=ref.norm,
-        cudnn_benchmark=ref.cudnn_benchmark,
-    )
-    timed["trainer_fp16"].update(
-        precision="fp16",
-        channels_last=False,
-        ddp=False,
-        cudnn_benchmark=torch.backends.cudnn.benchmark,
-    )
-    timed["trainer_bf16_channels_last"].update(
-        precision="bf16",
-        channels_last=True,
-        ddp=False,
-        cudnn_benchmark=torch.backends.cudnn.benchmark,
-    )
+    _describe_variants(timed, ref)
     res["variants"] = timed
     base = timed["reference_fp16"].get("images_per_s")
     for name in ("trainer_fp16", "trainer_bf16_channels_last"):
@@ -477,6 +373,3 @@ def train_part(sizes: Sizes, device: torch.device, budget: Budget) -> dict:
         res[f"ratio_{name}_over_reference_fp16"] = rate / base if rate and base else None
     res["seconds"] = time.perf_counter() - t_part
     return res
-
-
-# ------------------------------------------------------------------------- part 2: kNN
