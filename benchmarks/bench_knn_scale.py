@@ -52,6 +52,7 @@ from pretrain import dist as pdist  # noqa: E402
 from pretrain.probe.knn import bank_tensor, knn_classify  # noqa: E402
 
 KS = (20, 200)
+GIB = 1024**3
 
 
 def gathered_knn(bank, labels, queries, ks, temperature, n_cls, chunk):
@@ -145,7 +146,7 @@ def model_bytes(c0: float, n: int, world: int, dim: int) -> float:
     return c0 + 4 * n * dim / world
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[131072, 524288])
     parser.add_argument("--dim", type=int, default=2048)
@@ -155,69 +156,92 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also the bf16 bank (sharded_bf16)")
     parser.add_argument(
-        "--max-gathered-gb", type=float, default=18.0,
+        "--max-gathered-gb",
+        type=float,
+        default=18.0,
         help="skip a gathered run whose estimated total resident memory exceeds this",
-    )  # fmt: skip
-    args = parser.parse_args()
-    rows, c0 = [], None
-    gib = 1024**3
-    for n in args.sizes:
-        for world in (1, 2):
-            res = {}
-            for variant in ("gathered", "sharded", "sharded_bf16"):
-                if variant == "sharded_bf16" and not args.bf16:
-                    res[variant] = None
-                    continue
-                est = world * 4 * n * args.dim * (2 + 1 / world) / gib
-                if variant == "gathered" and est > args.max_gathered_gb:
-                    res[variant] = None  # would not fit this machine's memory
-                    continue
-                res[variant] = run(dict(vars(args), n=n, world=world, variant=variant))
-            sharded = res["sharded"]
-            peak = max(r["peak"] for r in sharded)
-            if c0 is None:
-                c0 = peak - model_bytes(0.0, n, world, args.dim)
-            differ = None
-            if res["gathered"] is not None:
-                a, b = res["gathered"][0]["preds"], sharded[0]["preds"]
-                differ = {k: int(np.sum(np.array(a[k]) != np.array(b[k]))) for k in a}
-            if res["sharded_bf16"] is not None:
-                a, b = res["sharded_bf16"][0], sharded[0]
-                n_diff = {k: int(np.sum(np.array(a["preds"][k]) != np.array(b["preds"][k])))
-                          for k in a["preds"]}  # fmt: skip
-                print(f"N={n} W={world} bf16 bank: top-1 k=20 {a['acc']['20']:.2f} vs fp32 "
-                      f"{b['acc']['20']:.2f}, k=200 {a['acc']['200']:.2f} vs "
-                      f"{b['acc']['200']:.2f}; "
-                      f"predictions differing {n_diff['20']}/{n_diff['200']}; "
-                      f"{max(r['seconds'] for r in res['sharded_bf16']):.1f} s")  # fmt: skip
-            rows.append((n, world, res["gathered"], sharded, peak, differ))
+    )
+    return parser.parse_args()
+
+
+def _differing(a: dict, b: dict) -> dict:
+    """Per k, how many of two runs' predictions differ."""
+    return {k: int(np.sum(np.array(a[k]) != np.array(b[k]))) for k in a}
+
+
+def measure(args: argparse.Namespace, n: int, world: int) -> dict:
+    """The variants (gathered, sharded, sharded_bf16) at bank size ``n`` over ``world`` ranks:
+    {variant: per-rank results, or None when not run}; prints the bf16 bank's line."""
+    res = {}
+    for variant in ("gathered", "sharded", "sharded_bf16"):
+        if variant == "sharded_bf16" and not args.bf16:
+            res[variant] = None
+            continue
+        est = world * 4 * n * args.dim * (2 + 1 / world) / GIB
+        if variant == "gathered" and est > args.max_gathered_gb:
+            res[variant] = None  # would not fit this machine's memory
+            continue
+        res[variant] = run(dict(vars(args), n=n, world=world, variant=variant))
+    if res["sharded_bf16"] is not None:
+        a, b = res["sharded_bf16"][0], res["sharded"][0]
+        n_diff = _differing(a["preds"], b["preds"])
+        print(
+            f"N={n} W={world} bf16 bank: top-1 k=20 {a['acc']['20']:.2f} vs fp32 "
+            f"{b['acc']['20']:.2f}, k=200 {a['acc']['200']:.2f} vs {b['acc']['200']:.2f}; "
+            f"predictions differing {n_diff['20']}/{n_diff['200']}; "
+            f"{max(r['seconds'] for r in res['sharded_bf16']):.1f} s"
+        )
+    return res
+
+
+def print_table(args: argparse.Namespace, rows: list, c0: float) -> None:
+    """The markdown table of the measured rows and the ImageNet-scale estimates."""
     print(
         f"kNN, D={args.dim}, {args.queries} queries, {args.classes} classes, k={list(KS)}, "
         f"chunk {args.chunk}, {args.threads} threads in all; per-rank peak RSS (GiB)"
     )
-    print("| N | W | gathered peak | gathered s | sharded peak | sharded s | formula (error) "
-          "| predictions differing (k=20/200) | top-1 k=20 |")  # fmt: skip
+    print(
+        "| N | W | gathered peak | gathered s | sharded peak | sharded s | formula (error) "
+        "| predictions differing (k=20/200) | top-1 k=20 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n, world, gathered, sharded, peak, differ in rows:
-        gp = f"{max(r['peak'] for r in gathered) / gib:.2f}" if gathered else "not run (RAM)"
+        gp = f"{max(r['peak'] for r in gathered) / GIB:.2f}" if gathered else "not run (RAM)"
         gs = f"{max(r['seconds'] for r in gathered):.1f}" if gathered else "-"
         ss = max(r["seconds"] for r in sharded)
         predicted = model_bytes(c0, n, world, args.dim)
         err = 100 * (predicted - peak) / peak
         dif = f"{differ['20']}/{differ['200']}" if differ else "-"
         print(
-            f"| {n} | {world} | {gp} | {gs} | {peak / gib:.2f} | {ss:.1f} | "
-            f"{predicted / gib:.2f} ({err:+.1f}%) | {dif} | {sharded[0]['acc']['20']:.2f} |"
+            f"| {n} | {world} | {gp} | {gs} | {peak / GIB:.2f} | {ss:.1f} | "
+            f"{predicted / GIB:.2f} ({err:+.1f}%) | {dif} | {sharded[0]['acc']['20']:.2f} |"
         )
-    print(f"fitted c0 = {c0 / gib:.2f} GiB (process, torch, queries, one bank block)")
+    print(f"fitted c0 = {c0 / GIB:.2f} GiB (process, torch, queries, one bank block)")
     n = 1_281_167
     for world in (8, 32):
-        new = model_bytes(c0, n, world, 2048) / gib
-        old = 4 * n * 2048 * (2 + 1 / world) / gib
+        new = model_bytes(c0, n, world, 2048) / GIB
+        old = 4 * n * 2048 * (2 + 1 / world) / GIB
         print(
             f"ImageNet N={n}, D=2048, W={world}: sharded {new:.2f} GiB per rank "
-            f"(shard {4 * n * 2048 / world / gib:.2f}); gathered >= {old:.1f} GiB per rank"
+            f"(shard {4 * n * 2048 / world / GIB:.2f}); gathered >= {old:.1f} GiB per rank"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    rows, c0 = [], None
+    for n in args.sizes:
+        for world in (1, 2):
+            res = measure(args, n, world)
+            sharded = res["sharded"]
+            peak = max(r["peak"] for r in sharded)
+            if c0 is None:
+                c0 = peak - model_bytes(0.0, n, world, args.dim)
+            differ = None
+            if res["gathered"] is not None:
+                differ = _differing(res["gathered"][0]["preds"], sharded[0]["preds"])
+            rows.append((n, world, res["gathered"], sharded, peak, differ))
+    print_table(args, rows, c0)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ import time
 from typing import Dict, List
 
 import torch
+import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from pretrain import dist as pdist  # noqa: E402
 from pretrain.losses.imsvd import IMSVDLoss  # noqa: E402
 
 
@@ -135,8 +137,6 @@ def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, que
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    from pretrain import dist as pdist
-
     torch.set_num_threads(max(1, args.threads // world))
     info = pdist.init_distributed(args.device)
     local_n = args.n // world
@@ -167,8 +167,6 @@ def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, que
 
 
 def run_dist(args: argparse.Namespace) -> Dict[str, float]:
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -196,7 +194,7 @@ def _load() -> str:
         return "n/a"
 
 
-def main(argv: List[str] | None = None) -> None:
+def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--n", type=int, default=256, help="global batch size")
@@ -217,7 +215,64 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument("--worker", choices=["single"], help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--dim", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def single_part(args: argparse.Namespace) -> None:
+    """One process: the reference and the lean loss per dimension, printed as a table."""
+    print(
+        "\n[one process] forward+backward of the loss; median time of the repeats, "
+        "peak memory of the first call (max over rounds)"
+    )
+    print(f"{'D':>6} {'metric':>12} {'reference':>11} {'lean':>11} {'ratio':>7}")
+    for dim in args.dims:
+        # Alternate fresh processes (ref, lean, ref, lean, ...) so that load from other work
+        # on the machine hits both variants alike; pool the timed repeats of all rounds.
+        runs: Dict[str, List[Dict]] = {"reference": [], "lean": []}
+        for _ in range(args.rounds):
+            for impl in runs:
+                runs[impl].append(_run_single(args, impl, dim))
+        ref, lean = _summary(runs["reference"]), _summary(runs["lean"])
+        rel = abs(lean["loss"] - ref["loss"]) / abs(ref["loss"])
+        for key, label in (
+            ("median_s", "time [s]"),
+            ("first_s", "1st call [s]"),
+            ("peak_mib", "peak [MiB]"),
+        ):
+            print(
+                f"{dim:>6} {label:>12} {ref[key]:>11.3f} {lean[key]:>11.3f} "
+                f"{lean[key] / ref[key]:>7.3f}"
+            )
+        print(f"{dim:>6} {'loss rel.diff':>12} {rel:.2e}")
+
+
+def dist_part(args: argparse.Namespace) -> None:
+    """``--ranks`` processes: the sharded lean loss against the unsharded and the reference."""
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and torch.cuda.device_count() < args.ranks:
+        print(f"\n[{args.ranks} ranks] skipped: needs {args.ranks} GPUs")
+    else:
+        res = run_dist(args)
+        print(
+            f"\n[{args.ranks} ranks, gloo/nccl] D={args.dist_dim}, {args.n // args.ranks} "
+            f"samples and {max(1, args.threads // args.ranks)} thread(s) per rank; "
+            f"per-rank time of forward+backward (slowest rank, median)"
+        )
+        print(f"  reference (all rows, materialised P): {res['reference']:.3f} s")
+        print(f"  lean, unsharded (reference figure):   {res['lean_unsharded']:.3f} s")
+        print(f"  lean, sharded (new figure):           {res['lean_sharded']:.3f} s")
+        print(
+            f"  ratio sharded / unsharded:            "
+            f"{res['lean_sharded'] / res['lean_unsharded']:.3f}"
+        )
+        print(
+            f"  ratio sharded / reference:            "
+            f"{res['lean_sharded'] / res['reference']:.3f}"
+        )
+
+
+def main(argv: List[str] | None = None) -> None:
+    args = parse_args(argv)
 
     if args.worker == "single":
         print(json.dumps(single_worker(args)))
@@ -228,52 +283,9 @@ def main(argv: List[str] | None = None) -> None:
         f"rounds={args.rounds} torch threads={torch.get_num_threads()} load avg at start: {_load()}"
     )
     if not args.skip_single:
-        print(
-            "\n[one process] forward+backward of the loss; median time of the repeats, "
-            "peak memory of the first call (max over rounds)"
-        )
-        print(f"{'D':>6} {'metric':>12} {'reference':>11} {'lean':>11} {'ratio':>7}")
-        for dim in args.dims:
-            # Alternate fresh processes (ref, lean, ref, lean, ...) so that load from other work
-            # on the machine hits both variants alike; pool the timed repeats of all rounds.
-            runs: Dict[str, List[Dict]] = {"reference": [], "lean": []}
-            for _ in range(args.rounds):
-                for impl in runs:
-                    runs[impl].append(_run_single(args, impl, dim))
-            ref, lean = _summary(runs["reference"]), _summary(runs["lean"])
-            rel = abs(lean["loss"] - ref["loss"]) / abs(ref["loss"])
-            for key, label in (
-                ("median_s", "time [s]"),
-                ("first_s", "1st call [s]"),
-                ("peak_mib", "peak [MiB]"),
-            ):
-                print(
-                    f"{dim:>6} {label:>12} {ref[key]:>11.3f} {lean[key]:>11.3f} "
-                    f"{lean[key] / ref[key]:>7.3f}"
-                )
-            print(f"{dim:>6} {'loss rel.diff':>12} {rel:.2e}")
+        single_part(args)
     if not args.skip_dist:
-        dev = torch.device(args.device)
-        if dev.type == "cuda" and torch.cuda.device_count() < args.ranks:
-            print(f"\n[{args.ranks} ranks] skipped: needs {args.ranks} GPUs")
-        else:
-            res = run_dist(args)
-            print(
-                f"\n[{args.ranks} ranks, gloo/nccl] D={args.dist_dim}, {args.n // args.ranks} "
-                f"samples and {max(1, args.threads // args.ranks)} thread(s) per rank; "
-                f"per-rank time of forward+backward (slowest rank, median)"
-            )
-            print(f"  reference (all rows, materialised P): {res['reference']:.3f} s")
-            print(f"  lean, unsharded (reference figure):   {res['lean_unsharded']:.3f} s")
-            print(f"  lean, sharded (new figure):           {res['lean_sharded']:.3f} s")
-            print(
-                f"  ratio sharded / unsharded:            "
-                f"{res['lean_sharded'] / res['lean_unsharded']:.3f}"
-            )
-            print(
-                f"  ratio sharded / reference:            "
-                f"{res['lean_sharded'] / res['reference']:.3f}"
-            )
+        dist_part(args)
     print(f"\nload avg at end: {_load()}")
 
 

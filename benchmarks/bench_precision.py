@@ -20,21 +20,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pretrain.data.datasets import build_image_dataset  # noqa: E402
+from pretrain.data.transforms import eval_transform  # noqa: E402
+from pretrain.models.build import model_from_checkpoint  # noqa: E402
+from pretrain.probe.knn import bank_tensor, knn_classify  # noqa: E402
+from transfer.eval.features import extract_features  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    import numpy as np
-    import torch
-    from torch.utils.data import Subset
-
-    from pretrain.data.datasets import build_image_dataset
-    from pretrain.data.transforms import eval_transform
-    from pretrain.models.build import model_from_checkpoint
-    from pretrain.probe.knn import bank_tensor, knn_classify
-    from transfer.eval.features import extract_features
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(ROOT / "outputs/demo/backbone_final.pth"))
     p.add_argument("--tree", default=str(ROOT / ".cache/fashion_mnist"))

@@ -40,11 +40,23 @@ from pretrain.models.build import build_model  # noqa: E402
 MODES = ("exchange", "known")
 
 
+def _views(local: int, size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's two (local, 3, size, size) channels-last views, seeded by the rank."""
+    g = torch.Generator().manual_seed(rank)
+    return tuple(
+        torch.randn(local, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+        for _ in range(2)
+    )
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     pdist.init_distributed("cpu")
     cfg = load_config(find_config("imsvd_demo", "pretrain"))
@@ -54,14 +66,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     crit = build_loss(cfg["loss"])
     opt = build_optimizer(model, cfg["optim"], 0.1)
     local = cfg["train"]["batch_size"] // world
-    size = cfg["data"]["image_size"]
-    g = torch.Generator().manual_seed(rank)
-    x1 = torch.randn(local, 3, size, size, generator=g).contiguous(
-        memory_format=torch.channels_last
-    )
-    x2 = torch.randn(local, 3, size, size, generator=g).contiguous(
-        memory_format=torch.channels_last
-    )
+    x1, x2 = _views(local, cfg["data"]["image_size"], rank)
     gathers = [0]
     real_gather = torch.distributed.all_gather
 

@@ -15,6 +15,12 @@ import time
 import warnings
 
 import numpy as np
+from sklearn.model_selection import cross_val_score
+from sklearn.svm import LinearSVC
+
+from transfer.eval.ap import voc_ap
+from transfer.eval.svm import cross_validate_svms, decision_scores, l2_normalize
+from transfer.eval.voc07_svm import protocol_costs
 
 # feature noise level (with the default sizes this gives a VOC-like mAP, about 85)
 NOISE = 5.0
@@ -36,11 +42,6 @@ def make_features(n: int, dim: int, n_classes: int, seed: int) -> tuple[np.ndarr
 
 
 def run_reference(xtr, ytr, xte, yte, costs):
-    from sklearn.model_selection import cross_val_score
-    from sklearn.svm import LinearSVC
-
-    from transfer.eval.ap import voc_ap
-
     aps, chosen = [], []
     for j in range(ytr.shape[1]):
         yb = np.where(ytr[:, j] == 1, 1, -1)
@@ -74,9 +75,6 @@ def run_reference(xtr, ytr, xte, yte, costs):
 
 
 def run_new(xtr, ytr, xte, yte, costs):
-    from transfer.eval.ap import voc_ap
-    from transfer.eval.svm import cross_validate_svms, decision_scores
-
     res = cross_validate_svms(xtr, ytr, costs)
     scores = decision_scores(xte, res.weights)
     aps = [voc_ap(scores[:, j], yte[:, j]) for j in range(ytr.shape[1])]
@@ -84,9 +82,6 @@ def run_new(xtr, ytr, xte, yte, costs):
 
 
 def main() -> None:
-    from transfer.eval.svm import l2_normalize
-    from transfer.eval.voc07_svm import protocol_costs
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-test", type=int, default=2000)

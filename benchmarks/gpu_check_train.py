@@ -312,6 +312,16 @@ def _describe_variants(timed: dict, ref: ReferenceLoop) -> None:
     )
 
 
+def _ratios(timed: dict) -> dict:
+    """images/s of each trainer variant over the reference-structure loop's (None: not timed)."""
+    base = timed["reference_fp16"].get("images_per_s")
+    out = {}
+    for name in ("trainer_fp16", "trainer_bf16_channels_last"):
+        rate = timed[name].get("images_per_s")
+        out[f"ratio_{name}_over_reference_fp16"] = rate / base if rate and base else None
+    return out
+
+
 def train_part(sizes: Sizes, device: torch.device, budget: Budget) -> dict:
     """Part 1: images/s of the reference-structure loop and of the trainer (module docstring)."""
     t_part = time.perf_counter()
@@ -367,9 +377,6 @@ def train_part(sizes: Sizes, device: torch.device, budget: Budget) -> dict:
             torch.distributed.destroy_process_group()
     _describe_variants(timed, ref)
     res["variants"] = timed
-    base = timed["reference_fp16"].get("images_per_s")
-    for name in ("trainer_fp16", "trainer_bf16_channels_last"):
-        rate = timed[name].get("images_per_s")
-        res[f"ratio_{name}_over_reference_fp16"] = rate / base if rate and base else None
+    res.update(_ratios(timed))
     res["seconds"] = time.perf_counter() - t_part
     return res

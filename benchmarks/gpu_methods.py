@@ -26,6 +26,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pretrain.curves import plot_curves  # noqa: E402
+from pretrain.data.fashion_mnist import export_image_tree  # noqa: E402
+from pretrain.models.build import model_from_checkpoint  # noqa: E402
+from pretrain.probe.online import indexed_folder_knn  # noqa: E402
 
 # Every method states its head: the demo recipe's output norm and TI weight 3 (beyond the paper)
 # are switched off, so IMSVD runs with the paper's head and loss weights.
@@ -39,6 +45,38 @@ METHODS = {
 PROJECTOR = {"imsvd": "1024-1040", "vicreg": "1024-1024", "barlowtwins": "1024-1024"}
 
 
+def method_command(name: str, args: argparse.Namespace, tree: Path, run: Path) -> list[str]:
+    """The ``pretrain.main`` command line of method ``name`` (GPU, or ``--dry-run``: CPU)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.main",
+        "--config",
+        str(ROOT / "configs/pretrain/imsvd_demo.yaml"),
+        f"data.root={tree / 'train'}",
+        f"checkpoint.output_dir={run}",
+        f"model.projector={PROJECTOR[name]}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        "data.image_size=32",
+        "eval.bank_size=10000",
+        "eval.query_size=2000",
+        "train.max_steps=-1",
+        f"eval.every_steps={args.probe_every}",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_epochs=5",
+        "log.every_steps=50",
+        *METHODS[name],
+    ]
+    if args.dry_run:
+        cmd += ["train.max_steps=3", "train.device=cpu", "eval.every_steps=3"]
+        cmd += ["eval.bank_size=200", "eval.query_size=100", "data.num_workers=0"]
+    else:
+        cmd += ["train.precision=bf16", "data.pipeline=fast", "data.num_workers=12"]
+        cmd += ["train.channels_last=true", "train.device=cuda"]
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
@@ -49,49 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--dry-run", action="store_true", help="3 CPU steps per method")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from pretrain.data.fashion_mnist import export_image_tree
-
     out = Path(args.out)
     tree = export_image_tree(out / "fashion_mnist", Path(args.data_dir))
     results: dict[str, dict] = {}
     for name in args.methods:
-        run = out / name
-        cmd = [
-            sys.executable,
-            "-m",
-            "pretrain.main",
-            "--config",
-            str(ROOT / "configs/pretrain/imsvd_demo.yaml"),
-            f"data.root={tree / 'train'}",
-            f"checkpoint.output_dir={run}",
-            f"model.projector={PROJECTOR[name]}",
-            f"train.epochs={args.epochs}",
-            f"train.batch_size={args.batch_size}",
-            "data.image_size=32",
-            "eval.bank_size=10000",
-            "eval.query_size=2000",
-            "train.max_steps=-1",
-            f"eval.every_steps={args.probe_every}",
-            "checkpoint.every_steps=0",
-            "checkpoint.every_epochs=5",
-            "log.every_steps=50",
-            *METHODS[name],
-        ]
-        if args.dry_run:
-            cmd += ["train.max_steps=3", "train.device=cpu", "eval.every_steps=3"]
-            cmd += ["eval.bank_size=200", "eval.query_size=100", "data.num_workers=0"]
-        else:
-            cmd += ["train.precision=bf16", "data.pipeline=fast", "data.num_workers=12"]
-            cmd += ["train.channels_last=true", "train.device=cuda"]
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=ROOT)
+        rc = subprocess.call(method_command(name, args, tree, out / name), cwd=ROOT)
         results[name] = {"exit": rc, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"[gpu_methods] {name}: exit {rc} in {results[name]['seconds']} s", flush=True)
-    from pretrain.curves import plot_curves
-    from pretrain.models.build import model_from_checkpoint
-    from pretrain.probe.online import indexed_folder_knn
-
     for name in args.methods:
         final = out / name / "backbone_final.pth"
         if final.is_file():

@@ -24,8 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pretrain.checkpoint import export_backbone, load_backbone  # noqa: E402
+from pretrain.models.backbone import build_backbone  # noqa: E402
 
 # fraction -> (fine-tuning recipe, the probe's overrides: the recipe's subset, epochs, batch)
 SETTINGS = {
@@ -38,14 +43,9 @@ SETTINGS = {
 
 def random_init_weights(path: Path, demo_weights: str) -> Path:
     """The demo network at torchvision's default initialisation (seed 0), in the backbone format."""
-    from pretrain.checkpoint import export_backbone, load_backbone
-    from pretrain.models.backbone import build_backbone
-
     if path.is_file():
         return path
     _, meta = load_backbone(demo_weights)
-    import torch
-
     torch.manual_seed(0)
     net = build_backbone(meta["arch"], False, meta["stem"])
     path.parent.mkdir(parents=True, exist_ok=True)
