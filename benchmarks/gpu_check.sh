@@ -34,19 +34,15 @@ timeout 120 $PY benchmarks/bench_train_step.py --device cuda --arch resnet50 --s
 echo "== Detectron2 Mask R-CNN C4 on CUDA (instant config)"
 timeout 150 $PY - "$OUT" <<'PYEOF' 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -12
 import importlib.util, os, sys, time
+from pathlib import Path
 out = sys.argv[1]
+sys.path.append("tests")  # helpers.py, which the test module imports (after the packages)
+from helpers import export_and_convert
 spec = importlib.util.spec_from_file_location("t_d2", "tests/transfer/detection/d2/test_detectron2.py")
 t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
-from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
-from pretrain.checkpoint import export_backbone
 from transfer.detection.d2 import trainer as d2_trainer
-sd = t._source_resnet50()
-bb = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-export_backbone(f"{out}/bb.pth", bb, arch="resnet50", stem="standard", epoch=1, config=None)
-spec2 = importlib.util.spec_from_file_location("c", "tools/convert_to_d2.py")
-c = importlib.util.module_from_spec(spec2); spec2.loader.exec_module(c)
-print(c.convert(f"{out}/bb.pth", f"{out}/r50.pkl"))
+print(export_and_convert(Path(out), "convert_to_d2", "r50.pkl")[2])
 ann = t._make_tiny_coco(f"{out}/coco")
 register_coco_instances("gpu_tiny", {}, ann, f"{out}/coco/images")
 t0 = time.perf_counter()

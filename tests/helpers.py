@@ -88,6 +88,35 @@ def torchvision_resnet18_sd() -> "OrderedDict[str, torch.Tensor]":
     return sd
 
 
+def torchvision_sd(arch: str = "resnet50") -> "OrderedDict[str, torch.Tensor]":
+    """A torchvision ResNet state dict (seed 0, default init, fc kept) with BN running statistics
+    drawn from [0.5, 1.5) and num_batches_tracked 7, so that a converter that drops or mixes them
+    up is seen."""
+    import torchvision
+
+    torch.manual_seed(0)
+    sd = getattr(torchvision.models, arch)(weights=None).state_dict()
+    for k, v in sd.items():
+        if k.endswith(("running_mean", "running_var")):
+            v.copy_(torch.rand_like(v) + 0.5)
+        elif k.endswith("num_batches_tracked"):
+            v.fill_(7)
+    return sd
+
+
+def export_and_convert(folder: Path, tool: str, out_name: str, arch: str = "resnet50") -> tuple:
+    """:func:`torchvision_sd` exported as this project's backbone (folder/{arch}.pth) and converted
+    by tools/{tool}.py to folder/out_name: (the source state dict, the converted file's path, the
+    tool's summary)."""
+    from pretrain.checkpoint import export_backbone
+
+    sd = torchvision_sd(arch)
+    exported, path = str(folder / f"{arch}.pth"), str(folder / out_name)
+    backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    export_backbone(exported, backbone, arch=arch, stem="standard", epoch=1, config=None)
+    return sd, path, load_tool(tool).convert(exported, path)
+
+
 def no_fc(sd: dict) -> "OrderedDict[str, torch.Tensor]":
     """``sd`` without the classifier (``fc.*``)."""
     return OrderedDict((k, v) for k, v in sd.items() if not k.startswith("fc."))
@@ -166,6 +195,29 @@ def make_image_tree(root: Path, n_per_class: int, n_classes: int = 3, seed: int 
         for i in range(n_per_class):
             class_image(c, rng).save(root / f"c{c}" / f"img{i:03d}.png")
     return root
+
+
+def noise_image(path: Path, size: tuple = (40, 30), seed: int = 0) -> None:
+    """Save a random RGB image of ``size`` (w, h) at ``path`` (its suffix picks the format)."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def dog_cat_tree(root: Path) -> Path:
+    """ImageFolder tree root/{dog,cat}/{0..4}.jpg of noise images (classes sorted: cat, dog)."""
+    for c, cls in enumerate(["dog", "cat"]):
+        os.makedirs(root / cls)
+        for i in range(5):
+            noise_image(root / cls / f"{i}.jpg", seed=10 * c + i)
+    return root
+
+
+def add_unreadable_images(tree: Path) -> None:
+    """Add two unreadable files to :func:`dog_cat_tree`: cat/bad.jpg (not an image) and
+    dog/trunc.jpg (a JPEG cut at a third)."""
+    (tree / "cat" / "bad.jpg").write_bytes(b"not an image")
+    good = (tree / "dog" / "0.jpg").read_bytes()
+    (tree / "dog" / "trunc.jpg").write_bytes(good[: len(good) // 3])
 
 
 def make_voc_tree(root: Path, n_trainval: int = 30, n_test: int = 24, seed: int = 0) -> Path:

@@ -1,5 +1,5 @@
 """The tests mirror the packages, pytest collects every test file of the tree, and the code stays
-in readable pieces (module and function sizes)."""
+in readable pieces (module and function sizes, the tests' own included)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_oversized_finds_long_modules_and_functions(tmp_path, monkeypatch):
 
 
 def test_no_module_over_400_lines_and_no_function_over_60():
-    files = [p for root in CODE for p in sorted((REPO / root).rglob("*.py"))]
+    files = [p for root in (*CODE, "tests") for p in sorted((REPO / root).rglob("*.py"))]
     assert len(files) > 100
     found = [hit for p in files for hit in oversized(p)]
     assert not found, found

@@ -1,7 +1,5 @@
-"""Detectron2 transfer: loading check, instant training + evaluation + resume on CPU.
-
-Skipped when Detectron2 is not installed (tools/install_detectron2.py installs it).
-"""
+"""Detectron2 transfer: loading check, instant training + evaluation + resume on CPU (skipped
+when Detectron2 is not installed; tools/install_detectron2.py installs it)."""
 
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import REPO, load_tool, write_tiny_coco
+from helpers import REPO, export_and_convert, load_tool, write_tiny_coco
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.detectron2
@@ -28,7 +26,6 @@ from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
-from pretrain.checkpoint import export_backbone  # noqa: E402
 from transfer.detection.d2 import train as d2_train  # noqa: E402
 from transfer.detection.d2 import trainer as d2_trainer  # noqa: E402
 from transfer.detection.d2.ext import single_process_norm  # noqa: E402
@@ -49,21 +46,6 @@ HEAD_PREFIXES = (
 )
 
 
-def _source_resnet50() -> dict:
-    """A torchvision ResNet-50 state_dict with non-default BN statistics."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50()
-    sd = model.state_dict()
-    for k, v in sd.items():
-        if k.endswith(("running_mean", "running_var")):
-            v.copy_(torch.rand_like(v) + 0.5)
-    return sd
-
-
-def _convert_tool():
-    return load_tool("convert_to_d2")
-
-
 class _Evil:
     """Unpickling this runs a shell command that creates ``marker``."""
 
@@ -77,15 +59,9 @@ class _Evil:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """This project's exported ResNet-50 backbone, converted by tools/convert_to_d2.py."""
-    sd = _source_resnet50()
-    folder = tmp_path_factory.mktemp("w")
-    exported, path = str(folder / "backbone.pth"), str(folder / "r50.pkl")
-    backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    export_backbone(exported, backbone, arch="resnet50", stem="standard", epoch=1, config=None)
-    summary = _convert_tool().convert(exported, path)
+    sd, path, summary = export_and_convert(tmp_path_factory.mktemp("w"), "convert_to_d2", "r50.pkl")
     print("\n" + summary)
-    blobs = read_d2_pickle(path)["model"]
-    return sd, blobs, summary, path
+    return sd, read_d2_pickle(path)["model"], summary, path
 
 
 def _cfg_from(name: str, *opts: str):
@@ -162,7 +138,7 @@ def test_loading_check_only_heads_missing(converted):
     for tv_key, value in sd.items():
         if tv_key.startswith("fc.") or tv_key.endswith("num_batches_tracked"):
             continue
-        d2_key = next(k for k in model_sd if k.endswith(_d2_name(tv_key)))
+        d2_key = next(k for k in model_sd if k.endswith("." + torchvision_key_to_d2(tv_key)))
         assert d2_key.startswith(("backbone.", "roi_heads.res5.")), d2_key
         torch.testing.assert_close(model_sd[d2_key], value, rtol=0, atol=0)
         n_checked += 1
@@ -222,7 +198,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(converted, tmp_path, k
 def test_startup_refuses_another_depth_and_prints_what_it_read(converted, tmp_path, capsys):
     src, r18 = str(tmp_path / "r18.pth"), str(tmp_path / "r18.pkl")
     torch.save(torchvision.models.resnet18().state_dict(), src)
-    _convert_tool().convert(src, r18)
+    load_tool("convert_to_d2").convert(src, r18)
     argv = ["--config", "mask_rcnn_C4_instant_test.yaml", "OUTPUT_DIR", str(tmp_path / "o")]
     args = d2_train.build_parser().parse_args(argv + ["MODEL.WEIGHTS", r18])
     with pytest.raises(d2_trainer.TrainNetError, match="resnet18 backbone.*DEPTH 50"):
@@ -245,14 +221,9 @@ def test_eval_only_with_a_code_carrying_pickle_runs_nothing(tmp_path, capsys):
     assert not marker.exists()
 
 
-def _d2_name(tv_key: str) -> str:
-    return "." + torchvision_key_to_d2(tv_key)
-
-
-# ------------------------------------------------------------------------------------------
-# Tiny COCO-format dataset: a few 64x80 images with rectangles (polygon masks) and ellipses
-# (RLE masks, one compressed and one uncompressed), two categories with non-contiguous ids.
-# ------------------------------------------------------------------------------------------
+# ------------------------------- training: a tiny COCO-format dataset, a few 64x80 images with
+# rectangles (polygon masks) and ellipses (RLE masks, one compressed and one uncompressed), two
+# categories with non-contiguous ids
 
 
 def _make_tiny_coco(root: str, n_images: int = 4) -> str:

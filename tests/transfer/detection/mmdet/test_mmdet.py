@@ -6,14 +6,12 @@ Skipped when MMDetection is not installed (tools/install_mmdet.py installs it).
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import time
 
 import pytest
 import torch
-import torchvision
 
 try:  # the reason is shown by pytest -rs
     import mmcv.ops  # noqa: F401
@@ -25,13 +23,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     )
 pytestmark = pytest.mark.mmdet
 
-from helpers import REPO, write_tiny_coco  # noqa: E402
+from helpers import REPO, export_and_convert, write_tiny_coco  # noqa: E402
 from mmdet.datasets import CocoDataset  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
-from pretrain.checkpoint import export_backbone  # noqa: E402
 from transfer.detection.mmdet import train as mmdet_train  # noqa: E402
 from transfer.detection.mmdet import trainer as mmdet_trainer  # noqa: E402
 from transfer.detection.mmdet.ext import (  # noqa: E402
@@ -60,32 +57,8 @@ COCO_IDS = [
 ]  # fmt: skip
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _source(arch: str = "resnet50") -> dict:
-    """A torchvision state_dict (seeded default init) with non-default BN statistics."""
-    torch.manual_seed(0)
-    sd = getattr(torchvision.models, arch)().state_dict()
-    for k, v in sd.items():
-        if k.endswith(("running_mean", "running_var")):
-            v.copy_(torch.rand_like(v) + 0.5)
-        elif k.endswith("num_batches_tracked"):
-            v.fill_(7)
-    return sd
-
-
 def _convert(folder, arch: str = "resnet50"):
-    sd = _source(arch)
-    exported, path = str(folder / f"{arch}.pth"), str(folder / f"{arch}_mmdet.pth")
-    backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    export_backbone(exported, backbone, arch=arch, stem="standard", epoch=1, config=None)
-    summary = _load_tool("convert_to_mmdet").convert(exported, path)
-    return sd, path, summary
+    return export_and_convert(folder, "convert_to_mmdet", f"{arch}_mmdet.pth", arch)
 
 
 @pytest.fixture(scope="module")

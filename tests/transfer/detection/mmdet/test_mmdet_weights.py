@@ -261,9 +261,14 @@ def test_install_patches_are_strict():
     assert patch2("dtype=np.float))", rel2) == "dtype=np.float64))"
 
 
-def test_install_shipped_ops_patches():
-    # the three edits of --ops shipped, on excerpts of the mmcv 2.1.0 files they change
-    patches = dict(install_tool.mmcv_patches("+imsvd.1.shipped.torch2.14.1", "shipped")[2:])
+def _shipped_patches() -> dict:
+    """The three edits of --ops shipped (after the two of every build), by the file they edit."""
+    return dict(install_tool.mmcv_patches("+imsvd.1.shipped.torch2.14.1", "shipped")[2:])
+
+
+def test_install_shipped_ops_patches_of_sources_and_bindings():
+    # the edits of --ops shipped, on excerpts of the mmcv 2.1.0 files they change
+    patches = _shipped_patches()
     assert set(patches) == {
         "setup.py",
         "mmcv/ops/csrc/pytorch/pybind.cpp",
@@ -300,6 +305,9 @@ def test_install_shipped_ops_patches():
     assert out.startswith("Tensor nms(") and out.rstrip().endswith("}")
     with pytest.raises(install_tool.InstallError, match="bindings"):  # a binding gone: refuse
         patches[rel](pybind.replace('  m.def("nms_match"', '  m.def("nms_matcher"'), rel)
+
+
+def test_install_shipped_ops_patch_of_the_op_loader():
     loader = (
         "import importlib\nimport torch\n\n"
         "if torch.__version__ != 'parrots':\n\n"
@@ -310,6 +318,7 @@ def test_install_shipped_ops_patches():
         "        return ext\n"
     )
     rel = "mmcv/utils/ext_loader.py"
+    patches = _shipped_patches()
     patched = patches[rel](loader, rel)
     with pytest.raises(install_tool.InstallError, match="ext_loader"):
         patches[rel](patched, rel)  # already patched: nothing to replace
@@ -325,7 +334,9 @@ def test_install_shipped_ops_patches():
         RuntimeError, match="mmcv op deform_conv_forward is not compiled.*setup-mmdet"
     ):
         ext.deform_conv_forward(1, 2)
-    # --ops all leaves sources, bindings and loader alone
+
+
+def test_install_all_ops_leaves_sources_bindings_and_loader_alone():
     assert len(install_tool.mmcv_patches("+imsvd.1.torch2.14.1", "all")) == 2
     assert install_tool.local_label("shipped", "2.14.1") == "+imsvd.1.shipped.torch2.14.1"
     assert install_tool.local_label("all", "2.14.1") == "+imsvd.1.torch2.14.1"
