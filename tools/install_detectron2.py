@@ -297,8 +297,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InstallError as exc:
-        print(f"install_detectron2: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    wheel_cache.exit_with(TOOL, main)

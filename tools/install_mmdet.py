@@ -372,8 +372,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InstallError as exc:
-        print(f"install_mmdet: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    wheel_cache.exit_with(TOOL, main)

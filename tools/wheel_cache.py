@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -49,6 +50,17 @@ def for_tool(tool: str) -> Tuple[Callable[[str], None], Callable[..., subprocess
     """An installer's ``log(msg)`` and ``run(cmd, **kwargs)``: :func:`log` and :func:`run` with
     its name."""
     return functools.partial(log, tool), functools.partial(run, tool)
+
+
+def exit_with(tool: str, main: Callable[[], int]) -> None:
+    """Run an installer's ``main()`` and exit with its code; an :class:`InstallError` is one
+    ``TOOL: error: ...`` line on stderr and exit code 1 (anything else keeps its traceback)."""
+    try:
+        code = main()
+    except InstallError as exc:
+        print(f"{tool}: error: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 def probe_import(python: str, code: str) -> Optional[str]:
