@@ -181,6 +181,16 @@ def test_evaluation_a_bug_inside_the_run_propagates(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.strip().splitlines() == ["error: config key 'seed': bad"]
 
 
+def test_evaluation_a_bug_while_reading_the_weights_keeps_its_traceback(tmp_path, monkeypatch):
+    # only a checkpoint's own error gets the accepted-inputs list; a bug is the same exception
+    bug = ValueError("operands differ")
+    monkeypatch.setattr(runner, "model_from_checkpoint", _raise(bug))
+    with pytest.raises(ValueError) as caught:
+        runner.main(knn.EVALUATION, _knn_argv(tmp_path))
+    assert caught.value is bug and "Accepted inputs" not in str(caught.value)
+    assert any(entry.name == "fail" for entry in caught.traceback)
+
+
 @pytest.mark.parametrize("exc", [KeyError("cfg"), RuntimeError("CUDA error"), TypeError("x")])
 def test_evaluation_other_exceptions_keep_their_type(tmp_path, monkeypatch, exc):
     monkeypatch.setattr(runner, "seed_everything", _raise(exc))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.checkpoint import NonFiniteWeightsError, with_accepted_inputs
+from pretrain.checkpoint import CheckpointError, NonFiniteWeightsError, with_accepted_inputs
 from pretrain.config import ConfigError, save_config
 from pretrain.data.images import max_image_pixels
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
@@ -149,7 +149,7 @@ class EvalContext:
             )
         except NonFiniteWeightsError:
             raise
-        except ValueError as e:
+        except CheckpointError as e:  # the file's problem; any other error keeps its traceback
             raise type(e)(with_accepted_inputs(e)) from None
         if projector is not None:
             projector.eval()
