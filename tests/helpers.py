@@ -30,6 +30,15 @@ CHECKPOINT_KINDS = ("exported", "train_state", "reference_model", "model_final",
                     "moco")  # fmt: skip
 
 
+def save_state(path: Path, model, **kwargs) -> Path:
+    """``pretrain.checkpoint.save_training_state`` with the tests' defaults (no optimizer or
+    scaler, position 0, :data:`TINY_CONFIG`); keywords override them or pass through."""
+    from pretrain.checkpoint import save_training_state
+
+    defaults = dict(optimizer=None, scaler=None, epoch=0, step=0, step_in_epoch=0)
+    return save_training_state(path, model=model, **{**defaults, "config": TINY_CONFIG, **kwargs})
+
+
 def load_tool(name: str) -> ModuleType:
     """Import ``tools/<name>.py`` (tools/ is not a package) by path."""
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")

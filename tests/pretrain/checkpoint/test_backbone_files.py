@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import TINY_CONFIG, assert_same_tensors, no_fc
+from helpers import TINY_CONFIG, assert_same_tensors, no_fc, save_state
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
@@ -70,16 +70,7 @@ def test_export_rejects_wrong_keys(tmp_path: Path, tv18) -> None:
 def test_load_backbone_from_training_state(tmp_path: Path, trained) -> None:
     model, opt, scaler = trained
     path = tmp_path / ckpt.checkpoint_name(1, 10)
-    ckpt.save_training_state(
-        path,
-        model=model,
-        optimizer=opt,
-        scaler=scaler,
-        epoch=1,
-        step=10,
-        step_in_epoch=0,
-        config=TINY_CONFIG,
-    )
+    save_state(path, model, optimizer=opt, scaler=scaler, epoch=1, step=10)
     sd, meta = ckpt.load_backbone(path)
     assert_same_tensors(sd, model.backbone.state_dict())
     assert meta["source_format"] == "imsvd-train-state"
@@ -225,16 +216,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_load_projector(tmp_path: Path, trained, tv18) -> None:
     model = trained[0]
     path = tmp_path / "state.pth"
-    ckpt.save_training_state(
-        path,
-        model=model,
-        optimizer=None,
-        scaler=None,
-        epoch=2,
-        step=5,
-        step_in_epoch=0,
-        config=TINY_CONFIG,
-    )
+    save_state(path, model, epoch=2, step=5)
     sd, meta = load_projector(path)
     assert_same_tensors(sd, model.projector.state_dict())
     assert (meta["spec"], meta["in_dim"], meta["out_dim"]) == ("64-32", 512, 32)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CONFIG, assert_same_tensors, tiny_imsvd_model
+from helpers import TINY_CONFIG, assert_same_tensors, save_state, tiny_imsvd_model
 from torch import nn
 
 import pretrain.checkpoint as ckpt
@@ -68,16 +68,16 @@ def test_atomic_save_rejects_objects_weights_only_cannot_load(tmp_path, bad, whe
 def test_training_state_roundtrip(tmp_path: Path, trained) -> None:
     model, opt, scaler = trained
     path = tmp_path / ckpt.checkpoint_name(3, 120)
-    ckpt.save_training_state(
+    # the wrapper must vanish from the key names (a copy: DataParallel moves it to a GPU)
+    wrapped = nn.DataParallel(copy.deepcopy(model))
+    save_state(
         path,
-        # the wrapper must vanish from the key names (a copy: DataParallel moves it to a GPU)
-        model=nn.DataParallel(copy.deepcopy(model)),
+        wrapped,
         optimizer=opt,
         scaler=scaler,
         epoch=3,
         step=120,
         step_in_epoch=20,
-        config=TINY_CONFIG,
         extra={"meter": 1.5},
     )
     raw = torch.load(path, weights_only=True)
@@ -108,16 +108,7 @@ def test_training_state_roundtrip(tmp_path: Path, trained) -> None:
 def test_restore_names_mismatched_keys(tmp_path: Path, trained) -> None:
     model, opt, scaler = trained
     path = tmp_path / "c.pth"
-    ckpt.save_training_state(
-        path,
-        model=model,
-        optimizer=opt,
-        scaler=None,
-        epoch=0,
-        step=1,
-        step_in_epoch=1,
-        config=TINY_CONFIG,
-    )
+    save_state(path, model, optimizer=opt, step=1, step_in_epoch=1)
     state = ckpt.load_training_state(path)
     assert state["scaler"] is None
     with pytest.raises(CheckpointError) as e:
@@ -134,31 +125,13 @@ def test_restore_names_mismatched_keys(tmp_path: Path, trained) -> None:
 
 def test_save_training_state_rejects_non_imsvd_model(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"keys backbone\.\* and projector\.\*"):
-        ckpt.save_training_state(
-            tmp_path / "x.pth",
-            model=nn.Linear(2, 2),
-            optimizer=None,
-            scaler=None,
-            epoch=0,
-            step=0,
-            step_in_epoch=0,
-            config=TINY_CONFIG,
-        )
+        save_state(tmp_path / "x.pth", nn.Linear(2, 2))
 
 
 def test_load_training_state_errors(tmp_path: Path, trained) -> None:
     model = trained[0]
     path = tmp_path / "c.pth"
-    ckpt.save_training_state(
-        path,
-        model=model,
-        optimizer=None,
-        scaler=None,
-        epoch=0,
-        step=0,
-        step_in_epoch=0,
-        config=TINY_CONFIG,
-    )
+    save_state(path, model)
     raw = torch.load(path, weights_only=True)
     raw["format_version"] = 99
     torch.save(raw, tmp_path / "newer.pth")
@@ -277,17 +250,7 @@ def test_cuda_state_roundtrip(tmp_path: Path) -> None:
     assert len(rng["cuda"]) == torch.cuda.device_count() >= 1
     first = torch.rand(8, device=dev)
     path = tmp_path / ckpt.checkpoint_name(0, 1)
-    ckpt.save_training_state(
-        path,
-        model=model,
-        optimizer=opt,
-        scaler=scaler,
-        epoch=0,
-        step=1,
-        step_in_epoch=1,
-        config=TINY_CONFIG,
-        rng=rng,
-    )
+    save_state(path, model, optimizer=opt, scaler=scaler, step=1, step_in_epoch=1, rng=rng)
     state = ckpt.load_training_state(path)  # map_location="cpu"
     assert all(v.device.type == "cpu" for v in state["model"].values())
     assert state["scaler"]["scale"] == scaler.get_scale()

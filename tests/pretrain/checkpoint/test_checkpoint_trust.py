@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_CONFIG, assert_same_tensors, no_fc, tiny_imsvd_model
+from helpers import assert_same_tensors, no_fc, save_state, tiny_imsvd_model
 
 import pretrain.checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
@@ -149,16 +149,7 @@ def _state(tmp_path: Path, step: int, seed: int = 1) -> Path:
     model(torch.randn(2, 3, 16, 16)).pow(2).mean().backward()
     opt.step()
     path = tmp_path / ckpt.checkpoint_name(0, step)
-    ckpt.save_training_state(
-        path,
-        model=model,
-        optimizer=opt,
-        scaler=None,
-        epoch=0,
-        step=step,
-        step_in_epoch=step,
-        config=TINY_CONFIG,
-    )
+    save_state(path, model, optimizer=opt, step=step, step_in_epoch=step)
     return path
 
 
