@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_knn_scale import spawn_ranks  # noqa: E402  (benchmarks/)
+from rendezvous import act_as_launcher  # noqa: E402  (benchmarks/)
 
 from pretrain import dist as pdist  # noqa: E402
 
@@ -49,8 +49,7 @@ def _shard(n: int, dim: int, rank: int, world: int) -> torch.Tensor:
 
 
 def _worker(rank, world, port, cfg, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     if world > 1:
         pdist.init_distributed("cpu")

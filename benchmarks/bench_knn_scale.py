@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -47,6 +45,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rendezvous import act_as_launcher, free_port  # noqa: E402  (benchmarks/)
 
 from pretrain import dist as pdist  # noqa: E402
 from pretrain.probe.knn import bank_tensor, knn_classify  # noqa: E402
@@ -93,8 +93,7 @@ def make_shard(n: int, dim: int, rank: int, world: int, classes: int):
 
 
 def _worker(rank, world, port, cfg, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(max(1, cfg["threads"] // world))
     if world > 1:
         pdist.init_distributed("cpu")
@@ -128,9 +127,7 @@ def _worker(rank, world, port, cfg, out):
 def spawn_ranks(worker, cfg: dict) -> list:
     """``worker(rank, world, port, cfg, out)`` on cfg["world"] fresh processes (their peak
     memory their own); the ranks' results, read from ``out/rank<r>.json``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(worker, args=(cfg["world"], port, cfg, out), nprocs=cfg["world"], join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cfg["world"])]

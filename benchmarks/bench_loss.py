@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from rendezvous import act_as_launcher, free_port  # noqa: E402  (benchmarks/)
 
 from pretrain import dist as pdist  # noqa: E402
 from pretrain.losses.imsvd import IMSVDLoss  # noqa: E402
@@ -129,14 +130,7 @@ def _summary(runs: List[Dict]) -> Dict[str, float]:
 
 
 def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
-    # The benchmark acts as the launcher here (as torchrun would): it sets the rendezvous env.
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(max(1, args.threads // world))
     info = pdist.init_distributed(args.device)
     local_n = args.n // world
@@ -167,9 +161,7 @@ def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, que
 
 
 def run_dist(args: argparse.Namespace) -> Dict[str, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [

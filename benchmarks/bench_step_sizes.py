@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rendezvous import act_as_launcher, free_port  # noqa: E402  (benchmarks/)
 
 from pretrain import dist as pdist  # noqa: E402
 from pretrain.config import find_config, load_config  # noqa: E402
@@ -50,13 +51,7 @@ def _views(local: int, size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     pdist.init_distributed("cpu")
     cfg = load_config(find_config("imsvd_demo", "pretrain"))
@@ -115,9 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         mp.spawn(_worker, args=(2, port, args, out), nprocs=2, join=True)

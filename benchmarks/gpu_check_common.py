@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rendezvous import free_port  # benchmarks/ (gpu_check.py puts it on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,17 +91,11 @@ def _error(exc: BaseException) -> dict:
     return {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-3:]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_world_of_one(device: torch.device) -> str:
     """A process group of this one process (nccl on CUDA, gloo on the CPU) for DDP; the backend."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend, init_method="env://", rank=0, world_size=1)

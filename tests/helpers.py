@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -37,6 +38,25 @@ def save_state(path: Path, model, **kwargs) -> Path:
 
     defaults = dict(optimizer=None, scaler=None, epoch=0, step=0, step_in_epoch=0)
     return save_training_state(path, model=model, **{**defaults, "config": TINY_CONFIG, **kwargs})
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago, for a test's own rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def act_as_launcher(rank: int, world: int, port: int) -> None:
+    """The launcher's job (torchrun, SLURM), done by a test that spawns its ranks: RANK,
+    WORLD_SIZE, LOCAL_RANK and MASTER_ADDR / MASTER_PORT. Library code never writes these."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def load_tool(name: str) -> ModuleType:

@@ -1,12 +1,12 @@
 """VICReg and Barlow Twins losses against straightforward formulations, and in two processes."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import act_as_launcher, free_port
 
 from pretrain.dist import all_reduce_sum, cleanup, init_distributed
 from pretrain.losses.barlowtwins import BarlowTwinsLoss
@@ -128,13 +128,7 @@ def test_factory_and_errors():
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     init_distributed("cpu")
     x1, x2, w = _problem()
@@ -150,15 +144,9 @@ def _worker(rank, world, port, out_dir):
     cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     x1, x2, w = _problem()
     for name, crit in (("vicreg", VICRegLoss()), ("bt", BarlowTwinsLoss())):

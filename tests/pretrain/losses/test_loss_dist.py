@@ -1,12 +1,12 @@
 """Two gloo processes, each with half the batch, reproduce the one-process loss and gradients."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import act_as_launcher, free_port
 
 from pretrain.dist import (
     all_gather_tensor,
@@ -54,14 +54,7 @@ def _loss_and_grad(impl, shard, kw, x1, x2, weight):
 
 
 def _worker(rank, world, port, out_dir):
-    # The launcher's job, done here by the test harness (library code never writes these).
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     assert (info.rank, info.world_size, info.backend) == (rank, world, "gloo")
@@ -130,16 +123,10 @@ def _known_sizes_step(rank, world, x1, x2, weight, local):
     return result
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 

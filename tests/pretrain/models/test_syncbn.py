@@ -5,12 +5,12 @@ parameters."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 
 from pretrain.models.syncbn import GlobalBatchNorm, convert_sync_batchnorm
@@ -47,12 +47,6 @@ def _worker(rank, world, port, shares, queue):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("shares", [[5, 5], [7, 3], [0, 10]])
 def test_two_processes_equal_one_batch(shares):
@@ -61,7 +55,7 @@ def test_two_processes_equal_one_batch(shares):
     nn.functional.cross_entropy(net(x), y).backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, shares, queue)) for r in range(2)]
     for p in procs:
         p.start()

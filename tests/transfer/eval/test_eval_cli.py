@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import yaml
+from helpers import act_as_launcher, free_port
 
 from pretrain.config import ConfigError, config_dir, config_names, find_config, load_config
 from transfer.analysis import analyze
@@ -285,8 +286,7 @@ def _folder_worker(rank, world, port, busy, free, out_dir):
     from pretrain.dist import cleanup, init_distributed, main_rank_values
     from pretrain.engine.checkpointer import RunFolderBusyError, take_output_folder
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     got = {"value": main_rank_values([5 if rank == 0 else 7], info.device)[0]}
@@ -307,15 +307,12 @@ def _folder_worker(rank, world, port, busy, free, out_dir):
 
 @pytest.mark.dist
 def test_a_busy_output_folder_stops_every_rank(tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
     from pretrain.engine.checkpointer import RunFolder
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     busy, free = tmp_path / "busy", tmp_path / "free"
     with RunFolder(busy, is_main=True):  # another run holds it
         mp.spawn(_folder_worker, args=(2, port, busy, free, str(tmp_path)), nprocs=2, join=True)

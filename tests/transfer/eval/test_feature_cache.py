@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_tree
+from helpers import act_as_launcher, free_port, make_image_tree
 
 from pretrain.data.datasets import build_image_dataset
 from pretrain.data.transforms import eval_transform
@@ -196,8 +196,7 @@ def test_rank_0_failing_to_check_stops_the_other_ranks(frozen_tree, tmp_path, mo
 def _cache_worker(rank, world, port, weights, tree, cache, out_dir):
     from pretrain.dist import cleanup, init_distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     init_distributed("cpu")
     model, _, meta = model_from_checkpoint(weights)
@@ -216,14 +215,11 @@ def _cache_worker(rank, world, port, weights, tree, cache, out_dir):
 
 @pytest.mark.dist
 def test_two_ranks_take_the_same_cache_branch(tiny_backbone, tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
     tree = make_image_tree(tmp_path / "val", n_per_class=2)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     args = (2, port, str(tiny_backbone), str(tree), str(tmp_path / "cache"), str(tmp_path))
     ctx = mp.spawn(_cache_worker, args=args, nprocs=2, join=False)
     try:
@@ -247,8 +243,7 @@ def _gather_worker(rank, world, port, weights, tree, cache, out_dir, bad_tree):
     from pretrain import dist as pdist
     from pretrain.dist import cleanup, init_distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     init_distributed("cpu")
     model = freeze(model_from_checkpoint(weights)[0])
@@ -279,14 +274,11 @@ def test_gather_modes_on_two_ranks(tiny_backbone, tmp_path):
     """all: the whole arrays everywhere; main: on rank 0 only; shard: each rank its own
     contiguous rows, rank 0 first; with the cache, a miss writes the whole entry and a hit
     gives each rank a contiguous slice; every variant equals one process's arrays."""
-    import socket
 
     import torch.multiprocessing as mp
 
     tree = make_image_tree(tmp_path / "val", n_per_class=3)  # 9 images: shards of 4 and 5
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cache = tmp_path / "cache"
     bad_tree = make_image_tree(tmp_path / "bad", n_per_class=3)
     (bad_tree / "c2" / "img002.png").write_bytes(b"not an image")  # row 8: rank 1's shard

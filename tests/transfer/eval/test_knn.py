@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import run_module
+from helpers import act_as_launcher, free_port, run_module
 
 from pretrain.config import ConfigError
 from pretrain.probe.knn import knn_accuracy, knn_classify
@@ -303,8 +303,7 @@ def _sharded_worker(rank, world, port, out_dir, splits):
 
     from pretrain.dist import cleanup, init_distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    act_as_launcher(rank, world, port)
     torch.set_num_threads(1)
     init_distributed("cpu")
     bank, labels, q = _sharded_problem()
@@ -336,13 +335,10 @@ def _sharded_problem():
 
 @pytest.mark.dist
 def test_sharded_bank_on_two_ranks_equals_one_process(tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # uneven shards, a shard smaller than k, and an empty shard on rank 0
     splits = {"even": 200, "uneven": 37, "tiny": 3, "empty": 0}
     mp.spawn(_sharded_worker, args=(2, port, str(tmp_path), splits), nprocs=2, join=True)
