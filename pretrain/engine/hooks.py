@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,7 +29,7 @@ from pretrain.log import AverageMeter, MetricWriter, get_logger
 if TYPE_CHECKING:  # the trainer imports this module
     from pretrain.engine.trainer import Trainer
 
-__all__ = ["LoopState", "HookBase", "MetricsHook", "ProbeHook", "CheckpointHook"]
+__all__ = ["LoopState", "HookBase", "attach_hooks", "MetricsHook", "ProbeHook", "CheckpointHook"]
 
 STATUSES = ("running", "finished", "preempted")
 
@@ -46,7 +47,7 @@ class LoopState:
         step: optimisation steps done (skipped batches do not count).
         step_in_epoch: batches of the current epoch consumed (skipped ones included).
         lr: the learning rate of the last step.
-        losses: the last step's loss terms (scalar tensors; "loss" is the one optimised).
+        losses: the last step's loss terms (detached scalar tensors; "loss" is the one optimised).
         views: the last step's two N x D projector outputs (detached), or None before a step.
         stop_requested: every rank agreed to stop after this step (a process got SIGTERM /
             SIGUSR1).
@@ -98,6 +99,16 @@ class HookBase:
 
     def after_train(self) -> None:
         """After the loop ends (``state.status`` "finished" or "preempted"), before the summary."""
+
+
+def attach_hooks(hooks, state: LoopState, trainer: Any) -> list[HookBase]:
+    """The hooks as a list, each given the loop's ``state`` and a weak proxy of ``trainer`` (a
+    hook never keeps its trainer alive). Used by the pretraining loop and the supervised-head
+    trainer (:mod:`transfer.eval.supervised`)."""
+    hooks = list(hooks)
+    for h in hooks:
+        h.state, h.trainer = state, weakref.proxy(trainer)
+    return hooks
 
 
 class MetricsHook(HookBase):

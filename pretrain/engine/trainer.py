@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,7 +27,14 @@ from pretrain.engine.checkpointer import (
     CheckpointWriteError,
     RunFolder,
 )
-from pretrain.engine.hooks import CheckpointHook, HookBase, LoopState, MetricsHook, ProbeHook
+from pretrain.engine.hooks import (
+    CheckpointHook,
+    HookBase,
+    LoopState,
+    MetricsHook,
+    ProbeHook,
+    attach_hooks,
+)
 from pretrain.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from pretrain.engine.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 from pretrain.errors import IMSVDError
@@ -114,9 +120,7 @@ class Trainer:
         self._folder: RunFolder | None = RunFolder(self.out, self.info.is_main).__enter__()
         try:
             self._build()
-            self.hooks = self.build_hooks() + self.extra_hooks
-            for h in self.hooks:
-                h.state, h.trainer = self.state, weakref.proxy(self)
+            self.hooks = attach_hooks(self.build_hooks() + self.extra_hooks, self.state, self)
         except BaseException:
             self.close()
             raise
@@ -266,7 +270,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.state.losses = losses
+        self.state.losses = {k: v.detach() for k, v in losses.items()}
         self.state.views = (z1.detach(), z2.detach())
         if stop_now > 0:
             self.state.stop_requested, self.state.stop_signal = True, stop.signum

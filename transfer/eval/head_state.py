@@ -107,6 +107,16 @@ def train_signature(dataset, base: str | None) -> dict:
     }
 
 
+def run_identity(mode: str, weights_sha256: str, dataset, cfg: dict) -> dict:
+    """What a checkpoint must match to be resumed by a run (:func:`resume_mismatch`): the mode,
+    the pretrained weights' hash, the training set's :func:`train_signature` (paths relative to
+    ``data.train_root``, or to the folder of ``data.train_list``) and the config."""
+    d = cfg["data"]
+    base = d["train_root"] or os.path.dirname(os.path.abspath(d["train_list"]))
+    data = train_signature(dataset, base)
+    return {"mode": mode, "weights_sha256": weights_sha256, "data": data, "config": cfg}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """The run-changing config differences (``key: saved -> current`` lines), see the module."""
     neutral = NEUTRAL_KEYS

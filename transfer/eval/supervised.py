@@ -19,7 +19,6 @@ Results: top-1 / top-5 (percent) of the last epoch (``reported: last``), ``best`
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from pretrain.checkpoint import export_backbone, tensor_sha256
 from pretrain.config import ConfigError
 from pretrain.dist import all_reduce_sum
+from pretrain.engine.hooks import LoopState, attach_hooks
 from pretrain.engine.runtime import StopRequest, autocast, grad_scaler
 from pretrain.errors import IMSVDError
 from pretrain.log import MetricWriter
@@ -63,8 +63,9 @@ class SupervisedTrainer:
         ctx: :class:`transfer.eval.runner.EvalContext` (config, process group, output folder).
         mode: "frozen" or "finetune".
         checkpoint_name: file name of the checkpoint inside the output folder.
-        hooks: :class:`pretrain.engine.hooks.HookBase` objects; ``after_step`` / ``after_epoch`` see
-            the trainer (``step``, ``epoch``, ``step_in_epoch``, ``model``).
+        hooks: :class:`pretrain.engine.hooks.HookBase` objects, called as in pretraining (after
+            the resume, each step, each epoch's checkpoint, the end); ``hook.state`` is a
+            LoopState without ``views``, ``losses["loss"]`` the step's global mean cross-entropy.
     Raises:
         ConfigError: train.batch_size not divisible by the process count, or head.num_classes
             below the data's class count.
@@ -91,14 +92,7 @@ class SupervisedTrainer:
         self._build_loader()
         self.ckpt_path = ctx.out / checkpoint_name
         self.writer = MetricWriter(str(ctx.out), rank=info.rank, tensorboard=False)
-        d = cfg["data"]
-        base = d["train_root"] or os.path.dirname(os.path.abspath(d["train_list"]))
-        self.identity = {
-            "mode": mode,
-            "weights_sha256": self.meta["sha256"],
-            "data": head_state.train_signature(self.train_ds, base),
-            "config": cfg,
-        }
+        self.identity = head_state.run_identity(mode, self.meta["sha256"], self.train_ds, cfg)
         self.epochs = int(self.t["epochs"])
         self.epoch = self.step = self.step_in_epoch = 0
         self.history: list[dict] = []
@@ -106,12 +100,12 @@ class SupervisedTrainer:
         self.unreadable = {"train": 0, "val": 0}
         self.val_feats = None
         self.val_seen: int | None = None  # epoch of the last validation pass of this process
-        self.stop_requested, self.last_loss = False, 0.0
-        self.hooks = list(hooks)
-        for h in self.hooks:
-            h.trainer = self
+        self.stop_requested, self.stop_signal, self.last_loss, self.lr = False, None, 0.0, 0.0
+        self.state = LoopState(  # the loop as the hooks see it
+            self.steps_per_epoch, self.epochs * self.steps_per_epoch, int(self.t["batch_size"])
+        )
+        self.hooks = attach_hooks(hooks, self.state, self)
 
-    # ------------------------------------------------------------------ build
     def _build_model(self) -> None:
         info, finetune = self.info, self.mode == "finetune"
         self.model, self.forward = build_model(
@@ -138,7 +132,6 @@ class SupervisedTrainer:
         crop = d["train_crop"] if d["train_aug"] == "random_resized_crop" else d["crop"]
         self.empty_images = torch.zeros((0, 3, int(crop), int(crop)))
 
-    # ------------------------------------------------------------ checkpoints
     def resume(self) -> None:
         """Continue from the output folder's checkpoint when it belongs to this run.
 
@@ -195,12 +188,12 @@ class SupervisedTrainer:
             lambda: head_state.save_state(self.ckpt_path, state), self.info, str(self.ckpt_path)
         )
 
-    # ------------------------------------------------------------------- step
     def _set_lr(self) -> float:
         factor = lr_factor(self.epoch, self.t)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        return self.base_lrs[0] * factor
+        self.lr = self.base_lrs[0] * factor
+        return self.lr
 
     def run_step(self, images, labels, stop: StopRequest) -> bool:
         """One optimizer step on this process's share of a global batch.
@@ -218,7 +211,7 @@ class SupervisedTrainer:
         flags = all_reduce_sum(
             torch.tensor([float(len(x)), float(stop.signum is not None)], device=dev)
         )
-        n, self.stop_requested = int(flags[0]), bool(flags[1] > 0)
+        n, self.stop_requested, self.stop_signal = int(flags[0]), bool(flags[1] > 0), stop.signum
         needs_two = finetune or bool(self.cfg["head"]["batchnorm"])
         if n < (2 if needs_two else 1):
             return False
@@ -253,7 +246,6 @@ class SupervisedTrainer:
         self.last_loss = float(total[0]) / n
         return True
 
-    # ---------------------------------------------------------------- evaluate
     def evaluate(self) -> dict:
         """Top-1 / top-5 (percent) of the current head (and backbone) on the validation set.
 
@@ -275,7 +267,6 @@ class SupervisedTrainer:
         self.val_seen = self.epoch
         return accuracy
 
-    # -------------------------------------------------------------------- loop
     def _epoch(self, stop: StopRequest) -> bool:
         """The rest of the current epoch; False when stopped by a signal (state saved)."""
         every, log_every = int(self.t["checkpoint_every_steps"]), int(self.t["log_every"])
@@ -296,8 +287,7 @@ class SupervisedTrainer:
                     self.writer.write(
                         self.step, {"loss": self.last_loss, "lr": lr, "epoch": self.epoch}
                     )
-                for h in self.hooks:
-                    h.after_step()
+                self._run_hooks("after_step")
             if self.stop_requested:
                 self.save()
                 return False
@@ -324,8 +314,15 @@ class SupervisedTrainer:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.sums = {"loss": 0.0, "steps": 0, "dropped": 0}
         self.save()
+        self._run_hooks("after_epoch")
+
+    def _run_hooks(self, event: str, status: str = "running") -> None:
+        s = self.state
+        s.epoch, s.step, s.step_in_epoch, s.lr = self.epoch, self.step, self.step_in_epoch, self.lr
+        s.losses = {"loss": torch.tensor(self.last_loss)}
+        s.stop_requested, s.stop_signal, s.status = self.stop_requested, self.stop_signal, status
         for h in self.hooks:
-            h.after_epoch()
+            getattr(h, event)()
 
     def fit(self) -> dict:
         """Resume if possible, train to train.epochs, and return the results (every rank).
@@ -340,12 +337,15 @@ class SupervisedTrainer:
         self.head.train()
         stop = StopRequest()
         stop.install()
+        self._run_hooks("before_train")
         try:
             while self.epoch < self.epochs:
                 if not self._epoch(stop):
                     logger.info("stopped by signal %s at step %d (saved)", stop.signum, self.step)
+                    self._run_hooks("after_train", "preempted")
                     return {"status": "preempted", "epoch": self.epoch, "step": self.step}
                 self._end_epoch()
+            self._run_hooks("after_train", "finished")
         finally:
             stop.restore()
             self.writer.close()

@@ -122,11 +122,15 @@ def test_hooks_see_the_loop_state(tmp_path):
 
 def test_builtin_hooks_see_only_the_loop_state_and_what_they_were_given():
     # the built-in hooks never read the trainer: a hook's view of the loop is LoopState
+    # (attach_hooks only stores the weak proxy)
     tree = ast.parse((REPO / "pretrain" / "engine" / "hooks.py").read_text(encoding="utf-8"))
     uses = [
         n.lineno
         for n in ast.walk(tree)
-        if isinstance(n, ast.Attribute) and n.attr == "trainer" and isinstance(n.value, ast.Name)
+        if isinstance(n, ast.Attribute)
+        and n.attr == "trainer"
+        and isinstance(n.value, ast.Name)
+        and isinstance(n.ctx, ast.Load)
     ]
     assert not uses, f"pretrain/engine/hooks.py reads self.trainer at lines {uses}"
 
