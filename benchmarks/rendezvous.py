@@ -1,6 +1,7 @@
 """What a launcher (torchrun, SLURM) does before a process starts, done by a benchmark that
 spawns its own ranks on this machine: a free TCP port for the rendezvous and the environment
-``pretrain.dist.init_distributed`` reads. Library code never writes these variables."""
+``pretrain.dist.init_distributed`` reads. Library code never writes these variables; the tests
+have the same two in tests/helpers.py (benchmarks and tests do not import each other)."""
 
 from __future__ import annotations
 

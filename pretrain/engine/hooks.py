@@ -36,7 +36,9 @@ STATUSES = ("running", "finished", "preempted")
 
 @dataclasses.dataclass
 class LoopState:
-    """The pretraining loop as its hooks see it.
+    """A training loop as its hooks see it: pretraining's, and the supervised-head trainer's
+    (:mod:`transfer.eval.supervised`: ``views`` stays None, ``total_steps`` is ``train.epochs``
+    x steps_per_epoch, ``losses`` holds "loss", the global batch's mean cross-entropy).
 
     Attributes:
         steps_per_epoch: full batches of an epoch (per process, the same on every rank).
@@ -54,7 +56,8 @@ class LoopState:
         stop_signal: the signal this process got, or None (another process got it).
         status: "running", then "finished" (the schedule's last step is done) or "preempted".
         started: ``time.perf_counter()`` when this process's training (re)started.
-        paused_seconds: time since then spent outside training (the online probe).
+        paused_seconds: time since then spent outside training (the online probe, the validation
+            passes).
     """
 
     steps_per_epoch: int = 0

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, free_port
 
 from pretrain.checkpoint import latest_checkpoint, load_training_state
 
@@ -105,7 +105,7 @@ def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(MASTER_PORT=str(31500 + os.getpid() % 1000)),
+        env=_env(MASTER_PORT=str(free_port())),
     )
     lines = []
     try:

@@ -1,5 +1,6 @@
-"""The supervised-head trainer's checkpoint (``OUTPUT_DIR/{linear,finetune}_checkpoint.pth``)
-and the rule that decides whether a run may resume from it.
+"""The supervised-head trainer's files: its checkpoint
+(``OUTPUT_DIR/{linear,finetune}_checkpoint.pth``), the rule that decides whether a run may resume
+from it, and the export of the fine-tuned backbone.
 
 Format ``imsvd-supervised-state`` version 1, a plain dict written atomically (read with
 ``weights_only=True``): ``format``, ``format_version``, ``mode`` (frozen | finetune),
@@ -28,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import CheckpointError, atomic_torch_save, load_plain
+from pretrain.checkpoint import CheckpointError, atomic_torch_save, export_backbone, load_plain
 from pretrain.dist import run_on_main
 from pretrain.engine.checkpointer import run_changing_differences, write_error_message
 from pretrain.errors import IMSVDError
@@ -249,3 +250,18 @@ def on_main_process(write, info, what: str) -> None:
         raise error
     if failed:
         raise HeadStateError(f"the main process could not write {what} (see its error)")
+
+
+def export_finetuned(path: Path, state_dict, meta: dict, epochs: int, cfg: dict, info) -> None:
+    """Write a fine-tuned backbone with :func:`pretrain.checkpoint.export_backbone` (the arch and
+    stem of the weights read, ``meta``) on rank 0; every rank calls this.
+
+    Raises:
+        HeadStateError: on every rank when rank 0 could not write ``path``.
+    """
+
+    def write() -> None:
+        arch, stem = meta["arch"], meta["stem"]
+        export_backbone(path, state_dict, arch=arch, stem=stem, epoch=epochs, config=cfg)
+
+    on_main_process(write, info, str(path))

@@ -19,12 +19,13 @@ Results: top-1 / top-5 (percent) of the last epoch (``reported: last``), ``best`
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import export_backbone, tensor_sha256
+from pretrain.checkpoint import tensor_sha256
 from pretrain.config import ConfigError
 from pretrain.dist import all_reduce_sum
 from pretrain.engine.hooks import LoopState, attach_hooks
@@ -63,9 +64,9 @@ class SupervisedTrainer:
         ctx: :class:`transfer.eval.runner.EvalContext` (config, process group, output folder).
         mode: "frozen" or "finetune".
         checkpoint_name: file name of the checkpoint inside the output folder.
-        hooks: :class:`pretrain.engine.hooks.HookBase` objects, called as in pretraining (after
-            the resume, each step, each epoch's checkpoint, the end); ``hook.state`` is a
-            LoopState without ``views``, ``losses["loss"]`` the step's global mean cross-entropy.
+        hooks: :class:`pretrain.engine.hooks.HookBase` objects, called as in pretraining: after
+            the resume, after each step and each epoch (and their checkpoints), at the end;
+            ``hook.state`` is a :class:`pretrain.engine.hooks.LoopState`.
     Raises:
         ConfigError: train.batch_size not divisible by the process count, or head.num_classes
             below the data's class count.
@@ -100,7 +101,8 @@ class SupervisedTrainer:
         self.unreadable = {"train": 0, "val": 0}
         self.val_feats = None
         self.val_seen: int | None = None  # epoch of the last validation pass of this process
-        self.stop_requested, self.stop_signal, self.last_loss, self.lr = False, None, 0.0, 0.0
+        self.stop_requested, self.stop_signal, self.lr = False, None, 0.0
+        self.last_loss: float | None = None  # the last step's global mean loss
         self.state = LoopState(  # the loop as the hooks see it
             self.steps_per_epoch, self.epochs * self.steps_per_epoch, int(self.t["batch_size"])
         )
@@ -208,10 +210,9 @@ class SupervisedTrainer:
         labels = torch.as_tensor(labels if len(images) else [], dtype=torch.long).to(dev)
         x = images.to(dev, non_blocking=True).contiguous(memory_format=self.memory_format)
         # one collective before the forward: the global batch size and preemption signals
-        flags = all_reduce_sum(
-            torch.tensor([float(len(x)), float(stop.signum is not None)], device=dev)
-        )
-        n, self.stop_requested, self.stop_signal = int(flags[0]), bool(flags[1] > 0), stop.signum
+        signum = stop.signum  # read once: the flag sent and the signal kept agree
+        flags = all_reduce_sum(torch.tensor([float(len(x)), float(signum is not None)], device=dev))
+        n, self.stop_requested, self.stop_signal = int(flags[0]), bool(flags[1] > 0), signum
         needs_two = finetune or bool(self.cfg["head"]["batchnorm"])
         if n < (2 if needs_two else 1):
             return False
@@ -287,13 +288,13 @@ class SupervisedTrainer:
                     self.writer.write(
                         self.step, {"loss": self.last_loss, "lr": lr, "epoch": self.epoch}
                     )
+            mid_epoch = self.step_in_epoch < self.steps_per_epoch
+            if self.stop_requested or (stepped and every and self.step % every == 0 and mid_epoch):
+                self.save()  # before the hooks, as pretraining's CheckpointHook runs first
+            if stepped:
                 self._run_hooks("after_step")
             if self.stop_requested:
-                self.save()
                 return False
-            mid_epoch = self.step_in_epoch < self.steps_per_epoch
-            if stepped and every and self.step % every == 0 and mid_epoch:
-                self.save()
         return True
 
     def _end_epoch(self) -> None:
@@ -307,7 +308,9 @@ class SupervisedTrainer:
         }
         every = int(self.t["eval_every"])
         if (every and (self.epoch + 1) % every == 0) or self.epoch + 1 == self.epochs:
+            t0 = time.perf_counter()
             record.update(self.evaluate())
+            self.state.paused_seconds += time.perf_counter() - t0  # not training time
         self.history.append(record)
         self.writer.write(self.step, record)
         logger.info("%s", format_epoch(record, self.epochs, dropped))
@@ -319,7 +322,7 @@ class SupervisedTrainer:
     def _run_hooks(self, event: str, status: str = "running") -> None:
         s = self.state
         s.epoch, s.step, s.step_in_epoch, s.lr = self.epoch, self.step, self.step_in_epoch, self.lr
-        s.losses = {"loss": torch.tensor(self.last_loss)}
+        s.losses = {} if self.last_loss is None else {"loss": torch.tensor(self.last_loss)}
         s.stop_requested, s.stop_signal, s.status = self.stop_requested, self.stop_signal, status
         for h in self.hooks:
             getattr(h, event)()
@@ -337,8 +340,9 @@ class SupervisedTrainer:
         self.head.train()
         stop = StopRequest()
         stop.install()
-        self._run_hooks("before_train")
         try:
+            self.state.started = time.perf_counter()
+            self._run_hooks("before_train")
             while self.epoch < self.epochs:
                 if not self._epoch(stop):
                     logger.info("stopped by signal %s at step %d (saved)", stop.signum, self.step)
@@ -388,13 +392,8 @@ class SupervisedTrainer:
     def export(self) -> Path:
         """Write the fine-tuned backbone (rank 0) in the toolkit's backbone format."""
         path = self.ctx.out / FINETUNED_BACKBONE
-        sd, meta = self.backbone.state_dict(), self.meta
-
-        def write() -> None:
-            export_backbone(
-                path, sd, arch=meta["arch"], stem=meta["stem"], epoch=self.epochs, config=self.cfg
-            )
+        sd, info = self.backbone.state_dict(), self.info
+        head_state.export_finetuned(path, sd, self.meta, self.epochs, self.cfg, info)
+        if info.is_main:
             logger.info("fine-tuned backbone written to %s", path)
-
-        head_state.on_main_process(write, self.info, str(path))
         return path

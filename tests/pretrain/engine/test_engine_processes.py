@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, free_port
 
 from pretrain import checkpoint as ckpt
 from pretrain.engine import trainer as engine
@@ -38,7 +38,7 @@ def _launch(out: Path, *overrides: str, **env: str) -> subprocess.CompletedProce
 def test_smoke_through_launcher(tmp_path):
     """tools/pretrain.sh (torchrun) leaves checkpoints that load with weights_only=True."""
     out = tmp_path / "smoke"
-    res = _launch(out, MASTER_PORT=str(29500 + os.getpid() % 1000))
+    res = _launch(out, MASTER_PORT=str(free_port()))
     assert "pretraining finished at step 4" in res.stdout
     raw = torch.load(out / engine.FINAL_BACKBONE, weights_only=True, map_location="cpu")
     assert raw["format"] == "imsvd-backbone"
@@ -94,7 +94,7 @@ def test_sigterm_subprocess_exits_cleanly(tmp_path):
 @pytest.mark.dist
 def test_two_process_gloo_run(tmp_path):
     out = tmp_path / "ddp"
-    res = _launch(out, NPROC_PER_NODE="2", MASTER_PORT=str(30500 + os.getpid() % 1000))
+    res = _launch(out, NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
     assert "process 0/2" in res.stdout
     state = ckpt.load_training_state(ckpt.latest_checkpoint(out))
     assert state["step"] == 4
@@ -135,7 +135,7 @@ def test_two_processes_skip_a_batch_together(tmp_path):
         "train.epochs=1",
         "train.seed=3",
         NPROC_PER_NODE="2",
-        MASTER_PORT=str(31500 + os.getpid() % 1000),
+        MASTER_PORT=str(free_port()),
     )
     text = res.stdout + res.stderr
     skips = re.findall(r"fewer than 2 readable images in its batch \((\d+) here", text)
@@ -158,7 +158,7 @@ def test_probe_bank_sharded_over_two_processes_matches_one(tmp_path, bank_size):
     rows = {}
     for nproc in ("1", "2"):
         out = tmp_path / f"probe{nproc}"
-        _launch(out, *probe, NPROC_PER_NODE=nproc, MASTER_PORT=str(32500 + os.getpid() % 1000))
+        _launch(out, *probe, NPROC_PER_NODE=nproc, MASTER_PORT=str(free_port()))
         lines = (out / "metrics.jsonl").read_text().splitlines()
         first = [json.loads(x) for x in lines if '"knn/top1_k1"' in x][0]
         rows[nproc] = first

@@ -4,13 +4,11 @@ parameters."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import free_port
+from helpers import act_as_launcher, free_port
 from torch import nn
 
 from pretrain.models.syncbn import GlobalBatchNorm, convert_sync_batchnorm
@@ -30,7 +28,7 @@ def _batch():
 
 
 def _worker(rank, world, port, shares, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    act_as_launcher(rank, world, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         net = convert_sync_batchnorm(_net(), torch.device("cpu"))

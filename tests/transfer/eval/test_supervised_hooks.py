@@ -38,6 +38,9 @@ class _Recorder(HookBase):
 
     def after_step(self) -> None:
         self._record("after_step")
+        if self.state.stop_requested:  # the trainer saved before calling the hooks
+            path = self.trainer.ckpt_path
+            self.saved_step = torch.load(path, weights_only=True)["step"]
         if self.state.step == self.sigterm_at_step:  # a preemption, as SLURM sends it
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -69,6 +72,8 @@ def test_hooks_see_every_step_and_epoch_through_the_loop_state(tiny_trees, tiny_
     assert per_epoch == 3 and res["top1"] >= 0
     names = [e[0] for e in hook.events]
     assert names == ["before_train"] + (["after_step"] * 3 + ["after_epoch"]) * 2 + ["after_train"]
+    first = hook.events[0]  # before any step: no loss yet
+    assert first[1:4] == (0, 0, 0) and math.isnan(first[5]) and first[6:] == ("running", False)
     steps = [e for e in hook.events if e[0] == "after_step"]
     assert [(e[1], e[2], e[3]) for e in steps] == [(0, 1, 1), (0, 2, 2), (0, 3, 3),
                                                    (1, 4, 1), (1, 5, 2), (1, 6, 3)]  # fmt: skip
@@ -109,3 +114,14 @@ def test_a_preempted_run_tells_its_hooks(tiny_trees, tiny_backbone, tmp_path):
     assert [e[7] for e in hook.events] == [False, False, False, True, True]
     assert hook.events[-1][6] == "preempted" and hook.stop == (True, signal.SIGTERM)
     assert torch.load(tmp_path / "p" / "linear_checkpoint.pth", weights_only=True)["step"] == 3
+    assert hook.saved_step == 3  # the preemption checkpoint was written before the hooks ran
+    # the next start resumes there: its hooks begin at the saved position and finish the run
+    again = _Recorder()
+    _, res = _run(tiny_trees, tiny_backbone, tmp_path / "p", again)
+    assert res["history"][-1]["epoch"] == 2 and again.events[-1][6] == "finished"
+    assert again.events[0][:4] == ("before_train", 0, 3, 3)
+    names = [e[0] for e in again.events]
+    assert names == ["before_train", "after_epoch"] + ["after_step"] * 3 + ["after_epoch"] + [
+        "after_train"
+    ]
+    assert [e[2] for e in again.events if e[0] == "after_step"] == [4, 5, 6]
