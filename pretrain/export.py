@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from pretrain.checkpoint import (
     CheckpointError,
+    CheckpointPathError,
     add_weights_args,
     export_backbone,
     export_torchvision_state_dict,
@@ -56,7 +57,7 @@ def export(
     if fmt not in FORMATS:
         raise CheckpointError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if os.path.exists(output_path) and not force:
-        raise CheckpointError(f"output {output_path!r} already exists (pass --force)")
+        raise CheckpointPathError(f"output {output_path!r} already exists (pass --force)")
     sd, meta = load_backbone(input_path, **load_kwargs)
     lines = [f"read {input_path} as {meta['source_format']}"]
     if fmt == "imsvd":
@@ -76,7 +77,8 @@ def export(
         if meta["stem"] != "standard":
             lines.append(
                 f"note: stem '{meta['stem']}' is not recorded in a bare state_dict; the reader "
-                "must build the same conv1 / max-pool"
+                f"must build the same conv1 / max-pool (this toolkit's tools: --stem {meta['stem']}"
+                f", model.stem={meta['stem']} in evaluations)"
             )
     lines.append(
         f"wrote {output_path} ({fmt}): arch {meta['arch']}, stem {meta['stem']}, "

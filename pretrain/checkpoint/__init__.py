@@ -30,6 +30,7 @@ are built from what it reads in the model layer (``pretrain.models.build``:
 
 from .atomic import atomic_torch_save, check_plain
 from .backbone import (
+    STEM_ASSUMED,
     NonFiniteWeightsError,
     check_finite_tensors,
     check_finite_weights,
@@ -51,6 +52,7 @@ from .common import (
     TRAIN_STATE_FORMAT,
     TRAIN_STATE_VERSION,
     CheckpointError,
+    CheckpointPathError,
     tensor_sha256,
     unwrap_model,
 )
@@ -79,7 +81,9 @@ __all__ = [
     "TRAIN_STATE_FORMAT",
     "TRAIN_STATE_VERSION",
     "CheckpointError",
+    "CheckpointPathError",
     "NonFiniteWeightsError",
+    "STEM_ASSUMED",
     "Reader",
     "UnresolvedGlobal",
     "accepted_inputs",

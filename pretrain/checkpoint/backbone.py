@@ -162,6 +162,14 @@ def export_torchvision_state_dict(
     return tensor_sha256(sd)
 
 
+# the note of a 3x3 stem read from a file that does not record it (evaluations log it as a warning)
+STEM_ASSUMED = (
+    "3x3 stem inferred from conv1; whether it used a max-pool is not recorded in this file "
+    "(assumed 'small': stride 1, no max-pool; if it was trained with the stride-2 conv + "
+    "max-pool, pass --stem small_s2 / model.stem=small_s2)"
+)
+
+
 def _read(path: str | os.PathLike, map_location: Any, opts: dict, what: str):
     path = Path(path)
     obj, load_notes = read_torch_file(path, map_location, opts.pop("allow_unsafe", False))
@@ -170,13 +178,29 @@ def _read(path: str | os.PathLike, map_location: Any, opts: dict, what: str):
     return path, label, ex
 
 
+def _given_stem(meta: dict, stem: str, path: Path, label: str) -> str:
+    """The stem the caller gives for a file: it must be known and agree with a recorded one."""
+    if stem not in STEMS:
+        raise CheckpointError(f"stem {stem!r} (--stem / model.stem) is not one of {STEMS}")
+    recorded = meta.get("stem")
+    if recorded is not None and recorded != stem:
+        raise CheckpointError(
+            f"{path} ({label}) records stem {recorded!r} ({meta.get('stem_source')}); the "
+            f"given stem {stem!r} (--stem / model.stem) contradicts it"
+        )
+    meta["stem_source"] = meta.get("stem_source", "given")
+    return stem
+
+
 def _finish_backbone(
-    path: Path, label: str, ex: Extracted, verify_hash: bool
+    path: Path, label: str, ex: Extracted, verify_hash: bool, stem: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     meta = dict(ex.meta)
     meta["source_format"] = label
     if not ex.backbone:
         raise CheckpointError(f"{path} ({label}): no backbone weights found")
+    if stem is not None:
+        meta["stem"] = _given_stem(meta, stem, path, label)
     inferred_arch, inferred_stem = (None, None)
     if "arch" not in meta or "stem" not in meta:
         inferred_arch, inferred_stem = _infer(ex.backbone, path, label)
@@ -185,10 +209,7 @@ def _finish_backbone(
     if "stem_source" not in meta:
         meta["stem_source"] = "inferred"
         if stem != "standard":
-            meta["notes"].append(
-                "3x3 stem inferred from conv1; whether it used a max-pool is not recorded in "
-                "this file (assumed 'small': stride 1, no max-pool)"
-            )
+            meta["notes"].append(STEM_ASSUMED)
     sd, notes = validate_backbone(ex.backbone, arch, stem, path, label)
     meta["notes"].extend(notes)
     digest = tensor_sha256(sd)
@@ -210,6 +231,7 @@ def load_backbone(
     verify_hash: bool = True,
     checkpoint_key: str | None = None,
     prefix: str | None = None,
+    stem: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read ResNet backbone weights from any accepted checkpoint kind (detected by content).
 
@@ -220,12 +242,14 @@ def load_backbone(
         verify_hash: check the stored content hash of this project's files.
         checkpoint_key: read the weights from this top-level entry (any other layout).
         prefix: keep the keys starting with this prefix, with it removed.
+        stem: the stem of a file that does not record it (a bare state dict: a 3x3 conv1 is
+            read as "small" otherwise, with a note); a file that records another one is refused.
 
     Returns:
         ``(state_dict, meta)``. state_dict has exactly the keys of this project's
         ``build_backbone(arch, stem=stem)`` (torchvision names, no fc; num_batches_tracked kept,
         or filled with 0 when the file predates it). meta holds ``source_format`` (the reader's
-        label), ``arch``, ``stem``, ``stem_source`` ("metadata", "layout" or "inferred"),
+        label), ``arch``, ``stem``, ``stem_source`` ("metadata", "layout", "given" or "inferred"),
         ``epoch`` (None if unknown), ``sha256`` (content hash of the returned weights),
         ``config`` (None for foreign files), ``notes`` (what was dropped, stripped, filled or
         replaced) and ``path``.
@@ -237,7 +261,7 @@ def load_backbone(
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
     opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
     path, label, ex = _read(path, map_location, opts, "a ResNet backbone")
-    return _finish_backbone(path, label, ex, verify_hash)
+    return _finish_backbone(path, label, ex, verify_hash, stem)
 
 
 def read_projector(
@@ -274,6 +298,8 @@ def read_projector(
 
 class NonFiniteWeightsError(CheckpointError):
     """A loaded parameter or buffer holds NaN / inf, or a BatchNorm running variance is <= 0."""
+
+    about_content = False  # the layout was read: the accepted inputs are no help
 
 
 def check_finite_tensors(
@@ -327,11 +353,12 @@ def load_backbone_and_projector(
     verify_hash: bool = True,
     checkpoint_key: str | None = None,
     prefix: str | None = None,
+    stem: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[dict, dict] | None]:
     """:func:`load_backbone`, and from the same read of the file its projector when it has one.
 
     Args:
-        path, map_location, allow_unsafe, verify_hash, checkpoint_key, prefix: as for
+        path, map_location, allow_unsafe, verify_hash, checkpoint_key, prefix, stem: as for
             :func:`load_backbone`.
 
     Returns:
@@ -345,7 +372,7 @@ def load_backbone_and_projector(
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
     opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
     path, label, ex = _read(path, map_location, opts, "a ResNet backbone")
-    sd, meta = _finish_backbone(path, label, ex, verify_hash)
+    sd, meta = _finish_backbone(path, label, ex, verify_hash, stem)
     projector = None
     if label in PROJECTOR_SOURCES and ex.projector:
         projector = projector_of(path, label, ex)

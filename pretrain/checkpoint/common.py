@@ -55,7 +55,19 @@ REQUIRED_BACKBONE_FIELDS = (
 
 
 class CheckpointError(IMSVDError, ValueError):
-    """A checkpoint cannot be written or read (wrong format, missing keys, bad hash, ...)."""
+    """A checkpoint cannot be written or read (wrong format, missing keys, bad hash, ...).
+
+    ``about_content``: the file's content was not understood, so the command lines add the list
+    of accepted inputs to the message (:func:`pretrain.checkpoint.with_accepted_inputs`).
+    """
+
+    about_content = True
+
+
+class CheckpointPathError(CheckpointError):
+    """A path problem, not the content's: no such file, or an output that already exists."""
+
+    about_content = False
 
 
 def now_utc() -> str:

@@ -370,6 +370,14 @@ def extract(
             f"{path}: unknown checkpoint format '{fmt}' (this reader knows "
             f"'{BACKBONE_FORMAT}' and '{TRAIN_STATE_FORMAT}')"
         )
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if isinstance(meta, Mapping) and meta.get("format") == "imsvd-mmdet-resnet":
+        if meta.get("layout") == "c4":  # res5 sits in the RoI head: not one backbone
+            raise CheckpointError(
+                f"{path} is an MMDetection Mask R-CNN C4 weights file (from imsvd-convert-mmdet, "
+                "res5 in the RoI head), which MMDetection loads; give the backbone file it was "
+                "converted from instead"
+            )
     for reader in READERS:
         if reader.detect(obj):
             return reader.label, reader.read(obj, path, verify_hash)

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .common import CheckpointError
+from .common import CheckpointError, CheckpointPathError
 
 logger = logging.getLogger("imsvd.checkpoint")
 
@@ -208,9 +208,12 @@ def read_torch_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointPathError(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint file {path} is empty")
+    not_torch = _not_a_torch_file(path)
+    if not_torch is not None:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {not_torch}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True), []
     except Exception as e:  # noqa: BLE001 - turned into a CheckpointError below
@@ -244,6 +247,54 @@ def read_torch_file(
     )
 
 
+# torch.save's legacy (non-zip) files start with this pickled number (torch.serialization)
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"{module}.{name}", [f"{module}.{name}"])
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` is not a ``torch.save`` file (a zip archive, or the legacy format that opens
+    with its pickled magic number), or None when it may be one. Reads at most the first object
+    of a pickle, without resolving any global."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+            return None
+        f.seek(0)
+        try:
+            first = _NoGlobals(f, encoding="latin1").load()
+        except _Refused:
+            first = None  # a pickle of objects, not of the legacy magic number
+        except Exception:  # noqa: BLE001 - not a pickle, or a damaged one
+            if head.startswith(b"\x80"):
+                return None  # a damaged pickle: torch.load names the problem
+            return (
+                f"a torch.save file is a zip archive (or a pickle); this one starts with {head!r}"
+            )
+    if isinstance(first, int) and first == _LEGACY_MAGIC:
+        return None
+    return _plain_pickle_reason(path)
+
+
+def _plain_pickle_reason(path: Path) -> str:
+    """What a plain pickle (not written by torch.save) is, for the error message."""
+    try:
+        obj = read_weights_pickle(path)
+    except CheckpointError:
+        return "it is a plain pickle file, not written by torch.save"
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        return (
+            "it is a Detectron2 weights pickle (.pkl, e.g. from imsvd-convert-d2), which "
+            "Detectron2 loads as MODEL.WEIGHTS; give the backbone file it was converted from "
+            "instead"
+        )
+    return "it is a plain pickle file, not written by torch.save"
+
+
 def _unsafe_load(path: Path, map_location: Any, names: str) -> tuple[Any, list[str]]:
     """A full unpickle of ``path``, asked for with ``allow_unsafe`` (it holds ``names``)."""
     logger.warning(
@@ -269,7 +320,7 @@ def load_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointPathError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -295,7 +346,7 @@ def read_weights_pickle(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
+        raise CheckpointPathError(f"weights file not found: {path}")
     allowed = _numpy_globals()
     allowed["collections.OrderedDict"] = OrderedDict
     allowed["_codecs.encode"] = __import__("_codecs").encode  # bytes under protocol 2

@@ -112,13 +112,14 @@ def model_from_checkpoint(
     verify_hash: bool = True,
     checkpoint_key: str | None = None,
     prefix: str | None = None,
+    stem: str | None = None,
 ) -> tuple[nn.Module, Projector | None, dict[str, Any]]:
     """Build the backbone (and the projector when the file has one) from one read of a file.
 
     Args:
         path: any checkpoint :func:`pretrain.checkpoint.load_backbone` accepts.
         device: where the modules are put.
-        allow_unsafe, verify_hash, checkpoint_key, prefix: as for ``load_backbone``.
+        allow_unsafe, verify_hash, checkpoint_key, prefix, stem: as for ``load_backbone``.
 
     Returns:
         ``(backbone, projector, meta)``: :func:`build_backbone` ``(arch, stem=stem)`` with the
@@ -136,7 +137,7 @@ def model_from_checkpoint(
             buffer, or a BatchNorm running_var <= 0 (``check_finite_weights``).
     """
     opts = dict(allow_unsafe=allow_unsafe, verify_hash=verify_hash)
-    opts.update(checkpoint_key=checkpoint_key, prefix=prefix)
+    opts.update(checkpoint_key=checkpoint_key, prefix=prefix, stem=stem)
     sd, meta, read = load_backbone_and_projector(path, "cpu", **opts)
     backbone = build_backbone(meta["arch"], zero_init_residual=False, stem=meta["stem"])
     backbone.load_state_dict(sd, strict=True)

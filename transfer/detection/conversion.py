@@ -178,6 +178,7 @@ def load_standard_backbone(
     allow_unsafe: bool = False,
     checkpoint_key: Optional[str] = None,
     prefix: Optional[str] = None,
+    stem: Optional[str] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
     """Load the backbone to convert; refuse an existing output first and any stem but 7x7.
 
@@ -190,6 +191,7 @@ def load_standard_backbone(
         allow_unsafe: let load_backbone fully unpickle a trusted file the safe readers refuse.
         checkpoint_key: entry of INPUT holding the weights (other layouts).
         prefix: key prefix of the ResNet weights inside that entry.
+        stem: the stem of a file that does not record it (``load_backbone``'s ``stem``).
 
     Returns:
         ``(state_dict, meta, stem)`` from load_backbone.
@@ -200,9 +202,8 @@ def load_standard_backbone(
     """
     if os.path.exists(output_path) and not force:
         raise error(f"output {output_path!r} already exists (pass --force)")
-    state_dict, meta = load_backbone(
-        input_path, allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix
-    )
+    opts = dict(allow_unsafe=allow_unsafe, checkpoint_key=checkpoint_key, prefix=prefix)
+    state_dict, meta = load_backbone(input_path, stem=stem, **opts)
     stem = meta.get("stem", "standard")
     if stem != "standard":
         raise error(f"{input_path}: backbone stem is {stem!r}; {needs} the 'standard' stem")

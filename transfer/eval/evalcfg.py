@@ -3,7 +3,8 @@
 Every evaluation (kNN, linear probe, VOC07 SVM, code analysis) is called as::
 
     TOOL [--config NAME|PATH] [--weights W] [--output-dir DIR]
-         [--allow-unsafe] [--checkpoint-key KEY] [--prefix PREFIX] [key.sub=value ...]
+         [--allow-unsafe] [--checkpoint-key KEY] [--prefix PREFIX] [--stem STEM]
+         [key.sub=value ...]
 
 ``--config`` is a recipe shipped in ``configs/eval`` (by name) or a YAML path. The flags are
 short names for config keys and go through the same typed override path as the dotted
@@ -30,6 +31,7 @@ FLAG_KEYS = {
     "allow_unsafe": "model.allow_unsafe",
     "checkpoint_key": "model.checkpoint_key",
     "prefix": "model.prefix",
+    "stem": "model.stem",
 }
 
 

@@ -31,7 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.checkpoint import CheckpointError, NonFiniteWeightsError, with_accepted_inputs
+from pretrain.checkpoint import (
+    STEM_ASSUMED,
+    CheckpointError,
+    NonFiniteWeightsError,
+    with_accepted_inputs,
+)
 from pretrain.config import ConfigError, save_config
 from pretrain.data.images import max_image_pixels
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
@@ -40,6 +45,7 @@ from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.log import LOGGER_NAME, setup_logging
 from pretrain.models.build import model_from_checkpoint
+from pretrain.models.resnet import STEMS
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.feature_cache import cached_features
 from transfer.eval.features import FeatureError, extract_features, freeze
@@ -139,6 +145,10 @@ class EvalContext:
             raise ConfigError(
                 f"config key 'model.weights' (--weights) {m['weights']!r}: no such file"
             )
+        if m["stem"] and m["stem"] not in STEMS:
+            raise ConfigError(
+                f"config key 'model.stem' (--stem): {m['stem']!r} is not one of {STEMS}"
+            )
         try:
             backbone, projector, meta = model_from_checkpoint(
                 m["weights"],
@@ -146,6 +156,7 @@ class EvalContext:
                 allow_unsafe=bool(m["allow_unsafe"]),
                 checkpoint_key=m["checkpoint_key"] or None,
                 prefix=m["prefix"] or None,
+                stem=m["stem"] or None,
             )
         except NonFiniteWeightsError:
             raise
@@ -161,6 +172,8 @@ class EvalContext:
             meta["stem"],
             meta["sha256"][:16],
         )
+        for note in meta.get("notes", []):  # an assumed stem changes every number: a warning
+            (logger.warning if note == STEM_ASSUMED else logger.info)("weights: %s", note)
         return freeze(backbone), projector, meta
 
     def total_rows(self, rows: int) -> int:

@@ -183,7 +183,10 @@ def test_pickled_objects_refused_unless_allowed(tmp_path: Path, tv18) -> None:
 @pytest.mark.parametrize(
     "content, needle",
     [
-        (b"hello, this is not a checkpoint", "not a readable PyTorch checkpoint"),
+        (
+            b"hello, this is not a checkpoint",
+            "not a PyTorch checkpoint: a torch.save file is a zip",
+        ),
         (b"", "is empty"),
         ([1, 2, 3], "object of type list"),
         ({"weights": {"w": torch.zeros(2)}, "step": 3}, "top-level keys ['weights', 'step']"),

@@ -145,9 +145,16 @@ def test_readers_table_and_accepted_inputs() -> None:
 
 def test_add_weights_args() -> None:
     parser = ckpt.add_weights_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--allow-unsafe", "--checkpoint-key", "teacher", "--prefix", "b."])
-    kw = ckpt.weights_kwargs(args)
-    assert kw == {"allow_unsafe": True, "checkpoint_key": "teacher", "prefix": "b."}
+    argv = ["--allow-unsafe", "--checkpoint-key", "teacher", "--prefix", "b.", "--stem", "small"]
+    kw = ckpt.weights_kwargs(parser.parse_args(argv))
+    assert kw == {
+        "allow_unsafe": True,
+        "checkpoint_key": "teacher",
+        "prefix": "b.",
+        "stem": "small",
+    }
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--stem", "big"])
     short = ckpt.add_weights_args(argparse.ArgumentParser(), layout_options=False)
     assert ckpt.weights_kwargs(short.parse_args([]))["allow_unsafe"] is False
     with pytest.raises(SystemExit):
@@ -183,7 +190,7 @@ def test_export_tool_torchvision_format(tmp_path, tv18, tools_export) -> None:
         capture_output=True, text=True, cwd=str(tmp_path),
     )  # fmt: skip
     assert bad.returncode == 2 and "already exists" in bad.stderr
-    assert "Accepted inputs" in bad.stderr
+    assert "Accepted inputs" not in bad.stderr  # the input was fine: the list is no help
 
 
 @pytest.fixture

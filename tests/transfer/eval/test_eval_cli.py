@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import act_as_launcher, free_port
+from helpers import act_as_launcher, free_port, make_weights
 
 from pretrain.config import ConfigError, config_dir, config_names, find_config, load_config
+from pretrain.export import export
 from transfer.analysis import analyze
 from transfer.eval import finetune, knn, linear, voc07_svm
 from transfer.eval.evalcfg import build_parser, flag_overrides, load_eval_config
@@ -31,12 +33,14 @@ def _args(*argv, default="knn"):
 
 def test_flags_become_typed_overrides_and_dotted_keys_win():
     args = _args("--weights", "/w/yes: 1.pth", "--output-dir", "o", "--allow-unsafe",
-                 "--prefix", "module.", "data.train_root=t", "output_dir=later")  # fmt: skip
+                 "--prefix", "module.", "--stem", "small_s2", "data.train_root=t",
+                 "output_dir=later")  # fmt: skip
     assert flag_overrides(args) == [
         'model.weights="/w/yes: 1.pth"',
         'output_dir="o"',
         "model.allow_unsafe=true",
         'model.prefix="module."',
+        'model.stem="small_s2"',
     ]
     cfg, path = load_eval_config("knn", args)
     assert path == find_config("knn", "eval")
@@ -45,6 +49,7 @@ def test_flags_become_typed_overrides_and_dotted_keys_win():
         "allow_unsafe": True,
         "checkpoint_key": "",
         "prefix": "module.",
+        "stem": "small_s2",
     }
     assert cfg["output_dir"] == "later" and cfg["data"]["train_root"] == "t"
     # no flag given: the recipe's values, nothing from argparse
@@ -342,3 +347,30 @@ def test_string_overrides_arrive_intact(text):
     )
     assert cfg["data"]["train_root"] == text
     assert cfg["output_dir"] == f"runs/{text}" and cfg["model"]["weights"] == f"w/{text}"
+
+
+def test_evaluations_take_the_stem_and_warn_when_it_is_assumed(tiny_trees, tmp_path, capsys):
+    src = make_weights(tmp_path / "w.pth", stem="small_s2")
+    export(str(src), str(tmp_path / "tv.pth"), "torchvision")
+    data = [f"data.train_root={tiny_trees / 'train'}", f"data.val_root={tiny_trees / 'val'}"]
+    runs = {
+        "recorded": [str(src)],
+        "given": [str(tmp_path / "tv.pth"), "--stem", "small_s2"],
+        "assumed": [str(tmp_path / "tv.pth")],
+    }
+    feats = {}
+    for name, weights in runs.items():
+        out = tmp_path / name
+        argv = ["--config", "knn_tiny", "--output-dir", str(out), "--weights", *weights, *data]
+        assert knn.main(argv) == 0
+        feats[name] = np.load(out / "features" / "val_pool5.feats.npy")
+        log = (out / "log.txt").read_text()
+        assert ("WARNING" in log and "model.stem=small_s2" in log) == (name == "assumed"), name
+        assert json.loads((out / "knn_results.json").read_text())["num_val"] == 12
+    np.testing.assert_array_equal(feats["given"], feats["recorded"])
+    assert not np.array_equal(feats["assumed"], feats["recorded"])
+    err_out = tmp_path / "bad"
+    argv = ["--config", "knn_tiny", "--output-dir", str(err_out), "--weights", str(src), *data]
+    capsys.readouterr()
+    assert knn.main(argv + ["model.stem=big"]) == 2
+    assert "config key 'model.stem' (--stem): 'big' is not one of" in capsys.readouterr().err

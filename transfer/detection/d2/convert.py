@@ -34,6 +34,7 @@ def convert(
     allow_unsafe: bool = False,
     checkpoint_key: Optional[str] = None,
     prefix: Optional[str] = None,
+    stem: Optional[str] = None,
 ) -> str:
     """Load a backbone, rename it for Detectron2 and write the pickle.
 
@@ -44,6 +45,7 @@ def convert(
         allow_unsafe: let load_backbone fully unpickle a trusted file the safe readers refuse.
         checkpoint_key: entry of INPUT holding the weights (other layouts).
         prefix: key prefix of the ResNet weights inside that entry.
+        stem: the stem of a file that does not record it (see ``load_backbone``).
 
     Returns:
         The summary text that main() prints (first line: the format that was read).
@@ -61,6 +63,7 @@ def convert(
         allow_unsafe=allow_unsafe,
         checkpoint_key=checkpoint_key,
         prefix=prefix,
+        stem=stem,
     )
     blobs, report = convert_torchvision_to_d2(state_dict)
     extra = {

@@ -43,6 +43,7 @@ def convert(
     layout: str = "c4",
     checkpoint_key: Optional[str] = None,
     prefix: Optional[str] = None,
+    stem: Optional[str] = None,
 ) -> str:
     """Load a backbone, place it under MMDetection's names and write the checkpoint.
 
@@ -54,6 +55,7 @@ def convert(
         layout: "c4" (layer4 -> roi_head.shared_head) or "backbone" (all stages in backbone).
         checkpoint_key: entry of INPUT holding the weights (other layouts).
         prefix: key prefix of the ResNet weights inside that entry.
+        stem: the stem of a file that does not record it (see ``load_backbone``).
 
     Returns:
         The summary text that main() prints.
@@ -71,6 +73,7 @@ def convert(
         allow_unsafe=allow_unsafe,
         checkpoint_key=checkpoint_key,
         prefix=prefix,
+        stem=stem,
     )
     tensors, report = convert_torchvision_to_mmdet(state_dict, layout=layout)
     out_meta = {
