@@ -5,7 +5,8 @@ imsvd-pretrain --config imsvd_smoke --output-dir outputs/smoke train.max_steps=4
 
 ``--output-dir DIR`` sets ``checkpoint.output_dir``; giving both is an error, and so is an empty
 or null folder (tools/pretrain.sh passes its ``--output-dir`` here, so the rule is the same for
-both entry points). ``--check`` only loads and checks the config.
+both entry points). ``--check`` only checks: the config, the cross-field rules for
+``--world-size`` processes and the data paths (tools/pretrain.sh runs it before torchrun).
 
 A problem with the input or the environment (:class:`pretrain.errors.IMSVDError`: config, data,
 checkpoint files, the run folder, a diverged run) is one ``error:`` line and exit status 2; any
@@ -37,7 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output-dir", metavar="DIR", help="run folder (sets checkpoint.output_dir)"
     )
     parser.add_argument(
-        "--check", action="store_true", help="check the config and the overrides, run nothing"
+        "--check",
+        action="store_true",
+        help="check the config, the overrides and the data paths, run nothing",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --check: the processes the run will have (train.batch_size must divide)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
     return parser.parse_intermixed_args(argv)
@@ -76,11 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     except IMSVDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.check:
-        return 0
     # heavy imports after the config is known to be valid
     from pretrain.data.images import max_image_pixels
+    from pretrain.engine.preflight import preflight
     from pretrain.engine.trainer import train
+
+    if args.check:
+        try:
+            preflight(cfg, args.world_size)
+            max_image_pixels()
+        except IMSVDError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     try:
         max_image_pixels()  # checked before any image is read

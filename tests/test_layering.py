@@ -60,7 +60,7 @@ LAYERS = (
     ("data: images, datasets, views, loader", ("pretrain.data",)),
     ("the kNN and the online probe", ("pretrain.probe",)),
     ("the engine: loop, hooks, checkpoint policy, optimizer", ("pretrain.engine",)),
-    ("command lines", ("pretrain.main", "pretrain.export", "pretrain.curves")),
+    ("command lines", ("pretrain.main", "pretrain.launch", "pretrain.export", "pretrain.curves")),
 )
 # Imports of project modules inside a function, anywhere in the code (pretrain/, transfer/,
 # tools/, benchmarks/), each with its reason. An import that only dodges an import cycle does not
@@ -69,7 +69,11 @@ IN_FUNCTION_IMPORTS = {
     (
         "pretrain.main",
         "pretrain.engine.trainer",
-    ): "torch is loaded after the config check (--check)",
+    ): "torch is loaded once the config is read (a bad key is an error at once)",
+    (
+        "pretrain.main",
+        "pretrain.engine.preflight",
+    ): "torch is loaded once the config is read (a bad key is an error at once)",
     ("pretrain.main", "pretrain.data.images"): "PIL is loaded after the config check (--check)",
     (
         "transfer.detection.d2.train",

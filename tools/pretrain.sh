@@ -95,21 +95,29 @@ if [ -f "$config" ]; then config="$(caller_path "$config")"; fi
 
 cd "$here"
 
-# Check the recipe before starting any process (the same rules as pretrain.main, which checks
-# it again in every worker): the error, not a torchrun traceback around it.
-"$PYTHON" -m pretrain.main --check --config "$config" \
-  ${outdir[@]+"${outdir[@]}"} ${overrides[@]+"${overrides[@]}"}
-
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
+for var in NPROC_PER_NODE NNODES; do
+  value="${!var:-1}"
+  if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+    echo "pretrain.sh: error: $var=$value is not a positive whole number" >&2
+    exit 2
+  fi
+done
+
+# Check the recipe, for the run's process count, and its data paths before starting any process
+# (the same rules as pretrain.main, which checks again in every worker): one error line, not a
+# torchrun traceback around it.
+"$PYTHON" -m pretrain.main --check --world-size "$(( ${NNODES:-1} * NPROC_PER_NODE ))" \
+  --config "$config" ${outdir[@]+"${outdir[@]}"} ${overrides[@]+"${overrides[@]}"}
 
 # torchrun ignores SIGUSR1 and SIGINT (SIGUSR1 would kill it and orphan its workers); this shell
 # forwards them to the workers instead. The workers install their own handlers.
 export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGHUP,SIGQUIT}"
 (
   trap '' USR1 INT
-  exec "$PYTHON" -m torch.distributed.run \
+  exec "$PYTHON" -m pretrain.launch \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
     --nproc_per_node="$NPROC_PER_NODE" \

@@ -11,6 +11,7 @@ Image reading lives in :mod:`pretrain.data.images`, the labelled datasets in
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -281,6 +282,29 @@ def _pair(cfg: Dict[str, Any], key: str) -> Tuple[float, float]:
     if not isinstance(v, (list, tuple)) or len(v) != 2:
         raise DataError(f"data.{key}={v!r}: expected a list of two numbers")
     return float(v[0]), float(v[1])
+
+
+def check_data_paths(cfg: Mapping[str, Any], probe: Mapping[str, Any] | None = None) -> None:
+    """The folders and files a run reads, checked before any process starts (``--check``).
+
+    Args:
+        cfg: the ``data`` section; probe: the ``eval`` section (its bank / query folders).
+
+    Raises:
+        DataError: an unknown ``data.kind``, or a path it needs that is missing, naming the key.
+    """
+    kind, root = cfg["kind"], cfg["root"]
+    if kind not in ("imagefolder", "list", "synthetic"):
+        raise DataError(f"data.kind={kind!r}: expected imagefolder, list or synthetic")
+    if kind == "list" and not (cfg["list_file"] and os.path.isfile(cfg["list_file"])):
+        raise DataError(f"data.list_file={cfg['list_file']!r} (data.kind: list): no such file")
+    needs_root = kind == "imagefolder" or (kind == "list" and root is not None)
+    if needs_root and not (root and os.path.isdir(root)):
+        raise DataError(f"data.root={root!r} does not exist or is not a directory")
+    for key in ("bank_root", "query_root"):
+        path = (probe or {}).get(key)
+        if path and not os.path.isdir(path):
+            raise DataError(f"eval.{key}={path!r} does not exist or is not a directory")
 
 
 def _source(cfg: Mapping[str, Any]) -> Any:

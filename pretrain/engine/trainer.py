@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pretrain import dist
-from pretrain.config import ConfigError, save_config
+from pretrain.config import save_config
 from pretrain.data.images import DataError
 from pretrain.data.loader import build_pretrain_loader
 from pretrain.engine.checkpointer import (
@@ -36,12 +36,12 @@ from pretrain.engine.hooks import (
     attach_hooks,
 )
 from pretrain.engine.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from pretrain.engine.preflight import check_config
 from pretrain.engine.runtime import PRECISIONS, StopRequest, autocast, grad_scaler
 from pretrain.errors import IMSVDError
 from pretrain.log import MetricWriter, setup_logging
 from pretrain.methods import get_method
 from pretrain.models.build import build_model
-from pretrain.models.projector import parse_projector_spec
 from pretrain.probe.online import build_probe
 from pretrain.progress import progress
 
@@ -55,27 +55,6 @@ class NonFiniteLossError(IMSVDError, RuntimeError):
 def _monitors(method, cfg: Mapping, z1: torch.Tensor, z2: torch.Tensor, step: int) -> dict:
     """The method's monitors of a step's two views (what :class:`MetricsHook` logs)."""
     return method.monitors(z1, z2, cfg, step)
-
-
-def check_config(cfg: Mapping, world_size: int) -> None:
-    """Cross-field checks of a resolved pretraining config (the schema checks single keys).
-
-    Raises:
-        ConfigError: naming the config key(s) and the offending value.
-    """
-    if cfg["train"]["precision"] not in PRECISIONS:
-        raise ConfigError(
-            f"config key 'train.precision': '{cfg['train']['precision']}' is not one of "
-            f"{', '.join(PRECISIONS)}"
-        )
-    bs = cfg["train"]["batch_size"]
-    if bs <= 0 or bs % world_size != 0:
-        raise ConfigError(
-            f"config key 'train.batch_size': global batch {bs} must be a positive multiple of "
-            f"the number of processes ({world_size})"
-        )
-    parse_projector_spec(cfg["model"]["projector"])  # a malformed projector is a ConfigError
-    get_method(cfg["loss"]["name"]).check(cfg)  # the method's own cross-field checks
 
 
 class Trainer:

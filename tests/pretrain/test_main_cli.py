@@ -61,3 +61,25 @@ def test_malformed_pixel_limit_is_one_error_line(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "IMSVD_MAX_IMAGE_PIXELS" in err[0]
     assert not out.exists()  # refused before the run folder is made
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["model.out_norm=batchnorm"], "config key 'model.out_norm': 'batchnorm' is not one of"),
+        (["data.kind=imagefolder", "data.root=no/such/dir"], "data.root='no/such/dir' does not"),
+        (["data.kind=list", "data.list_file=nope.txt"], "data.list_file='nope.txt'"),
+        (["eval.every_steps=2", "eval.bank_root=b", "eval.query_root=q"], "eval.bank_root='b'"),
+        (["--world-size", "3"], "global batch 16 must be a positive multiple of the number of"),
+    ],
+)
+def test_check_finds_what_would_stop_every_process(tmp_path, capsys, monkeypatch, extra, needle):
+    """--check (tools/pretrain.sh runs it before torchrun) catches the cross-field rules for the
+    run's process count and the missing data paths, not only the schema."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["--config", "imsvd_smoke", "--check", "--output-dir", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not out.exists()
+    assert main(["--config", "imsvd_smoke", "--check", "--world-size", "4"]) == 0  # 16 / 4

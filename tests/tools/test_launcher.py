@@ -170,12 +170,12 @@ def _launch_recorded(tmp_path, *args, home=None):
 @pytest.mark.parametrize("name", ["run #2", "a: b", 'say "hi"', "it's", "x #y: z", "#start"])
 def test_values_arrive_intact(tmp_path, name):
     res, cfg = _launch_recorded(tmp_path, "--output-dir", f"runs/{name}", f"data.root=imgs {name}",
-                                f"model.projector={name}")  # fmt: skip
+                                f"log.wandb_project={name}")  # fmt: skip
     assert res.returncode == 0, res.stderr
     work = tmp_path / "cwd"
     assert cfg["checkpoint"]["output_dir"] == f"{work}/runs/{name}"
     assert cfg["data"]["root"] == f"{work}/imgs {name}"
-    assert cfg["model"]["projector"] == name
+    assert cfg["log"]["wandb_project"] == name  # a free-text key (projector specs are checked)
 
 
 def test_leading_tilde_is_home_or_refused(tmp_path):
@@ -205,3 +205,16 @@ def test_run_folder_rules_are_those_of_imsvd_pretrain(tmp_path, args, needle):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
     assert "Traceback" not in res.stderr
+
+
+def test_a_failing_training_process_is_one_error_and_status_2(tmp_path):
+    """An error only the training processes meet (a data root without images) is their error
+    line and status 2 from the launcher, not torchrun's traceback and status 1."""
+    (tmp_path / "empty" / "c0").mkdir(parents=True)
+    argv = ["bash", str(LAUNCHER), str(SMOKE), "--output-dir", str(tmp_path / "run"),
+            "data.kind=imagefolder", f"data.root={tmp_path / 'empty'}"]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "error: data root" in res.stderr and "no images" in res.stderr
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
+    assert "ended with status 2 (their error is above)" in res.stderr

@@ -11,7 +11,7 @@ import torch
 from helpers import REPO
 
 from pretrain.config import ConfigError, load_config
-from pretrain.engine.trainer import check_config
+from pretrain.engine.preflight import check_config
 from pretrain.losses.barlowtwins import BarlowTwinsLoss
 from pretrain.losses.imsvd import IMSVDLoss, LossConfigError
 from pretrain.losses.vicreg import VICRegLoss
