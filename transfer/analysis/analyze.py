@@ -179,6 +179,8 @@ def validate(cfg: dict) -> None:
         figure_style(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg["model"]["weights"] != "random":
+        runner.check_weights(cfg)
 
 
 def figure_style(cfg: dict) -> FigureStyle:

@@ -50,6 +50,7 @@ def validate(cfg: dict) -> None:
             "backbone.lr=0: only the backbone's BatchNorm statistics change (the reference's "
             "--lr-backbone default); set backbone.lr to fine-tune its weights"
         )
+    runner.check_weights(cfg)
 
 
 EVALUATION = runner.Evaluation(
@@ -60,6 +61,7 @@ EVALUATION = runner.Evaluation(
     results_name=RESULTS_NAME,
     validate=validate,
     run=lambda ctx: SupervisedTrainer(ctx, "finetune", CHECKPOINT_NAME).fit(),
+    config_at_setup=False,  # written by the trainer after its resume check
     summary=partial(classifier.summary, what="fine-tuning"),
 )
 

@@ -56,6 +56,7 @@ def validate(cfg: dict) -> None:
             f"config key 'knn.bank_precision': {cfg['knn']['bank_precision']!r} is not one of "
             f"{', '.join(BANK_PRECISIONS)}"
         )
+    runner.check_weights(cfg)
 
 
 def run(ctx: runner.EvalContext) -> dict:

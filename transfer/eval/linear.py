@@ -40,6 +40,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(
             "this recipe has a 'backbone' section (fine-tuning): run it with imsvd-finetune"
         )
+    runner.check_weights(cfg)
 
 
 def train_linear(cfg: dict) -> dict:
@@ -62,6 +63,7 @@ EVALUATION = runner.Evaluation(
     results_name=RESULTS_NAME,
     validate=validate,
     run=lambda ctx: SupervisedTrainer(ctx, "frozen", CHECKPOINT_NAME).fit(),
+    config_at_setup=False,  # written by the trainer after its resume check
     summary=partial(classifier.summary, what="linear probe"),
 )
 

@@ -69,6 +69,9 @@ class Evaluation:
         summary: ``summary(results) -> str``: the printed table(s).
         output_required: False: an empty or unwritable ``output_dir`` is allowed (results
             printed only, nothing cached).
+        config_at_setup: False: the run writes ``config.yaml`` itself, once it has accepted
+            the output folder (a supervised run after its resume check, so a refused resume
+            leaves the folder's config as it was).
     """
 
     name: str
@@ -80,11 +83,34 @@ class Evaluation:
     run: Callable[["EvalContext"], dict]
     summary: Callable[[dict], str]
     output_required: bool = True
+    config_at_setup: bool = True
 
     def main(self, argv: list[str] | None = None) -> int:
         """The tool's entry point (its console script): :func:`main` of this tool; returns the
         exit code (2 for user errors)."""
         return main(self, argv)
+
+
+def check_weights(cfg: dict) -> None:
+    """``model.weights`` names a file and ``model.stem`` a known stem: the tools' ``validate``
+    call this before the output folder is touched.
+
+    Raises:
+        ConfigError: no weights given, a directory, no such file, or an unknown stem.
+    """
+    m = cfg["model"]
+    if not m["weights"]:
+        raise ConfigError("config key 'model.weights' is required (use --weights)")
+    weights = Path(m["weights"])
+    if weights.is_dir():
+        raise ConfigError(
+            f"config key 'model.weights' (--weights) {m['weights']!r} is a directory, not a "
+            "checkpoint file"
+        )
+    if not weights.is_file():
+        raise ConfigError(f"config key 'model.weights' (--weights) {m['weights']!r}: no such file")
+    if m["stem"] and m["stem"] not in STEMS:
+        raise ConfigError(f"config key 'model.stem' (--stem): {m['stem']!r} is not one of {STEMS}")
 
 
 @dataclass
@@ -102,6 +128,16 @@ class EvalContext:
     info: DistInfo
     out: Path | None
     lock: RunFolder | None = None
+
+    def write_config(self) -> None:
+        """Write the resolved config to ``OUTPUT_DIR/config.yaml`` (rank 0; no folder: nothing)."""
+        if self.out is not None and self.info.is_main:
+            save_config(self.cfg, self.out / "config.yaml")
+            logger.info(
+                "%s: resolved config written to %s",
+                self.cfg["evaluation"],
+                self.out / "config.yaml",
+            )
 
     def release(self) -> None:
         """Release the output folder's lock (idempotent)."""
@@ -133,22 +169,7 @@ class EvalContext:
                 and the file).
         """
         m = self.cfg["model"]
-        if not m["weights"]:
-            raise ConfigError("config key 'model.weights' is required (use --weights)")
-        weights = Path(m["weights"])
-        if weights.is_dir():
-            raise ConfigError(
-                f"config key 'model.weights' (--weights) {m['weights']!r} is a directory, not a "
-                "checkpoint file"
-            )
-        if not weights.is_file():
-            raise ConfigError(
-                f"config key 'model.weights' (--weights) {m['weights']!r}: no such file"
-            )
-        if m["stem"] and m["stem"] not in STEMS:
-            raise ConfigError(
-                f"config key 'model.stem' (--stem): {m['stem']!r} is not one of {STEMS}"
-            )
+        check_weights(self.cfg)
         try:
             backbone, projector, meta = model_from_checkpoint(
                 m["weights"],
@@ -303,9 +324,8 @@ def setup(ev: Evaluation, cfg: dict) -> EvalContext:
                 cfg["output_dir"],
             )
         seed_everything(int(cfg["seed"]))
-        if out is not None and info.is_main:
-            save_config(cfg, out / "config.yaml")
-            logger.info("%s: resolved config written to %s", ev.name, out / "config.yaml")
+        if ev.config_at_setup:
+            ctx.write_config()
     except BaseException:
         ctx.release()
         raise

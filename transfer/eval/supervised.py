@@ -335,6 +335,7 @@ class SupervisedTrainer:
                 the backbone's weights changed.
         """
         self.resume()
+        self.ctx.write_config()  # the folder's config changes only once the resume is accepted
         if self.mode == "finetune":
             self.model.train()
         self.head.train()

@@ -167,6 +167,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"low_shot.protocol must be 'original' or 'cv', got {low['protocol']!r}")
     if low["enabled"] and low["protocol"] == "cv" and cfg["svm"]["solver"] != "newton":
         raise ConfigError("low_shot.protocol=cv needs svm.solver=newton")
+    runner.check_weights(cfg)
 
 
 def run(ctx: runner.EvalContext) -> dict:

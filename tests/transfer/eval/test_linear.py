@@ -159,6 +159,7 @@ def test_resume_refuses_another_run(tiny, tmp_path, capsys, change, expected):
     root, weights = tiny
     out = tmp_path / "out"
     assert main(_args(root, weights, out, "train.lr=0.5")) == 0
+    config_before = (out / "config.yaml").read_bytes()
     train, val = root / "train", root / "val"
     extra = ["train.lr=0.5", "train.epochs=3"]
     if change in ("classes", "renamed"):
@@ -181,8 +182,10 @@ def test_resume_refuses_another_run(tiny, tmp_path, capsys, change, expected):
     err = capsys.readouterr().err
     assert "does not belong to this run" in err and "train.resume=false" in err
     assert re.search(expected, err), err
-    # the refused run changed nothing; train.resume=false starts a new head there
+    # the refused run changed nothing (its config.yaml neither); train.resume=false starts a
+    # new head there
     assert torch.load(out / "linear_checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert (out / "config.yaml").read_bytes() == config_before
     assert main(args + ["train.resume=false"]) == 0
     assert json.loads((out / "linear_results.json").read_text())["history"][0]["epoch"] == 1
 
@@ -311,3 +314,14 @@ def test_two_processes_equal_one_with_an_odd_count_and_a_bad_image(tiny, tmp_pat
     assert [h["loss"] for h in results[0]["history"]] == pytest.approx(
         [h["loss"] for h in results[1]["history"]], rel=1e-4
     )
+
+
+@pytest.mark.parametrize("weights", ["missing.pth", "a_folder"])
+def test_bad_weights_are_refused_before_the_output_folder_is_made(tiny, tmp_path, capsys, weights):
+    root, _ = tiny
+    (tmp_path / "a_folder").mkdir()
+    out = tmp_path / "out"
+    assert main(_args(root, tmp_path / weights, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: config key 'model.weights'") and weights in err[-1]
+    assert not out.exists()
