@@ -180,6 +180,7 @@ def require_projector(projector: Projector | None, meta: Mapping[str, Any]) -> P
         f"{pm.get('mismatch')}"
     )
     raise CheckpointError(
-        f"{meta['path']}: {why}; backbone + projector are read from a training-state checkpoint "
-        "(checkpoint_e*_s*.pth) or the reference IMSVD model.pth, not from an exported backbone"
+        f"{meta['path']} ({meta['source_format']}): {why}; backbone + projector are read from a "
+        "training-state checkpoint (checkpoint_e*_s*.pth) or the reference IMSVD model.pth "
+        "(an exported backbone or a bare state dict holds the backbone only)"
     )

@@ -61,6 +61,7 @@ from transfer.analysis.stream import (
     stream_statistics,
 )
 from transfer.eval import runner
+from transfer.eval.inputs import check_weights
 
 
 class AnalysisError(IMSVDError, ValueError):
@@ -180,7 +181,7 @@ def validate(cfg: dict) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg["model"]["weights"] != "random":
-        runner.check_weights(cfg)
+        check_weights(cfg)
 
 
 def figure_style(cfg: dict) -> FigureStyle:

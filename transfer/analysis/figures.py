@@ -214,7 +214,8 @@ def joint_figure(corner: np.ndarray, bin_size: int, views: tuple[str, str] = ("v
 
     Returns:
         The figure: (a) log10 P with block separators, the ideal levels 1/B and 1/B^2 marked on
-        its colorbar; (b) log2 P / (p1 p2) per block (pointwise mutual information, bits).
+        its colorbar when they fall in its range; (b) log2 P / (p1 p2) per block (pointwise
+        mutual information, bits).
     """
     plt = pyplot()
     from matplotlib.colors import Normalize

@@ -67,10 +67,13 @@ class ConversionReport:
     dropped: Dict[str, List[str]] = field(default_factory=dict)
 
     def dropped_line(self) -> str:
-        """The ``dropped: fc (2), num_batches_tracked (53)`` line (or ``dropped: nothing``)."""
+        """What the renaming itself left out: ``dropped in the conversion: fc (2),
+        num_batches_tracked (53)`` (or ``nothing``; what the reader dropped are its notes)."""
         if not self.dropped:
-            return "dropped: nothing"
-        return "dropped: " + ", ".join(f"{cat} ({len(keys)})" for cat, keys in self.dropped.items())
+            return "dropped in the conversion: nothing"
+        return "dropped in the conversion: " + ", ".join(
+            f"{cat} ({len(keys)})" for cat, keys in self.dropped.items()
+        )
 
     @staticmethod
     def values_lines(counts: Mapping[str, int], width: int) -> List[str]:

@@ -27,6 +27,7 @@ from functools import partial
 
 from pretrain.config import ConfigError
 from transfer.eval import classifier, runner
+from transfer.eval.inputs import check_weights
 from transfer.eval.supervised import SupervisedTrainer
 
 logger = logging.getLogger("imsvd.finetune")
@@ -50,7 +51,7 @@ def validate(cfg: dict) -> None:
             "backbone.lr=0: only the backbone's BatchNorm statistics change (the reference's "
             "--lr-backbone default); set backbone.lr to fine-tune its weights"
         )
-    runner.check_weights(cfg)
+    check_weights(cfg)
 
 
 EVALUATION = runner.Evaluation(

@@ -29,6 +29,7 @@ from pretrain.probe.knn import (
     knn_classify,
 )
 from transfer.eval import runner
+from transfer.eval.inputs import check_weights
 
 # knn_classify / knn_accuracy live in pretrain.probe.knn (shared with the online probe); they stay
 # importable from here for callers of the evaluation module.
@@ -56,7 +57,7 @@ def validate(cfg: dict) -> None:
             f"config key 'knn.bank_precision': {cfg['knn']['bank_precision']!r} is not one of "
             f"{', '.join(BANK_PRECISIONS)}"
         )
-    runner.check_weights(cfg)
+    check_weights(cfg)
 
 
 def run(ctx: runner.EvalContext) -> dict:

@@ -27,6 +27,7 @@ from functools import partial
 
 from pretrain.config import ConfigError
 from transfer.eval import classifier, runner
+from transfer.eval.inputs import check_weights
 from transfer.eval.supervised import SupervisedTrainer
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
@@ -40,7 +41,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(
             "this recipe has a 'backbone' section (fine-tuning): run it with imsvd-finetune"
         )
-    runner.check_weights(cfg)
+    check_weights(cfg)
 
 
 def train_linear(cfg: dict) -> dict:

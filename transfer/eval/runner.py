@@ -31,12 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.checkpoint import (
-    STEM_ASSUMED,
-    CheckpointError,
-    NonFiniteWeightsError,
-    with_accepted_inputs,
-)
+from pretrain.checkpoint import CheckpointError, NonFiniteWeightsError, with_accepted_inputs
 from pretrain.config import ConfigError, save_config
 from pretrain.data.images import max_image_pixels
 from pretrain.dist import DistInfo, all_reduce_sum, init_distributed
@@ -45,10 +40,10 @@ from pretrain.errors import IMSVDError
 from pretrain.fileio import write_json_atomic
 from pretrain.log import LOGGER_NAME, setup_logging
 from pretrain.models.build import model_from_checkpoint
-from pretrain.models.resnet import STEMS
 from transfer.eval.evalcfg import build_parser, load_eval_config
 from transfer.eval.feature_cache import cached_features
 from transfer.eval.features import FeatureError, extract_features, freeze
+from transfer.eval.inputs import check_weights, log_weights_notes
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -89,28 +84,6 @@ class Evaluation:
         """The tool's entry point (its console script): :func:`main` of this tool; returns the
         exit code (2 for user errors)."""
         return main(self, argv)
-
-
-def check_weights(cfg: dict) -> None:
-    """``model.weights`` names a file and ``model.stem`` a known stem: the tools' ``validate``
-    call this before the output folder is touched.
-
-    Raises:
-        ConfigError: no weights given, a directory, no such file, or an unknown stem.
-    """
-    m = cfg["model"]
-    if not m["weights"]:
-        raise ConfigError("config key 'model.weights' is required (use --weights)")
-    weights = Path(m["weights"])
-    if weights.is_dir():
-        raise ConfigError(
-            f"config key 'model.weights' (--weights) {m['weights']!r} is a directory, not a "
-            "checkpoint file"
-        )
-    if not weights.is_file():
-        raise ConfigError(f"config key 'model.weights' (--weights) {m['weights']!r}: no such file")
-    if m["stem"] and m["stem"] not in STEMS:
-        raise ConfigError(f"config key 'model.stem' (--stem): {m['stem']!r} is not one of {STEMS}")
 
 
 @dataclass
@@ -169,7 +142,7 @@ class EvalContext:
                 and the file).
         """
         m = self.cfg["model"]
-        check_weights(self.cfg)
+        check_weights(self.cfg)  # also in each tool's validate, before the folder is made
         try:
             backbone, projector, meta = model_from_checkpoint(
                 m["weights"],
@@ -193,8 +166,7 @@ class EvalContext:
             meta["stem"],
             meta["sha256"][:16],
         )
-        for note in meta.get("notes", []):  # an assumed stem changes every number: a warning
-            (logger.warning if note == STEM_ASSUMED else logger.info)("weights: %s", note)
+        log_weights_notes(meta, self.cfg["data"])
         return freeze(backbone), projector, meta
 
     def total_rows(self, rows: int) -> int:

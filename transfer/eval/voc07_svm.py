@@ -28,6 +28,7 @@ from pretrain.data.transforms import eval_transform
 from pretrain.log import format_table
 from transfer.eval import runner, svm
 from transfer.eval.ap import voc_ap
+from transfer.eval.inputs import check_weights
 from transfer.eval.liblinear import cross_validate_liblinear
 from transfer.eval.low_shot import low_shot_results
 from transfer.eval.svm import l2_normalize
@@ -167,7 +168,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"low_shot.protocol must be 'original' or 'cv', got {low['protocol']!r}")
     if low["enabled"] and low["protocol"] == "cv" and cfg["svm"]["solver"] != "newton":
         raise ConfigError("low_shot.protocol=cv needs svm.solver=newton")
-    runner.check_weights(cfg)
+    check_weights(cfg)
 
 
 def run(ctx: runner.EvalContext) -> dict:

@@ -374,3 +374,26 @@ def test_evaluations_take_the_stem_and_warn_when_it_is_assumed(tiny_trees, tmp_p
     capsys.readouterr()
     assert knn.main(argv + ["model.stem=big"]) == 2
     assert "config key 'model.stem' (--stem): 'big' is not one of" in capsys.readouterr().err
+
+
+def test_a_resolution_far_from_the_pretraining_one_is_a_warning(tiny_trees, tmp_path):
+    from pretrain.checkpoint import export_backbone
+    from pretrain.models.backbone import build_backbone
+
+    net = build_backbone("resnet18", stem="small_s2").state_dict()
+    cfg = {"data": {"image_size": 8}}
+    export_backbone(tmp_path / "w.pth", net, arch="resnet18", stem="small_s2", epoch=1, config=cfg)
+    data = [f"data.train_root={tiny_trees / 'train'}", f"data.val_root={tiny_trees / 'val'}"]
+    for crop, warned in ((32, True), (8, False)):
+        out = tmp_path / f"c{crop}"
+        argv = [
+            "--config",
+            "knn_tiny",
+            "--output-dir",
+            str(out),
+            "--weights",
+            str(tmp_path / "w.pth"),
+        ]
+        assert knn.main(argv + data + [f"data.resize={crop}", f"data.crop={crop}"]) == 0
+        log = (out / "log.txt").read_text()
+        assert ("pretrained on 8 px views and are evaluated at 32 px" in log) == warned, log
