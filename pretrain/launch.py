@@ -1,7 +1,8 @@
 """torchrun for ``tools/pretrain.sh``: PyTorch's launcher (``torch.distributed.run``, the same
 arguments), with a failed training process reported as one line and its exit status (2 for the
-toolkit's errors: the process printed its ``error:`` line) instead of torchrun's traceback and
-status 1.
+toolkit's errors: the process printed its ``error:`` line; 128 + N for a process killed by
+signal N) instead of torchrun's traceback and status 1. Other launcher failures (rendezvous,
+a signal to torchrun itself) keep torchrun's own report.
 
     python -m pretrain.launch --nproc_per_node=2 -m pretrain.main --config imsvd_smoke
 """
@@ -19,9 +20,13 @@ __all__ = ["main", "exit_status"]
 
 def exit_status(error: ChildFailedError) -> int:
     """The launcher's exit status for failed processes: the largest positive status among them
-    (2: a toolkit error), else 1 (every failed process was killed by a signal)."""
+    (2: a toolkit error), else 128 + the signal that killed one (as a shell reports it; -9 from
+    the OOM killer gives 137)."""
     codes = [f.exitcode for f in error.failures.values()]
-    return max([c for c in codes if c > 0], default=1)
+    positive = [c for c in codes if c > 0]
+    if positive:
+        return max(positive)
+    return 128 + max((-c for c in codes if c < 0), default=0) if codes else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,13 +36,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except ChildFailedError as e:
         status = exit_status(e)
-        ranks = ", ".join(str(r) for r in sorted(e.failures))
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        print(
-            f"pretrain.sh: training process(es) of global rank {ranks} ended with status "
-            f"{', '.join(map(str, codes))} (their error is above); exit status {status}",
-            file=sys.stderr,
+        failed = sorted(e.failures.items())
+        what = ", ".join(
+            (
+                f"rank {r}: status {f.exitcode}"
+                if f.exitcode > 0
+                else f"rank {r}: signal {-f.exitcode}"
+            )
+            for r, f in failed
         )
+        hint = " (its error is above)" if status < 128 else ""
+        print(f"pretrain.sh: training process(es) failed ({what}){hint}", file=sys.stderr)
         return status
     return 0
 

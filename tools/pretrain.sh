@@ -11,8 +11,10 @@
 # or null folder is refused). Values arrive intact whatever they contain (" #", ": ", quotes);
 # a leading "~" or "~/" in those paths is this user's home, "~user" is refused.
 #
-# The config and the overrides are checked before torchrun starts: a bad key or value prints one
-# error line naming it and exits with status 2.
+# The config and the overrides (their cross-field rules for the run's process count, the data
+# paths) are checked before torchrun starts: a bad key, value or path prints one error line
+# naming it and exits with status 2; so does a failure only the training processes meet
+# (pretrain.launch reports their status instead of torchrun's traceback).
 #
 # Signals: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) sent to this launcher reach the training
 # processes (SIGINT as SIGTERM): every rank stops at the same step, writes a checkpoint and exits
@@ -98,23 +100,25 @@ cd "$here"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
-for var in NPROC_PER_NODE NNODES; do
-  value="${!var:-1}"
-  if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
-    echo "pretrain.sh: error: $var=$value is not a positive whole number" >&2
-    exit 2
-  fi
-done
+# the run's process count, for the config check (train.batch_size must divide it); elastic
+# values (NNODES=MIN:MAX, NPROC_PER_NODE=gpu|auto) leave that rule to the training processes
+world_size=1
+if [[ "${NNODES:-1}" =~ ^[1-9][0-9]*$ && "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
+  world_size=$(( ${NNODES:-1} * NPROC_PER_NODE ))
+fi
 
 # Check the recipe, for the run's process count, and its data paths before starting any process
 # (the same rules as pretrain.main, which checks again in every worker): one error line, not a
 # torchrun traceback around it.
-"$PYTHON" -m pretrain.main --check --world-size "$(( ${NNODES:-1} * NPROC_PER_NODE ))" \
+"$PYTHON" -m pretrain.main --check --world-size "$world_size" \
   --config "$config" ${outdir[@]+"${outdir[@]}"} ${overrides[@]+"${overrides[@]}"}
 
 # torchrun ignores SIGUSR1 and SIGINT (SIGUSR1 would kill it and orphan its workers); this shell
 # forwards them to the workers instead. The workers install their own handlers.
+# (torchrun reads --signals-to-handle from PET_SIGNALS_TO_HANDLE and, for older versions,
+# TORCHELASTIC_SIGNALS_TO_HANDLE: its default list would catch SIGINT and kill the workers)
 export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGHUP,SIGQUIT}"
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-$TORCHELASTIC_SIGNALS_TO_HANDLE}"
 (
   trap '' USR1 INT
   exec "$PYTHON" -m pretrain.launch \

@@ -178,17 +178,32 @@ def _read(path: str | os.PathLike, map_location: Any, opts: dict, what: str):
     return path, label, ex
 
 
-def _given_stem(meta: dict, stem: str, path: Path, label: str) -> str:
-    """The stem the caller gives for a file: it must be known and agree with a recorded one."""
+class StemMismatchError(CheckpointError):
+    """The stem given for a file contradicts the file (its metadata, layout or conv1)."""
+
+    about_content = False  # the file was read: the accepted inputs are no help
+
+
+def _given_stem(meta: dict, stem: str, backbone: Mapping, path: Path, label: str) -> str:
+    """The stem the caller gives for a file: it must be known, agree with a recorded (or
+    layout-implied) one and with conv1's kernel (7x7: standard; 3x3: small or small_s2)."""
     if stem not in STEMS:
-        raise CheckpointError(f"stem {stem!r} (--stem / model.stem) is not one of {STEMS}")
-    recorded = meta.get("stem")
-    if recorded is not None and recorded != stem:
-        raise CheckpointError(
-            f"{path} ({label}) records stem {recorded!r} ({meta.get('stem_source')}); the "
-            f"given stem {stem!r} (--stem / model.stem) contradicts it"
+        raise StemMismatchError(f"stem {stem!r} (--stem / model.stem) is not one of {STEMS}")
+    known, source = meta.get("stem"), meta.get("stem_source")
+    if known is not None and known != stem:
+        how = "records" if source == "metadata" else "implies (by its layout)"
+        raise StemMismatchError(
+            f"{path} ({label}) {how} stem {known!r}; the given stem {stem!r} (--stem / "
+            "model.stem) contradicts it"
         )
-    meta["stem_source"] = meta.get("stem_source", "given")
+    conv1 = backbone.get("conv1.weight")
+    if conv1 is not None and (conv1.shape[-1] == 7) != (stem == "standard"):
+        raise StemMismatchError(
+            f"{path} ({label}): conv1 has a {conv1.shape[-2]}x{conv1.shape[-1]} kernel; the "
+            f"given stem {stem!r} (--stem / model.stem) needs "
+            f"{'7x7' if stem == 'standard' else '3x3'}"
+        )
+    meta["stem_source"] = source or "given"
     return stem
 
 
@@ -200,7 +215,7 @@ def _finish_backbone(
     if not ex.backbone:
         raise CheckpointError(f"{path} ({label}): no backbone weights found")
     if stem is not None:
-        meta["stem"] = _given_stem(meta, stem, path, label)
+        meta["stem"] = _given_stem(meta, stem, ex.backbone, path, label)
     inferred_arch, inferred_stem = (None, None)
     if "arch" not in meta or "stem" not in meta:
         inferred_arch, inferred_stem = _infer(ex.backbone, path, label)

@@ -260,7 +260,11 @@ def _not_a_torch_file(path: Path) -> str | None:
     """Why ``path`` is not a ``torch.save`` file (a zip archive, or the legacy format that opens
     with its pickled magic number), or None when it may be one. Reads at most the first object
     of a pickle, without resolving any global."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointPathError(f"cannot open {path}: {e.strerror or e}") from None
+    with f:
         head = f.read(32)
         if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
             return None
@@ -286,7 +290,9 @@ def _plain_pickle_reason(path: Path) -> str:
         obj = read_weights_pickle(path)
     except CheckpointError:
         return "it is a plain pickle file, not written by torch.save"
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+    model = obj.get("model") if isinstance(obj, Mapping) else None
+    # Detectron2's weights layout: {"model": {name: numpy array}, "__author__": ..., ...}
+    if isinstance(model, Mapping) and any(isinstance(v, np.ndarray) for v in model.values()):
         return (
             "it is a Detectron2 weights pickle (.pkl, e.g. from imsvd-convert-d2), which "
             "Detectron2 loads as MODEL.WEIGHTS; give the backbone file it was converted from "

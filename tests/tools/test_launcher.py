@@ -86,8 +86,11 @@ def test_missing_config_names_what_was_looked_for(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
-    """SIGUSR1 to the launcher reaches the trainer: checkpoint, exit 0, no orphaned worker."""
+@pytest.mark.parametrize("how", ["SIGUSR1 to the launcher", "Ctrl-C to the process group"])
+def test_a_stop_signal_checkpoints_and_exits_cleanly(tmp_path, how):
+    """SIGUSR1 to the launcher, or SIGINT to every process as a terminal's Ctrl-C sends it
+    (torchrun must not catch it and kill the workers), reaches the trainer: checkpoint, exit
+    0, no orphaned worker."""
     work = tmp_path / "cwd"
     work.mkdir()
     (work / "recipe.yaml").write_text(f"_base_: {SMOKE}\n")
@@ -106,6 +109,7 @@ def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         env=_env(MASTER_PORT=str(free_port())),
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     lines = []
     try:
@@ -118,7 +122,10 @@ def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
             if " step 1/" in line:
                 break
         assert any(" step 1/" in ln for ln in lines), "".join(lines)[-3000:]
-        proc.send_signal(signal.SIGUSR1)
+        if how.startswith("SIGUSR1"):
+            proc.send_signal(signal.SIGUSR1)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -128,7 +135,9 @@ def test_sigusr1_to_launcher_checkpoints_and_exits_cleanly(tmp_path):
     out = work / "rel_out"
     assert proc.returncode == 0, text[-3000:]
     assert "preempted" in text
-    assert "SIGUSR1 sent to the training processes" in text
+    sent = "SIGUSR1" if how.startswith("SIGUSR1") else "SIGTERM"  # SIGINT is sent as SIGTERM
+    assert f"{sent} sent to the training processes" in text
+    assert "Traceback" not in text
     state = load_training_state(latest_checkpoint(out))
     assert 1 <= state["step"] < 100  # stopped early, at a step boundary
     # no worker survives its launcher (it would otherwise keep training)
@@ -217,4 +226,4 @@ def test_a_failing_training_process_is_one_error_and_status_2(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "error: data root" in res.stderr and "no images" in res.stderr
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
-    assert "ended with status 2 (their error is above)" in res.stderr
+    assert "failed (rank 0: status 2) (its error is above)" in res.stderr

@@ -78,8 +78,20 @@ def test_the_stem_a_bare_state_dict_does_not_record(tmp_path: Path) -> None:
         assert torch.equal(given.eval()(x), ref(x)) and not torch.equal(assumed.eval()(x), ref(x))
     with pytest.raises(CheckpointError, match="records stem 'small_s2'.*contradicts"):
         ckpt.load_backbone(src, stem="small")
-    with pytest.raises(CheckpointError, match="conv1.weight"):  # 3x3 weights, 7x7 stem
+    with pytest.raises(
+        CheckpointError,
+        match=r"3x3 kernel; the given stem 'standard' \(--stem / model.stem\) needs 7x7",
+    ):
         ckpt.load_backbone(tmp_path / "tv.pth", stem="standard")
+    torch.save(_tv18(), tmp_path / "tv7.pth")
+    with pytest.raises(
+        CheckpointError,
+        match=r"7x7 kernel; the given stem 'small_s2' \(--stem / model.stem\) needs 3x3",
+    ):
+        ckpt.load_backbone(tmp_path / "tv7.pth", stem="small_s2")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_backbone(src, stem="small")
+    assert "Accepted inputs" not in with_accepted_inputs(e.value)  # the file was read
     with pytest.raises(CheckpointError, match="not one of"):
         ckpt.load_backbone(tmp_path / "tv.pth", stem="tiny")
 
