@@ -196,12 +196,13 @@ def _given_stem(meta: dict, stem: str, backbone: Mapping, path: Path, label: str
             f"{path} ({label}) {how} stem {known!r}; the given stem {stem!r} (--stem / "
             "model.stem) contradicts it"
         )
-    conv1 = backbone.get("conv1.weight")
-    if conv1 is not None and (conv1.shape[-1] == 7) != (stem == "standard"):
+    kernel = None
+    if "conv1.weight" in backbone:
+        kernel = "7x7" if infer_stem(backbone) == "standard" else "3x3"
+    if kernel is not None and (kernel == "7x7") != (stem == "standard"):
         raise StemMismatchError(
-            f"{path} ({label}): conv1 has a {conv1.shape[-2]}x{conv1.shape[-1]} kernel; the "
-            f"given stem {stem!r} (--stem / model.stem) needs "
-            f"{'7x7' if stem == 'standard' else '3x3'}"
+            f"{path} ({label}): conv1 has a {kernel} kernel; the given stem {stem!r} "
+            f"(--stem / model.stem) needs {'7x7' if stem == 'standard' else '3x3'}"
         )
     meta["stem_source"] = source or "given"
     return stem

@@ -309,18 +309,11 @@ def check_data_paths(cfg: Mapping[str, Any], probe: Mapping[str, Any] | None = N
 
 def _source(cfg: Mapping[str, Any]) -> Any:
     """The images of ``data.kind``: generated, an ImageFolder tree or a list file."""
-    kind = cfg["kind"]
-    if kind == "synthetic":
+    check_data_paths(cfg)  # the kind, and the paths it needs, naming the key
+    if cfg["kind"] == "synthetic":
         return SyntheticImages(int(cfg["synthetic_length"]), int(cfg["synthetic_size"]))
-    if kind == "imagefolder":
-        return build_image_dataset(root=cfg["root"], strict=bool(cfg["strict"]))
-    if kind == "list":
-        if not cfg["list_file"]:
-            raise DataError("data.kind='list' needs data.list_file")
-        return build_image_dataset(
-            root=cfg["root"], list_file=cfg["list_file"], strict=bool(cfg["strict"])
-        )
-    raise DataError(f"data.kind={kind!r}: expected imagefolder, list or synthetic")
+    list_file = cfg["list_file"] if cfg["kind"] == "list" else None
+    return build_image_dataset(root=cfg["root"], list_file=list_file, strict=bool(cfg["strict"]))
 
 
 def _augment_config(cfg: Mapping[str, Any]) -> AugmentConfig:
